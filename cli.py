@@ -1,0 +1,192 @@
+"""`lrc` command line: each command turns its options into a config and calls one pipeline function."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from pipeline.config import BUNDLED_BACKBONE, DATA_DIR_ENV, DataConfig, ExtractConfig, FinetuneConfig, NegativesConfig
+from pipeline.errors import LrcError
+
+app = typer.Typer(
+    help="LRC-BERT distillation as an offline pipeline: run the teacher once, cache its features, "
+    "train students from the cache.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad input ends in one line on stderr and exit code 1, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pipeline.runtime import setup_logging
+
+        setup_logging(bool(kwargs.get("verbose")))
+        try:
+            return command(*args, **kwargs)
+        except LrcError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+# Options shared by every command that reads task data.
+TaskOpt = typer.Option(..., "--task", help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, wnli.")
+DataDirOpt = typer.Option(
+    None, "--data-dir", envvar=DATA_DIR_ENV,
+    help=f"A glue_data/ folder in the standard GLUE layout (or set ${DATA_DIR_ENV}). Unset: load from the Hugging Face hub.",
+)
+TrainFileOpt = typer.Option(None, help="Your own train file (.csv, .tsv, .jsonl, .parquet) instead of GLUE's.")
+DevFileOpt = typer.Option(None, help="Your own dev file (same formats) instead of GLUE's.")
+TextColOpt = typer.Option(None, help="Column of the first text in --train-file/--dev-file (default: the task's).")
+PairColOpt = typer.Option(None, help="Column of the second text, for pair tasks (default: the task's).")
+LabelColOpt = typer.Option(None, help="Label column in --train-file/--dev-file (default: label).")
+MaxTrainOpt = typer.Option(None, help="Use a seeded random subset of this many train examples (default: all).")
+SubsampleSeedOpt = typer.Option(0, help="Seed of the --max-train-examples subset.")
+DeviceOpt = typer.Option("auto", help="auto (CUDA when present, else CPU), cpu or cuda.")
+PrecisionOpt = typer.Option("fp32", help="fp32, or bf16 autocast (faster on recent CPUs and GPUs).")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Debug logging.")
+
+
+def _data(task: str, data_dir: Optional[Path], train_file: Optional[Path], dev_file: Optional[Path],
+          text_column: Optional[str], text_pair_column: Optional[str], label_column: Optional[str],
+          max_train_examples: Optional[int], subsample_seed: int) -> DataConfig:
+    return DataConfig(
+        task=task, data_dir=data_dir, train_file=train_file, dev_file=dev_file, text_column=text_column,
+        text_pair_column=text_pair_column, label_column=label_column,
+        max_train_examples=max_train_examples, subsample_seed=subsample_seed,
+    )
+
+
+@app.command("finetune-teacher")
+@_friendly
+def finetune_teacher(
+    task: str = TaskOpt,
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where the teacher (HF format) is written."),
+    backbone: str = typer.Option(BUNDLED_BACKBONE, help="Local model dir or hub name; default: the bundled all-MiniLM-L6-v2."),
+    max_length: int = typer.Option(128, help="Truncate inputs to this many tokens."),
+    epochs: float = typer.Option(3.0, help="Training epochs (fractions allowed)."),
+    batch_size: int = typer.Option(32, help="Training batch size."),
+    lr: float = typer.Option(5e-5, "--lr", help="Peak learning rate of AdamW."),
+    weight_decay: float = typer.Option(0.01, help="AdamW weight decay (not on biases and LayerNorm)."),
+    warmup_ratio: float = typer.Option(0.1, help="Fraction of steps with linear warmup."),
+    seed: int = typer.Option(42, help="Random seed (data order, head initialisation)."),
+    overwrite: bool = typer.Option(False, help="Replace a teacher already in --output-dir."),
+    data_dir: Optional[Path] = DataDirOpt, train_file: Optional[Path] = TrainFileOpt, dev_file: Optional[Path] = DevFileOpt,
+    text_column: Optional[str] = TextColOpt, text_pair_column: Optional[str] = PairColOpt,
+    label_column: Optional[str] = LabelColOpt, max_train_examples: Optional[int] = MaxTrainOpt,
+    subsample_seed: int = SubsampleSeedOpt, device: str = DeviceOpt, precision: str = PrecisionOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Fine-tune a backbone on a task: writes a teacher dir with a classification head and its dev metric."""
+    from pipeline.finetune import finetune_teacher as run
+
+    data = _data(task, data_dir, train_file, dev_file, text_column, text_pair_column, label_column,
+                 max_train_examples, subsample_seed)
+    info = run(FinetuneConfig(
+        data=data, output_dir=output_dir, backbone=backbone, max_length=max_length, epochs=epochs,
+        batch_size=batch_size, learning_rate=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+        seed=seed, device=device, precision=precision, overwrite=overwrite,
+    ))
+    typer.echo(f"teacher: {output_dir}  dev {json.dumps(info['dev_metrics'])}")
+
+
+def _parse_layers(value: Optional[str]) -> tuple[Optional[tuple[int, ...]], bool]:
+    if value is None:
+        return None, False
+    if value.strip().lower() == "all":
+        return None, True
+    try:
+        return tuple(int(x) for x in value.split(",") if x.strip()), False
+    except ValueError:
+        raise LrcError(f"--layers must be 'all' or comma-separated layer numbers like 2,3,5,6; got {value!r}") from None
+
+
+@app.command("extract-teacher")
+@_friendly
+def extract_teacher(
+    teacher: Path = typer.Option(..., "--teacher", help="Fine-tuned teacher dir (HF format, with a classification head)."),
+    task: str = TaskOpt,
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Cache dir to create (or resume)."),
+    student_layers: int = typer.Option(4, help="Store the teacher layers a student of this depth maps to."),
+    layers: Optional[str] = typer.Option(None, help="Explicit teacher layers, e.g. 2,3,5,6, or 'all'; overrides --student-layers."),
+    max_length: int = typer.Option(128, help="Truncate inputs to this many tokens."),
+    batch_size: int = typer.Option(64, help="Teacher batch size."),
+    shard_rows: int = typer.Option(4096, help="Rows per Arrow shard (the unit of resumption)."),
+    hidden_dtype: str = typer.Option("float16", help="Storage dtype of hidden states: float16 or float32."),
+    overwrite: bool = typer.Option(False, help="Replace a cache already in --output-dir."),
+    data_dir: Optional[Path] = DataDirOpt, train_file: Optional[Path] = TrainFileOpt, dev_file: Optional[Path] = DevFileOpt,
+    text_column: Optional[str] = TextColOpt, text_pair_column: Optional[str] = PairColOpt,
+    label_column: Optional[str] = LabelColOpt, max_train_examples: Optional[int] = MaxTrainOpt,
+    subsample_seed: int = SubsampleSeedOpt, device: str = DeviceOpt, precision: str = PrecisionOpt,
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Run the teacher once over a task and write hidden states, logits and pooled vectors to an Arrow cache."""
+    from pipeline.extract import extract_teacher as run
+
+    explicit, all_layers = _parse_layers(layers)
+    data = _data(task, data_dir, train_file, dev_file, text_column, text_pair_column, label_column,
+                 max_train_examples, subsample_seed)
+    manifest = run(ExtractConfig(
+        teacher=teacher, data=data, output_dir=output_dir, student_layers=student_layers, layers=explicit,
+        all_layers=all_layers, max_length=max_length, batch_size=batch_size, shard_rows=shard_rows,
+        hidden_dtype=hidden_dtype, device=device, precision=precision, overwrite=overwrite,
+    ))
+    typer.echo(f"cache: {output_dir}  layers {manifest['layers']}  rows "
+               + ", ".join(f"{s}={v['rows']}" for s, v in manifest["splits"].items()))
+
+
+@app.command("inspect-cache")
+@_friendly
+def inspect_cache(
+    cache_dir: Path = typer.Argument(..., help="A cache dir written by `lrc extract-teacher`."),
+    verify: bool = typer.Option(False, "--verify", help="Also check every shard's sha256 (reads every byte)."),
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Print what a cache holds (teacher, task, rows, layers, sizes); --verify checks every checksum."""
+    from pipeline.cache import describe, open_cache
+
+    cache = open_cache(cache_dir, verify=verify)
+    typer.echo(describe(cache))
+    if verify:
+        typer.echo("verify: every shard matches its checksum")
+
+
+@app.command("build-negatives")
+@_friendly
+def build_negatives(
+    cache_dir: Path = typer.Option(..., "--cache", help="A cache dir written by `lrc extract-teacher`."),
+    k: int = typer.Option(4, "--k", help="Negatives per example used in each training step (K)."),
+    candidates: Optional[int] = typer.Option(None, help="Candidates stored per example (M >= K); default max(4K, 16)."),
+    strategy: str = typer.Option("random", help="random (uniform, the paper's), hard (nearest other-label neighbours) or mixed."),
+    index: str = typer.Option("auto", help="auto (exact when small, approximate when large), flat, ivf or hnsw."),
+    output: Optional[Path] = typer.Option(None, help="Output file; default <cache>/negatives.arrow."),
+    hard_pool: Optional[int] = typer.Option(None, help="Width of the nearest-neighbour list hard candidates are drawn from; default 4M."),
+    regression_margin: float = typer.Option(0.5, help="Regression tasks: hard negatives differ in label by at least this."),
+    seed: int = typer.Option(0, help="Random seed; the same seed gives the same file."),
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Sample M candidate negatives per training row with FAISS over the cached pooled teacher vectors."""
+    from pipeline.negatives import build_negatives as run
+
+    path = run(NegativesConfig(
+        cache_dir=cache_dir, k=k, candidates=candidates, strategy=strategy, index=index, output=output,
+        hard_pool=hard_pool, regression_margin=regression_margin, seed=seed,
+    ))
+    typer.echo(f"negatives: {path}")
+
+
+def main() -> None:  # pragma: no cover - `python cli.py ...`
+    app(sys.argv[1:])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,169 @@
+"""One frozen dataclass per stage, validated on construction. Defaults live only here."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import LrcError
+
+DATA_DIR_ENV = "LRC_DATA_DIR"
+BUNDLED_BACKBONE = "bundled:all-MiniLM-L6-v2"
+HIDDEN_DTYPES = ("float16", "float32")  # Arrow has no bfloat16
+PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def default_data_dir() -> Path | None:
+    """The GLUE data root from $LRC_DATA_DIR, or None (then tasks fall back to the hub)."""
+    value = os.environ.get(DATA_DIR_ENV)
+    return Path(value) if value else None
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise LrcError(message)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where a task's examples come from: a glue_data/ root, the hub, or explicit files."""
+
+    task: str
+    data_dir: Path | None = field(default_factory=default_data_dir)
+    train_file: Path | None = None
+    dev_file: Path | None = None
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    max_train_examples: int | None = None  # a seeded random subset of train, None = all
+    subsample_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(bool(self.task), "no task given: pass --task (e.g. --task sst2)")
+        _require(
+            self.max_train_examples is None or self.max_train_examples > 0,
+            f"--max-train-examples must be positive, got {self.max_train_examples}",
+        )
+        _require(
+            self.text_pair_column is None or self.text_column is not None,
+            "--text-pair-column needs --text-column too",
+        )
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """`lrc finetune-teacher`: backbone + task -> teacher dir with a classification head."""
+
+    data: DataConfig
+    output_dir: Path
+    backbone: str = BUNDLED_BACKBONE
+    max_length: int = 128
+    epochs: float = 3.0
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    seed: int = 42
+    device: str = "auto"
+    precision: str = "fp32"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.max_length >= 8, f"--max-length must be >= 8, got {self.max_length}")
+        _require(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
+        _require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
+        _require(self.learning_rate > 0, f"--lr must be positive, got {self.learning_rate}")
+        _require(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        _require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
+        _require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """`lrc extract-teacher`: teacher dir + task -> cache dir (Arrow shards + manifest.json).
+
+    Which teacher layers to store: `layers` (explicit 1-based indices) wins; otherwise the
+    layers that a student of depth `student_layers` maps to; `all_layers` stores 1..N.
+    """
+
+    teacher: Path
+    data: DataConfig
+    output_dir: Path
+    student_layers: int = 4
+    layers: tuple[int, ...] | None = None
+    all_layers: bool = False
+    max_length: int = 128
+    batch_size: int = 64
+    shard_rows: int = 4096
+    hidden_dtype: str = "float16"
+    device: str = "auto"
+    precision: str = "fp32"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.student_layers > 0, f"--student-layers must be positive, got {self.student_layers}")
+        _require(
+            self.layers is None or (len(self.layers) > 0 and all(j >= 1 for j in self.layers)),
+            f"--layers must be 1-based teacher layer indices, got {self.layers}",
+        )
+        _require(
+            self.layers is None or len(set(self.layers)) == len(self.layers),
+            f"--layers has a repeated layer: {self.layers}",
+        )
+        _require(self.max_length >= 8, f"--max-length must be >= 8, got {self.max_length}")
+        _require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
+        _require(self.shard_rows > 0, f"--shard-rows must be positive, got {self.shard_rows}")
+        _require(
+            self.hidden_dtype in HIDDEN_DTYPES,
+            f"--hidden-dtype must be one of {HIDDEN_DTYPES}, got {self.hidden_dtype!r}",
+        )
+        _require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
+        _require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+NEGATIVE_STRATEGIES = ("random", "hard", "mixed")
+INDEX_TYPES = ("auto", "flat", "ivf", "hnsw")
+
+
+@dataclass(frozen=True)
+class NegativesConfig:
+    """`lrc build-negatives`: cache dir -> negatives.arrow (M candidates per train row)."""
+
+    cache_dir: Path
+    k: int = 4
+    candidates: int | None = None  # M; None = max(4 * k, 16)
+    strategy: str = "random"
+    index: str = "auto"
+    output: Path | None = None  # None = <cache_dir>/negatives.arrow
+    hard_pool: int | None = None  # top list the hard candidates are drawn from; None = 4 * M
+    regression_margin: float = 0.5  # hard negatives of a regression task differ by at least this
+    exact_max_rows: int = 50_000  # `auto` uses exact search up to this many rows
+    recall_sample: int = 1000  # queries checked against exact search for an approximate index
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.k > 0, f"--k must be positive, got {self.k}")
+        _require(
+            self.candidates is None or self.candidates >= self.k,
+            f"--candidates (M={self.candidates}) must be >= --k ({self.k})",
+        )
+        _require(
+            self.strategy in NEGATIVE_STRATEGIES,
+            f"unknown --strategy {self.strategy!r}: choose one of {', '.join(NEGATIVE_STRATEGIES)}",
+        )
+        _require(
+            self.index in INDEX_TYPES,
+            f"unknown --index {self.index!r}: choose one of {', '.join(INDEX_TYPES)}",
+        )
+        _require(self.regression_margin >= 0, "--regression-margin must be >= 0")
+
+    @property
+    def num_candidates(self) -> int:
+        return self.candidates if self.candidates is not None else max(4 * self.k, 16)
+
+    @property
+    def output_path(self) -> Path:
+        return self.output if self.output is not None else self.cache_dir / "negatives.arrow"

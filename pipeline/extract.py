@@ -1,0 +1,273 @@
+"""Stage one: run the teacher once over a task and write the cache (DESIGN §3)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from pipeline import cache
+from pipeline.config import ExtractConfig
+from pipeline.errors import LrcError
+from pipeline.runtime import autocast, encode, pad_batch, pick_device
+from pipeline.tasks import Examples, TaskSpec, get_task, load_examples
+
+log = logging.getLogger(__name__)
+
+_NP_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclass(frozen=True)
+class _InputSpec:
+    """How this tokenizer pads and whether the model takes segment ids."""
+
+    pad_id: int
+    segments: bool
+
+
+def extract_teacher(config: ExtractConfig) -> dict[str, Any]:
+    """Teacher + task data -> cache dir; resumes a killed run; returns the manifest."""
+    task = get_task(config.data.task)
+    model, tokenizer = load_teacher(config.teacher, task)
+    num_layers, width = model.config.num_hidden_layers, model.config.hidden_size
+    layers = resolve_layers(config, num_layers)
+    examples = {"train": load_examples(config.data, "train")}
+    if config.data.train_file is None or config.data.dev_file is not None:
+        examples["dev"] = load_examples(config.data, "dev")
+    else:
+        log.warning("no --dev-file given with --train-file: the cache has no dev split to evaluate on")
+    encoded = {split: encode(tokenizer, ex.text_a, ex.text_b, config.max_length) for split, ex in examples.items()}
+
+    settings = build_settings(config, task, model, tokenizer, layers, examples)
+    out = config.output_dir
+    if prepare_output_dir(out, settings, config.overwrite):
+        log.info("cache %s is already complete with these settings: nothing to do", out)
+        return cache.read_manifest(out)
+    save_tokenizer(tokenizer, out)
+
+    device = pick_device(config.device)
+    model.to(device).eval()
+    # Models without segment embeddings (MPNet, RoBERTa) reject token_type_ids; their pad id may not be 0.
+    inputs = _InputSpec(tokenizer.pad_token_id or 0, "token_type_ids" in tokenizer.model_input_names)
+    started, rows_done = time.perf_counter(), 0
+    for split, (ids, types) in encoded.items():
+        rows_done += extract_split(model, config, device, inputs, split, ids, types, examples[split], layers, task)
+    elapsed = time.perf_counter() - started
+
+    manifest = cache.assemble_manifest(out, settings, {"teacher_path": str(config.teacher.resolve())})
+    train = manifest["splits"]["train"]
+    log.info(
+        "cache written to %s: %d train rows, %.1f KB/example, %.1f MB total; %d rows extracted in %.0f s (%.1f ex/s)",
+        out, train["rows"], train["bytes"] / max(train["rows"], 1) / 1e3,
+        sum(s["bytes"] for s in manifest["splits"].values()) / 1e6, rows_done, elapsed, rows_done / max(elapsed, 1e-9),
+    )
+    return manifest
+
+
+# --------------------------------------------------------------------------- teacher and inputs
+
+
+def load_teacher(teacher_dir: Path, task: TaskSpec) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """The teacher with its classification head, checked against the task before any work."""
+    if not Path(teacher_dir).is_dir():
+        raise LrcError(f"teacher dir {teacher_dir} does not exist: pass a fine-tuned model dir (see `lrc finetune-teacher`)")
+    config = AutoConfig.from_pretrained(teacher_dir)
+    architectures = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise LrcError(
+            f"teacher {teacher_dir} has no classification head (architectures: {architectures or 'none'}): "
+            f"fine-tune one first with `lrc finetune-teacher --backbone {teacher_dir} --task {task.name}`"
+        )
+    if config.num_labels != task.num_labels:
+        raise LrcError(
+            f"teacher {teacher_dir} predicts {config.num_labels} labels but task {task.name} has "
+            f"{task.num_labels}: use a teacher fine-tuned on {task.name}"
+        )
+    model = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    return model, tokenizer
+
+
+def resolve_layers(config: ExtractConfig, num_layers: int) -> list[int]:
+    if config.all_layers:
+        return list(range(1, num_layers + 1))
+    if config.layers is not None:
+        outside = [j for j in config.layers if j > num_layers]
+        if outside:
+            raise LrcError(f"--layers {outside} outside the teacher's depth: it has layers 1..{num_layers}")
+        return sorted(config.layers)
+    if config.student_layers > num_layers:
+        raise LrcError(
+            f"--student-layers {config.student_layers} is deeper than the teacher ({num_layers} layers): "
+            "pass a smaller depth or --layers explicitly"
+        )
+    return cache.layer_map(num_layers, config.student_layers)
+
+
+def _hash_weights(teacher_dir: Path) -> str:
+    files = sorted(p for p in Path(teacher_dir).iterdir() if p.suffix in (".safetensors", ".bin"))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + cache.sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def _hash_tokenizer(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _hash_examples(examples: Examples) -> str:
+    digest = hashlib.sha256()
+    texts_b = examples.text_b if examples.text_b is not None else [""] * len(examples)
+    for a, b, y in zip(examples.text_a, texts_b, examples.labels):
+        digest.update(f"{a}\t{b}\t{y}\n".encode())
+    return digest.hexdigest()
+
+
+def build_settings(
+    config: ExtractConfig, task: TaskSpec, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+    layers: list[int], examples: dict[str, Examples],
+) -> dict[str, Any]:
+    """Everything that decides the cache's bytes; a resumed run must match it exactly."""
+    data = asdict(config.data)
+    return {
+        "teacher": {
+            "config": model.config.to_dict(),
+            "weights_sha256": _hash_weights(config.teacher),
+            "num_layers": model.config.num_hidden_layers,
+            "hidden_size": model.config.hidden_size,
+        },
+        "tokenizer_sha256": _hash_tokenizer(tokenizer),
+        "task": {"name": task.name, "labels": list(task.labels) if task.labels else None,
+                 "num_labels": task.num_labels, "is_regression": task.is_regression, "metric": task.metric},
+        "data": {k: str(v) if isinstance(v, Path) else v for k, v in data.items() if k != "data_dir"}
+        | {f"{split}_sha256": _hash_examples(ex) for split, ex in examples.items()},
+        "max_length": config.max_length,
+        "layers": layers,
+        "hidden_size": model.config.hidden_size,
+        "hidden_dtype": config.hidden_dtype,
+        "pooled": {"layer": model.config.num_hidden_layers, "definition": cache.POOLED_DEFINITION},
+        "precision": config.precision,
+        "shard_rows": config.shard_rows,
+        "splits": {split: {"rows": len(ex), "hidden": split == "train"} for split, ex in examples.items()},
+    }
+
+
+def prepare_output_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> bool:
+    """Create, resume or refuse the output dir; True when it already holds the finished cache."""
+    is_cache = (out / cache.SETTINGS).is_file() or (out / cache.MANIFEST).is_file()
+    if out.exists() and any(out.iterdir()) and not is_cache:
+        raise LrcError(f"output dir {out} is not empty and holds no lrc cache: choose a new or empty --output-dir")
+    if is_cache and overwrite:
+        log.info("--overwrite: removing the cache in %s", out)
+        shutil.rmtree(out)
+    elif is_cache:
+        previous = json.loads((out / cache.SETTINGS).read_text()) if (out / cache.SETTINGS).is_file() else {}
+        changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
+        if changed:
+            raise LrcError(
+                f"output dir {out} holds a cache made with other settings (differs in: {', '.join(changed)}): "
+                "use a new --output-dir, or --overwrite to replace it"
+            )
+        if (out / cache.MANIFEST).is_file():
+            return True
+        cache.remove_temp_files(out)
+        log.info("resuming the unfinished cache in %s", out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache.write_json_atomic(out / cache.SETTINGS, settings)
+    return False
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+    """Copy the tokenizer into the cache (atomically) so later stages never open the teacher dir."""
+    final = out / cache.TOKENIZER_DIR
+    if final.is_dir():
+        return
+    tmp = out / f".{cache.TOKENIZER_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(final)
+
+
+# --------------------------------------------------------------------------- the teacher pass
+
+
+def extract_split(
+    model: torch.nn.Module, config: ExtractConfig, device: torch.device, inputs: _InputSpec, split: str,
+    ids: list[list[int]], types: list[list[int]], examples: Examples, layers: list[int], task: TaskSpec,
+) -> int:
+    """Write every missing shard of a split; returns the number of rows extracted now."""
+    with_hidden = split == "train"
+    schema = cache.shard_schema(layers, model.config.hidden_size, task.num_labels, task.is_regression,
+                                config.hidden_dtype, with_hidden)
+    out, n = config.output_dir, len(ids)
+    done = {(start, stop) for start, stop, _ in cache.present_shards(out, split)}
+    todo = [(s, min(s + config.shard_rows, n)) for s in range(0, n, config.shard_rows)]
+    todo = [r for r in todo if r not in done]
+    if len(todo) < -(-n // config.shard_rows):
+        log.info("%s: %d of %d shards already present, extracting the rest", split, len(done), len(done) + len(todo))
+    labels = np.asarray(examples.labels, dtype=np.float32 if task.is_regression else np.int64)
+    total = sum(stop - start for start, stop in todo)
+    with tqdm(total=total, desc=f"extract {split}", unit="ex", dynamic_ncols=True) as bar:
+        for start, stop in todo:
+            shard = run_shard(model, config, device, inputs, ids[start:stop], types[start:stop], layers, with_hidden, bar)
+            rows = np.arange(start, stop)
+            batch = cache.make_record_batch(
+                schema, rows, [np.asarray(x) for x in ids[start:stop]], [np.asarray(x) for x in types[start:stop]],
+                labels[start:stop], shard["logits"], shard.get("hidden"), shard.get("pooled"),
+            )
+            cache.write_shard(out, split, start, stop, batch)
+    return total
+
+
+@torch.inference_mode()
+def run_shard(
+    model: torch.nn.Module, config: ExtractConfig, device: torch.device, inputs: _InputSpec, ids: list[list[int]],
+    types: list[list[int]], layers: list[int], with_hidden: bool, bar: tqdm,
+) -> dict[str, Any]:
+    """Teacher outputs for one shard's rows, in row order; batches are length-sorted to cut padding."""
+    lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    width, last = model.config.hidden_size, model.config.num_hidden_layers
+    dtype = _NP_DTYPES[config.hidden_dtype]
+    logits = np.empty((len(ids), model.config.num_labels), np.float32)
+    hidden = {j: np.empty((offsets[-1], width), dtype) for j in layers} if with_hidden else None
+    pooled = np.empty((len(ids), width), dtype) if with_hidden else None
+    order = np.argsort(-lengths, kind="stable")
+    for b in range(0, len(order), config.batch_size):
+        rows = order[b : b + config.batch_size]
+        input_ids, token_types, mask = pad_batch([ids[r] for r in rows], [types[r] for r in rows], inputs.pad_id, device)
+        segments = {"token_type_ids": token_types} if inputs.segments else {}
+        with autocast(device, config.precision):
+            output = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=with_hidden, **segments)
+        logits[rows] = output.logits.float().cpu().numpy()
+        if with_hidden:
+            real = mask.bool()  # (B, L); padding is on the right, so real tokens come out in row order
+            dest = _token_destinations(offsets[rows], lengths[rows])
+            for j in layers:
+                hidden[j][dest] = output.hidden_states[j][real].float().cpu().numpy().astype(dtype)  # (T, d')
+            top = output.hidden_states[last].float() * real.unsqueeze(-1)  # (B, L, d')
+            pooled[rows] = (top.sum(1) / real.sum(1, keepdim=True)).cpu().numpy().astype(dtype)  # (B, d')
+        bar.update(len(rows))
+    result: dict[str, Any] = {"logits": logits}
+    if with_hidden:
+        result |= {"hidden": hidden, "pooled": pooled}
+    return result
+
+
+def _token_destinations(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Flat token positions [s, s+len) of each row, concatenated: where a batch's real tokens go."""
+    before = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return np.arange(lengths.sum()) + np.repeat(starts - before, lengths)

