@@ -10,7 +10,9 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from pipeline.config import BUNDLED_BACKBONE, DATA_DIR_ENV, DataConfig, ExtractConfig, FinetuneConfig, NegativesConfig
+from pipeline.config import (
+    BUNDLED_BACKBONE, DATA_DIR_ENV, DataConfig, ExtractConfig, FinetuneConfig, NegativesConfig, TrainConfig,
+)
 from pipeline.errors import LrcError
 
 app = typer.Typer(
@@ -182,6 +184,70 @@ def build_negatives(
         hard_pool=hard_pool, regression_margin=regression_margin, seed=seed,
     ))
     typer.echo(f"negatives: {path}")
+
+
+def _parse_weights(value: str, name: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in value.split(":"))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise LrcError(f"{name} must be alpha:beta:gamma, e.g. 1:1:3; got {value!r}")
+    return parts  # type: ignore[return-value]
+
+
+@app.command("train-student")
+@_friendly
+def train_student(
+    cache_dir: Path = typer.Option(..., "--cache", help="A cache dir written by `lrc extract-teacher`."),
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where the student (HF format), logs and checkpoints go."),
+    negatives: Optional[Path] = typer.Option(None, help="Negatives file from `lrc build-negatives`; default <cache>/negatives.arrow."),
+    layers: int = typer.Option(4, help="Student layers (M)."),
+    hidden: int = typer.Option(312, help="Student hidden size."),
+    heads: int = typer.Option(12, help="Student attention heads (must divide --hidden)."),
+    intermediate: int = typer.Option(1200, help="Student FFN size."),
+    init: str = typer.Option("random", help="random, teacher (copy embeddings + mapped layers; needs --hidden = teacher width) or a model dir."),
+    layer_map: Optional[str] = typer.Option(None, help="Teacher layer per student layer, e.g. 2,3,5,6; default round_half_up(i*N/M)."),
+    intermediate_loss: str = typer.Option("cos_nce", help="cos_nce (LRC-BERT), hidden_mse (TinyBERT-style baseline) or none (KD-only)."),
+    granularity: str = typer.Option("flat", help="COS-NCE vectors: flat (all real tokens), token (per-token cosine) or cls."),
+    k: int = typer.Option(4, "--k", help="Negatives per example per step (K); 0 = no negatives."),
+    temperature: float = typer.Option(1.1, help="Softmax temperature of the soft loss."),
+    stage1_fraction: float = typer.Option(0.8, help="Fraction of steps in stage one."),
+    stage1_weights: str = typer.Option("1:0:0", help="alpha:beta:gamma (intermediate:soft:hard) in stage one."),
+    stage2_weights: str = typer.Option("1:1:3", help="alpha:beta:gamma in stage two."),
+    one_stage: bool = typer.Option(False, "--one-stage", help="Train all steps with the stage-two weights (ablation)."),
+    perturb_eps: float = typer.Option(1.0, help="Gradient perturbation size on the embedding output; 0 = off."),
+    epochs: float = typer.Option(3.0, help="Training epochs (fractions allowed)."),
+    max_steps: Optional[int] = typer.Option(None, help="Train exactly this many steps (overrides --epochs)."),
+    batch_size: int = typer.Option(16, help="Training batch size."),
+    lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate of AdamW."),
+    weight_decay: float = typer.Option(0.01, help="AdamW weight decay."),
+    warmup_ratio: float = typer.Option(0.1, help="Fraction of steps with linear warmup (then linear decay)."),
+    seed: int = typer.Option(42, help="Random seed (initialisation, data order, negatives draws, dropout)."),
+    eval_every: Optional[int] = typer.Option(None, help="Also evaluate on dev every N steps (always at epoch ends)."),
+    checkpoint_every: int = typer.Option(200, help="Steps between resumable checkpoints."),
+    log_every: int = typer.Option(10, help="Steps between log lines in train_log.jsonl."),
+    num_workers: int = typer.Option(1, help="DataLoader worker processes reading the cache."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output-dir from its last checkpoint."),
+    overwrite: bool = typer.Option(False, help="Replace a run already in --output-dir."),
+    device: str = DeviceOpt, precision: str = PrecisionOpt, verbose: bool = VerboseOpt,
+) -> None:
+    """Train a student from the cache with LRC-BERT (COS-NCE + soft + hard, two stages, perturbation); no teacher."""
+    from pipeline.train import train_student as run
+
+    mapping, _ = _parse_layers(layer_map) if layer_map else (None, False)
+    summary = run(TrainConfig(
+        cache_dir=cache_dir, output_dir=output_dir, negatives=negatives, layers=layers, hidden=hidden, heads=heads,
+        intermediate=intermediate, init=init, layer_map=mapping, intermediate_loss=intermediate_loss,
+        granularity=granularity, k=k, temperature=temperature, stage1_fraction=stage1_fraction,
+        stage1_weights=_parse_weights(stage1_weights, "--stage1-weights"),
+        stage2_weights=_parse_weights(stage2_weights, "--stage2-weights"), one_stage=one_stage,
+        perturb_eps=perturb_eps, epochs=epochs, max_steps=max_steps, batch_size=batch_size, learning_rate=lr,
+        weight_decay=weight_decay, warmup_ratio=warmup_ratio, seed=seed, eval_every=eval_every,
+        checkpoint_every=checkpoint_every, log_every=log_every, num_workers=num_workers, device=device,
+        precision=precision, resume=resume, overwrite=overwrite,
+    ))
+    typer.echo(f"student: {output_dir}  best dev {json.dumps(summary['best'])}  teacher dev {json.dumps(summary['teacher_dev'])}")
 
 
 def main() -> None:  # pragma: no cover - `python cli.py ...`

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import re
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ MANIFEST = "manifest.json"
 SETTINGS = "settings.json"
 SHARD_DIR = "shards"
 TOKENIZER_DIR = "tokenizer"
+TEACHER_WEIGHTS_DIR = "teacher_weights"  # for `--init teacher`; read, never run, by train-student
 POOLED_DEFINITION = "mean over real tokens of the last teacher layer's hidden states, computed in float32"
 _SHARD_RE = re.compile(r"^(?P<split>[a-z_]+)-(?P<start>\d{9})-(?P<stop>\d{9})\.arrow$")
 _ARROW_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
@@ -297,6 +299,87 @@ class CacheSplit:
         return out
 
 
+@dataclass(frozen=True)
+class _ShardViews:
+    """Numpy views (zero-copy, into the mapping) of one shard's columns: list columns as (offsets, values)."""
+
+    start: int
+    input_ids: tuple[np.ndarray, np.ndarray]  # (n+1,) int32, (tokens,) int32
+    token_type_ids: tuple[np.ndarray, np.ndarray]  # (n+1,) int32, (tokens,) int8
+    labels: np.ndarray  # (n,) int64 or float32
+    logits: np.ndarray  # (n, C) float32
+    hidden: dict[int, tuple[np.ndarray, np.ndarray]]  # layer -> (n+1,) int32, (tokens, d')
+
+
+class RowReader:
+    """Random row reads for training: per shard, numpy views of the needed columns, sliced per row.
+
+    Arrow scalar access (`CacheSplit.example`) costs tens of microseconds per field; slicing
+    precomputed offsets and values costs about one. Shards are mapped with MADV_RANDOM. The views
+    point into this process's mappings: open one reader per process (per DataLoader worker).
+    """
+
+    def __init__(self, cache_dir: Path, info: dict[str, Any], layers: list[int]) -> None:
+        self.num_rows: int = info["rows"]
+        self.layers = list(layers)
+        self._shards = [_shard_views(s["start"], _open_table(cache_dir / s["file"], True), layers) for s in info["shards"]]
+        self._starts = np.array([s["start"] for s in info["shards"]], dtype=np.int64)
+
+    def _locate(self, row: int) -> tuple[_ShardViews, int]:
+        if not 0 <= row < self.num_rows:
+            raise IndexError(f"row {row} outside a split of {self.num_rows} rows")
+        shard = self._shards[int(np.searchsorted(self._starts, row, side="right")) - 1]
+        return shard, row - shard.start
+
+    def example(self, row: int) -> dict[str, Any]:
+        """Like `CacheSplit.example` (without pooled), hidden states for this reader's layers only."""
+        shard, i = self._locate(row)
+        return {
+            "row_id": row,
+            "input_ids": _slice(shard.input_ids, i),
+            "token_type_ids": _slice(shard.token_type_ids, i),
+            "label": shard.labels[i],
+            "logits": shard.logits[i],
+            "hidden": {j: _slice(shard.hidden[j], i) for j in self.layers},
+        }
+
+    def hidden(self, row: int, layer: int) -> np.ndarray:
+        """(tokens, d') hidden states of one row and layer, in the stored dtype."""
+        shard, i = self._locate(row)
+        return _slice(shard.hidden[layer], i)
+
+
+def _shard_views(start: int, table: pa.Table, layers: list[int]) -> _ShardViews:
+    logits = _one_chunk(table.column("logits"))
+    return _ShardViews(
+        start=start,
+        input_ids=_list_views(table.column("input_ids")),
+        token_type_ids=_list_views(table.column("token_type_ids")),
+        labels=_one_chunk(table.column("label")).to_numpy(),
+        logits=logits.flatten().to_numpy().reshape(len(logits), logits.type.list_size),
+        hidden={j: _list_views(table.column(hidden_column(j))) for j in layers},
+    )
+
+
+def _one_chunk(column: pa.ChunkedArray) -> pa.Array:
+    # Shards are written as one record batch, so this is zero-copy; combine_chunks copies otherwise.
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
+def _list_views(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """A list column as (offsets, values); offsets index values, which stay whole (no slicing by Arrow)."""
+    array = _one_chunk(column)
+    values = array.values
+    if pa.types.is_fixed_size_list(values.type):  # hidden states: tokens of d' values
+        return array.offsets.to_numpy(), values.flatten().to_numpy().reshape(len(values), values.type.list_size)
+    return array.offsets.to_numpy(), values.to_numpy()
+
+
+def _slice(views: tuple[np.ndarray, np.ndarray], i: int) -> np.ndarray:
+    offsets, values = views
+    return values[offsets[i] : offsets[i + 1]]
+
+
 class Cache:
     """A complete cache opened for reading: `open_cache(path)`."""
 
@@ -307,6 +390,7 @@ class Cache:
         self.layers: list[int] = manifest["layers"]
         self.hidden_size: int = manifest["hidden_size"]
         self.tokenizer_dir = path / TOKENIZER_DIR
+        self.teacher_weights_dir = path / TEACHER_WEIGHTS_DIR
         self._splits: dict[str, CacheSplit] = {}
 
     @property
@@ -330,9 +414,19 @@ def open_cache(cache_dir: Path, verify: bool = False) -> Cache:
     return Cache(cache_dir, manifest)
 
 
-def _open_table(path: Path) -> pa.Table:
-    with pa.memory_map(str(path), "r") as source:
-        return pa.ipc.open_stream(source).read_all()
+def _open_table(path: Path, random_access: bool = False) -> pa.Table:
+    """A shard as a zero-copy table over a read-only memory map of the file."""
+    if not random_access:
+        with pa.memory_map(str(path), "r") as source:
+            return pa.ipc.open_stream(source).read_all()
+    # Cold random row reads through the default mapping pull ~5x the bytes via the kernel's
+    # read-ahead (DESIGN §6); MADV_RANDOM turns read-ahead off for this mapping only, so sequential
+    # readers (pooled(), checksums) keep it.
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mmap, "MADV_RANDOM"):  # absent on Windows
+        mapped.madvise(mmap.MADV_RANDOM)
+    return pa.ipc.open_stream(pa.BufferReader(pa.py_buffer(mapped))).read_all()
 
 
 def _fixed_rows(column: pa.ChunkedArray) -> np.ndarray:

@@ -167,3 +167,89 @@ class NegativesConfig:
     @property
     def output_path(self) -> Path:
         return self.output if self.output is not None else self.cache_dir / "negatives.arrow"
+
+
+GRANULARITIES = ("flat", "token", "cls")
+INTERMEDIATE_LOSSES = ("cos_nce", "hidden_mse", "none")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`lrc train-student`: cache + negatives -> student dir. The teacher is never loaded.
+
+    `intermediate_loss` picks the method: `cos_nce` is LRC-BERT; `hidden_mse` the TinyBERT-style
+    baseline; `none` leaves soft + hard only (KD-only; trained in one stage).
+    """
+
+    cache_dir: Path
+    output_dir: Path
+    negatives: Path | None = None  # None = <cache_dir>/negatives.arrow
+    # student shape (the paper's 4 x 312) and initialisation
+    layers: int = 4
+    hidden: int = 312
+    heads: int = 12
+    intermediate: int = 1200
+    init: str = "random"  # random | teacher | a model dir
+    layer_map: tuple[int, ...] | None = None  # teacher layer per student layer; None = round_half_up(i * N / M)
+    # losses and schedule
+    intermediate_loss: str = "cos_nce"
+    granularity: str = "flat"
+    k: int = 4
+    temperature: float = 1.1
+    stage1_fraction: float = 0.8
+    stage1_weights: tuple[float, float, float] = (1.0, 0.0, 0.0)  # alpha, beta, gamma
+    stage2_weights: tuple[float, float, float] = (1.0, 1.0, 3.0)
+    one_stage: bool = False
+    perturb_eps: float = 1.0  # 0 turns gradient perturbation off
+    # optimisation
+    epochs: float = 3.0
+    max_steps: int | None = None  # stop after this many steps (the schedule still spans them)
+    batch_size: int = 16
+    eval_batch_size: int = 128
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    seed: int = 42
+    # running
+    eval_every: int | None = None  # also evaluate every N steps (always at each epoch end)
+    checkpoint_every: int = 200  # steps between resumable checkpoints
+    log_every: int = 10
+    num_workers: int = 1
+    device: str = "auto"
+    precision: str = "fp32"
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.layers > 0 and self.hidden > 0 and self.heads > 0 and self.intermediate > 0,
+                 "student --layers, --hidden, --heads and --intermediate must be positive")
+        _require(self.hidden % self.heads == 0,
+                 f"student --hidden {self.hidden} is not divisible by --heads {self.heads}: pick sizes where hidden % heads == 0")
+        _require(self.layer_map is None or len(self.layer_map) == self.layers,
+                 f"--layer-map has {len(self.layer_map or ())} entries for a {self.layers}-layer student: give one teacher layer per student layer")
+        _require(self.intermediate_loss in INTERMEDIATE_LOSSES,
+                 f"unknown --intermediate-loss {self.intermediate_loss!r}: choose one of {', '.join(INTERMEDIATE_LOSSES)}")
+        _require(self.granularity in GRANULARITIES,
+                 f"unknown --granularity {self.granularity!r}: choose one of {', '.join(GRANULARITIES)}")
+        _require(self.k >= 0, f"--k must be >= 0, got {self.k}")
+        _require(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
+        _require(0 <= self.stage1_fraction < 1, f"--stage1-fraction must be in [0, 1), got {self.stage1_fraction}")
+        _require(self.perturb_eps >= 0, f"--perturb-eps must be >= 0, got {self.perturb_eps}")
+        _require(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
+        _require(self.max_steps is None or self.max_steps > 0, f"--max-steps must be positive, got {self.max_steps}")
+        _require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
+        _require(self.learning_rate > 0, f"--lr must be positive, got {self.learning_rate}")
+        _require(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        _require(self.checkpoint_every > 0, "--checkpoint-every must be positive")
+        _require(self.num_workers >= 0, "--num-workers must be >= 0")
+        _require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
+        _require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        _require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other: pick one")
+
+    @property
+    def negatives_path(self) -> Path:
+        return self.negatives if self.negatives is not None else self.cache_dir / "negatives.arrow"
+
+    @property
+    def uses_negatives(self) -> bool:
+        return self.intermediate_loss == "cos_nce" and self.k > 0

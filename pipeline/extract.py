@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from pipeline.tasks import Examples, TaskSpec, get_task, load_examples
 log = logging.getLogger(__name__)
 
 _NP_DTYPES = {"float16": np.float16, "float32": np.float32}
+_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ def extract_teacher(config: ExtractConfig) -> dict[str, Any]:
         log.info("cache %s is already complete with these settings: nothing to do", out)
         return cache.read_manifest(out)
     save_tokenizer(tokenizer, out)
+    save_teacher_weights(model, out)
 
     device = pick_device(config.device)
     model.to(device).eval()
@@ -142,7 +145,7 @@ def build_settings(
 ) -> dict[str, Any]:
     """Everything that decides the cache's bytes; a resumed run must match it exactly."""
     data = asdict(config.data)
-    return {
+    settings = {
         "teacher": {
             "config": model.config.to_dict(),
             "weights_sha256": _hash_weights(config.teacher),
@@ -163,6 +166,9 @@ def build_settings(
         "shard_rows": config.shard_rows,
         "splits": {split: {"rows": len(ex), "hidden": split == "train"} for split, ex in examples.items()},
     }
+    # Compared with the copy read back from settings.json: normalise through JSON now, or the
+    # config's int-keyed id2label ({0: ...} vs {"0": ...}) makes every rerun look like other settings.
+    return json.loads(json.dumps(settings))
 
 
 def prepare_output_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> bool:
@@ -201,6 +207,17 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
     tmp.rename(final)
 
 
+def save_teacher_weights(model: torch.nn.Module, out: Path) -> None:
+    """The teacher's weights, so `train-student --init teacher` copies layers without the teacher dir."""
+    final = out / cache.TEACHER_WEIGHTS_DIR
+    if final.is_dir():
+        return
+    tmp = out / f".{cache.TEACHER_WEIGHTS_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tmp.rename(final)
+
+
 # --------------------------------------------------------------------------- the teacher pass
 
 
@@ -220,15 +237,27 @@ def extract_split(
         log.info("%s: %d of %d shards already present, extracting the rest", split, len(done), len(done) + len(todo))
     labels = np.asarray(examples.labels, dtype=np.float32 if task.is_regression else np.int64)
     total = sum(stop - start for start, stop in todo)
-    with tqdm(total=total, desc=f"extract {split}", unit="ex", dynamic_ncols=True) as bar:
+
+    def write(start: int, stop: int, shard: dict[str, Any]) -> None:
+        batch = cache.make_record_batch(
+            schema, np.arange(start, stop), [np.asarray(x) for x in ids[start:stop]],
+            [np.asarray(x) for x in types[start:stop]], labels[start:stop], shard["logits"],
+            shard.get("hidden"), shard.get("pooled"),
+        )
+        cache.write_shard(out, split, start, stop, batch)
+
+    # One writer thread encodes and writes shard i while the teacher runs shard i+1 (Arrow and file
+    # I/O release the GIL); waiting on the previous write first bounds memory to two shards.
+    with ThreadPoolExecutor(max_workers=1) as writer, \
+            tqdm(total=total, desc=f"extract {split}", unit="ex", dynamic_ncols=True) as bar:
+        pending = None
         for start, stop in todo:
             shard = run_shard(model, config, device, inputs, ids[start:stop], types[start:stop], layers, with_hidden, bar)
-            rows = np.arange(start, stop)
-            batch = cache.make_record_batch(
-                schema, rows, [np.asarray(x) for x in ids[start:stop]], [np.asarray(x) for x in types[start:stop]],
-                labels[start:stop], shard["logits"], shard.get("hidden"), shard.get("pooled"),
-            )
-            cache.write_shard(out, split, start, stop, batch)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(write, start, stop, shard)
+        if pending is not None:
+            pending.result()
     return total
 
 
@@ -241,7 +270,7 @@ def run_shard(
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     width, last = model.config.hidden_size, model.config.num_hidden_layers
-    dtype = _NP_DTYPES[config.hidden_dtype]
+    dtype, tdtype = _NP_DTYPES[config.hidden_dtype], _TORCH_DTYPES[config.hidden_dtype]
     logits = np.empty((len(ids), model.config.num_labels), np.float32)
     hidden = {j: np.empty((offsets[-1], width), dtype) for j in layers} if with_hidden else None
     pooled = np.empty((len(ids), width), dtype) if with_hidden else None
@@ -257,7 +286,7 @@ def run_shard(
             real = mask.bool()  # (B, L); padding is on the right, so real tokens come out in row order
             dest = _token_destinations(offsets[rows], lengths[rows])
             for j in layers:
-                hidden[j][dest] = output.hidden_states[j][real].float().cpu().numpy().astype(dtype)  # (T, d')
+                hidden[j][dest] = output.hidden_states[j][real].to(tdtype).cpu().numpy()  # (T, d')
             top = output.hidden_states[last].float() * real.unsqueeze(-1)  # (B, L, d')
             pooled[rows] = (top.sum(1) / real.sum(1, keepdim=True)).cpu().numpy().astype(dtype)  # (B, d')
         bar.update(len(rows))

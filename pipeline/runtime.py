@@ -42,7 +42,7 @@ def setup_logging(verbose: bool = False) -> None:
         datefmt="%H:%M:%S",
     )
     # transformers and datasets are chatty at INFO; their warnings still show.
-    for noisy in ("transformers", "datasets", "httpx", "huggingface_hub", "filelock", "urllib3"):
+    for noisy in ("transformers", "datasets", "httpx", "huggingface_hub", "filelock", "urllib3", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -1,0 +1,453 @@
+"""Stage `build-negatives`: cache -> negatives.arrow (M candidate negatives per train row) + negatives.json.
+
+The core, `find_candidates`, is numpy + FAISS over the L2-normalised pooled teacher vectors (inner
+product = cosine) and knows nothing of caches; `build_negatives` reads a cache and writes the files;
+`NegativeSampler` is the reader `train-student` draws K of the M candidates from, afresh each epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from pipeline import __version__
+from pipeline.cache import open_cache, write_json_atomic
+from pipeline.config import NegativesConfig
+from pipeline.errors import LrcError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "lrc-negatives"
+FORMAT_VERSION = 1
+_META_KEY = b"lrc.negatives"
+_QUERY_BLOCK = 8192  # queries per FAISS call: bounds the (block, k) result arrays and paces the progress bar
+_EXACT_BLOCK = 64  # queries per numpy brute-force block: (64, N) float32 scores stay ~100 MB at N = 400k
+_HNSW_M = 32  # graph degree: recall >= 0.99 on clustered 768-d data at efSearch 128 (DESIGN §6)
+_HNSW_EF_SEARCH = 128
+_IVF_NPROBE = 16
+_WIDEN = 4  # a filtered top list that came back short is searched again this many times wider
+_MAX_WIDENINGS = 2  # ... and after that brute-forced, so approximate misses never lose qualifying rows
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """What decides whether row j may be a hard negative of row i."""
+
+    keys: np.ndarray  # (N,) int64, equal for identical inputs (covers the row itself)
+    labels: np.ndarray | None  # (N,) class ids or float targets
+    regression: bool
+    margin: float
+
+    def reject(self, q: np.ndarray, cand_keys: np.ndarray, cand_labels: np.ndarray | None) -> np.ndarray:
+        """(b, k) bool: candidate is the anchor's own input, or too alike in label. q: (b,) anchor ids."""
+        bad = cand_keys == self.keys[q][:, None]
+        if self.labels is not None:
+            anchor = self.labels[q][:, None]
+            bad |= np.abs(cand_labels - anchor) < self.margin if self.regression else cand_labels == anchor
+        return bad
+
+
+# --------------------------------------------------------------------------- core
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    """(N, d) float32 rows scaled to unit length; an all-zero row stays zero (cosine 0 to everything)."""
+    x = np.ascontiguousarray(vectors, dtype=np.float32).copy()
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    np.divide(x, norms, out=x, where=norms > 0)
+    return x
+
+
+def resolve_index(index: str, num_rows: int, exact_max_rows: int) -> str:
+    """`auto` -> exact search for small caches, HNSW above (faster than IVF here at recall >= 0.99)."""
+    if index != "auto":
+        return index
+    return "flat" if num_rows <= exact_max_rows else "hnsw"
+
+
+def find_candidates(
+    vectors: np.ndarray, labels: np.ndarray | None, input_keys: np.ndarray, regression: bool,
+    config: NegativesConfig,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """M candidate negatives per row: ids (N, M) int64, cosines (N, M) float32, and stats for the manifest."""
+    n, m = len(input_keys), config.num_candidates
+    m_hard = {"random": 0, "hard": m, "mixed": m // 2}[config.strategy]
+    rows = _Rows(np.asarray(input_keys, np.int64), labels, regression, config.regression_margin)
+    _check_qualifying(rows, m, m_hard, config)
+    x = normalise(vectors)
+    rng = np.random.default_rng(config.seed)
+    stats: dict[str, Any] = {"index": None, "recall_at_m": None, "recall_at_pool": None, "recall_queries": 0}
+    hard = np.zeros((n, 0), np.int64)
+    if m_hard:
+        pool, pool_scores, pool_stats = _hard_pool(x, rows, m_hard, config)
+        stats.update(pool_stats)
+        hard = _draw_from_pool(pool, m_hard, rng)
+        stats["max_uses_top"] = int(np.bincount(pool[:, :m_hard].ravel(), minlength=n).max())
+    ids = _random_fill(hard, m, rows.keys, rng)
+    scores = _cosines(x, ids)
+    uses = np.bincount(ids.ravel(), minlength=n)
+    stats.update(max_uses=int(uses.max()), max_uses_row=int(uses.argmax()), mean_uses=float(m))
+    logger.info("most-used negative: row %d appears in %d candidate lists (mean %d)%s", stats["max_uses_row"],
+                stats["max_uses"], m, f"; top-{m_hard} without the pool: {stats['max_uses_top']}" if m_hard else "")
+    return ids, scores, stats
+
+
+def _check_qualifying(rows: _Rows, m: int, m_hard: int, config: NegativesConfig) -> None:
+    """Fail before any search when some row cannot have M distinct negatives (or M_hard hard ones)."""
+    n, fix = len(rows.keys), "lower --candidates (default max(4*K, 16)) or --k"
+    _, key_of, key_count = np.unique(rows.keys, return_inverse=True, return_counts=True)
+    others = n - key_count[key_of]  # rows with a different input
+    if others.min() < m:
+        raise LrcError(f"{m} candidate negatives per row, but some row has only {others.min()} other distinct inputs "
+                       f"among {n} rows: {fix}")
+    if config.hard_pool is not None and config.hard_pool < m_hard:
+        raise LrcError(f"--hard-pool {config.hard_pool} is smaller than the {m_hard} hard candidates it feeds: raise it")
+    if not m_hard or rows.labels is None:
+        return
+    if rows.regression:  # an upper bound (same-input rows aside); the exact count is checked after the search
+        y = np.sort(rows.labels)
+        far = np.searchsorted(y, rows.labels - rows.margin, "right") + n - np.searchsorted(y, rows.labels + rows.margin)
+        far = far if rows.margin > 0 else np.full(n, n - 1)
+        if far.min() < m_hard:
+            raise LrcError(f"hard negatives need {m_hard} rows whose label differs by >= {rows.margin}, but the row "
+                           f"labelled {rows.labels[far.argmin()]:g} has {far.min()}: lower --regression-margin, "
+                           f"{fix}, or use --strategy random or mixed")
+        return
+    classes, label_of, label_count = np.unique(rows.labels, return_inverse=True, return_counts=True)
+    _, pair_of, pair_count = np.unique(key_of * len(classes) + label_of, return_inverse=True, return_counts=True)
+    # other-label rows, minus those with the anchor's own input (a duplicate input labelled differently)
+    qualify = n - label_count[label_of] - (key_count[key_of] - pair_count[pair_of])
+    if qualify.min() < m_hard:
+        worst = int(qualify.argmin())
+        raise LrcError(f"hard negatives need {m_hard} rows of another label per row, but label "
+                       f"{classes[label_of[worst]]} holds {label_count[label_of[worst]]} of {n} rows and leaves only "
+                       f"{qualify.min()}: use --strategy random or mixed, or {fix}")
+
+
+def _hard_pool(x: np.ndarray, rows: _Rows, m_hard: int, config: NegativesConfig) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Each row's top-P qualifying neighbours, best first: ids (N, P) with -1 where fewer exist, scores."""
+    n, m = x.shape[0], config.num_candidates
+    want = config.hard_pool if config.hard_pool is not None else 4 * m
+    kind = resolve_index(config.index, n, config.exact_max_rows)
+    # One index per label, each anchor searched only against the other labels', so same-label rows never
+    # crowd its top list; regression (or no labels) searches one index wider and filters.
+    by_label = rows.labels is not None and not rows.regression
+    groups = [np.flatnonzero(rows.labels == c) for c in np.unique(rows.labels)] if by_label else [np.arange(n)]
+    k0 = want + 16 if by_label or rows.labels is None else 4 * want
+    pool, pool_scores = np.full((n, want), -1, np.int64), np.full((n, want), -np.inf, np.float32)
+    total = sum(len(q) for q in groups) * (len(groups) - 1 if by_label else 1)
+    start = time.perf_counter()
+    with tqdm(total=total, unit="query", desc=f"hard negatives ({kind})", disable=None) as bar:
+        for gi, db in enumerate(groups):
+            index, x_db = _build_index(kind, x[db], config.seed), x[db]
+            queries = [q for qi, q in enumerate(groups) if qi != gi] if by_label else [db]
+            for q in queries:
+                ids, scores = _search(index, kind, db, x_db, x, q, want, k0, rows, bar)
+                both_ids, both_scores = np.hstack([pool[q], ids]), np.hstack([pool_scores[q], scores])
+                order = np.argsort(-both_scores, axis=1, kind="stable")[:, :want]
+                pool[q] = np.take_along_axis(both_ids, order, 1)
+                pool_scores[q] = np.take_along_axis(both_scores, order, 1)
+    logger.info("hard-negative search (%s, top %d of %d rows): %.1f s", kind, want, n, time.perf_counter() - start)
+    short = (pool >= 0).sum(1)
+    if short.min() < m_hard:
+        raise LrcError(f"row {short.argmin()} has only {short.min()} qualifying hard negatives: lower "
+                       "--regression-margin or --candidates, or use --strategy random or mixed")
+    stats = {"index": kind, "hard_pool": want}
+    if kind != "flat":
+        stats.update(_recall(x, rows, pool, m, config))
+    return pool, pool_scores, stats
+
+
+def _build_index(kind: str, x_db: np.ndarray, seed: int) -> faiss.Index:
+    d = x_db.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, _HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    else:
+        # ~4 sqrt(n) lists, but >= 39 training points per list (FAISS's floor for stable k-means)
+        nlist = int(max(1, min(4 * np.sqrt(len(x_db)), len(x_db) // 39)))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = seed
+        sample = np.random.default_rng(seed).permutation(len(x_db))[: 64 * nlist]
+        index.train(x_db[np.sort(sample)])
+        index.nprobe = min(nlist, _IVF_NPROBE)
+    threads = faiss.omp_get_max_threads()
+    if kind == "hnsw":  # a multi-threaded HNSW build links nodes in thread order: not reproducible
+        faiss.omp_set_num_threads(1)
+    try:
+        index.add(x_db)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return index
+
+
+def _search(index: faiss.Index, kind: str, db: np.ndarray, x_db: np.ndarray, x: np.ndarray, q_all: np.ndarray,
+            want: int, k0: int, rows: _Rows, bar: tqdm) -> tuple[np.ndarray, np.ndarray]:
+    """Top `want` qualifying rows of `db` for each query (global ids, -1 / -inf padded), widening if short."""
+    out_ids, out_scores = np.full((len(q_all), want), -1, np.int64), np.full((len(q_all), want), -np.inf, np.float32)
+    db_keys, db_labels = rows.keys[db], None if rows.labels is None else rows.labels[db]
+    for s in range(0, len(q_all), _QUERY_BLOCK):
+        block = np.arange(s, min(s + _QUERY_BLOCK, len(q_all)))
+        pending, k = block, min(k0, len(db))
+        for widening in range(_MAX_WIDENINGS + 1):
+            if kind == "hnsw":
+                index.hnsw.efSearch = max(_HNSW_EF_SEARCH, k)
+            scores, local = index.search(x[q_all[pending]], k)
+            cand = np.where(local >= 0, db[np.maximum(local, 0)], -1)
+            bad = (local < 0) | rows.reject(q_all[pending], db_keys[np.maximum(local, 0)],
+                                            None if db_labels is None else db_labels[np.maximum(local, 0)])
+            out_ids[pending], out_scores[pending] = _keep_best(cand, scores, bad, want)
+            pending = pending[(out_ids[pending] < 0).any(1)]
+            if pending.size == 0 or (k == len(db) and kind == "flat"):  # exact and exhaustive: truly short
+                break
+            if k == len(db) or widening == _MAX_WIDENINGS:
+                out_ids[pending], out_scores[pending] = _exact_top(x_db, db, x, q_all[pending], want, rows)
+                break
+            k = min(k * _WIDEN, len(db))
+        bar.update(len(block))
+    return out_ids, out_scores
+
+
+def _keep_best(ids: np.ndarray, scores: np.ndarray, bad: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `want` unrejected entries of each (score-sorted) row, padded with -1 / -inf."""
+    scores = np.where(bad, -np.inf, scores).astype(np.float32)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :want]
+    best, best_scores = np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
+    best[np.isneginf(best_scores)] = -1
+    pad = want - best.shape[1]  # k < want when the database itself is small
+    return np.pad(best, ((0, 0), (0, pad)), constant_values=-1), np.pad(best_scores, ((0, 0), (0, pad)),
+                                                                        constant_values=-np.inf)
+
+
+def _exact_top(x_db: np.ndarray, db: np.ndarray, x: np.ndarray, q: np.ndarray, want: int,
+               rows: _Rows) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top `want` qualifying rows of `db` for queries q (numpy, blockwise)."""
+    db_keys, db_labels = rows.keys[db][None, :], None if rows.labels is None else rows.labels[db][None, :]
+    out = [np.empty((0, want), np.int64)], [np.empty((0, want), np.float32)]
+    for s in range(0, len(q), _EXACT_BLOCK):
+        qb = q[s : s + _EXACT_BLOCK]
+        scores = x[qb] @ x_db.T  # (b, |db|)
+        scores[rows.reject(qb, db_keys, db_labels)] = -np.inf
+        top = np.argpartition(-scores, min(want, len(db)) - 1, axis=1)[:, :want] if want < len(db) else \
+            np.broadcast_to(np.arange(len(db)), scores.shape)
+        ids, sc = _keep_best(db[top], np.take_along_axis(scores, top, 1), np.zeros(top.shape, bool), want)
+        out[0].append(ids)
+        out[1].append(sc)
+    return np.concatenate(out[0]), np.concatenate(out[1])
+
+
+def _recall(x: np.ndarray, rows: _Rows, pool: np.ndarray, m: int, config: NegativesConfig) -> dict[str, Any]:
+    """Approximate top lists vs exact search on a seeded sample of anchors: recall@M and recall@P."""
+    n, want = pool.shape
+    sample = np.sort(np.random.default_rng(config.seed + 1).permutation(n)[: config.recall_sample])
+    start = time.perf_counter()
+    exact, _ = _exact_top(x, np.arange(n), x, sample, want, rows)
+    hits_m, hits_p = [], []
+    for approx, truth in zip(pool[sample], exact):
+        truth = truth[truth >= 0]
+        hits_p.append(len(np.intersect1d(approx, truth)) / max(len(truth), 1))
+        hits_m.append(len(np.intersect1d(approx[:m], truth[:m])) / max(min(m, len(truth)), 1))
+    result = {"recall_at_m": float(np.mean(hits_m)), "recall_at_pool": float(np.mean(hits_p)),
+              "recall_queries": len(sample)}
+    logger.info("recall vs exact search on %d anchors: @%d %.4f, @%d %.4f (%.1f s)", len(sample), m,
+                result["recall_at_m"], want, result["recall_at_pool"], time.perf_counter() - start)
+    return result
+
+
+def _draw_from_pool(pool: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
+    """m of each row's valid pool entries, uniformly at random, so the same rows don't serve everyone."""
+    keys = rng.random(pool.shape)
+    keys[pool < 0] = np.inf
+    return np.take_along_axis(pool, np.argsort(keys, axis=1)[:, :m], 1)
+
+
+def _random_fill(fixed: np.ndarray, m: int, keys: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Append m - fixed.shape[1] uniform draws per row: distinct, not in `fixed`, not the row's own input."""
+    n, m0 = fixed.shape
+    ids = np.hstack([fixed, rng.integers(0, n, (n, m - m0))])
+    todo = np.arange(n)
+    for _ in range(64):  # each round redraws only the bad entries; a handful of rounds in practice
+        bad = _bad_draws(ids[todo], todo, m0, keys)
+        todo = todo[bad.any(1)]
+        if todo.size == 0:
+            return ids
+        sub = ids[todo]
+        bad = bad[bad.any(1)]
+        sub[bad] = rng.integers(0, n, int(bad.sum()))
+        ids[todo] = sub
+    for i in todo:  # tiny datasets where few rows qualify: draw exactly from what is left
+        left = np.setdiff1d(np.flatnonzero(keys != keys[i]), ids[i, :m0])
+        ids[i, m0:] = rng.choice(left, m - m0, replace=False)
+    return ids
+
+
+def _bad_draws(ids: np.ndarray, row: np.ndarray, m0: int, keys: np.ndarray) -> np.ndarray:
+    """(b, M) bool over the drawn columns (>= m0): the row's own input, or a repeat of an earlier column."""
+    order = np.argsort(ids, axis=1, kind="stable")  # stable: the first of equal ids keeps the lowest column
+    sorted_ids = np.take_along_axis(ids, order, 1)
+    repeat = np.zeros(ids.shape, bool)
+    np.put_along_axis(repeat, order[:, 1:], sorted_ids[:, 1:] == sorted_ids[:, :-1], 1)
+    bad = repeat | (keys[ids] == keys[row][:, None])
+    bad[:, :m0] = False
+    return bad
+
+
+def _cosines(x: np.ndarray, ids: np.ndarray, block: int = 4096) -> np.ndarray:
+    """(N, M) float32 cosine of each anchor with its candidates (x is unit-normalised)."""
+    out = np.empty(ids.shape, np.float32)
+    for s in range(0, len(ids), block):
+        out[s : s + block] = np.einsum("bd,bmd->bm", x[s : s + block], x[ids[s : s + block]])
+    return out
+
+
+# --------------------------------------------------------------------------- files
+
+
+def manifest_path(output: Path) -> Path:
+    """negatives.json next to negatives.arrow (or <name>.json next to <name>.arrow)."""
+    return output.with_suffix(".json")
+
+
+def build_negatives(config: NegativesConfig) -> Path:
+    """`lrc build-negatives`: read the cache's train split, find candidates, write the Arrow file and manifest."""
+    start = time.perf_counter()
+    cache = open_cache(config.cache_dir, verify=True)
+    task = cache.manifest["task"]
+    train = cache.split("train")
+    vectors, labels, keys = train.pooled(), train.labels(), train.input_keys()
+    logger.info("read %d train rows of %s (pooled width %d) in %.1f s", train.num_rows, cache.path,
+                vectors.shape[1], time.perf_counter() - start)
+    regression = bool(task["is_regression"])
+    labels = labels.astype(np.float32 if regression else np.int64)
+    ids, scores, stats = find_candidates(vectors, labels, keys, regression, config)
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "lrc_version": __version__,
+        "cache_fingerprint": cache.fingerprint, "cache_dir": str(cache.path), "task": task["name"],
+        "strategy": config.strategy, "k": config.k, "candidates": config.num_candidates, "seed": config.seed,
+        "regression_margin": config.regression_margin if regression else None, "rows": train.num_rows,
+        **stats,
+    }
+    out = config.output_path
+    manifest_path(out).unlink(missing_ok=True)  # a manifest beside a file being replaced would vouch for it
+    write_negatives(out, ids, scores, meta)
+    meta["seconds"] = round(time.perf_counter() - start, 2)
+    write_json_atomic(manifest_path(out), meta)  # last: its presence says the build finished
+    logger.info("wrote %s (%d rows x %d candidates, %s) in %.1f s", out, len(ids), ids.shape[1], config.strategy,
+                meta["seconds"])
+    return out
+
+
+def write_negatives(path: Path, ids: np.ndarray, scores: np.ndarray, meta: dict[str, Any]) -> None:
+    """Arrow IPC file: row_id, candidates [M] int64, scores [M] float32; `meta` in the schema. Atomic."""
+    n, m = ids.shape
+    schema = pa.schema(
+        [("row_id", pa.int64()), ("candidates", pa.list_(pa.int64(), m)), ("scores", pa.list_(pa.float32(), m))],
+        metadata={_META_KEY: json.dumps(meta, sort_keys=True).encode()},
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            for s in range(0, n, 65536):
+                e = min(s + 65536, n)
+                writer.write_batch(pa.record_batch([
+                    pa.array(np.arange(s, e, dtype=np.int64)),
+                    pa.FixedSizeListArray.from_arrays(pa.array(ids[s:e].ravel()), m),
+                    pa.FixedSizeListArray.from_arrays(pa.array(scores[s:e].ravel().astype(np.float32)), m),
+                ], schema=schema))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_negatives(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(ids (N, M) int64, scores (N, M) float32, metadata) of a negatives file, or a one-line LrcError."""
+    path = Path(path)
+    fix = "build one with `lrc build-negatives --cache DIR`"
+    if not path.is_file():
+        raise LrcError(f"negatives file {path} does not exist: {fix}")
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            table = pa.ipc.open_file(source).read_all()
+        meta = json.loads(table.schema.metadata[_META_KEY])
+    except (pa.ArrowInvalid, KeyError, TypeError, json.JSONDecodeError):
+        raise LrcError(f"{path} is not an lrc negatives file: {fix}") from None
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise LrcError(f"{path} has negatives format {meta.get('format_version')}, this lrc reads "
+                       f"{FORMAT_VERSION}: rebuild it with `lrc build-negatives`")
+    n, m = table.num_rows, meta["candidates"]
+    ids = table.column("candidates").combine_chunks().flatten().to_numpy().reshape(n, m).copy()
+    scores = table.column("scores").combine_chunks().flatten().to_numpy().reshape(n, m).copy()
+    if not np.array_equal(table.column("row_id").to_numpy(), np.arange(n)):
+        raise LrcError(f"{path} is corrupt (row ids are not 0..{n - 1}): {fix}")
+    return ids, scores, meta
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+_MASK64 = (1 << 64) - 1
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective scramble of uint64 arrays (wrapping arithmetic)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def draw_keys(seed: int, epoch: int, row_ids: np.ndarray, m: int) -> np.ndarray:
+    """(B, m) uint64 pseudo-random keys that depend only on (seed, epoch, row id, column)."""
+    state = _mix64(np.array([seed & _MASK64], np.uint64) + _GAMMA)
+    state = _mix64(state ^ np.array([epoch & _MASK64], np.uint64))
+    per_row = _mix64(state ^ (np.asarray(row_ids).astype(np.uint64) * _GAMMA))  # (B,)
+    columns = np.arange(1, m + 1, dtype=np.uint64) * _GAMMA  # splitmix64's stream: state + i * gamma
+    return _mix64(per_row[:, None] + columns[None, :])
+
+
+class NegativeSampler:
+    """Draws K of each anchor's M candidates; the draw depends only on (seed, epoch, row id).
+
+    So a row gets the same negatives whichever batch, DataLoader worker or resumed run asks for it.
+    """
+
+    def __init__(self, path: Path, k: int, seed: int, expected_fingerprint: str | None = None) -> None:
+        self.path = Path(path)
+        self.candidates, self.scores, self.meta = read_negatives(self.path)
+        self.k, self.seed = k, seed
+        built_from = self.meta["cache_fingerprint"]
+        if expected_fingerprint is not None and built_from != expected_fingerprint:
+            raise LrcError(f"negatives file {self.path} was built from another cache (fingerprint {built_from[:12]}, "
+                           f"this cache {expected_fingerprint[:12]}): rebuild it with `lrc build-negatives`")
+        if not 0 < k <= self.num_candidates:
+            raise LrcError(f"K={k} negatives per anchor, but {self.path} holds {self.num_candidates} candidates per "
+                           f"row: lower --k or rebuild with `lrc build-negatives --candidates {max(k, 1)}` or more")
+
+    @property
+    def num_rows(self) -> int:
+        return self.candidates.shape[0]
+
+    @property
+    def num_candidates(self) -> int:
+        return self.candidates.shape[1]
+
+    def sample(self, row_ids: np.ndarray, epoch: int) -> np.ndarray:
+        """(B,) row ids -> (B, K) int64 negative row ids: a uniform K-subset of each row's M candidates."""
+        row_ids = np.asarray(row_ids, dtype=np.int64)
+        if row_ids.size and (row_ids.min() < 0 or row_ids.max() >= self.num_rows):
+            raise LrcError(f"row id {row_ids.max()} outside the {self.num_rows} rows of {self.path}: "
+                           "was it built from this cache? rebuild it with `lrc build-negatives`")
+        pick = np.argsort(draw_keys(self.seed, epoch, row_ids, self.num_candidates), axis=1)[:, : self.k]
+        return np.take_along_axis(self.candidates[row_ids], pick, 1)

@@ -1,0 +1,289 @@
+"""Stage two: train the student from the cache (DESIGN §2). The teacher is never loaded or run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from pipeline import checkpoint, losses
+from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader
+from pipeline.cache import Cache, layer_map, open_cache
+from pipeline.config import TrainConfig
+from pipeline.errors import LrcError
+from pipeline.metrics import compute_metrics
+from pipeline.negatives import NegativeSampler
+from pipeline.runtime import autocast, pick_device, predict_logits, seed_everything
+from pipeline.student import Projections, build_student, student_config
+from pipeline.tasks import get_task
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- small pure helpers
+
+
+def lr_at(step: int, total_steps: int, warmup_ratio: float) -> float:
+    """Multiplier of the peak learning rate: linear warmup, then linear decay to 0."""
+    warmup = int(warmup_ratio * total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+
+def stage_at(step: int, total_steps: int, config: TrainConfig) -> int:
+    """1 for the first `stage1_fraction` of optimizer steps, 2 after (always 2 in one-stage training)."""
+    if config.one_stage or config.intermediate_loss == "none":
+        return 2
+    return 1 if step < int(config.stage1_fraction * total_steps) else 2
+
+
+def loss_weights(step: int, total_steps: int, config: TrainConfig) -> tuple[float, float, float]:
+    """(alpha, beta, gamma) for L_total = alpha * L_intermediate + beta * L_soft + gamma * L_hard."""
+    return config.stage1_weights if stage_at(step, total_steps, config) == 1 else config.stage2_weights
+
+
+def resolve_layer_map(config: TrainConfig, cache: Cache) -> list[int]:
+    """Teacher layer per student layer, checked against what the cache stores."""
+    teacher_layers = cache.manifest["teacher"]["num_layers"]
+    mapping = list(config.layer_map) if config.layer_map else layer_map(teacher_layers, config.layers)
+    missing = [j for j in mapping if j not in cache.layers]
+    if config.intermediate_loss != "none" and missing:
+        raise LrcError(
+            f"the student maps to teacher layers {mapping} but the cache stores {cache.layers}: re-extract with "
+            f"`lrc extract-teacher --layers {','.join(map(str, mapping))}` (or --student-layers {config.layers})"
+        )
+    return mapping
+
+
+# --------------------------------------------------------------------------- one step
+
+
+@dataclass
+class Model:
+    """What the optimizer trains: the student and (for an intermediate loss) the projections W_i."""
+
+    student: torch.nn.Module
+    projections: Projections | None
+    layer_index: list[int]  # position in the batch's teacher_hidden of each student layer's teacher layer
+
+
+def loss_terms(model: Model, batch: dict[str, torch.Tensor], config: TrainConfig, regression: bool,
+               delta: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Run the student (its embedding output shifted by `delta`) and compute each loss term by name.
+
+    Returns the terms and the embedding output e, so the caller can take dL/de.
+    """
+    captured: dict[str, torch.Tensor] = {}
+
+    def on_embeddings(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        output = output if delta is None else output + delta  # e' = e + eps * gr / ||gr||
+        captured["e"] = output
+        return output
+
+    hook = model.student.bert.embeddings.register_forward_hook(on_embeddings)
+    try:
+        output = model.student(
+            input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+            attention_mask=batch["attention_mask"], output_hidden_states=model.projections is not None,
+        )
+    finally:
+        hook.remove()
+    terms: dict[str, torch.Tensor] = {}
+    if model.projections is not None:
+        projected = model.projections(list(output.hidden_states[1:]))  # M x (B, L, d')
+        mask = batch["attention_mask"]
+        per_layer = []
+        for z, idx in zip(projected, model.layer_index):
+            target = batch["teacher_hidden"][idx]  # (B, L, d')
+            if config.intermediate_loss == "cos_nce":
+                per_layer.append(losses.cos_nce(z, target, mask, batch["negative_hidden"][idx],
+                                                batch["negative_mask"], config.granularity))
+            else:
+                per_layer.append(losses.hidden_mse(z, target, mask))
+        terms[config.intermediate_loss] = torch.stack(per_layer).sum()
+    logits = output.logits.float()
+    terms["soft"] = losses.soft_loss(logits, batch["teacher_logits"], config.temperature, regression)
+    terms["hard"] = losses.hard_loss(logits, batch["labels"], regression)
+    return terms, captured["e"]
+
+
+def weighted_total(terms: dict[str, torch.Tensor], weights: tuple[float, float, float]) -> torch.Tensor:
+    alpha, beta, gamma = weights
+    intermediate = [v for k, v in terms.items() if k not in ("soft", "hard")]
+    total = beta * terms["soft"] + gamma * terms["hard"]
+    return total + alpha * intermediate[0] if intermediate else total
+
+
+def train_step(model: Model, batch: dict[str, torch.Tensor], weights: tuple[float, float, float],
+               config: TrainConfig, regression: bool, device: torch.device) -> dict[str, torch.Tensor]:
+    """Forward, optional gradient perturbation of the embedding output, backward. No optimizer step."""
+    with autocast(device, config.precision):
+        terms, embeddings = loss_terms(model, batch, config, regression)
+        total = weighted_total(terms, weights)
+        if config.perturb_eps > 0:
+            # gr = dL_total/de, no parameter update from this pass; then rerun the layers on e'.
+            (grad,) = torch.autograd.grad(total, embeddings)
+            norm = grad.float().flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)  # (B, 1, 1) over l x d
+            delta = (config.perturb_eps * grad.float() / norm).to(embeddings.dtype).detach()
+            terms, _ = loss_terms(model, batch, config, regression, delta)
+            total = weighted_total(terms, weights)
+    _check_finite(terms)
+    total.backward()
+    return {**{k: v.detach() for k, v in terms.items()}, "loss": total.detach()}
+
+
+def _check_finite(terms: dict[str, torch.Tensor]) -> None:
+    for name, value in terms.items():
+        if not torch.isfinite(value):
+            raise FloatingPointError(f"loss term {name} is {value.item()}")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class DevSet:
+    """The cached dev split: inputs, labels and the teacher's logits (for its metric)."""
+
+    def __init__(self, cache: Cache) -> None:
+        split = cache.split("dev")
+        self.ids = split.column("input_ids").to_pylist()
+        self.types = split.column("token_type_ids").to_pylist()
+        self.labels = split.labels()
+        self.teacher_logits = split.logits()
+
+
+def evaluate(student: torch.nn.Module, dev: DevSet, task: Any, config: TrainConfig, device: torch.device,
+             pad_id: int) -> dict[str, float]:
+    logits = predict_logits(student, dev.ids, dev.types, config.eval_batch_size, device, config.precision, pad_id)
+    student.train()
+    return compute_metrics(task, logits, dev.labels)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train_student(config: TrainConfig) -> dict[str, Any]:
+    """Cache (+ negatives) -> the best student in Hugging Face format; returns the training summary."""
+    cache = open_cache(config.cache_dir)
+    task = get_task(cache.task["name"])
+    regression = task.is_regression
+    mapping = resolve_layer_map(config, cache)
+    sampler = None
+    if config.uses_negatives:
+        if not config.negatives_path.is_file():
+            raise LrcError(f"no negatives file at {config.negatives_path}: run `lrc build-negatives --cache "
+                           f"{config.cache_dir}` first, or pass --k 0 to train without negatives")
+        sampler = NegativeSampler(config.negatives_path, config.k, config.seed, cache.fingerprint)
+    run = checkpoint.prepare_run_dir(config)
+    seed_everything(config.seed)
+
+    # ---- model, data, optimizer
+    shape = student_config(cache.manifest["teacher"]["config"], config.layers, config.hidden, config.heads,
+                           config.intermediate, cache.task)
+    student = build_student(shape, config.init, cache.teacher_weights_dir, mapping)
+    stored = sorted(set(mapping)) if config.intermediate_loss != "none" else []
+    projections = (Projections(student.config.hidden_size, cache.hidden_size, config.layers)
+                   if config.intermediate_loss != "none" else None)
+    model = Model(student, projections, [stored.index(j) for j in mapping] if stored else [])
+    device = pick_device(config.device)
+    student.to(device)
+    if projections is not None:
+        projections.to(device)
+    dataset = CacheDataset(config.cache_dir, "train", stored, sampler)
+    batches = EpochBatchSampler(len(dataset), config.batch_size, config.seed)
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * len(batches)))
+    params = list(student.parameters()) + (list(projections.parameters()) if projections is not None else [])
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, config.warmup_ratio))
+    state = checkpoint.TrainState()
+    if config.resume:
+        state = checkpoint.load(run, model.student, projections, optimizer, scheduler)
+        log.info("resumed from step %d (epoch %d, batch %d)", state.step, state.epoch, state.batch_in_epoch)
+
+    dev = DevSet(cache) if "dev" in cache.manifest["splits"] else None
+    pad_id = student.config.pad_token_id or 0
+    teacher_dev = compute_metrics(task, dev.teacher_logits, dev.labels) if dev else None
+    tokenizer = AutoTokenizer.from_pretrained(cache.tokenizer_dir)
+    logger = checkpoint.MetricsLog(run, keep_until=state.step if config.resume else None)
+    log.info("training %d steps (%d per epoch), layer map %s, teacher dev %s", total_steps, len(batches), mapping, teacher_dev)
+
+    def evaluate_and_keep_best() -> None:
+        if dev is None:
+            return
+        metrics = evaluate(student, dev, task, config, device, pad_id)
+        logger.write({"step": state.step, "epoch": state.epoch, "eval": metrics})
+        if state.best is None or metrics[task.main_metric] > state.best[task.main_metric]:
+            state.best = {**metrics, "step": state.step}
+            checkpoint.save_student(run, student, tokenizer)
+        log.info("step %d: dev %s (best %s %.4f)", state.step, metrics, task.main_metric, state.best[task.main_metric])
+
+    # ---- the loop: epochs of shuffled batches, resumable mid-epoch
+    student.train()
+    started, seen = time.perf_counter(), 0
+    bar = tqdm(total=total_steps, initial=state.step, desc="train-student", unit="step", dynamic_ncols=True)
+    while state.step < total_steps:
+        dataset.set_epoch(state.epoch)
+        batches.set_epoch(state.epoch, skip_batches=state.batch_in_epoch)
+        for batch in make_loader(dataset, batches, config.num_workers, seed=config.seed + state.epoch):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            weights = loss_weights(state.step, total_steps, config)
+            try:
+                terms = train_step(model, batch, weights, config, regression, device)
+            except FloatingPointError as err:
+                raise LrcError(f"{err} at step {state.step} (epoch {state.epoch}): training stopped, the last good "
+                               f"checkpoint is in {run.checkpoint_dir}; lower --lr or use --precision fp32") from None
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.batch_in_epoch += 1
+            seen += len(batch["labels"])
+            bar.update(1)
+
+            # ---- logging, evaluation, checkpoints
+            if state.step % config.log_every == 0 or state.step == total_steps:
+                record = {k: round(float(v), 6) for k, v in terms.items()}
+                record |= {"step": state.step, "epoch": state.epoch, "stage": stage_at(state.step - 1, total_steps, config),
+                           "lr": scheduler.get_last_lr()[0], "samples_per_s": round(seen / (time.perf_counter() - started), 2)}
+                logger.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", stage=record["stage"])
+            if config.eval_every and state.step % config.eval_every == 0:
+                evaluate_and_keep_best()
+            if state.step % config.checkpoint_every == 0:
+                checkpoint.save(run, state, model.student, projections, optimizer, scheduler)
+            if state.step >= total_steps:
+                break
+        else:  # the epoch ran to its end
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            evaluate_and_keep_best()
+            checkpoint.save(run, state, model.student, projections, optimizer, scheduler)
+    bar.close()
+    if state.batch_in_epoch:  # stopped mid-epoch by max_steps: evaluate the final weights too
+        evaluate_and_keep_best()
+        checkpoint.save(run, state, model.student, projections, optimizer, scheduler)
+    if dev is None:
+        checkpoint.save_student(run, student, tokenizer)
+
+    elapsed = time.perf_counter() - started
+    summary = {
+        "task": task.name, "main_metric": task.main_metric, "best": state.best, "teacher_dev": teacher_dev,
+        "percent_of_teacher": (100 * state.best[task.main_metric] / teacher_dev[task.main_metric])
+        if state.best and teacher_dev and teacher_dev[task.main_metric] else None,
+        "steps": state.step, "epochs": state.epoch, "train_seconds": round(elapsed, 1),
+        "samples_per_s": round(seen / max(elapsed, 1e-9), 2), "layer_map": mapping,
+        "parameters": sum(p.numel() for p in student.parameters()),
+        "cache_fingerprint": cache.fingerprint, "config": json.loads(json.dumps(config.__dict__, default=str)),
+    }
+    checkpoint.write_summary(run, summary)
+    log.info("student written to %s: best dev %s", run.output_dir, state.best)
+    return summary
