@@ -11,7 +11,8 @@ from typing import Any, Callable, Optional
 import typer
 
 from pipeline.config import (
-    BUNDLED_BACKBONE, DATA_DIR_ENV, DataConfig, ExtractConfig, FinetuneConfig, NegativesConfig, TrainConfig,
+    BUNDLED_BACKBONE, DATA_DIR_ENV, DataConfig, DemoConfig, EvaluateConfig, ExtractConfig, FinetuneConfig,
+    NegativesConfig, TrainConfig, load_config_file,
 )
 from pipeline.errors import LrcError
 
@@ -39,6 +40,27 @@ def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
 
     return wrapper
 
+
+def _load_config(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
+    """`--config FILE`: its values become the defaults, so flags on the command line override them."""
+    if value is None:
+        return None
+    try:
+        values = load_config_file(value)
+    except LrcError as err:
+        raise typer.BadParameter(str(err)) from None
+    known = {p.name for p in ctx.command.params if p.name not in ("config", "verbose")}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise typer.BadParameter(f"{value} sets unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return value
+
+
+ConfigOpt = typer.Option(
+    None, "--config", is_eager=True, callback=_load_config,
+    help="TOML or YAML file of option values (names as the flags, - or _); flags given here override it.",
+)
 
 # Options shared by every command that reads task data.
 TaskOpt = typer.Option(..., "--task", help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, wnli.")
@@ -86,7 +108,7 @@ def finetune_teacher(
     text_column: Optional[str] = TextColOpt, text_pair_column: Optional[str] = PairColOpt,
     label_column: Optional[str] = LabelColOpt, max_train_examples: Optional[int] = MaxTrainOpt,
     subsample_seed: int = SubsampleSeedOpt, device: str = DeviceOpt, precision: str = PrecisionOpt,
-    verbose: bool = VerboseOpt,
+    config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
     """Fine-tune a backbone on a task: writes a teacher dir with a classification head and its dev metric."""
     from pipeline.finetune import finetune_teacher as run
@@ -129,7 +151,7 @@ def extract_teacher(
     text_column: Optional[str] = TextColOpt, text_pair_column: Optional[str] = PairColOpt,
     label_column: Optional[str] = LabelColOpt, max_train_examples: Optional[int] = MaxTrainOpt,
     subsample_seed: int = SubsampleSeedOpt, device: str = DeviceOpt, precision: str = PrecisionOpt,
-    verbose: bool = VerboseOpt,
+    config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
     """Run the teacher once over a task and write hidden states, logits and pooled vectors to an Arrow cache."""
     from pipeline.extract import extract_teacher as run
@@ -151,7 +173,7 @@ def extract_teacher(
 def inspect_cache(
     cache_dir: Path = typer.Argument(..., help="A cache dir written by `lrc extract-teacher`."),
     verify: bool = typer.Option(False, "--verify", help="Also check every shard's sha256 (reads every byte)."),
-    verbose: bool = VerboseOpt,
+    config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
     """Print what a cache holds (teacher, task, rows, layers, sizes); --verify checks every checksum."""
     from pipeline.cache import describe, open_cache
@@ -174,7 +196,7 @@ def build_negatives(
     hard_pool: Optional[int] = typer.Option(None, help="Width of the nearest-neighbour list hard candidates are drawn from; default 4M."),
     regression_margin: float = typer.Option(0.5, help="Regression tasks: hard negatives differ in label by at least this."),
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same file."),
-    verbose: bool = VerboseOpt,
+    config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
     """Sample M candidate negatives per training row with FAISS over the cached pooled teacher vectors."""
     from pipeline.negatives import build_negatives as run
@@ -230,7 +252,8 @@ def train_student(
     num_workers: int = typer.Option(1, help="DataLoader worker processes reading the cache."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output-dir from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace a run already in --output-dir."),
-    device: str = DeviceOpt, precision: str = PrecisionOpt, verbose: bool = VerboseOpt,
+    device: str = DeviceOpt, precision: str = PrecisionOpt, config: Optional[Path] = ConfigOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Train a student from the cache with LRC-BERT (COS-NCE + soft + hard, two stages, perturbation); no teacher."""
     from pipeline.train import train_student as run
@@ -248,6 +271,60 @@ def train_student(
         precision=precision, resume=resume, overwrite=overwrite,
     ))
     typer.echo(f"student: {output_dir}  best dev {json.dumps(summary['best'])}  teacher dev {json.dumps(summary['teacher_dev'])}")
+
+
+@app.command("evaluate")
+@_friendly
+def evaluate(
+    model_dir: Path = typer.Argument(..., help="A teacher or student dir (HF format, with a classification head)."),
+    task: str = TaskOpt,
+    compare: Optional[Path] = typer.Option(None, help="A second model dir (e.g. the teacher) to put side by side, with ratios."),
+    max_length: int = typer.Option(128, help="Truncate dev inputs to this many tokens."),
+    batch_size: int = typer.Option(32, help="Batch size of the latency/throughput measurement."),
+    seq_length: int = typer.Option(128, help="Sequence length of the latency/throughput measurement."),
+    timing_batches: int = typer.Option(10, help="Timed batches (after 2 warm-up batches); the median is reported."),
+    output: Optional[Path] = typer.Option(None, help="Also write the results as JSON to this file."),
+    data_dir: Optional[Path] = DataDirOpt,
+    dev_file: Optional[Path] = typer.Option(None, help="Evaluate on this file (.csv, .tsv, .jsonl, .parquet) instead of the dev split."),
+    text_column: Optional[str] = TextColOpt, text_pair_column: Optional[str] = PairColOpt,
+    label_column: Optional[str] = LabelColOpt, device: str = DeviceOpt, precision: str = PrecisionOpt,
+    config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
+) -> None:
+    """Dev metric, parameters, size on disk and measured latency/throughput; --compare puts two models side by side."""
+    from pipeline.evaluate import evaluate as run, format_table
+
+    data = _data(task, data_dir, None, dev_file, text_column, text_pair_column, label_column, None, 0)
+    results = run(EvaluateConfig(
+        model_dir=model_dir, data=data, compare=compare, max_length=max_length, batch_size=batch_size,
+        seq_length=seq_length, timing_batches=timing_batches, device=device, precision=precision, output=output,
+    ))
+    typer.echo(format_table(results))
+
+
+@app.command("demo")
+@_friendly
+def demo(
+    task: str = typer.Option("sst2", "--task", help="GLUE task to run the demo on."),
+    work_dir: Path = typer.Option(Path("data/demo"), help="Where the teacher, cache, negatives and student go."),
+    max_train_examples: int = typer.Option(4000, help="Subsample the train split to this many rows so the demo fits in ~15 min on 2 CPU cores; 0 = all rows."),
+    max_length: int = typer.Option(64, help="Truncate inputs to this many tokens."),
+    teacher_epochs: float = typer.Option(1.0, help="Epochs of teacher fine-tuning."),
+    student_epochs: float = typer.Option(4.0, help="Epochs of student training."),
+    student_lr: float = typer.Option(3e-4, help="Peak learning rate of the student."),
+    k: int = typer.Option(4, "--k", help="Negatives per example."),
+    seed: int = typer.Option(42, help="Random seed of every stage."),
+    data_dir: Optional[Path] = DataDirOpt, device: str = DeviceOpt, precision: str = PrecisionOpt,
+    config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
+) -> None:
+    """Run the whole pipeline on a real GLUE task with the bundled all-MiniLM-L6-v2 and compare teacher and student."""
+    from pipeline.demo import render, run_demo
+
+    outcome = run_demo(DemoConfig(
+        task=task, data_dir=data_dir, work_dir=work_dir, max_train_examples=max_train_examples or None,
+        max_length=max_length, teacher_epochs=teacher_epochs, student_epochs=student_epochs, student_lr=student_lr,
+        k=k, seed=seed, device=device, precision=precision,
+    ))
+    typer.echo(render(outcome))
 
 
 def main() -> None:  # pragma: no cover - `python cli.py ...`

@@ -87,7 +87,7 @@ class CacheDataset(Dataset):
         examples = [reader.example(int(r)) for r in rows]
         if self.negatives is None:
             return examples
-        negative_ids = np.asarray(self.negatives.sample(np.asarray(rows, dtype=np.int64), 0), np.int64)
+        negative_ids = np.asarray(self.negatives.sample(np.asarray(rows, dtype=np.int64), self.epoch), np.int64)
         if negative_ids.ndim != 2 or len(negative_ids) != len(rows):
             raise ValueError(f"negatives.sample gave shape {negative_ids.shape} for {len(rows)} rows, want (B, K)")
         for example, ids in zip(examples, negative_ids):

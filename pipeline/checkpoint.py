@@ -161,3 +161,11 @@ class MetricsLog:
                 if isinstance(value, (int, float)) and key not in ("step", "epoch"):
                     self._tensorboard.add_scalar(prefix + key, value, record["step"])
             self._tensorboard.flush()
+
+
+def finished_summary(config: TrainConfig) -> dict[str, Any] | None:
+    """The summary of a finished run in config.output_dir made with the same settings, else None."""
+    saved, summary = config.output_dir / RUN_CONFIG, config.output_dir / SUMMARY
+    if saved.is_file() and summary.is_file() and json.loads(saved.read_text()) == _comparable(config):
+        return json.loads(summary.read_text())
+    return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 from pipeline.errors import LrcError
@@ -253,3 +254,107 @@ class TrainConfig:
     @property
     def uses_negatives(self) -> bool:
         return self.intermediate_loss == "cos_nce" and self.k > 0
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """`lrc sweep`: `train-student` over a grid on one cache and one negatives file.
+
+    `grid` keeps the user's key order; each point overrides fields of `base` (a TrainConfig whose
+    output_dir is replaced by one run dir per point). `shard_index`/`shard_count` run every
+    shard_count-th point, so several machines can share a grid.
+    """
+
+    base: TrainConfig
+    grid: tuple[tuple[str, tuple[Any, ...]], ...]
+    output_dir: Path
+    shard_index: int = 0
+    shard_count: int = 1
+
+    def __post_init__(self) -> None:
+        _require(len(self.grid) > 0, "the sweep grid is empty: pass --grid FILE or --set key=v1,v2")
+        for key, values in self.grid:
+            _require(len(values) > 0, f"sweep key {key!r} has an empty value list: give at least one value")
+        _require(self.shard_count > 0 and 0 <= self.shard_index < self.shard_count,
+                 f"--shard {self.shard_index}/{self.shard_count} is not valid: use I/N with 0 <= I < N")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """`lrc evaluate`: a model dir's dev metric, size and speed; optionally beside another model."""
+
+    model_dir: Path
+    data: DataConfig
+    compare: Path | None = None
+    max_length: int = 128
+    eval_batch_size: int = 128
+    batch_size: int = 32  # latency/throughput are measured on batches of this shape
+    seq_length: int = 128
+    timing_batches: int = 10
+    device: str = "auto"
+    precision: str = "fp32"
+    output: Path | None = None  # also write the results as JSON here
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size > 0 and self.seq_length > 1, "--batch-size and --seq-length must be positive")
+        _require(self.timing_batches > 0, "--timing-batches must be positive")
+        _require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
+        _require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """`lrc demo`: the whole pipeline on one GLUE task with the bundled MiniLM backbone.
+
+    The defaults fit in about 15 minutes on a 2-core CPU: the train split is subsampled to
+    `max_train_examples` rows (None = all) and the teacher gets one epoch.
+    """
+
+    task: str = "sst2"
+    data_dir: Path | None = field(default_factory=default_data_dir)
+    work_dir: Path = Path("data/demo")
+    max_train_examples: int | None = 4000
+    max_length: int = 64
+    teacher_epochs: float = 1.0
+    student_epochs: float = 4.0
+    student_layers: int = 4
+    student_hidden: int = 312
+    student_heads: int = 12
+    student_intermediate: int = 1200
+    student_lr: float = 3e-4
+    k: int = 4
+    seed: int = 42
+    device: str = "auto"
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        _require(self.max_train_examples is None or self.max_train_examples > 0,
+                 "--max-train-examples must be positive (or 0 for the whole train split)")
+        _require(self.teacher_epochs > 0 and self.student_epochs > 0, "--teacher-epochs and --student-epochs must be positive")
+        _require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
+        _require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """A TOML or YAML mapping of option names to values (dashes or underscores)."""
+    if not path.is_file():
+        raise LrcError(f"config file {path} does not exist")
+    if path.suffix == ".toml":
+        import tomllib
+
+        parse = tomllib.loads
+    elif path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise LrcError(f"reading {path} needs pyyaml: `pip install pyyaml`, or write the file as TOML") from None
+        parse = yaml.safe_load
+    else:
+        raise LrcError(f"config file {path} must end in .toml, .yaml or .yml")
+    try:
+        data = parse(path.read_text()) or {}
+    except Exception as err:  # tomllib.TOMLDecodeError, yaml.YAMLError: one line, not a traceback
+        raise LrcError(f"config file {path} does not parse: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise LrcError(f"config file {path} must hold a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}

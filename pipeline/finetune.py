@@ -144,6 +144,7 @@ def _optimizer(model: torch.nn.Module, config: FinetuneConfig, total_steps: int)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.learning_rate,
+        fused=True,  # one kernel over all tensors: several times faster than the per-tensor loop on CPU
     )
     warmup = int(config.warmup_ratio * total_steps)
     return optimizer, get_linear_schedule_with_warmup(optimizer, warmup, total_steps)

@@ -55,6 +55,12 @@ def build_student(
             f"--init {path} has a vocabulary of {other.vocab_size}, the cache's teacher {config.vocab_size}: "
             "initialise from a model with the teacher's tokenizer"
         )
+    if other.num_hidden_layers != config.num_hidden_layers:
+        # The layer map and the projections are built for --layers: another depth would silently misalign them.
+        raise LrcError(
+            f"--init {path} has {other.num_hidden_layers} layers but --layers is {config.num_hidden_layers}: "
+            f"pass --layers {other.num_hidden_layers}"
+        )
     model = BertForSequenceClassification.from_pretrained(
         path, num_labels=config.num_labels, id2label=config.id2label, label2id=config.label2id,
         problem_type=config.problem_type, ignore_mismatched_sizes=True,

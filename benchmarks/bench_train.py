@@ -1,0 +1,202 @@
+"""Training from the cache against training with the teacher in the loop (DESIGN §1, issue: train-student).
+
+Variants, each the same student step (library `train_step`: COS-NCE + soft + hard, K negatives,
+gradient perturbation on) and AdamW update, in its own process so peak memory is its own:
+  a  cached:  the library's data path (CacheDataset + EpochBatchSampler + DataLoader worker) from the cache
+  b  online:  the teacher runs each step on the batch and on its K negatives to make the same targets
+              (inputs come from memory, so b gets no data-path cost at all)
+  c  compute: the student step alone on batches collated beforehand and held in memory
+Teachers: a BERT-base-shaped 12 x 768 random model, and the real all-MiniLM-L6-v2 (random head).
+Rows are real SST-2 train sentences. Variants alternate (a, b, c, a, b, c) with a GEMM probe before
+and after. Time per epoch is extrapolated from the measured step time to the full SST-2 train split.
+
+    python benchmarks/bench_train.py --steps 30 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SST2_TRAIN_ROWS = 67349
+
+
+def gemm_probe() -> float:
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    return 10 * 2 * 1024**3 / (time.perf_counter() - start) / 1e9
+
+
+def prepare(work: Path, kind: str, rows: int, data_dir: Path) -> Path:
+    """Teacher dir -> cache (layers for a 4-layer student) -> negatives (K=4, random)."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from pipeline.config import DataConfig, ExtractConfig, NegativesConfig
+    from pipeline.extract import extract_teacher
+    from pipeline.finetune import resolve_backbone
+    from pipeline.negatives import build_negatives
+
+    backbone = resolve_backbone("bundled:all-MiniLM-L6-v2")
+    teacher = work / f"teacher-{kind}"
+    if kind == "bert-base":
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(BertConfig(num_labels=2))  # 12 x 768, 3072, 12 heads
+    else:
+        model = BertForSequenceClassification.from_pretrained(backbone, num_labels=2)
+    model.save_pretrained(teacher)
+    AutoTokenizer.from_pretrained(backbone).save_pretrained(teacher)
+    cache = work / f"cache-{kind}"
+    data = DataConfig(task="sst2", data_dir=data_dir, max_train_examples=rows)
+    extract_teacher(ExtractConfig(teacher=teacher, data=data, output_dir=cache, student_layers=4))
+    build_negatives(NegativesConfig(cache_dir=cache, k=4))
+    return cache
+
+
+def training_parts(cache_dir: Path):
+    from pipeline.cache import open_cache
+    from pipeline.config import TrainConfig
+    from pipeline.student import Projections, build_student, student_config
+    from pipeline.train import Model, resolve_layer_map
+
+    cache = open_cache(cache_dir)
+    config = TrainConfig(cache_dir=cache_dir, output_dir=cache_dir / "unused", num_workers=1, device="cpu")
+    mapping = resolve_layer_map(config, cache)
+    torch.manual_seed(0)
+    shape = student_config(cache.manifest["teacher"]["config"], 4, 312, 12, 1200, cache.task)
+    student = build_student(shape, "random", None, mapping)
+    projections = Projections(312, cache.hidden_size, 4)
+    model = Model(student, projections, [sorted(set(mapping)).index(j) for j in mapping])
+    params = list(student.parameters()) + list(projections.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as pipeline/train.py
+    return cache, config, mapping, model, params, optimizer
+
+
+def step(model, batch, config, params, optimizer) -> None:
+    from pipeline.train import train_step
+
+    train_step(model, batch, (1.0, 1.0, 3.0), config, False, torch.device("cpu"))
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def online_batches(cache, mapping: list[int], batch_size: int, k: int):
+    """Yield batches whose targets the teacher computes now, for the batch and its negatives."""
+    from transformers import BertForSequenceClassification
+
+    from pipeline.negatives import NegativeSampler
+    from pipeline.runtime import pad_batch
+
+    teacher = BertForSequenceClassification.from_pretrained(cache.teacher_weights_dir).eval()
+    train = cache.split("train")
+    ids, types = train.column("input_ids").to_pylist(), train.column("token_type_ids").to_pylist()
+    labels = train.labels()
+    sampler = NegativeSampler(cache.path / "negatives.arrow", k, 0, cache.fingerprint)
+    layers = sorted(set(mapping))
+    order = np.random.default_rng(0).permutation(len(ids))
+    cpu = torch.device("cpu")
+    for b in range(0, len(order) - batch_size + 1, batch_size):
+        rows = order[b : b + batch_size]
+        negatives = sampler.sample(rows, 0).reshape(-1)  # (B*K,)
+        with torch.no_grad():  # not inference_mode: the student's autograd reuses these inputs
+            input_ids, token_types, mask = pad_batch([ids[r] for r in rows], [types[r] for r in rows], 0, cpu)
+            out = teacher(input_ids=input_ids, token_type_ids=token_types, attention_mask=mask, output_hidden_states=True)
+            n_ids, n_types, n_mask = pad_batch([ids[r] for r in negatives], [types[r] for r in negatives], 0, cpu)
+            n_out = teacher(input_ids=n_ids, token_type_ids=n_types, attention_mask=n_mask, output_hidden_states=True)
+        width = n_ids.shape[1]
+        yield {
+            "input_ids": input_ids, "token_type_ids": token_types, "attention_mask": mask,
+            "labels": torch.as_tensor(labels[rows]), "teacher_logits": out.logits,
+            "teacher_hidden": torch.stack([out.hidden_states[j] for j in layers]),  # (n, B, L, D)
+            "negative_hidden": torch.stack([n_out.hidden_states[j].reshape(batch_size, k, width, -1)
+                                            for j in layers]),  # (n, B, K, Ln, D)
+            "negative_mask": n_mask.reshape(batch_size, k, width),
+        }
+
+
+def run_variant(variant: str, cache_dir: Path, steps: int, warmup: int) -> dict[str, float]:
+    from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader
+    from pipeline.negatives import NegativeSampler
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cache, config, mapping, model, params, optimizer = training_parts(cache_dir)
+    layers = sorted(set(mapping))
+    if variant == "b":
+        source = online_batches(cache, mapping, config.batch_size, config.k)
+    else:
+        sampler = NegativeSampler(cache.path / "negatives.arrow", config.k, 0, cache.fingerprint)
+        dataset = CacheDataset(cache.path, "train", layers, sampler)
+        batches = EpochBatchSampler(len(dataset), config.batch_size, 0)
+        batches.set_epoch(0)
+        dataset.set_epoch(0)
+        source = iter(make_loader(dataset, batches, config.num_workers if variant == "a" else 0, seed=0))
+        if variant == "c":  # collate everything first: the step alone is timed
+            source = iter([next(source) for _ in range(steps + warmup)])
+    for _ in range(warmup):
+        step(model, next(source), config, params, optimizer)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(model, next(source), config, params, optimizer)
+    seconds = (time.perf_counter() - start) / steps
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"sec_per_step": seconds, "peak_rss_mb": peak_mb}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--teachers", default="bert-base,minilm")
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("LRC_DATA_DIR", "../shared/glue_data")))
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
+    parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args.variant, args.cache, args.steps, args.warmup)))
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="lrc-bench-train-"))
+    rows = 16 * (args.steps + args.warmup) + 64
+    results: dict[str, dict[str, list]] = {}
+    print(f"GEMM probe before: {gemm_probe():.0f} GFLOP/s", flush=True)
+    for kind in args.teachers.split(","):
+        cache = prepare(work, kind, rows, args.data_dir)
+        results[kind] = {v: [] for v in "abc"}
+        for _ in range(args.repeats):
+            for variant in "abc":
+                out = subprocess.run(
+                    [sys.executable, __file__, "--variant", variant, "--cache", str(cache), "--steps", str(args.steps),
+                     "--warmup", str(args.warmup)], capture_output=True, text=True, check=True,
+                )
+                results[kind][variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(kind, variant, results[kind][variant][-1], flush=True)
+    print(f"GEMM probe after: {gemm_probe():.0f} GFLOP/s")
+
+    steps_per_epoch = SST2_TRAIN_ROWS // 16
+    print("\n| teacher | variant | s/step (best) | epoch of SST-2 (min) | peak RSS (MB) |")
+    print("|---|---|---|---|---|")
+    for kind, per in results.items():
+        best = {v: min(r["sec_per_step"] for r in runs) for v, runs in per.items()}
+        peak = {v: max(r["peak_rss_mb"] for r in runs) for v, runs in per.items()}
+        for v, name in zip("abc", ("a cached", "b online teacher", "c compute only")):
+            print(f"| {kind} | {name} | {best[v]:.3f} | {best[v] * steps_per_epoch / 60:.1f} | {peak[v]:.0f} |")
+        print(f"| {kind} | a vs b speedup {best['b'] / best['a']:.2f}x; a vs c {best['c'] / best['a']:.2f}x; "
+              f"memory a/b {peak['a'] / peak['b']:.2f} | | | |")
+
+
+if __name__ == "__main__":
+    main()
