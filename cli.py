@@ -12,7 +12,7 @@ import typer
 
 from pipeline.config import (
     BUNDLED_BACKBONE, DATA_DIR_ENV, DataConfig, DemoConfig, EvaluateConfig, ExtractConfig, FinetuneConfig,
-    NegativesConfig, TrainConfig, load_config_file,
+    NegativesConfig, SweepConfig, TrainConfig, load_config_file,
 )
 from pipeline.errors import LrcError
 
@@ -325,6 +325,43 @@ def demo(
         k=k, seed=seed, device=device, precision=precision,
     ))
     typer.echo(render(outcome))
+
+
+@app.command("sweep")
+@_friendly
+def sweep(
+    cache_dir: Path = typer.Option(..., "--cache", help="The cache every run trains from (the teacher is never opened)."),
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where run-NNN-*/ dirs and results.csv/.md go."),
+    grid: Optional[Path] = typer.Option(None, help="TOML/YAML file: train-student setting -> list of values."),
+    set_: list[str] = typer.Option([], "--set", help="key=v1,v2 (repeatable; overrides the grid file's key), e.g. --set lr=1e-4,3e-4."),
+    shard: str = typer.Option("0/1", help="I/N: run only points with index % N == I (spread a sweep over N machines)."),
+    base: Optional[Path] = typer.Option(None, help="TOML/YAML file of train-student settings shared by every run."),
+    verbose: bool = VerboseOpt,
+) -> None:
+    """Rerun train-student over a grid on one cache and negatives file; writes a results table (CSV + markdown)."""
+    from dataclasses import replace
+
+    from pipeline.sweep import parse_grid, parse_shard, run_sweep
+
+    # A base file is a grid with one value per key: the same names, checks and type coercion.
+    shared = {key: values[0] for key, values in parse_grid([], base)} if base is not None else {}
+    base_config = replace(TrainConfig(cache_dir=cache_dir, output_dir=output_dir), **shared)
+    index, count = parse_shard(shard)
+    table = run_sweep(SweepConfig(base=base_config, grid=parse_grid(set_, grid), output_dir=output_dir,
+                                  shard_index=index, shard_count=count))
+    typer.echo(f"results: {table}")
+
+
+@app.command("report")
+@_friendly
+def report(
+    run_dir: Path = typer.Argument(..., help="A train-student output dir."),
+    verbose: bool = VerboseOpt,
+) -> None:
+    """(Re)write report.md and the loss / dev-metric plots of a training run."""
+    from pipeline.report import write_report
+
+    typer.echo(f"report: {write_report(run_dir)}")
 
 
 def main() -> None:  # pragma: no cover - `python cli.py ...`

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from pipeline.cache import RowReader, read_manifest, verify_shards
 from pipeline.errors import LrcError
@@ -91,8 +91,11 @@ class CacheDataset(Dataset):
         if negative_ids.ndim != 2 or len(negative_ids) != len(rows):
             raise ValueError(f"negatives.sample gave shape {negative_ids.shape} for {len(rows)} rows, want (B, K)")
         for example, ids in zip(examples, negative_ids):
+            # COS-NCE compares a negative with its anchor over their shared positions only (DESIGN §2),
+            # so tokens past the anchor's length are never used: cutting them here saves ~1/3 of the bytes.
+            n = len(example["input_ids"])
             example["negative_ids"] = ids  # (K,)
-            example["negative_hidden"] = {j: [reader.hidden(int(n), j) for n in ids] for j in self.layers}
+            example["negative_hidden"] = {j: [reader.hidden(int(r), j)[:n] for r in ids] for j in self.layers}
         return examples
 
 
@@ -104,7 +107,8 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
     input_ids, token_type_ids, attention_mask (B, L) long; labels (B,) long or float; teacher_logits
     (B, C) float32; row_ids (B,) long; teacher_hidden (N_layers, B, L, D) when layers were read;
-    negative_ids (B, K), negative_hidden (N_layers, B, K, Ln, D), negative_mask (B, K, Ln) with negatives.
+    negative_ids (B, K), negative_hidden (N_layers, B, K, Ln, D), negative_mask (B, K, Ln) with negatives;
+    each negative is cut to its anchor's length, so Ln <= L.
     """
     lengths = np.array([len(e["input_ids"]) for e in examples], dtype=np.int64)  # (B,)
     width = int(lengths.max())
@@ -121,7 +125,7 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     layers = list(examples[0]["hidden"])
     if layers:
         per_layer = [[e["hidden"][j] for e in examples] for j in layers]  # N_layers x B arrays (len, D)
-        batch["teacher_hidden"] = torch.from_numpy(_pad_hidden(per_layer, width))  # (N_layers, B, L, D)
+        batch["teacher_hidden"] = _pad_hidden(per_layer, width)  # (N_layers, B, L, D)
     if "negative_ids" in examples[0]:
         batch |= _pad_negatives(examples, layers)
     return batch
@@ -137,7 +141,7 @@ def _pad_negatives(examples: list[dict[str, Any]], layers: list[int]) -> dict[st
     hidden = _pad_hidden(per_layer, width)  # (N_layers, B*K, Ln, D)
     return {
         "negative_ids": torch.from_numpy(negative_ids),
-        "negative_hidden": torch.from_numpy(hidden.reshape(len(layers), b, k, width, hidden.shape[-1])),
+        "negative_hidden": hidden.view(len(layers), b, k, width, hidden.shape[-1]),
         "negative_mask": torch.from_numpy((np.arange(width)[None, None, :] < lengths[:, :, None]).astype(np.int64)),
     }
 
@@ -149,14 +153,26 @@ def _pad_tokens(rows: list[np.ndarray], width: int) -> np.ndarray:
     return out
 
 
-def _pad_hidden(per_layer: list[list[np.ndarray]], width: int) -> np.ndarray:
+def _pad_hidden(per_layer: list[list[np.ndarray]], width: int) -> torch.Tensor:
     """N_layers lists of n arrays (len_i, D) -> (N_layers, n, width, D), zeros after each row's tokens."""
     first = per_layer[0][0]
-    out = np.zeros((len(per_layer), len(per_layer[0]), width, first.shape[1]), dtype=first.dtype)
+    out = _zeros((len(per_layer), len(per_layer[0]), width, first.shape[1]), first.dtype)
+    values = out.numpy()  # a view: numpy slice assignment is the cheapest copy here
     for layer, rows in enumerate(per_layer):
         for i, row in enumerate(rows):
-            out[layer, i, : len(row)] = row
+            values[layer, i, : len(row)] = row
     return out
+
+
+def _zeros(shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
+    """Zeros; in a DataLoader worker they sit in shared memory from the start, so handing the batch
+    to the main process copies nothing (default_collate does the same for its outputs)."""
+    torch_dtype = torch.from_numpy(np.empty(0, dtype)).dtype
+    if get_worker_info() is None:
+        return torch.zeros(shape, dtype=torch_dtype)
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    storage = torch.UntypedStorage._new_shared(nbytes)
+    return torch.empty(0, dtype=torch_dtype).set_(storage).view(shape).zero_()
 
 
 # --------------------------------------------------------------------------- order

@@ -46,7 +46,7 @@ class RunDir:
         object.__setattr__(self, "checkpoint_dir", self.output_dir / CHECKPOINT_DIR)
 
 
-def _comparable(config: TrainConfig) -> dict[str, Any]:
+def comparable_settings(config: TrainConfig) -> dict[str, Any]:
     raw = {k: v for k, v in asdict(config).items() if k not in _RUN_ONLY}
     return json.loads(json.dumps(raw, default=str))
 
@@ -60,7 +60,7 @@ def prepare_run_dir(config: TrainConfig) -> RunDir:
         if not has_state:
             raise LrcError(f"--resume: no checkpoint in {out}; start the run without --resume (add --overwrite to replace the dir)")
         previous = json.loads(saved.read_text())
-        current = _comparable(config)
+        current = comparable_settings(config)
         changed = sorted(k for k in current.keys() | previous.keys() if current.get(k) != previous.get(k))
         if changed:
             raise LrcError(f"--resume: the checkpoint in {out} was made with other settings (differs in: "
@@ -73,7 +73,7 @@ def prepare_run_dir(config: TrainConfig) -> RunDir:
             raise LrcError(f"output dir {out} holds a training run: pass --resume to continue it or --overwrite to start over")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(_comparable(config), indent=2, sort_keys=True) + "\n")
+    saved.write_text(json.dumps(comparable_settings(config), indent=2, sort_keys=True) + "\n")
     return run
 
 
@@ -166,6 +166,6 @@ class MetricsLog:
 def finished_summary(config: TrainConfig) -> dict[str, Any] | None:
     """The summary of a finished run in config.output_dir made with the same settings, else None."""
     saved, summary = config.output_dir / RUN_CONFIG, config.output_dir / SUMMARY
-    if saved.is_file() and summary.is_file() and json.loads(saved.read_text()) == _comparable(config):
+    if saved.is_file() and summary.is_file() and json.loads(saved.read_text()) == comparable_settings(config):
         return json.loads(summary.read_text())
     return None

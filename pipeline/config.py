@@ -337,6 +337,8 @@ class DemoConfig:
 
 def load_config_file(path: Path) -> dict[str, Any]:
     """A TOML or YAML mapping of option names to values (dashes or underscores)."""
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise LrcError(f"config file {path} must end in .toml, .yaml or .yml")
     if not path.is_file():
         raise LrcError(f"config file {path} does not exist")
     if path.suffix == ".toml":
@@ -349,8 +351,6 @@ def load_config_file(path: Path) -> dict[str, Any]:
         except ImportError:
             raise LrcError(f"reading {path} needs pyyaml: `pip install pyyaml`, or write the file as TOML") from None
         parse = yaml.safe_load
-    else:
-        raise LrcError(f"config file {path} must end in .toml, .yaml or .yml")
     try:
         data = parse(path.read_text()) or {}
     except Exception as err:  # tomllib.TOMLDecodeError, yaml.YAMLError: one line, not a traceback

@@ -34,7 +34,14 @@ _QUERY_BLOCK = 8192  # queries per FAISS call: bounds the (block, k) result arra
 _EXACT_BLOCK = 64  # queries per numpy brute-force block: (64, N) float32 scores stay ~100 MB at N = 400k
 _HNSW_M = 32  # graph degree: recall >= 0.99 on clustered 768-d data at efSearch 128 (DESIGN §6)
 _HNSW_EF_SEARCH = 128
-_IVF_NPROBE = 16
+# IVF: ~2 sqrt(n) lists, k-means on 64 points per list for 10 iterations, 8 lists probed. Measured on
+# 100k clustered rows (docs/PERFORMANCE.md): recall@16 1.000 at a third of HNSW's CPU time; more lists
+# make k-means dearer than the scans they save, fewer make the scans dearer.
+_IVF_LISTS_PER_SQRT_N = 2
+_IVF_TRAIN_PER_LIST = 64
+_IVF_NITER = 10
+_IVF_NPROBE = 8
+_RECALL_WARN = 0.95
 _WIDEN = 4  # a filtered top list that came back short is searched again this many times wider
 _MAX_WIDENINGS = 2  # ... and after that brute-forced, so approximate misses never lose qualifying rows
 
@@ -69,10 +76,11 @@ def normalise(vectors: np.ndarray) -> np.ndarray:
 
 
 def resolve_index(index: str, num_rows: int, exact_max_rows: int) -> str:
-    """`auto` -> exact search for small caches, HNSW above (faster than IVF here at recall >= 0.99)."""
+    """`auto` -> exact search for small caches, IVF above (faster than HNSW on 2 cores at recall@16 >= 0.99,
+    and its build is reproducible with all threads, where HNSW's must run on one)."""
     if index != "auto":
         return index
-    return "flat" if num_rows <= exact_max_rows else "hnsw"
+    return "flat" if num_rows <= exact_max_rows else "ivf"
 
 
 def find_candidates(
@@ -175,11 +183,11 @@ def _build_index(kind: str, x_db: np.ndarray, seed: int) -> faiss.Index:
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, _HNSW_M, faiss.METRIC_INNER_PRODUCT)
     else:
-        # ~4 sqrt(n) lists, but >= 39 training points per list (FAISS's floor for stable k-means)
-        nlist = int(max(1, min(4 * np.sqrt(len(x_db)), len(x_db) // 39)))
+        # >= 39 training points per list: FAISS's floor for a stable k-means
+        nlist = int(max(1, min(_IVF_LISTS_PER_SQRT_N * np.sqrt(len(x_db)), len(x_db) // 39)))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = seed
-        sample = np.random.default_rng(seed).permutation(len(x_db))[: 64 * nlist]
+        index.cp.seed, index.cp.niter = seed, _IVF_NITER
+        sample = np.random.default_rng(seed).permutation(len(x_db))[: _IVF_TRAIN_PER_LIST * nlist]
         index.train(x_db[np.sort(sample)])
         index.nprobe = min(nlist, _IVF_NPROBE)
     threads = faiss.omp_get_max_threads()
@@ -262,6 +270,9 @@ def _recall(x: np.ndarray, rows: _Rows, pool: np.ndarray, m: int, config: Negati
               "recall_queries": len(sample)}
     logger.info("recall vs exact search on %d anchors: @%d %.4f, @%d %.4f (%.1f s)", len(sample), m,
                 result["recall_at_m"], want, result["recall_at_pool"], time.perf_counter() - start)
+    if result["recall_at_m"] < _RECALL_WARN:
+        logger.warning("approximate index recall@%d is %.3f: pass --index flat for exact search (slower)", m,
+                       result["recall_at_m"])
     return result
 
 

@@ -97,9 +97,11 @@ def plot_losses(steps: list[dict[str, Any]], task: str, path: Path) -> Any:
     x = [r["step"] for r in steps]
     for name in loss_names(steps):
         points = [(r["step"], r[name]) for r in steps if name in r]
-        axes.plot([p[0] for p in points], [p[1] for p in points], label=name, linewidth=1.2)
+        axes.plot([p[0] for p in points], [p[1] for p in points], label=name, linewidth=1.2,
+                  marker="o" if len(points) <= 30 else None, markersize=3)  # a short run still shows
     if steps:
-        axes.plot(x, [r["loss"] for r in steps], label="loss (weighted total)", color="black", linewidth=1.8)
+        axes.plot(x, [r["loss"] for r in steps], label="loss (weighted total)", color="black", linewidth=1.8,
+                  marker="o" if len(x) <= 30 else None, markersize=3)
         values = [r[k] for r in steps for k in (*loss_names(steps), "loss") if k in r]
         # Terms differ by orders of magnitude (COS-NCE ~ 4 per layer, a converged soft loss ~ 1e-3).
         if min(values) > 0 and max(values) / min(values) > 100:

@@ -6,15 +6,19 @@ Only `train_student` is called, so the teacher is never loaded: a sweep costs st
 
 Resuming: a point whose run dir already holds a finished run with the same settings is reused, an
 unfinished one resumes from its checkpoint, so rerunning a killed sweep continues where it stopped.
-`results.csv` and `results.md` are rewritten after every point, so partial results survive a kill.
+A finished run with other settings (or a re-extracted cache) is reported as a failed point unless the
+base config has `overwrite`, which retrains every point. A failing point (LrcError, out of memory) is
+recorded with its message and the sweep goes on; a rerun tries it again. `results.csv` and
+`results.md` are rewritten after every point (pending points included), so partial results survive.
 
-Spreading a sweep over several machines: give each machine the same cache (at the same path, or
-the same cache copied) and the same grid, and run machine I of N with `--shard I/N` (it trains the
-points with index % N == I and writes `results-shard-I-of-N.csv/.md`, so shards sharing a disk do not
-overwrite each other's tables). To assemble: put every `run-*` dir into one output dir (a shared disk
-already does; else copy them over) and rerun the sweep without `--shard`: every finished point is
-reused, not retrained, and `results.csv` then covers the whole grid. (Concatenating the shards'
-CSVs, minus repeated headers, gives the same rows.)
+Spreading a sweep over several machines: give each machine the same cache (a copy is fine; the same
+path on each is simplest) with its negatives file, and the same grid and settings, and run machine I
+of N with `--shard I/N`: it trains the points with index % N == I and writes
+`results-shard-I-of-N.csv/.md` (so shards sharing a disk do not overwrite each other's tables).
+To assemble: put every finished `run-*` dir into one output dir (a shared disk already does; else
+copy them over) and rerun the sweep there without `--shard`: finished points are recognised by their
+settings and the cache fingerprint and reused, not retrained, and `results.csv` then covers the
+whole grid. (Concatenating the shards' CSVs, minus repeated headers, gives the same rows.)
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.cache import open_cache
-from pipeline.config import SweepConfig, TrainConfig
+from pipeline.config import SweepConfig, TrainConfig, load_config_file
 from pipeline.errors import LrcError
 from pipeline.tasks import get_task
 from pipeline.train import train_student
@@ -104,7 +108,8 @@ def _key(raw: str, known: dict[str, Any]) -> str:
     key = raw.strip().lower().replace("-", "_")
     key = _ALIASES.get(key, key)
     if key in FIXED_KEYS:
-        raise LrcError(f"a sweep cannot vary {key!r}: it is the same for every point; set it on the sweep command itself")
+        raise LrcError(f"a sweep cannot vary {key!r}: it is the same for every point; "
+                       "set it on the sweep command itself")
     if key not in known:
         raise LrcError(f"unknown sweep key {raw!r}: use a train-student setting, one of {', '.join(known)}")
     return key
@@ -128,44 +133,9 @@ def _values(key: str, raw: Any, kind: Any) -> tuple[Any, ...]:
     return tuple(values)
 
 
-def _load_toml(text: str, path: Path) -> Any:
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ImportError:
-            raise LrcError(f"reading {path} needs Python >= 3.11 or `pip install tomli`") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise LrcError(f"grid file {path} is not valid TOML ({err}): fix it") from None
-
-
-def _load_yaml(text: str, path: Path) -> Any:
-    try:
-        import yaml
-    except ImportError:
-        raise LrcError(f"reading the YAML grid {path} needs pyyaml: `pip install pyyaml`, or write the grid as TOML") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise LrcError(f"grid file {path} is not valid YAML ({' '.join(str(err).split())}): fix it") from None
-
-
 def read_grid_file(path: Path) -> dict[str, Any]:
     """The raw key -> values mapping of a .toml, .yaml or .yml grid file, in file order."""
-    loaders = {".toml": _load_toml, ".yaml": _load_yaml, ".yml": _load_yaml}
-    if path.suffix.lower() not in loaders:
-        raise LrcError(f"grid file {path} must end in .toml, .yaml or .yml: rename it")
-    if not path.is_file():
-        raise LrcError(f"grid file {path} not found: check the --grid path")
-    data = loaders[path.suffix.lower()](path.read_text(encoding="utf-8"), path)
-    if data is None:  # an empty YAML file
-        return {}
-    if not isinstance(data, dict):
-        raise LrcError(f"grid file {path} must map each setting to a list of values (e.g. learning_rate = [1e-4, 3e-4])")
-    return {str(k): v for k, v in data.items()}
+    return load_config_file(path)
 
 
 def _parse_set(text: str) -> tuple[str, list[str]]:
@@ -224,10 +194,19 @@ def run_name(index: int, point: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- running the points
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """`--shard I/N` -> (I, N); SweepConfig checks 0 <= I < N."""
+    index, _, count = text.partition("/")
+    try:
+        return int(index), int(count)
+    except ValueError:
+        raise LrcError(f"--shard {text!r} is not I/N: write e.g. --shard 0/4 for the first of 4 machines") from None
+
+
 def _settings(saved: dict[str, Any]) -> dict[str, Any]:
-    """Settings that make two runs the same run, minus where the run dir lives: a run dir copied in
-    from another machine's output dir is still recognised."""
-    return {k: v for k, v in saved.items() if k != "output_dir"}
+    """Settings that make two runs the same run, minus where the run dir and the cache live, so a run
+    dir copied in from another machine is recognised (the cache is compared by its fingerprint)."""
+    return {k: v for k, v in saved.items() if k not in ("output_dir", "cache_dir")}
 
 
 def _previous(config: TrainConfig, fingerprint: str) -> tuple[str, list[str], dict[str, Any] | None]:
@@ -238,7 +217,7 @@ def _previous(config: TrainConfig, fingerprint: str) -> tuple[str, list[str], di
     if not (out / checkpoint.RUN_CONFIG).is_file():
         return "foreign", [], None  # train_student refuses it with its own message
     saved = _settings(json.loads((out / checkpoint.RUN_CONFIG).read_text()))
-    current = _settings(checkpoint._comparable(config))
+    current = _settings(checkpoint.comparable_settings(config))
     changed = sorted(k for k in current.keys() | saved.keys() if current.get(k) != saved.get(k))
     if not (out / checkpoint.SUMMARY).is_file():
         return "unfinished", changed, None
@@ -254,7 +233,8 @@ def _train_or_reuse(config: TrainConfig, fingerprint: str, overwrite: bool) -> t
     if state == "finished" and not overwrite:
         if changed:
             raise LrcError(f"{config.output_dir} holds a finished run with other settings (differs in: "
-                           f"{', '.join(changed)}): rerun the sweep with --overwrite to retrain it, or use a new --output-dir")
+                           f"{', '.join(changed)}): rerun the sweep with --overwrite to retrain it, "
+                           "or use a new --output-dir")
         return summary, "reused"
     has_checkpoint = (config.output_dir / checkpoint.CHECKPOINT_DIR / checkpoint.STATE_FILE).is_file()
     resume = state == "unfinished" and not changed and has_checkpoint and not overwrite
@@ -321,12 +301,13 @@ def write_results(output_dir: Path, stem: str, keys: list[str], metric: str, row
     best = max((r["dev"] for r in rows if r["dev"] is not None), default=None)
     counts = ", ".join(f"{sum(r['status'] == s for r in rows)} {s}" for s in ("done", "reused", "failed", "pending"))
     lines = [f"# {title}", "", f"Points: {counts}. Full precision in `{stem}.csv`.", "",
-             "| " + " | ".join(["run", *keys, f"dev {metric}", "% of teacher", "best step", "train s", "status"]) + " |",
+             "| " + " | ".join(["run", *keys, f"dev {metric}", "% of teacher", "best step", "train s", "status"])
+             + " |",
              "|" + "---|" * (len(keys) + 6)]
     for r in rows:
         dev = _cell(r["dev"])
         status = f"{r['status']}: {r['message']}" if r["message"] else r["status"]
-        cells = [r["run"], *(format_value(r["point"][k]) for k in keys), f"**{dev}**" if r["dev"] == best else dev,
+        cells = [r["run"], *(format_value(r["point"][k]) for k in keys), f"**{dev}**" if dev and r["dev"] == best else dev,
                  "" if r["percent_of_teacher"] is None else f"{r['percent_of_teacher']:.1f}",
                  _cell(r["best_step"]), "" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}", status]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")

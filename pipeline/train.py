@@ -21,6 +21,7 @@ from pipeline.config import TrainConfig
 from pipeline.errors import LrcError
 from pipeline.metrics import compute_metrics
 from pipeline.negatives import NegativeSampler
+from pipeline.report import write_report
 from pipeline.runtime import autocast, pick_device, predict_logits, seed_everything
 from pipeline.student import Projections, build_student, student_config
 from pipeline.tasks import get_task
@@ -224,9 +225,13 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
     logger = checkpoint.MetricsLog(run, keep_until=state.step if config.resume else None)
     log.info("training %d steps (%d per epoch), layer map %s, teacher dev %s", total_steps, len(batches), mapping, teacher_dev)
 
+    evaluated_at = -1
+
     def evaluate_and_keep_best() -> None:
-        if dev is None:
+        nonlocal evaluated_at
+        if dev is None or evaluated_at == state.step:  # e.g. eval_every landing on the last step
             return
+        evaluated_at = state.step
         metrics = evaluate(student, dev, task, config, device, pad_id)
         logger.write({"step": state.step, "epoch": state.epoch, "eval": metrics})
         if state.best is None or metrics[task.main_metric] > state.best[task.main_metric]:
@@ -294,5 +299,6 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
         "cache_fingerprint": cache.fingerprint, "config": json.loads(json.dumps(config.__dict__, default=str)),
     }
     checkpoint.write_summary(run, summary)
+    write_report(run.output_dir)
     log.info("student written to %s: best dev %s", run.output_dir, state.best)
     return summary

@@ -97,7 +97,12 @@ def test_negatives_are_the_sampled_rows_hidden_states(tiny_cache: Path, train_sp
     batch = collate(dataset.__getitems__(rows))
     expected_ids = StandInNegatives(200).sample(np.array(rows), epoch=3)
     assert batch["negative_ids"].tolist() == expected_ids.tolist()
-    neg_lengths = [[len(train_split.example(int(n))["input_ids"]) for n in ids] for ids in expected_ids]
+    # Each negative is cut to its anchor's length: COS-NCE uses the shared positions only.
+    anchor_lengths = [len(train_split.example(r)["input_ids"]) for r in rows]
+    neg_lengths = [[min(len(train_split.example(int(n))["input_ids"]), a) for n in ids]
+                   for ids, a in zip(expected_ids, anchor_lengths)]
+    assert any(len(train_split.example(int(n))["input_ids"]) > a for ids, a in zip(expected_ids, anchor_lengths)
+               for n in ids)  # the cut happens in this batch
     width = max(max(x) for x in neg_lengths)
     assert batch["negative_hidden"].shape == (2, 4, K, width, 32)
     assert batch["negative_hidden"].dtype == torch.float16
@@ -107,7 +112,7 @@ def test_negatives_are_the_sampled_rows_hidden_states(tiny_cache: Path, train_sp
             want, n = train_split.example(int(neg)), neg_lengths[i][k]
             assert batch["negative_mask"][i, k].tolist() == [1] * n + [0] * (width - n)
             for l, layer in enumerate([2, 4]):
-                np.testing.assert_array_equal(batch["negative_hidden"][l, i, k, :n].numpy(), want["hidden"][layer])
+                np.testing.assert_array_equal(batch["negative_hidden"][l, i, k, :n].numpy(), want["hidden"][layer][:n])
                 assert not batch["negative_hidden"][l, i, k, n:].any()
     # A row's negatives depend on the epoch, not on the batch it sits in.
     alone = collate([dataset[70]])

@@ -20,6 +20,15 @@ from pipeline.errors import LrcError
 from pipeline.extract import extract_teacher
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core box two threads oversubscribe and run several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def sst2_lines(glue_dir: Path, split: str, start: int, count: int) -> list[str]:
     lines = (glue_dir / "SST-2" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()
     return lines[1 + start : 1 + start + count]
@@ -90,15 +99,11 @@ def test_killed_extraction_resumes_to_the_same_bytes(tmp_path: Path, tiny_teache
     assert {k: after[k] for k in survivors} == survivors  # complete shards were kept, not redone
     assert not list((killed / "shards").glob(".*"))  # the killed writer's temp file is gone
 
-    # The uninterrupted run, in this process (no second start-up cost), on one thread like the CLI runs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        data = DataConfig(task="sst2", train_file=train, dev_file=dev)
-        b = extract_teacher(ExtractConfig(teacher=tiny_teacher, data=data, output_dir=full, student_layers=2,
-                                          shard_rows=64, batch_size=4, device="cpu"))
-    finally:
-        torch.set_num_threads(threads)
+    # The uninterrupted run, in this process (no second start-up cost), on one thread like the CLI runs above.
+    assert torch.get_num_threads() == 1
+    data = DataConfig(task="sst2", train_file=train, dev_file=dev)
+    b = extract_teacher(ExtractConfig(teacher=tiny_teacher, data=data, output_dir=full, student_layers=2,
+                                      shard_rows=64, batch_size=4, device="cpu"))
     a = json.loads((killed / "manifest.json").read_text())
     assert shard_list(a) == shard_list(b)
     assert a["fingerprint"] == b["fingerprint"]

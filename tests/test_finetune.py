@@ -17,6 +17,15 @@ from pipeline.extract import extract_teacher
 from pipeline.finetune import TEACHER_INFO, finetune_teacher
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core box two threads oversubscribe and run several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def write_rows(path: Path, header: list[str], rows: list[list[str]]) -> Path:
     path.write_text("\n".join("\t".join(r) for r in [header, *rows]) + "\n", encoding="utf-8")
     return path
@@ -99,6 +108,21 @@ def test_sst2_teacher_is_loadable_and_records_its_dev_metric(tmp_path: Path, pla
     assert not torch.equal(before[key], after["bert." + key if not key.startswith("bert.") else key])
 
 
+def test_training_learns_and_keeps_the_best_epoch(tmp_path: Path, plain_backbone: Path, glue_dir: Path) -> None:
+    """Dev = train: a working loop (inputs aligned with their labels) memorises 128 real rows."""
+    rows = glue_rows(glue_dir / "SST-2" / "train.tsv", ["sentence", "label"], 128)
+    train = write_rows(tmp_path / "train.tsv", ["sentence", "label"], rows)
+    out = tmp_path / "teacher"
+    info = finetune_teacher(FinetuneConfig(
+        data=DataConfig(task="sst2", train_file=train, dev_file=train), output_dir=out, backbone=str(plain_backbone),
+        max_length=64, epochs=10.0, batch_size=16, learning_rate=2e-3, device="cpu",
+    ))
+    assert info["dev_metrics"]["accuracy"] >= 0.95 and 1 <= info["dev_metrics"]["epoch"] <= 10
+    logits = predict_one_by_one(out, [(s,) for s, _ in rows], max_length=64)
+    mine = float(np.mean(logits.argmax(1) == np.array([int(y) for _, y in rows])))
+    assert abs(info["dev_metrics"]["accuracy"] - mine) <= 1 / 128 + 1e-9  # the saved model is the best epoch's
+
+
 def test_rerun_reuses_other_settings_refuse_overwrite_replaces(tmp_path: Path, plain_backbone: Path, glue_dir: Path,
                                                               sst2_dev: Path) -> None:
     out = tmp_path / "teacher"
@@ -164,7 +188,7 @@ def test_stsb_teacher_is_a_regression_head(tmp_path: Path, plain_backbone: Path,
 
 @pytest.mark.integration
 def test_minilm_teacher_then_cache_size_rule(tmp_path: Path, minilm_dir: Path, glue_dir: Path) -> None:
-    rows = glue_rows(glue_dir / "SST-2" / "dev.tsv", ["sentence", "label"], 200)
+    rows = glue_rows(glue_dir / "SST-2" / "dev.tsv", ["sentence", "label"], 128)
     dev = write_rows(tmp_path / "dev.tsv", ["sentence", "label"], rows)
     teacher = tmp_path / "teacher"
     info = finetune_teacher(FinetuneConfig(
@@ -172,7 +196,7 @@ def test_minilm_teacher_then_cache_size_rule(tmp_path: Path, minilm_dir: Path, g
         output_dir=teacher, backbone=str(minilm_dir), max_length=64, epochs=1.0, batch_size=32, device="cpu",
     ))
     accuracy = info["dev_metrics"]["accuracy"]
-    assert info["dev_examples"] == 200 and info["train_examples"] == 256
+    assert info["dev_examples"] == 128 and info["train_examples"] == 256 and 0.0 <= accuracy <= 1.0
 
     out = tmp_path / "cache"
     manifest = extract_teacher(ExtractConfig(
@@ -186,8 +210,8 @@ def test_minilm_teacher_then_cache_size_rule(tmp_path: Path, minilm_dir: Path, g
     # The teacher's recorded dev accuracy is what its cached dev logits give.
     dev_split = c.split("dev")
     cached = float(np.mean(dev_split.logits().argmax(1) == dev_split.labels()))
-    assert abs(cached - accuracy) <= 1 / 200 + 1e-9
-    assert accuracy > 0.6, f"MiniLM after 8 steps should beat chance on SST-2 dev, got {accuracy}"
+    # (8 steps do not lift MiniLM above chance: its [CLS] barely differs between sentences, DESIGN §3.)
+    assert abs(cached - accuracy) <= 1 / 128 + 1e-9
 
     # Size rule: bytes per example <= 1.05 x tokens x stored layers x d' x 2 (no padding, fp16).
     train = manifest["splits"]["train"]
