@@ -286,7 +286,7 @@ def run_shard(
             real = mask.bool()  # (B, L); padding is on the right, so real tokens come out in row order
             dest = _token_destinations(offsets[rows], lengths[rows])
             for j in layers:
-                hidden[j][dest] = output.hidden_states[j - 1][real].to(tdtype).cpu().numpy()  # (T, d')
+                hidden[j][dest] = output.hidden_states[j][real].to(tdtype).cpu().numpy()  # (T, d')
             top = output.hidden_states[last].float() * real.unsqueeze(-1)  # (B, L, d')
             pooled[rows] = (top.sum(1) / real.sum(1, keepdim=True)).cpu().numpy().astype(dtype)  # (B, d')
         bar.update(len(rows))
