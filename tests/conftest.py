@@ -10,6 +10,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One intra-op thread: the tests' models are tiny, and on 2 cores two threads that share them with
+    other processes oversubscribe and run several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _glue_root() -> Path:
     env = os.environ.get("LRC_DATA_DIR")
     return Path(env) if env else REPO.parent / "shared" / "glue_data"

@@ -20,15 +20,6 @@ COMMANDS = ["finetune-teacher", "extract-teacher", "inspect-cache", "build-negat
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core box two threads oversubscribe and run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def lrc(*args: str):
     return runner.invoke(app, list(args))
 

@@ -20,15 +20,6 @@ from pipeline.errors import LrcError
 from pipeline.extract import extract_teacher
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core box two threads oversubscribe and run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def sst2_lines(glue_dir: Path, split: str, start: int, count: int) -> list[str]:
     lines = (glue_dir / "SST-2" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()
     return lines[1 + start : 1 + start + count]

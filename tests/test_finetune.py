@@ -17,15 +17,6 @@ from pipeline.extract import extract_teacher
 from pipeline.finetune import TEACHER_INFO, finetune_teacher
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core box two threads oversubscribe and run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_rows(path: Path, header: list[str], rows: list[list[str]]) -> Path:
     path.write_text("\n".join("\t".join(r) for r in [header, *rows]) + "\n", encoding="utf-8")
     return path

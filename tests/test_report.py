@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipeline.config import NegativesConfig, TrainConfig
 from pipeline.errors import LrcError
@@ -18,14 +17,6 @@ from pipeline.report import (
 from pipeline.train import train_student
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores: one thread is faster than two fighting
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
