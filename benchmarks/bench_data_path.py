@@ -5,11 +5,11 @@ runs 18-32 samples/s on these 2 cores)? Measured on a cache of real SST-2 train 
 BERT-shaped teacher (default 4 x 768, all four layers stored, fp16: the bytes of a BERT-base teacher
 and a 4-layer student), with `random` negatives (K=4, so each batch gathers 16 + 64 rows).
 
-Variants, alternated (A, B, A, B...) between GEMM probes:
-  cold   the shard files are dropped from the page cache first (posix_fadvise DONTNEED, these files only)
-  warm   the same epoch again, shards in the page cache
-  cold-readahead  cold, but shards mapped without MADV_RANDOM (pyarrow's default mapping), workers 0
-  example  the reference reader `CacheSplit.example` (Arrow scalars), warm, anchors and negatives, no padding
+Variants, alternated (A, B, C, A, B, C...) between GEMM probes, each with a fresh dataset (fresh mappings):
+  cold     the shard files are dropped from the page cache first (posix_fadvise DONTNEED, these files only),
+           mapped with read-ahead (the library's default for a split under half the RAM) or MADV_RANDOM
+  warm     shards in the page cache
+  gather   locating the rows alone (no copy, no padding): the library's RowReader against `CacheSplit.example`
 
     /work/venv/bin/python benchmarks/bench_data_path.py                      # builds a 5000-row cache
     /work/venv/bin/python benchmarks/bench_data_path.py --cache DIR --negatives FILE
@@ -18,6 +18,7 @@ Variants, alternated (A, B, A, B...) between GEMM probes:
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import tempfile
@@ -27,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import cache as cache_module
+from pipeline import batches
 from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader
-from pipeline.cache import open_cache
+from pipeline.cache import RowReader, open_cache
 from pipeline.negatives import NegativeSampler
 
 BATCH, K = 16, 4
@@ -74,45 +75,44 @@ def drop_from_page_cache(cache_dir: Path) -> None:
             os.close(fd)
 
 
-def loader_epoch(cache_dir: Path, negatives: Path, workers: int, cold: bool, epoch: int) -> float:
+def loader_epoch(cache_dir: Path, negatives: Path, workers: int, cold: bool, epoch: int,
+                 random_access: bool | None = None) -> float:
     """Anchor rows/s over one epoch of the library loader (padding and collation included)."""
-    fingerprint = open_cache(cache_dir).fingerprint
-    layers = open_cache(cache_dir).layers
-    dataset = CacheDataset(cache_dir, "train", layers, NegativeSampler(negatives, K, seed=0,
-                                                                        expected_fingerprint=fingerprint))
+    cache = open_cache(cache_dir)
+    negative_sampler = NegativeSampler(negatives, K, seed=0, expected_fingerprint=cache.fingerprint)
+    dataset = CacheDataset(cache_dir, "train", cache.layers, negative_sampler)
     sampler = EpochBatchSampler(len(dataset), BATCH, seed=0)
     dataset.set_epoch(epoch)
     sampler.set_epoch(epoch)
     if cold:
         drop_from_page_cache(cache_dir)
-    start, rows = time.perf_counter(), 0
-    for batch in make_loader(dataset, sampler, workers, seed=epoch):
-        rows += len(batch["row_ids"])
-    return rows / (time.perf_counter() - start)
-
-
-def readahead_epoch(cache_dir: Path, negatives: Path, epoch: int) -> float:
-    """Cold, workers 0, with the shards mapped the default way (kernel read-ahead on)."""
-    original = cache_module._open_table
-    cache_module._open_table = lambda path, random_access=False: original(path, False)
+    # random_access None keeps the library's choice (read-ahead unless the split exceeds half the RAM).
+    original = batches.RowReader
+    batches.RowReader = functools.partial(original, random_access=random_access)  # type: ignore[misc]
     try:
-        return loader_epoch(cache_dir, negatives, 0, True, epoch)
+        start, rows = time.perf_counter(), 0
+        for batch in make_loader(dataset, sampler, workers, seed=epoch):
+            rows += len(batch["row_ids"])
+        return rows / (time.perf_counter() - start)
     finally:
-        cache_module._open_table = original
+        batches.RowReader = original  # type: ignore[misc]
 
 
-def example_rows(cache_dir: Path, negatives: Path, batches: int = 20) -> float:
-    """Anchor rows/s through `CacheSplit.example` for anchor and negatives (no padding): the slow reference."""
-    split = open_cache(cache_dir).split("train")
-    sampler = NegativeSampler(negatives, K, seed=0)
-    order = np.random.default_rng(0).permutation(split.num_rows)[: batches * BATCH]
-    start = time.perf_counter()
-    for b in range(batches):
+def gather_rows(cache_dir: Path, negatives: Path, reference: bool, batches_: int = 40) -> float:
+    """Anchor rows/s of locating rows alone (anchor + K negatives, every stored layer, no copy or
+    padding), warm: the library's RowReader, or the reference reader `CacheSplit.example` (Arrow
+    scalars). Both hand out zero-copy views; one value per block is read to be sure they resolve."""
+    cache = open_cache(cache_dir)
+    split, sampler = cache.split("train"), NegativeSampler(negatives, K, seed=0)
+    reader = RowReader(cache_dir, cache.manifest["splits"]["train"], cache.layers)
+    read = (lambda r: split.example(r)["hidden"]) if reference else (lambda r: reader.example(r)["hidden"])
+    order = np.random.default_rng(0).permutation(split.num_rows)[: batches_ * BATCH]
+    start, total = time.perf_counter(), 0.0
+    for b in range(batches_):
         rows = order[b * BATCH : (b + 1) * BATCH]
         for row, negs in zip(rows, sampler.sample(rows, 0)):
-            split.example(int(row))
-            for n in negs:
-                split.example(int(n))
+            for r in (row, *negs):
+                total += sum(float(h[-1, -1]) for h in read(int(r)).values())
     return len(order) / (time.perf_counter() - start)
 
 
@@ -138,14 +138,20 @@ def main() -> None:
         train = info["splits"]["train"]
         print(f"cache: {train['rows']} train rows, layers {info['layers']} x {info['hidden_size']} "
               f"{info['hidden_dtype']}, {train['bytes'] / train['rows'] / 1e3:.1f} KB/row, {train['bytes'] / 1e6:.0f} MB")
+        variants = {  # name: (workers, cold, random_access)
+            "cold, read-ahead (library default here), workers 0": (0, True, None),
+            "cold, MADV_RANDOM, workers 0": (0, True, True),
+            "cold, read-ahead, workers 2": (2, True, None),
+            "warm, workers 0": (0, False, None),
+            "warm, workers 2": (2, False, None),
+        }
         results: dict[str, list[float]] = {}
         for repeat in range(args.repeats):
-            for workers in (0, 2):
-                for cold in (True, False):
-                    name = f"{'cold' if cold else 'warm'}, workers {workers}"
-                    results.setdefault(name, []).append(loader_epoch(cache_dir, negatives, workers, cold, repeat))
-            results.setdefault("cold-readahead, workers 0", []).append(readahead_epoch(cache_dir, negatives, repeat))
-            results.setdefault("example (reference reader), warm", []).append(example_rows(cache_dir, negatives))
+            for name, (workers, cold, random_access) in variants.items():
+                rate = loader_epoch(cache_dir, negatives, workers, cold, repeat, random_access)
+                results.setdefault(name, []).append(rate)
+            results.setdefault("gather only: RowReader, warm", []).append(gather_rows(cache_dir, negatives, False))
+            results.setdefault("gather only: CacheSplit.example, warm", []).append(gather_rows(cache_dir, negatives, True))
         print(f"GEMM probe after: {gemm_probe():.0f} GFLOP/s fp32")
         print(f"\n| variant (batch {BATCH}, K={K}) | anchor rows/s per repeat | best |\n|---|---|---|")
         for name, values in results.items():

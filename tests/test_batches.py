@@ -49,9 +49,11 @@ def _assert_batches_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
 # --------------------------------------------------------------------------- rows and padding
 
 
-def test_row_reader_matches_cache_example(tiny_cache: Path, train_split) -> None:
+@pytest.mark.parametrize("random_access", [True, False])  # MADV_RANDOM mapping and pyarrow's default one
+def test_row_reader_matches_cache_example(tiny_cache: Path, train_split, random_access: bool) -> None:
     info = open_cache(tiny_cache).manifest["splits"]["train"]
-    reader = RowReader(tiny_cache, info, [4])
+    reader = RowReader(tiny_cache, info, [4], random_access=random_access)
+    assert RowReader(tiny_cache, info, [4]).random_access is False  # a 0.4 MB split fits in any page cache
     for row in range(200):  # every row of all four shards, the short last one included
         want, got = train_split.example(row), reader.example(row)
         np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
@@ -119,6 +121,26 @@ def test_negatives_are_the_sampled_rows_hidden_states(tiny_cache: Path, train_sp
     assert alone["negative_ids"][0].tolist() == expected_ids[1].tolist()
     dataset.set_epoch(4)
     assert collate([dataset[70]])["negative_ids"][0].tolist() != expected_ids[1].tolist()
+
+
+def test_real_negative_sampler_feeds_the_dataset(tiny_cache: Path, train_split, tmp_path: Path) -> None:
+    from pipeline.config import NegativesConfig
+    from pipeline.negatives import NegativeSampler, build_negatives
+
+    path = build_negatives(NegativesConfig(cache_dir=tiny_cache, k=4, output=tmp_path / "neg.arrow", seed=1))
+    sampler = NegativeSampler(path, 4, seed=2, expected_fingerprint=open_cache(tiny_cache).fingerprint)
+    dataset = CacheDataset(tiny_cache, "train", [4], sampler)
+    dataset.set_epoch(1)
+    rows = [0, 100, 199]
+    batch = collate(dataset.__getitems__(rows))
+    ids = sampler.sample(np.array(rows), 1)
+    assert batch["negative_ids"].tolist() == ids.tolist()
+    for i, row in enumerate(rows):
+        n = len(train_split.example(row)["input_ids"])
+        for k, neg in enumerate(ids[i]):
+            want = train_split.example(int(neg))["hidden"][4][:n]
+            np.testing.assert_array_equal(batch["negative_hidden"][0, i, k, : len(want)].numpy(), want)
+            assert batch["negative_mask"][i, k].sum().item() == len(want)
 
 
 def test_layers_come_in_the_order_given(tiny_cache: Path, train_split) -> None:
