@@ -243,45 +243,47 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
     student.train()
     started, seen = time.perf_counter(), 0
     bar = tqdm(total=total_steps, initial=state.step, desc="train-student", unit="step", dynamic_ncols=True)
-    while state.step < total_steps:
-        dataset.set_epoch(state.epoch)
-        batches.set_epoch(state.epoch, skip_batches=state.batch_in_epoch)
-        for batch in make_loader(dataset, batches, config.num_workers, seed=config.seed + state.epoch):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            weights = loss_weights(state.step, total_steps, config)
-            try:
-                terms = train_step(model, batch, weights, config, regression, device)
-            except FloatingPointError as err:
-                raise LrcError(f"{err} at step {state.step} (epoch {state.epoch}): training stopped, the last good "
-                               f"checkpoint is in {run.checkpoint_dir}; lower --lr or use --precision fp32") from None
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            lr = scheduler.get_last_lr()[0]  # the rate this step uses (the log reports it, not the next one's)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.batch_in_epoch += 1
-            seen += len(batch["labels"])
-            bar.update(1)
+    try:
+        while state.step < total_steps:
+            dataset.set_epoch(state.epoch)
+            batches.set_epoch(state.epoch, skip_batches=state.batch_in_epoch)
+            for batch in make_loader(dataset, batches, config.num_workers, seed=config.seed + state.epoch):
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                weights = loss_weights(state.step, total_steps, config)
+                try:
+                    terms = train_step(model, batch, weights, config, regression, device)
+                except FloatingPointError as err:
+                    raise LrcError(f"{err} at step {state.step} (epoch {state.epoch}): training stopped, the last good "
+                                   f"checkpoint is in {run.checkpoint_dir}; lower --lr or use --precision fp32") from None
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                lr = scheduler.get_last_lr()[0]  # the rate this step uses (the log reports it, not the next one's)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.batch_in_epoch += 1
+                seen += len(batch["labels"])
+                bar.update(1)
 
-            # ---- logging, evaluation, checkpoints
-            if state.step % config.log_every == 0 or state.step == total_steps:
-                record = {k: round(float(v), 6) for k, v in terms.items()}
-                record |= {"step": state.step, "epoch": state.epoch, "stage": stage_at(state.step - 1, total_steps, config),
-                           "lr": lr, "samples_per_s": round(seen / (time.perf_counter() - started), 2)}
-                logger.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", stage=record["stage"])
-            if config.eval_every and state.step % config.eval_every == 0:
+                # ---- logging, evaluation, checkpoints
+                if state.step % config.log_every == 0 or state.step == total_steps:
+                    record = {k: round(float(v), 6) for k, v in terms.items()}
+                    record |= {"step": state.step, "epoch": state.epoch, "stage": stage_at(state.step - 1, total_steps, config),
+                               "lr": lr, "samples_per_s": round(seen / (time.perf_counter() - started), 2)}
+                    logger.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", stage=record["stage"])
+                if config.eval_every and state.step % config.eval_every == 0:
+                    evaluate_and_keep_best()
+                if state.step % config.checkpoint_every == 0:
+                    checkpoint.save(run, state, model.student, projections, optimizer, scheduler)
+                if state.step >= total_steps:
+                    break
+            else:  # the epoch ran to its end
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 evaluate_and_keep_best()
-            if state.step % config.checkpoint_every == 0:
                 checkpoint.save(run, state, model.student, projections, optimizer, scheduler)
-            if state.step >= total_steps:
-                break
-        else:  # the epoch ran to its end
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            evaluate_and_keep_best()
-            checkpoint.save(run, state, model.student, projections, optimizer, scheduler)
-    bar.close()
+    finally:  # an error must not leave a half-drawn progress line behind
+        bar.close()
     if state.batch_in_epoch:  # stopped mid-epoch by max_steps: evaluate the final weights too
         evaluate_and_keep_best()
         checkpoint.save(run, state, model.student, projections, optimizer, scheduler)

@@ -17,15 +17,6 @@ SST2 = {"name": "sst2", "labels": ["negative", "positive"], "num_labels": 2, "is
 STSB = {"name": "stsb", "labels": None, "num_labels": 1, "is_regression": True}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two cores shared with other workers: one intra-op thread is ~10x faster than two fighting.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()

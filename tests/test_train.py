@@ -4,7 +4,6 @@ resume after SIGKILL, and bad inputs. The integration test trains on a real GLUE
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import signal
@@ -14,12 +13,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from transformers import BertForSequenceClassification
 
 from conftest import REPO, make_tiny_teacher
-from pipeline import checkpoint, losses
+from pipeline import losses
 from pipeline.batches import CacheDataset, collate
 from pipeline.cache import open_cache
 from pipeline.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig
@@ -32,16 +31,6 @@ from pipeline.train import (
 )
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two cores shared with other workers: one intra-op thread is ~10x faster than two fighting, and the
-    # subprocesses below run with OMP_NUM_THREADS=1 so every run does the same float arithmetic.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +134,6 @@ def make_model(cache: Path, intermediate_loss: str = "cos_nce", seed: int = 0) -
     config = student_config(manifest["teacher"]["config"], 2, 16, 2, 32, manifest["task"])
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
     torch.manual_seed(seed)
-    from transformers import BertForSequenceClassification
-
     student = BertForSequenceClassification(config)
     projections = Projections(16, 32, 2) if intermediate_loss != "none" else None
     return Model(student, projections, [0, 1] if projections is not None else [])
@@ -432,6 +419,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(neg_cache: Path, uninter
     # kill lands after a checkpoint and well before the end whatever the machine's load.
     slow = ("import time, pipeline.train as t; step = t.train_step; "
             "t.train_step = lambda *a, **k: (time.sleep(0.2), step(*a, **k))[1]; from cli import app; app()")
+    # one thread, as conftest sets for this process: the same float arithmetic in every run compared here
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     proc = subprocess.Popen([sys.executable, "-c", slow, *cli_args(neg_cache, out, "--num-workers", str(workers))],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -563,24 +551,29 @@ def test_output_dir_holding_a_run(neg_cache: Path, tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_student_beats_the_majority_class_on_sst2(tmp_path: Path, minilm_dir: Path, glue_dir: Path) -> None:
+    """MiniLM teacher fine-tuned on 400 SST-2 rows -> cache -> negatives -> a 3 x 384 LRC-BERT student.
+
+    About 2.5 minutes on 2 busy cores. The student is 3 of the teacher's 6 layers (3, 5, 6), trained
+    one-stage: in a run this short the default two stages leave the classifier only ~10 steps.
+    """
     from pipeline.config import FinetuneConfig
     from pipeline.finetune import finetune_teacher
 
-    # teacher: MiniLM fine-tuned 1 epoch on 400 rows; student: 3 of its layers (3, 5, 6), 2 epochs of LRC-BERT
     started = time.perf_counter()
     data = DataConfig(task="sst2", data_dir=glue_dir, max_train_examples=400)
     finetune_teacher(FinetuneConfig(data=data, output_dir=tmp_path / "teacher", backbone=str(minilm_dir),
-                                    max_length=64, epochs=1, batch_size=16, learning_rate=1e-4, device="cpu"))
+                                    max_length=64, epochs=2, batch_size=16, learning_rate=2e-4, device="cpu"))
     extract_teacher(ExtractConfig(teacher=tmp_path / "teacher", data=data, output_dir=tmp_path / "cache",
                                   student_layers=4, max_length=64, device="cpu"))
     assert open_cache(tmp_path / "cache").layers == [2, 3, 5, 6]
     build_negatives(NegativesConfig(cache_dir=tmp_path / "cache", k=4))
     summary = train_student(TrainConfig(
         cache_dir=tmp_path / "cache", output_dir=tmp_path / "student", layers=3, layer_map=(3, 5, 6), hidden=384,
-        heads=12, intermediate=1536, init="teacher", k=4, epochs=2, batch_size=16, learning_rate=5e-5, num_workers=0,
-        device="cpu"))
+        heads=12, intermediate=1536, init="teacher", k=4, one_stage=True, epochs=2, batch_size=16,
+        learning_rate=1e-4, num_workers=0, device="cpu"))
     majority = 444 / 872  # SST-2 dev: 444 positive of 872
-    accuracy = summary["best"]["accuracy"]
-    print(f"integration: student dev accuracy {accuracy:.4f} (teacher {summary['teacher_dev']['accuracy']:.4f}, "
-          f"majority {majority:.4f}) in {time.perf_counter() - started:.0f} s")
+    accuracy, teacher = summary["best"]["accuracy"], summary["teacher_dev"]["accuracy"]
+    print(f"integration: student dev accuracy {accuracy:.4f} (teacher {teacher:.4f}, majority {majority:.4f}) "
+          f"in {time.perf_counter() - started:.0f} s")
+    assert teacher >= 0.70  # otherwise the teacher, not the distillation, is what failed
     assert accuracy >= 0.60 > majority + 0.09
