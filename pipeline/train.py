@@ -179,11 +179,37 @@ def evaluate(student: torch.nn.Module, dev: DevSet, task: Any, config: TrainConf
 # --------------------------------------------------------------------------- the loop
 
 
-def train_student(config: TrainConfig) -> dict[str, Any]:
-    """Cache (+ negatives) -> the best student in Hugging Face format; returns the training summary."""
+@dataclass
+class Run:
+    """Everything one training run holds between steps."""
+
+    config: TrainConfig
+    cache: Cache
+    task: Any
+    dir: checkpoint.RunDir
+    model: Model
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    dataset: CacheDataset
+    batches: EpochBatchSampler
+    total_steps: int
+    state: checkpoint.TrainState
+    device: torch.device
+    dev: DevSet | None
+    teacher_dev: dict[str, float] | None
+    tokenizer: Any
+    logger: checkpoint.MetricsLog
+    evaluated_at: int = -1
+
+    def save(self) -> None:
+        checkpoint.save(self.dir, self.state, self.model.student, self.model.projections, self.optimizer, self.scheduler)
+
+
+def _setup(config: TrainConfig) -> Run:
+    """Open the cache and negatives, build the student, data path and optimizer; resume if asked."""
     cache = open_cache(config.cache_dir)
     task = get_task(cache.task["name"])
-    regression = task.is_regression
     mapping = resolve_layer_map(config, cache)
     sampler = None
     if config.uses_negatives:
@@ -191,75 +217,85 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
             raise LrcError(f"no negatives file at {config.negatives_path}: run `lrc build-negatives --cache "
                            f"{config.cache_dir}` first, or pass --k 0 to train without negatives")
         sampler = NegativeSampler(config.negatives_path, config.k, config.seed, cache.fingerprint)
-    run = checkpoint.prepare_run_dir(config)
+    run_dir = checkpoint.prepare_run_dir(config)
     seed_everything(config.seed)
 
-    # ---- model, data, optimizer
     shape = student_config(cache.manifest["teacher"]["config"], config.layers, config.hidden, config.heads,
                            config.intermediate, cache.task)
     student = build_student(shape, config.init, cache.teacher_weights_dir, mapping)
-    stored = sorted(set(mapping)) if config.intermediate_loss != "none" else []
-    projections = (Projections(student.config.hidden_size, cache.hidden_size, config.layers)
-                   if config.intermediate_loss != "none" else None)
-    model = Model(student, projections, [stored.index(j) for j in mapping] if stored else [])
+    intermediate = config.intermediate_loss != "none"
+    stored = sorted(set(mapping)) if intermediate else []  # the teacher layers the batches carry, in order
+    projections = Projections(student.config.hidden_size, cache.hidden_size, config.layers) if intermediate else None
+    model = Model(student, projections, [stored.index(j) for j in mapping] if intermediate else [])
     device = pick_device(config.device)
     student.to(device)
+    params = list(student.parameters())
     if projections is not None:
         projections.to(device)
+        params += list(projections.parameters())
+
     dataset = CacheDataset(config.cache_dir, "train", stored, sampler)
     batches = EpochBatchSampler(len(dataset), config.batch_size, config.seed)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * len(batches)))
-    params = list(student.parameters()) + (list(projections.parameters()) if projections is not None else [])
     # fused: one kernel over all tensors, several times faster than the per-tensor loop on CPU.
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, config.warmup_ratio))
     state = checkpoint.TrainState()
     if config.resume:
-        state = checkpoint.load(run, model.student, projections, optimizer, scheduler)
+        state = checkpoint.load(run_dir, student, projections, optimizer, scheduler)
         log.info("resumed from step %d (epoch %d, batch %d)", state.step, state.epoch, state.batch_in_epoch)
 
     dev = DevSet(cache) if "dev" in cache.manifest["splits"] else None
-    pad_id = student.config.pad_token_id or 0
     teacher_dev = compute_metrics(task, dev.teacher_logits, dev.labels) if dev else None
-    tokenizer = AutoTokenizer.from_pretrained(cache.tokenizer_dir)
-    logger = checkpoint.MetricsLog(run, keep_until=state.step if config.resume else None)
-    log.info("training %d steps (%d per epoch), layer map %s, teacher dev %s", total_steps, len(batches), mapping, teacher_dev)
+    log.info("training %d steps (%d per epoch), layer map %s, teacher dev %s", total_steps, len(batches), mapping,
+             teacher_dev)
+    return Run(config, cache, task, run_dir, model, params, optimizer, scheduler, dataset, batches, total_steps,
+               state, device, dev, teacher_dev, AutoTokenizer.from_pretrained(cache.tokenizer_dir),
+               checkpoint.MetricsLog(run_dir, keep_until=state.step if config.resume else None))
 
-    evaluated_at = -1
 
-    def evaluate_and_keep_best() -> None:
-        nonlocal evaluated_at
-        if dev is None or evaluated_at == state.step:  # e.g. eval_every landing on the last step
-            return
-        evaluated_at = state.step
-        metrics = evaluate(student, dev, task, config, device, pad_id)
-        logger.write({"step": state.step, "epoch": state.epoch, "eval": metrics})
-        if state.best is None or metrics[task.main_metric] > state.best[task.main_metric]:
-            state.best = {**metrics, "step": state.step}
-            checkpoint.save_student(run, student, tokenizer)
-        log.info("step %d: dev %s (best %s %.4f)", state.step, metrics, task.main_metric, state.best[task.main_metric])
+def _evaluate_and_keep_best(run: Run) -> None:
+    """Evaluate on the cached dev split; the best student so far is saved in HF format."""
+    state, metric = run.state, run.task.main_metric
+    if run.dev is None or run.evaluated_at == state.step:  # e.g. eval_every landing on the last step
+        return
+    run.evaluated_at = state.step
+    student = run.model.student
+    metrics = evaluate(student, run.dev, run.task, run.config, run.device, student.config.pad_token_id or 0)
+    run.logger.write({"step": state.step, "epoch": state.epoch, "eval": metrics})
+    if state.best is None or metrics[metric] > state.best[metric]:
+        state.best = {**metrics, "step": state.step}
+        checkpoint.save_student(run.dir, student, run.tokenizer)
+    log.info("step %d: dev %s (best %s %.4f)", state.step, metrics, metric, state.best[metric])
+
+
+def train_student(config: TrainConfig) -> dict[str, Any]:
+    """Cache (+ negatives) -> the best student in Hugging Face format; returns the training summary."""
+    run = _setup(config)
+    state, total_steps = run.state, run.total_steps
+    regression = run.task.is_regression
 
     # ---- the loop: epochs of shuffled batches, resumable mid-epoch
-    student.train()
+    run.model.student.train()
     started, seen = time.perf_counter(), 0
     bar = tqdm(total=total_steps, initial=state.step, desc="train-student", unit="step", dynamic_ncols=True)
     try:
         while state.step < total_steps:
-            dataset.set_epoch(state.epoch)
-            batches.set_epoch(state.epoch, skip_batches=state.batch_in_epoch)
-            for batch in make_loader(dataset, batches, config.num_workers, seed=config.seed + state.epoch):
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            run.dataset.set_epoch(state.epoch)
+            run.batches.set_epoch(state.epoch, skip_batches=state.batch_in_epoch)
+            for batch in make_loader(run.dataset, run.batches, config.num_workers, seed=config.seed + state.epoch):
+                batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
                 weights = loss_weights(state.step, total_steps, config)
                 try:
-                    terms = train_step(model, batch, weights, config, regression, device)
+                    terms = train_step(run.model, batch, weights, config, regression, run.device)
                 except FloatingPointError as err:
                     raise LrcError(f"{err} at step {state.step} (epoch {state.epoch}): training stopped, the last good "
-                                   f"checkpoint is in {run.checkpoint_dir}; lower --lr or use --precision fp32") from None
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                lr = scheduler.get_last_lr()[0]  # the rate this step uses (the log reports it, not the next one's)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                                   f"checkpoint is in {run.dir.checkpoint_dir}; lower --lr or use --precision fp32") from None
+                torch.nn.utils.clip_grad_norm_(run.params, 1.0)
+                lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (the log reports it, not the next one's)
+                run.optimizer.step()
+                run.scheduler.step()
+                run.optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 state.batch_in_epoch += 1
                 seen += len(batch["labels"])
@@ -268,39 +304,45 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
                 # ---- logging, evaluation, checkpoints
                 if state.step % config.log_every == 0 or state.step == total_steps:
                     record = {k: round(float(v), 6) for k, v in terms.items()}
-                    record |= {"step": state.step, "epoch": state.epoch, "stage": stage_at(state.step - 1, total_steps, config),
-                               "lr": lr, "samples_per_s": round(seen / (time.perf_counter() - started), 2)}
-                    logger.write(record)
+                    record |= {"step": state.step, "epoch": state.epoch, "lr": lr,
+                               "stage": stage_at(state.step - 1, total_steps, config),
+                               "samples_per_s": round(seen / (time.perf_counter() - started), 2)}
+                    run.logger.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", stage=record["stage"])
                 if config.eval_every and state.step % config.eval_every == 0:
-                    evaluate_and_keep_best()
+                    _evaluate_and_keep_best(run)
                 if state.step % config.checkpoint_every == 0:
-                    checkpoint.save(run, state, model.student, projections, optimizer, scheduler)
+                    run.save()
                 if state.step >= total_steps:
                     break
             else:  # the epoch ran to its end
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                evaluate_and_keep_best()
-                checkpoint.save(run, state, model.student, projections, optimizer, scheduler)
+                _evaluate_and_keep_best(run)
+                run.save()
     finally:  # an error must not leave a half-drawn progress line behind
         bar.close()
     if state.batch_in_epoch:  # stopped mid-epoch by max_steps: evaluate the final weights too
-        evaluate_and_keep_best()
-        checkpoint.save(run, state, model.student, projections, optimizer, scheduler)
-    if dev is None:
-        checkpoint.save_student(run, student, tokenizer)
+        _evaluate_and_keep_best(run)
+        run.save()
+    if run.dev is None:
+        checkpoint.save_student(run.dir, run.model.student, run.tokenizer)
 
-    elapsed = time.perf_counter() - started
-    summary = {
-        "task": task.name, "main_metric": task.main_metric, "best": state.best, "teacher_dev": teacher_dev,
-        "percent_of_teacher": (100 * state.best[task.main_metric] / teacher_dev[task.main_metric])
-        if state.best and teacher_dev and teacher_dev[task.main_metric] else None,
-        "steps": state.step, "epochs": state.epoch, "train_seconds": round(elapsed, 1),
-        "samples_per_s": round(seen / max(elapsed, 1e-9), 2), "layer_map": mapping,
-        "parameters": sum(p.numel() for p in student.parameters()),
-        "cache_fingerprint": cache.fingerprint, "config": json.loads(json.dumps(config.__dict__, default=str)),
-    }
-    checkpoint.write_summary(run, summary)
-    write_report(run.output_dir)
-    log.info("student written to %s: best dev %s", run.output_dir, state.best)
+    summary = _summary(run, seen, time.perf_counter() - started)
+    checkpoint.write_summary(run.dir, summary)
+    write_report(run.dir.output_dir)
+    log.info("student written to %s: best dev %s", run.dir.output_dir, state.best)
     return summary
+
+
+def _summary(run: Run, seen: int, elapsed: float) -> dict[str, Any]:
+    metric, best, teacher = run.task.main_metric, run.state.best, run.teacher_dev
+    return {
+        "task": run.task.name, "main_metric": metric, "best": best, "teacher_dev": teacher,
+        "percent_of_teacher": 100 * best[metric] / teacher[metric] if best and teacher and teacher[metric] else None,
+        "steps": run.state.step, "epochs": run.state.epoch, "train_seconds": round(elapsed, 1),
+        "samples_per_s": round(seen / max(elapsed, 1e-9), 2),
+        "layer_map": resolve_layer_map(run.config, run.cache),
+        "parameters": sum(p.numel() for p in run.model.student.parameters()),
+        "cache_fingerprint": run.cache.fingerprint,
+        "config": json.loads(json.dumps(run.config.__dict__, default=str)),
+    }
