@@ -32,17 +32,9 @@ from pipeline import batches
 from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader
 from pipeline.cache import RowReader, open_cache
 from pipeline.negatives import NegativeSampler
+from common import gemm_probe
 
 BATCH, K = 16, 4
-
-
-def gemm_probe() -> float:
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    return 10 * 2 * 1024**3 / (time.perf_counter() - start) / 1e9
 
 
 def build(work: Path, rows: int, width: int, layers: int, data_dir: Path) -> tuple[Path, Path]:

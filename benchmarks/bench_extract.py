@@ -28,15 +28,7 @@ from pipeline.extract import extract_teacher
 from pipeline.finetune import resolve_backbone
 from pipeline.runtime import encode, pad_batch
 from pipeline.tasks import load_examples
-
-
-def gemm_probe() -> float:
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    return 10 * 2 * 1024**3 / (time.perf_counter() - start) / 1e9
+from common import gemm_probe
 
 
 def bare_forward(model: torch.nn.Module, ids: list, types: list, shard_rows: int, batch_size: int) -> float:

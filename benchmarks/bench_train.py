@@ -27,17 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import gemm_probe
 
 SST2_TRAIN_ROWS = 67349
-
-
-def gemm_probe() -> float:
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    return 10 * 2 * 1024**3 / (time.perf_counter() - start) / 1e9
 
 
 def prepare(work: Path, kind: str, rows: int, data_dir: Path) -> Path:

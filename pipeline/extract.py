@@ -197,24 +197,22 @@ def prepare_output_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> 
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
-    """Copy the tokenizer into the cache (atomically) so later stages never open the teacher dir."""
-    final = out / cache.TOKENIZER_DIR
-    if final.is_dir():
-        return
-    tmp = out / f".{cache.TOKENIZER_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(final)
+    """Copy the tokenizer into the cache so later stages never open the teacher dir."""
+    _save_dir_atomic(tokenizer, out / cache.TOKENIZER_DIR)
 
 
 def save_teacher_weights(model: torch.nn.Module, out: Path) -> None:
     """The teacher's weights, so `train-student --init teacher` copies layers without the teacher dir."""
-    final = out / cache.TEACHER_WEIGHTS_DIR
+    _save_dir_atomic(model, out / cache.TEACHER_WEIGHTS_DIR)
+
+
+def _save_dir_atomic(saveable: Any, final: Path) -> None:
+    """`save_pretrained` into a temp dir, then rename: the dir exists only once it is complete."""
     if final.is_dir():
         return
-    tmp = out / f".{cache.TEACHER_WEIGHTS_DIR}.tmp"
+    tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    saveable.save_pretrained(tmp)
     tmp.rename(final)
 
 
