@@ -5,7 +5,7 @@ L2-normalised) with binary labels that follow the clusters (80% purity, as a fin
 pooled vectors would), so a hard-negative query searches the *other* label's index, away from its
 own cluster. Prints a GEMM probe before and after (the machine's speed drifts) and a markdown table.
 
-    /work/venv/bin/python benchmarks/bench_negatives.py            # the full set (~10 min on 2 cores)
+    /work/venv/bin/python benchmarks/bench_negatives.py            # the full set: ~5 min idle, 15+ busy
     /work/venv/bin/python benchmarks/bench_negatives.py --quick    # 20k rows, a smoke run
 """
 
@@ -25,13 +25,14 @@ from pipeline.config import NegativesConfig
 from pipeline.negatives import find_candidates, write_negatives
 
 # (rows, width, strategy, index): random needs no index; hard compares HNSW and IVF side by side at 100k
+# and exact search with IVF at 50k, where `auto` switches
 FULL = [
+    (50_000, 768, "hard", "flat"), (50_000, 768, "hard", "ivf"),  # auto's exact/approximate boundary
     (100_000, 384, "random", "auto"), (100_000, 768, "random", "auto"),
+    (100_000, 384, "hard", "ivf"), (100_000, 384, "hard", "hnsw"),
+    (100_000, 768, "hard", "ivf"), (100_000, 768, "hard", "hnsw"),
     (400_000, 384, "random", "auto"), (400_000, 768, "random", "auto"),
-    (100_000, 384, "hard", "hnsw"), (100_000, 384, "hard", "ivf"),
-    (100_000, 768, "hard", "hnsw"), (100_000, 768, "hard", "ivf"),
-    (100_000, 384, "hard", "flat"),
-    (400_000, 384, "hard", "hnsw"), (400_000, 768, "hard", "hnsw"),
+    (400_000, 384, "hard", "ivf"), (400_000, 768, "hard", "ivf"),
 ]
 QUICK = [(20_000, 384, "random", "auto"), (20_000, 384, "hard", "hnsw"), (20_000, 384, "hard", "ivf")]
 
@@ -71,12 +72,13 @@ def run(n: int, d: int, strategy: str, index: str, data: tuple[np.ndarray, np.nd
         tmp: Path) -> dict[str, object]:
     x, labels, keys = data
     cfg = NegativesConfig(cache_dir=tmp, k=4, strategy=strategy, index=index, seed=0)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     ids, scores, stats = find_candidates(x, labels, keys, False, cfg)
     search = time.perf_counter() - start
     write_negatives(tmp / "negatives.arrow", ids, scores, {"format": "lrc-negatives", "candidates": ids.shape[1]})
     total = time.perf_counter() - start
     row = {"rows": n, "width": d, "strategy": strategy, "index": stats["index"] or "-", "seconds": total,
+           "cpu": time.process_time() - cpu, "effort": stats.get("search_effort"),
            "write": total - search, "recall": stats["recall_at_m"], "recall_pool": stats["recall_at_pool"],
            "max_uses": stats["max_uses"], "max_uses_top": stats.get("max_uses_top")}
     print(_line(row), flush=True)
@@ -88,6 +90,7 @@ def _line(r: dict[str, object]) -> str:
         return "-" if v is None else format(v, spec)
 
     return (f"| {r['rows']:>7,} | {r['width']} | {r['strategy']:<6} | {r['index']:<5} | {r['seconds']:7.1f} | "
+            f"{r['cpu']:7.1f} | {fmt(r['effort'], 'd')} | "
             f"{fmt(r['recall'], '.4f')} | {fmt(r['recall_pool'], '.4f')} | {r['max_uses']} | "
             f"{fmt(r['max_uses_top'], 'd')} |")
 
@@ -105,12 +108,13 @@ def main() -> None:
     cases = QUICK if args.quick else FULL
     if args.only:
         cases = [c for c in cases if args.only in "/".join(map(str, c))]
-    print("| rows | width | strategy | index | seconds | recall@M | recall@pool | max uses | max uses, top-M |")
-    print("|---:|---:|---|---|---:|---:|---:|---:|---:|")
+    print("| rows | width | strategy | index | wall s | CPU s | effort | recall@M | recall@pool | max uses | "
+          "max uses, top-M |")
+    print("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
     data: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     wall = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for n, d, strategy, index in sorted(cases, key=lambda c: (c[0], c[1])):
+        for n, d, strategy, index in sorted(cases, key=lambda c: (c[0], c[1])):  # stable: keeps A, B order
             if (n, d) not in data:
                 data.clear()  # one dataset in memory at a time (400k x 768 is 1.2 GB)
                 data[(n, d)] = synthetic(n, d)

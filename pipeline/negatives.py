@@ -35,13 +35,14 @@ _EXACT_BLOCK = 64  # queries per numpy brute-force block: (64, N) float32 scores
 _HNSW_M = 32  # graph degree: recall >= 0.99 on clustered 768-d data at efSearch 128 (DESIGN §6)
 _HNSW_EF_SEARCH = 128
 # IVF: ~2 sqrt(n) lists, k-means on 64 points per list for 10 iterations, 8 lists probed. Measured on
-# 100k clustered rows (docs/PERFORMANCE.md): recall@16 1.000 at a third of HNSW's CPU time; more lists
+# 100k clustered rows (docs/PERFORMANCE.md): recall@16 1.000 at under half HNSW's CPU time; more lists
 # make k-means dearer than the scans they save, fewer make the scans dearer.
 _IVF_LISTS_PER_SQRT_N = 2
 _IVF_TRAIN_PER_LIST = 64
 _IVF_NITER = 10
-_IVF_NPROBE = 8
-_RECALL_WARN = 0.95
+_IVF_NPROBE = 8  # x search effort
+_RECALL_TARGET = 0.95  # the issue's floor; below it the search widens (x2 effort) and retries
+_EFFORTS = (1, 2, 4, 8)
 _WIDEN = 4  # a filtered top list that came back short is searched again this many times wider
 _MAX_WIDENINGS = 2  # ... and after that brute-forced, so approximate misses never lose qualifying rows
 
@@ -88,7 +89,9 @@ def find_candidates(
     config: NegativesConfig,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """M candidate negatives per row: ids (N, M) int64, cosines (N, M) float32, and stats for the manifest."""
-    n, m = len(input_keys), config.num_candidates
+    n, m, start = len(input_keys), config.num_candidates, time.perf_counter()
+    if n == 0:
+        raise LrcError("the train split has no rows: re-extract the cache with its training data")
     m_hard = {"random": 0, "hard": m, "mixed": m // 2}[config.strategy]
     rows = _Rows(np.asarray(input_keys, np.int64), labels, regression, config.regression_margin)
     _check_qualifying(rows, m, m_hard, config)
@@ -97,7 +100,7 @@ def find_candidates(
     stats: dict[str, Any] = {"index": None, "recall_at_m": None, "recall_at_pool": None, "recall_queries": 0}
     hard = np.zeros((n, 0), np.int64)
     if m_hard:
-        pool, pool_scores, pool_stats = _hard_pool(x, rows, m_hard, config)
+        pool, pool_stats = _hard_pool(x, rows, m_hard, config)
         stats.update(pool_stats)
         hard = _draw_from_pool(pool, m_hard, rng)
         stats["max_uses_top"] = int(np.bincount(pool[:, :m_hard].ravel(), minlength=n).max())
@@ -107,6 +110,7 @@ def find_candidates(
     stats.update(max_uses=int(uses.max()), max_uses_row=int(uses.argmax()), mean_uses=float(m))
     logger.info("most-used negative: row %d appears in %d candidate lists (mean %d)%s", stats["max_uses_row"],
                 stats["max_uses"], m, f"; top-{m_hard} without the pool: {stats['max_uses_top']}" if m_hard else "")
+    logger.info("%d %s candidates for each of %d rows in %.1f s", m, config.strategy, n, time.perf_counter() - start)
     return ids, scores, stats
 
 
@@ -124,7 +128,8 @@ def _check_qualifying(rows: _Rows, m: int, m_hard: int, config: NegativesConfig)
         return
     if rows.regression:  # an upper bound (same-input rows aside); the exact count is checked after the search
         y = np.sort(rows.labels)
-        far = np.searchsorted(y, rows.labels - rows.margin, "right") + n - np.searchsorted(y, rows.labels + rows.margin)
+        below = np.searchsorted(y, rows.labels - rows.margin, "right")
+        far = below + n - np.searchsorted(y, rows.labels + rows.margin)
         far = far if rows.margin > 0 else np.full(n, n - 1)
         if far.min() < m_hard:
             raise LrcError(f"hard negatives need {m_hard} rows whose label differs by >= {rows.margin}, but the row "
@@ -142,8 +147,10 @@ def _check_qualifying(rows: _Rows, m: int, m_hard: int, config: NegativesConfig)
                        f"{qualify.min()}: use --strategy random or mixed, or {fix}")
 
 
-def _hard_pool(x: np.ndarray, rows: _Rows, m_hard: int, config: NegativesConfig) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Each row's top-P qualifying neighbours, best first: ids (N, P) with -1 where fewer exist, scores."""
+def _hard_pool(
+    x: np.ndarray, rows: _Rows, m_hard: int, config: NegativesConfig
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Each row's top-P qualifying neighbours, best first: ids (N, P) with -1 where fewer exist."""
     n, m = x.shape[0], config.num_candidates
     want = config.hard_pool if config.hard_pool is not None else 4 * m
     kind = resolve_index(config.index, n, config.exact_max_rows)
@@ -151,29 +158,34 @@ def _hard_pool(x: np.ndarray, rows: _Rows, m_hard: int, config: NegativesConfig)
     # crowd its top list; regression (or no labels) searches one index wider and filters.
     by_label = rows.labels is not None and not rows.regression
     groups = [np.flatnonzero(rows.labels == c) for c in np.unique(rows.labels)] if by_label else [np.arange(n)]
-    k0 = want + 16 if by_label or rows.labels is None else 4 * want
-    pool, pool_scores = np.full((n, want), -1, np.int64), np.full((n, want), -np.inf, np.float32)
-    total = sum(len(q) for q in groups) * (len(groups) - 1 if by_label else 1)
     start = time.perf_counter()
+    indexes = [_build_index(kind, x[db], config.seed) for db in groups]
+    logger.info("built %d %s index(es) over %d rows in %.1f s", len(groups), kind, n, time.perf_counter() - start)
+    k0 = want + 16 if by_label or rows.labels is None else 4 * want
+
+    def search(anchors: np.ndarray, effort: int, bar: tqdm | None) -> tuple[np.ndarray, np.ndarray]:
+        pool, scores = np.full((len(anchors), want), -1, np.int64), np.full((len(anchors), want), -np.inf, np.float32)
+        for index, db in zip(indexes, groups):
+            sel = np.flatnonzero(rows.labels[anchors] != rows.labels[db[0]]) if by_label else np.arange(len(anchors))
+            ids, sc = _search(index, kind, effort, db, x, anchors[sel], want, k0, rows, bar)
+            both_ids, both_scores = np.hstack([pool[sel], ids]), np.hstack([scores[sel], sc])
+            order = np.argsort(-both_scores, axis=1, kind="stable")[:, :want]
+            pool[sel], scores[sel] = np.take_along_axis(both_ids, order, 1), np.take_along_axis(both_scores, order, 1)
+        return pool, scores
+
+    stats: dict[str, Any] = {"index": kind, "hard_pool": want, "search_effort": 1}
+    if kind != "flat":
+        stats.update(_calibrate(x, rows, search, want, m, config))
+    start = time.perf_counter()
+    total = n * (len(groups) - 1) if by_label else n
     with tqdm(total=total, unit="query", desc=f"hard negatives ({kind})", disable=None) as bar:
-        for gi, db in enumerate(groups):
-            index, x_db = _build_index(kind, x[db], config.seed), x[db]
-            queries = [q for qi, q in enumerate(groups) if qi != gi] if by_label else [db]
-            for q in queries:
-                ids, scores = _search(index, kind, db, x_db, x, q, want, k0, rows, bar)
-                both_ids, both_scores = np.hstack([pool[q], ids]), np.hstack([pool_scores[q], scores])
-                order = np.argsort(-both_scores, axis=1, kind="stable")[:, :want]
-                pool[q] = np.take_along_axis(both_ids, order, 1)
-                pool_scores[q] = np.take_along_axis(both_scores, order, 1)
+        pool, _ = search(np.arange(n), stats["search_effort"], bar)
     logger.info("hard-negative search (%s, top %d of %d rows): %.1f s", kind, want, n, time.perf_counter() - start)
     short = (pool >= 0).sum(1)
     if short.min() < m_hard:
         raise LrcError(f"row {short.argmin()} has only {short.min()} qualifying hard negatives: lower "
                        "--regression-margin or --candidates, or use --strategy random or mixed")
-    stats = {"index": kind, "hard_pool": want}
-    if kind != "flat":
-        stats.update(_recall(x, rows, pool, m, config))
-    return pool, pool_scores, stats
+    return pool, stats
 
 
 def _build_index(kind: str, x_db: np.ndarray, seed: int) -> faiss.Index:
@@ -189,7 +201,6 @@ def _build_index(kind: str, x_db: np.ndarray, seed: int) -> faiss.Index:
         index.cp.seed, index.cp.niter = seed, _IVF_NITER
         sample = np.random.default_rng(seed).permutation(len(x_db))[: _IVF_TRAIN_PER_LIST * nlist]
         index.train(x_db[np.sort(sample)])
-        index.nprobe = min(nlist, _IVF_NPROBE)
     threads = faiss.omp_get_max_threads()
     if kind == "hnsw":  # a multi-threaded HNSW build links nodes in thread order: not reproducible
         faiss.omp_set_num_threads(1)
@@ -200,30 +211,37 @@ def _build_index(kind: str, x_db: np.ndarray, seed: int) -> faiss.Index:
     return index
 
 
-def _search(index: faiss.Index, kind: str, db: np.ndarray, x_db: np.ndarray, x: np.ndarray, q_all: np.ndarray,
-            want: int, k0: int, rows: _Rows, bar: tqdm) -> tuple[np.ndarray, np.ndarray]:
-    """Top `want` qualifying rows of `db` for each query (global ids, -1 / -inf padded), widening if short."""
+def _search(index: faiss.Index, kind: str, effort: int, db: np.ndarray, x: np.ndarray, q_all: np.ndarray,
+            want: int, k0: int, rows: _Rows, bar: tqdm | None) -> tuple[np.ndarray, np.ndarray]:
+    """Top `want` qualifying rows of `db` for each query (global ids, -1 / -inf padded), widening if short.
+
+    A query's result depends on nothing but the query, so a sample searched alone gets what the full run gets.
+    """
     out_ids, out_scores = np.full((len(q_all), want), -1, np.int64), np.full((len(q_all), want), -np.inf, np.float32)
     db_keys, db_labels = rows.keys[db], None if rows.labels is None else rows.labels[db]
+    order = np.arange(len(q_all))
+    if kind == "ivf":  # queries that probe the same lists one after another find them in cache: ~30% faster
+        index.nprobe = min(index.nlist, _IVF_NPROBE * effort)
+        order = np.argsort(index.quantizer.search(x[q_all], 1)[1][:, 0], kind="stable")
     for s in range(0, len(q_all), _QUERY_BLOCK):
-        block = np.arange(s, min(s + _QUERY_BLOCK, len(q_all)))
-        pending, k = block, min(k0, len(db))
+        pending, k = order[s : s + _QUERY_BLOCK], min(k0, len(db))
         for widening in range(_MAX_WIDENINGS + 1):
             if kind == "hnsw":
-                index.hnsw.efSearch = max(_HNSW_EF_SEARCH, k)
+                index.hnsw.efSearch = max(_HNSW_EF_SEARCH * effort, k)
             scores, local = index.search(x[q_all[pending]], k)
-            cand = np.where(local >= 0, db[np.maximum(local, 0)], -1)
-            bad = (local < 0) | rows.reject(q_all[pending], db_keys[np.maximum(local, 0)],
-                                            None if db_labels is None else db_labels[np.maximum(local, 0)])
-            out_ids[pending], out_scores[pending] = _keep_best(cand, scores, bad, want)
+            safe = np.maximum(local, 0)
+            cand_labels = None if db_labels is None else db_labels[safe]
+            bad = (local < 0) | rows.reject(q_all[pending], db_keys[safe], cand_labels)
+            out_ids[pending], out_scores[pending] = _keep_best(np.where(local >= 0, db[safe], -1), scores, bad, want)
             pending = pending[(out_ids[pending] < 0).any(1)]
             if pending.size == 0 or (k == len(db) and kind == "flat"):  # exact and exhaustive: truly short
                 break
             if k == len(db) or widening == _MAX_WIDENINGS:
-                out_ids[pending], out_scores[pending] = _exact_top(x_db, db, x, q_all[pending], want, rows)
+                out_ids[pending], out_scores[pending] = _exact_top(x[db], db, x, q_all[pending], want, rows)
                 break
             k = min(k * _WIDEN, len(db))
-        bar.update(len(block))
+        if bar is not None:
+            bar.update(min(_QUERY_BLOCK, len(q_all) - s))
     return out_ids, out_scores
 
 
@@ -255,25 +273,30 @@ def _exact_top(x_db: np.ndarray, db: np.ndarray, x: np.ndarray, q: np.ndarray, w
     return np.concatenate(out[0]), np.concatenate(out[1])
 
 
-def _recall(x: np.ndarray, rows: _Rows, pool: np.ndarray, m: int, config: NegativesConfig) -> dict[str, Any]:
-    """Approximate top lists vs exact search on a seeded sample of anchors: recall@M and recall@P."""
-    n, want = pool.shape
-    sample = np.sort(np.random.default_rng(config.seed + 1).permutation(n)[: config.recall_sample])
+def _calibrate(x: np.ndarray, rows: _Rows, search: Any, want: int, m: int, config: NegativesConfig) -> dict[str, Any]:
+    """Search a seeded sample of anchors, widening the search (nprobe / efSearch) until recall@M >= target.
+
+    Recall is against exact search, and what the sample gets here is what it gets in the full run.
+    """
+    sample = np.sort(np.random.default_rng(config.seed + 1).permutation(len(x))[: config.recall_sample])
     start = time.perf_counter()
-    exact, _ = _exact_top(x, np.arange(n), x, sample, want, rows)
-    hits_m, hits_p = [], []
-    for approx, truth in zip(pool[sample], exact):
-        truth = truth[truth >= 0]
-        hits_p.append(len(np.intersect1d(approx, truth)) / max(len(truth), 1))
-        hits_m.append(len(np.intersect1d(approx[:m], truth[:m])) / max(min(m, len(truth)), 1))
-    result = {"recall_at_m": float(np.mean(hits_m)), "recall_at_pool": float(np.mean(hits_p)),
-              "recall_queries": len(sample)}
-    logger.info("recall vs exact search on %d anchors: @%d %.4f, @%d %.4f (%.1f s)", len(sample), m,
-                result["recall_at_m"], want, result["recall_at_pool"], time.perf_counter() - start)
-    if result["recall_at_m"] < _RECALL_WARN:
-        logger.warning("approximate index recall@%d is %.3f: pass --index flat for exact search (slower)", m,
-                       result["recall_at_m"])
-    return result
+    exact, _ = _exact_top(x, np.arange(len(x)), x, sample, want, rows)
+    for effort in _EFFORTS:
+        approx, _ = search(sample, effort, None)
+        hits_m, hits_p = [], []
+        for got, truth in zip(approx, exact):
+            truth = truth[truth >= 0]
+            hits_p.append(len(np.intersect1d(got, truth)) / max(len(truth), 1))
+            hits_m.append(len(np.intersect1d(got[:m], truth[:m])) / max(min(m, len(truth)), 1))
+        recall_m, recall_p = float(np.mean(hits_m)), float(np.mean(hits_p))
+        logger.info("recall vs exact search on %d anchors at search effort %d: @%d %.4f, @%d %.4f (%.1f s)",
+                    len(sample), effort, m, recall_m, want, recall_p, time.perf_counter() - start)
+        if recall_m >= _RECALL_TARGET:
+            break
+    else:
+        logger.warning("approximate index recall@%d is %.3f even at search effort %d: pass --index flat for exact "
+                       "search (slower)", m, recall_m, effort)
+    return {"recall_at_m": recall_m, "recall_at_pool": recall_p, "recall_queries": len(sample), "search_effort": effort}
 
 
 def _draw_from_pool(pool: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
@@ -394,7 +417,9 @@ def read_negatives(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         meta = json.loads(table.schema.metadata[_META_KEY])
     except (pa.ArrowInvalid, KeyError, TypeError, json.JSONDecodeError):
         raise LrcError(f"{path} is not an lrc negatives file: {fix}") from None
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format") != FORMAT or not {"cache_fingerprint", "candidates"} <= meta.keys():
+        raise LrcError(f"{path} is not an lrc negatives file: {fix}")
+    if meta.get("format_version") != FORMAT_VERSION:
         raise LrcError(f"{path} has negatives format {meta.get('format_version')}, this lrc reads "
                        f"{FORMAT_VERSION}: rebuild it with `lrc build-negatives`")
     n, m = table.num_rows, meta["candidates"]
@@ -457,8 +482,9 @@ class NegativeSampler:
     def sample(self, row_ids: np.ndarray, epoch: int) -> np.ndarray:
         """(B,) row ids -> (B, K) int64 negative row ids: a uniform K-subset of each row's M candidates."""
         row_ids = np.asarray(row_ids, dtype=np.int64)
-        if row_ids.size and (row_ids.min() < 0 or row_ids.max() >= self.num_rows):
-            raise LrcError(f"row id {row_ids.max()} outside the {self.num_rows} rows of {self.path}: "
+        outside = row_ids[(row_ids < 0) | (row_ids >= self.num_rows)]
+        if outside.size:
+            raise LrcError(f"row id {outside[0]} outside the {self.num_rows} rows of {self.path}: "
                            "was it built from this cache? rebuild it with `lrc build-negatives`")
         pick = np.argsort(draw_keys(self.seed, epoch, row_ids, self.num_candidates), axis=1)[:, : self.k]
         return np.take_along_axis(self.candidates[row_ids], pick, 1)
