@@ -249,7 +249,7 @@ def train_student(
     eval_every: Optional[int] = typer.Option(None, help="Also evaluate on dev every N steps (always at epoch ends)."),
     checkpoint_every: int = typer.Option(200, help="Steps between resumable checkpoints."),
     log_every: int = typer.Option(10, help="Steps between log lines in train_log.jsonl."),
-    num_workers: int = typer.Option(1, help="DataLoader worker processes reading the cache."),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes reading the cache; default 0 on CPU, 2 on CUDA."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output-dir from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace a run already in --output-dir."),
     device: str = DeviceOpt, precision: str = PrecisionOpt, config: Optional[Path] = ConfigOpt,

@@ -2,7 +2,8 @@
 
 Variants, each the same student step (library `train_step`: COS-NCE + soft + hard, K negatives,
 gradient perturbation on) and AdamW update, in its own process so peak memory is its own:
-  a  cached:  the library's data path (CacheDataset + EpochBatchSampler + DataLoader worker) from the cache
+  a  cached:  the library's data path (CacheDataset + EpochBatchSampler + DataLoader, in-process as
+              train-student does on a CPU) from the memory-mapped cache
   b  online:  the teacher runs each step on the batch and on its K negatives to make the same targets
               (inputs come from memory, so b gets no data-path cost at all)
   c  compute: the student step alone on batches collated beforehand and held in memory
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -64,7 +64,7 @@ def training_parts(cache_dir: Path):
     from pipeline.train import Model, resolve_layer_map
 
     cache = open_cache(cache_dir)
-    config = TrainConfig(cache_dir=cache_dir, output_dir=cache_dir / "unused", num_workers=1, device="cpu")
+    config = TrainConfig(cache_dir=cache_dir, output_dir=cache_dir / "unused", device="cpu")  # library defaults
     mapping = resolve_layer_map(config, cache)
     torch.manual_seed(0)
     shape = student_config(cache.manifest["teacher"]["config"], 4, 312, 12, 1200, cache.task)
@@ -134,7 +134,7 @@ def run_variant(variant: str, cache_dir: Path, steps: int, warmup: int) -> dict[
         batches = EpochBatchSampler(len(dataset), config.batch_size, 0)
         batches.set_epoch(0)
         dataset.set_epoch(0)
-        source = iter(make_loader(dataset, batches, config.num_workers if variant == "a" else 0, seed=0))
+        source = iter(make_loader(dataset, batches, 0, seed=0))  # num_workers: train-student's CPU default
         if variant == "c":  # collate everything first: the step alone is timed
             source = iter([next(source) for _ in range(steps + warmup)])
     for _ in range(warmup):
@@ -143,8 +143,16 @@ def run_variant(variant: str, cache_dir: Path, steps: int, warmup: int) -> dict[
     for _ in range(steps):
         step(model, next(source), config, params, optimizer)
     seconds = (time.perf_counter() - start) / steps
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"sec_per_step": seconds, "peak_rss_mb": peak_mb}
+    return {"sec_per_step": seconds, "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Not getrusage's ru_maxrss: Linux carries that across
+    fork + exec, so a child would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def main() -> None:

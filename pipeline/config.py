@@ -215,7 +215,7 @@ class TrainConfig:
     eval_every: int | None = None  # also evaluate every N steps (always at each epoch end)
     checkpoint_every: int = 200  # steps between resumable checkpoints
     log_every: int = 10
-    num_workers: int = 1
+    num_workers: int | None = None  # DataLoader workers; None = 0 on CPU (reading is ~1.5% of a step), 2 on CUDA
     device: str = "auto"
     precision: str = "fp32"
     resume: bool = False
@@ -242,7 +242,7 @@ class TrainConfig:
         _require(self.learning_rate > 0, f"--lr must be positive, got {self.learning_rate}")
         _require(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         _require(self.checkpoint_every > 0, "--checkpoint-every must be positive")
-        _require(self.num_workers >= 0, "--num-workers must be >= 0")
+        _require(self.num_workers is None or self.num_workers >= 0, "--num-workers must be >= 0")
         _require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
         _require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         _require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other: pick one")

@@ -202,6 +202,13 @@ class Run:
     logger: checkpoint.MetricsLog
     evaluated_at: int = -1
 
+    @property
+    def workers(self) -> int:
+        """On a CPU the step owns the cores and reading a batch costs ~1.5% of it; on a GPU, overlap it."""
+        if self.config.num_workers is not None:
+            return self.config.num_workers
+        return 2 if self.device.type == "cuda" else 0
+
     def save(self) -> None:
         checkpoint.save(self.dir, self.state, self.model.student, self.model.projections, self.optimizer, self.scheduler)
 
@@ -283,7 +290,7 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
         while state.step < total_steps:
             run.dataset.set_epoch(state.epoch)
             run.batches.set_epoch(state.epoch, skip_batches=state.batch_in_epoch)
-            for batch in make_loader(run.dataset, run.batches, config.num_workers, seed=config.seed + state.epoch):
+            for batch in make_loader(run.dataset, run.batches, run.workers, seed=config.seed + state.epoch):
                 batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
                 weights = loss_weights(state.step, total_steps, config)
                 try:

@@ -1,0 +1,154 @@
+"""Does it work? LRC students against KD-only and hidden-MSE baselines, and LRC ablations, on real GLUE.
+
+For each task: fine-tune a MiniLM teacher, extract one cache (layers 2..6, which serve both student
+shapes), build random and hard negatives, then train every method for every student shape with the
+same budget, all from that one cache. Finished runs are reused, so a killed run continues where it
+stopped. Results go to <work-dir>/results.md and results.json.
+
+This takes hours on a 2-core CPU with the defaults. It logs each run as it starts ("run i/n") with the
+time so far; pass --tasks/--shapes/--methods to run a part.
+
+    python benchmarks/glue_results.py --work-dir data/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from pipeline.checkpoint import finished_summary
+from pipeline.config import DataConfig, ExtractConfig, FinetuneConfig, NegativesConfig, TrainConfig
+from pipeline.extract import extract_teacher
+from pipeline.finetune import finetune_teacher
+from pipeline.negatives import build_negatives
+from pipeline.runtime import setup_logging
+from pipeline.tasks import get_task
+from pipeline.train import train_student
+
+log = logging.getLogger("glue_results")
+
+# name -> TrainConfig overrides. The baselines get no perturbation: that is part of LRC.
+METHODS: dict[str, dict[str, Any]] = {
+    "LRC": {},
+    "KD-only": {"intermediate_loss": "none", "perturb_eps": 0.0},
+    "Hidden-MSE": {"intermediate_loss": "hidden_mse", "perturb_eps": 0.0},
+    "LRC w/o COS-NCE": {"intermediate_loss": "none"},
+    "LRC w/o perturbation": {"perturb_eps": 0.0},
+    "LRC one-stage": {"one_stage": True},
+    "LRC token": {"granularity": "token"},
+    "LRC cls": {"granularity": "cls"},
+    "LRC hard negatives": {"negatives": "hard"},
+}
+SHAPES: dict[str, dict[str, Any]] = {
+    "4x312 random": {"layers": 4, "hidden": 312, "heads": 12, "intermediate": 1200, "init": "random"},
+    "3x384 from teacher": {"layers": 3, "hidden": 384, "heads": 12, "intermediate": 1536, "init": "teacher"},
+}
+
+
+def prepare_task(task: str, args: argparse.Namespace) -> dict[str, Path]:
+    """Teacher, cache and both negatives files of one task (each reused when already there)."""
+    work = args.work_dir / task
+    data = DataConfig(task=task, data_dir=args.data_dir, max_train_examples=args.max_train_examples)
+    paths = {"teacher": work / "teacher", "cache": work / "cache"}
+    finetune_teacher(FinetuneConfig(data=data, output_dir=paths["teacher"], max_length=args.max_length,
+                                    epochs=args.teacher_epochs, learning_rate=args.teacher_lr))
+    extract_teacher(ExtractConfig(teacher=paths["teacher"], data=data, output_dir=paths["cache"],
+                                  layers=(2, 3, 4, 5, 6), max_length=args.max_length))
+    for strategy in ("random", "hard"):
+        out = paths["cache"] / f"negatives-{strategy}.arrow"
+        if not out.with_suffix(".json").is_file():
+            build_negatives(NegativesConfig(cache_dir=paths["cache"], k=args.k, strategy=strategy, output=out))
+        paths[f"negatives-{strategy}"] = out
+    return paths
+
+
+def run_config(paths: dict[str, Path], shape: str, method: str, seed: int, args: argparse.Namespace) -> TrainConfig:
+    overrides = dict(METHODS[method])
+    negatives = paths[f"negatives-{overrides.pop('negatives', 'random')}"]
+    slug = f"{shape}-{method}-seed{seed}".replace(" ", "_").replace("/", "")
+    base = TrainConfig(cache_dir=paths["cache"], output_dir=paths["cache"].parent / "runs" / slug, negatives=negatives,
+                       k=args.k, epochs=args.student_epochs, learning_rate=args.student_lr, seed=seed,
+                       num_workers=0, checkpoint_every=500)
+    return replace(base, **SHAPES[shape], **overrides)
+
+
+def table(results: list[dict[str, Any]], teachers: dict[str, dict[str, float]], shape: str, methods: list[str],
+          tasks: list[str]) -> str:
+    """Rows: methods (mean over seeds); columns: tasks and the average; % of the teacher in brackets."""
+    main = {t: get_task(t).main_metric for t in tasks}
+    head = "| method | " + " | ".join(f"{t} ({main[t]})" for t in tasks) + " | average | % of teacher |"
+    lines = [head, "|" + "---|" * (len(tasks) + 3)]
+    teacher_avg = sum(teachers[t][main[t]] for t in tasks) / len(tasks)
+    lines.append("| teacher | " + " | ".join(f"{teachers[t][main[t]]:.4f}" for t in tasks) + f" | {teacher_avg:.4f} | 100 |")
+    for method in methods:
+        cells, scores = [], []
+        for t in tasks:
+            runs = [r["best"][main[t]] for r in results if r["task"] == t and r["shape"] == shape and r["method"] == method]
+            if not runs:
+                cells.append("-")
+                continue
+            mean = sum(runs) / len(runs)
+            scores.append(mean)
+            cells.append(f"{mean:.4f}" + (f" (n={len(runs)})" if len(runs) > 1 else ""))
+        average = sum(scores) / len(scores) if len(scores) == len(tasks) else None
+        avg_cell = f"{average:.4f}" if average is not None else "-"
+        pct = f"{100 * average / teacher_avg:.1f}" if average is not None else "-"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {avg_cell} | {pct} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work-dir", type=Path, default=Path("data/results"))
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("LRC_DATA_DIR", "../shared/glue_data")))
+    parser.add_argument("--tasks", default="cola,sst2,mrpc,stsb")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seeds", default="42")
+    parser.add_argument("--max-train-examples", type=int, default=None, help="subsample every train split (default: all)")
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--teacher-epochs", type=float, default=3.0)
+    parser.add_argument("--teacher-lr", type=float, default=1e-4)
+    parser.add_argument("--student-epochs", type=float, default=10.0)
+    parser.add_argument("--student-lr", type=float, default=3e-4)
+    parser.add_argument("--k", type=int, default=4)
+    args = parser.parse_args()
+    setup_logging()
+    tasks, shapes, methods = args.tasks.split(","), args.shapes.split(","), args.methods.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    started = time.perf_counter()
+
+    teachers, results = {}, []
+    plan = [(t, sh, m, s) for t in tasks for sh in shapes for m in methods for s in seeds]
+    prepared: dict[str, dict[str, Path]] = {}
+    for i, (task, shape, method, seed) in enumerate(plan, 1):
+        if task not in prepared:
+            log.info("preparing %s (teacher, cache, negatives); %.0f min so far", task, (time.perf_counter() - started) / 60)
+            prepared[task] = prepare_task(task, args)
+            info = json.loads((prepared[task]["teacher"] / "teacher_info.json").read_text())
+            teachers[task] = info["dev_metrics"]
+        config = run_config(prepared[task], shape, method, seed, args)
+        log.info("run %d/%d: %s, %s, %s, seed %d; %.0f min so far", i, len(plan), task, shape, method, seed,
+                 (time.perf_counter() - started) / 60)
+        summary = finished_summary(config) or train_student(config)
+        results.append({"task": task, "shape": shape, "method": method, "seed": seed, "best": summary["best"],
+                        "train_seconds": summary["train_seconds"], "teacher_dev": summary["teacher_dev"]})
+        (args.work_dir / "results.json").write_text(json.dumps({"teachers": teachers, "runs": results}, indent=2))
+
+    report = [f"# GLUE results ({', '.join(tasks)})", ""]
+    for shape in shapes:
+        report += [f"## {shape}", "", table(results, teachers, shape, methods, tasks), ""]
+    report += ["## Wall time per run (s)", "", "| task | shape | method | seed | train s |", "|---|---|---|---|---|"]
+    report += [f"| {r['task']} | {r['shape']} | {r['method']} | {r['seed']} | {r['train_seconds']:.0f} |" for r in results]
+    (args.work_dir / "results.md").write_text("\n".join(report) + "\n")
+    log.info("done in %.0f min: %s", (time.perf_counter() - started) / 60, args.work_dir / "results.md")
+
+
+if __name__ == "__main__":
+    main()
