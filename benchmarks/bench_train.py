@@ -73,16 +73,16 @@ def training_parts(cache_dir: Path):
     model = Model(student, projections, [sorted(set(mapping)).index(j) for j in mapping])
     params = list(student.parameters()) + list(projections.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as pipeline/train.py
-    return cache, config, mapping, model, params, optimizer
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return cache, config, mapping, model, params, (optimizer, scheduler)
 
 
-def step(model, batch, config, params, optimizer) -> None:
-    from pipeline.train import train_step
+def step(model, batch, config, params, optimizer, scheduler) -> None:
+    """One training step exactly as train-student's loop does it (stage-two weights: every term computed)."""
+    from pipeline.train import apply_update, train_step
 
     train_step(model, batch, (1.0, 1.0, 3.0), config, False, torch.device("cpu"))
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    apply_update(params, optimizer, scheduler)
 
 
 def online_batches(cache, mapping: list[int], batch_size: int, k: int):
@@ -138,10 +138,10 @@ def run_variant(variant: str, cache_dir: Path, steps: int, warmup: int) -> dict[
         if variant == "c":  # collate everything first: the step alone is timed
             source = iter([next(source) for _ in range(steps + warmup)])
     for _ in range(warmup):
-        step(model, next(source), config, params, optimizer)
+        step(model, next(source), config, params, *optimizer)
     start = time.perf_counter()
     for _ in range(steps):
-        step(model, next(source), config, params, optimizer)
+        step(model, next(source), config, params, *optimizer)
     seconds = (time.perf_counter() - start) / steps
     return {"sec_per_step": seconds, "peak_rss_mb": peak_rss_mb()}
 

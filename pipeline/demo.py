@@ -54,6 +54,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     with _stage("finetune-teacher", times):
         teacher = finetune_teacher(FinetuneConfig(
             data=data, output_dir=paths["teacher"], max_length=config.max_length, epochs=config.teacher_epochs,
+            learning_rate=config.teacher_lr,
             seed=config.seed, device=config.device, precision=config.precision,
         ))
     with _stage("extract-teacher", times):

@@ -149,6 +149,18 @@ def train_step(model: Model, batch: dict[str, torch.Tensor], weights: tuple[floa
     return {**{k: v.detach() for k, v in terms.items()}, "loss": total.detach()}
 
 
+def apply_update(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    """Clip, step, advance the schedule, zero the gradients.
+
+    The gradients are zeroed in place, not set to None: fresh allocations above 32 MB (the word
+    embeddings' gradient is 30522 x d) are mapped and page-faulted anew every step (DESIGN §6).
+    """
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=False)
+
+
 def _check_finite(terms: dict[str, torch.Tensor]) -> None:
     for name, value in terms.items():
         if not torch.isfinite(value):
@@ -298,11 +310,8 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
                 except FloatingPointError as err:
                     raise LrcError(f"{err} at step {state.step} (epoch {state.epoch}): training stopped, the last good "
                                    f"checkpoint is in {run.dir.checkpoint_dir}; lower --lr or use --precision fp32") from None
-                torch.nn.utils.clip_grad_norm_(run.params, 1.0)
                 lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (the log reports it, not the next one's)
-                run.optimizer.step()
-                run.scheduler.step()
-                run.optimizer.zero_grad(set_to_none=True)
+                apply_update(run.params, run.optimizer, run.scheduler)
                 state.step += 1
                 state.batch_in_epoch += 1
                 seen += len(batch["labels"])
