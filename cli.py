@@ -309,6 +309,7 @@ def demo(
     max_train_examples: int = typer.Option(4000, help="Subsample the train split to this many rows so the demo fits in ~15 min on 2 CPU cores; 0 = all rows."),
     max_length: int = typer.Option(64, help="Truncate inputs to this many tokens."),
     teacher_epochs: float = typer.Option(1.0, help="Epochs of teacher fine-tuning."),
+    teacher_lr: float = typer.Option(1e-4, help="Peak learning rate of teacher fine-tuning."),
     student_epochs: float = typer.Option(4.0, help="Epochs of student training."),
     student_lr: float = typer.Option(3e-4, help="Peak learning rate of the student."),
     k: int = typer.Option(4, "--k", help="Negatives per example."),
@@ -321,7 +322,8 @@ def demo(
 
     outcome = run_demo(DemoConfig(
         task=task, data_dir=data_dir, work_dir=work_dir, max_train_examples=max_train_examples or None,
-        max_length=max_length, teacher_epochs=teacher_epochs, student_epochs=student_epochs, student_lr=student_lr,
+        max_length=max_length, teacher_epochs=teacher_epochs, teacher_lr=teacher_lr, student_epochs=student_epochs,
+        student_lr=student_lr,
         k=k, seed=seed, device=device, precision=precision,
     ))
     typer.echo(render(outcome))

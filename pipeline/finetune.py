@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
@@ -60,13 +61,7 @@ def finetune_teacher(config: FinetuneConfig) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(backbone)
     train, dev = load_examples(config.data, "train"), load_examples(config.data, "dev")
     labels = list(task.labels) if task.labels else ["score"]
-    model = AutoModelForSequenceClassification.from_pretrained(
-        backbone,
-        num_labels=task.num_labels,
-        id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)},
-        problem_type="regression" if task.is_regression else "single_label_classification",
-    )
+    model = _with_new_head(backbone, task.num_labels, labels, task.is_regression)
     device = pick_device(config.device)
     model.to(device)
     segments = "token_type_ids" in tokenizer.model_input_names
@@ -135,6 +130,23 @@ def _settings(config: FinetuneConfig) -> dict[str, Any]:
     raw.pop("overwrite")
     raw.pop("output_dir")
     return json.loads(json.dumps(raw, default=str))
+
+
+def _with_new_head(backbone: str, num_labels: int, labels: list[str], regression: bool) -> torch.nn.Module:
+    """The backbone with a freshly initialised classification head (said in one line, not transformers'
+    load report, which lists the new head's weights as MISSING and reads like an error)."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            backbone, num_labels=num_labels, id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)},
+            problem_type="regression" if regression else "single_label_classification",
+        )
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    log.info("new %s head with %d output(s) on %s", "regression" if regression else "classification", num_labels, backbone)
+    return model
 
 
 def _optimizer(model: torch.nn.Module, config: FinetuneConfig, total_steps: int) -> tuple[Any, Any]:
