@@ -31,7 +31,7 @@ import torch
 from pipeline import batches
 from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader
 from pipeline.cache import RowReader, open_cache
-from pipeline.negatives import NegativeSampler
+from pipeline.sampler import NegativeSampler
 from common import gemm_probe
 
 BATCH, K = 16, 4

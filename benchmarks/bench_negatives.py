@@ -22,7 +22,8 @@ import faiss
 import numpy as np
 
 from pipeline.config import NegativesConfig
-from pipeline.negatives import find_candidates, write_negatives
+from pipeline.negatives import find_candidates
+from pipeline.sampler import write_negatives
 
 # (rows, width, strategy, index): random needs no index; hard compares HNSW and IVF side by side at 100k
 # and exact search with IVF at 50k, where `auto` switches

@@ -89,7 +89,7 @@ def online_batches(cache, mapping: list[int], batch_size: int, k: int):
     """Yield batches whose targets the teacher computes now, for the batch and its negatives."""
     from transformers import BertForSequenceClassification
 
-    from pipeline.negatives import NegativeSampler
+    from pipeline.sampler import NegativeSampler
     from pipeline.runtime import pad_batch
 
     teacher = BertForSequenceClassification.from_pretrained(cache.teacher_weights_dir).eval()
@@ -121,7 +121,7 @@ def online_batches(cache, mapping: list[int], batch_size: int, k: int):
 
 def run_variant(variant: str, cache_dir: Path, steps: int, warmup: int) -> dict[str, float]:
     from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader
-    from pipeline.negatives import NegativeSampler
+    from pipeline.sampler import NegativeSampler
 
     torch.set_num_threads(os.cpu_count() or 1)
     cache, config, mapping, model, params, optimizer = training_parts(cache_dir)

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class NegativeSource(Protocol):
-    """What the dataset needs of `negatives.NegativeSampler`."""
+    """What the dataset needs of `sampler.NegativeSampler`."""
 
     def sample(self, row_ids: np.ndarray, epoch: int) -> np.ndarray: ...  # (B,) -> (B, K) int64 row ids
 

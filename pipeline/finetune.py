@@ -7,7 +7,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,33 +73,14 @@ def finetune_teacher(config: FinetuneConfig) -> dict[str, Any]:
     best: dict[str, Any] | None = None
     tmp = out.with_name(f".{out.name}.tmp")
     epochs = math.ceil(config.epochs)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    total_steps = max(1, int(config.epochs * steps_per_epoch))
+    total_steps = max(1, int(config.epochs * math.ceil(len(train) / config.batch_size)))
     optimizer, scheduler = _optimizer(model, config, total_steps)
+    batches = _Batches(train_ids, train_types, list(train.labels), pad_id, segments, device)
     generator = np.random.default_rng(config.seed)
     step = 0
     for epoch in range(epochs):
-        order = generator.permutation(len(train))
-        bar = tqdm(range(0, len(order), config.batch_size), desc=f"finetune epoch {epoch + 1}/{epochs}", unit="batch")
-        model.train()
-        for b in bar:
-            if step >= total_steps:
-                break
-            rows = order[b : b + config.batch_size]
-            input_ids, token_types, mask = pad_batch(
-                [train_ids[r] for r in rows], [train_types[r] for r in rows], pad_id, device
-            )
-            target = torch.tensor([train.labels[r] for r in rows], device=device)
-            extra = {"token_type_ids": token_types} if segments else {}
-            with autocast(device, config.precision):
-                loss = model(input_ids=input_ids, attention_mask=mask, labels=target, **extra).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        step = _train_epoch(model, batches, generator.permutation(len(train)), config, optimizer, scheduler,
+                            step, total_steps, f"finetune epoch {epoch + 1}/{epochs}")
         logits = predict_logits(model, dev_ids, dev_types, config.eval_batch_size, device, config.precision, pad_id, segments)
         metrics = compute_metrics(task, logits, np.asarray(dev.labels))
         log.info("epoch %d: dev %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
@@ -130,6 +111,44 @@ def _settings(config: FinetuneConfig) -> dict[str, Any]:
     raw.pop("overwrite")
     raw.pop("output_dir")
     return json.loads(json.dumps(raw, default=str))
+
+
+@dataclass(frozen=True)
+class _Batches:
+    """The encoded train split and how to pad it."""
+
+    ids: list[list[int]]
+    types: list[list[int]]
+    labels: list[Any]
+    pad_id: int
+    segments: bool
+    device: torch.device
+
+
+def _train_epoch(model: torch.nn.Module, data: _Batches, order: np.ndarray, config: FinetuneConfig, optimizer: Any,
+                 scheduler: Any, step: int, total_steps: int, desc: str) -> int:
+    """One pass over `order` in batches (stopping at total_steps); returns the step count after it."""
+    model.train()
+    bar = tqdm(range(0, len(order), config.batch_size), desc=desc, unit="batch")
+    for b in bar:
+        if step >= total_steps:
+            break
+        rows = order[b : b + config.batch_size]
+        input_ids, token_types, mask = pad_batch(
+            [data.ids[r] for r in rows], [data.types[r] for r in rows], data.pad_id, data.device
+        )
+        target = torch.tensor([data.labels[r] for r in rows], device=data.device)
+        extra = {"token_type_ids": token_types} if data.segments else {}
+        with autocast(data.device, config.precision):
+            loss = model(input_ids=input_ids, attention_mask=mask, labels=target, **extra).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=False)  # reuse the gradient buffers (as train-student does)
+        step += 1
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return step
 
 
 def _with_new_head(backbone: str, num_labels: int, labels: list[str], regression: bool) -> torch.nn.Module:

@@ -1,15 +1,13 @@
 """Stage `build-negatives`: cache -> negatives.arrow (M candidate negatives per train row) + negatives.json.
 
 The core, `find_candidates`, is numpy + FAISS over the L2-normalised pooled teacher vectors (inner
-product = cosine) and knows nothing of caches; `build_negatives` reads a cache and writes the files;
-`NegativeSampler` is the reader `train-student` draws K of the M candidates from, afresh each epoch.
+product = cosine) and knows nothing of caches; `build_negatives` reads a cache and writes the files.
+The file format and the reader `train-student` draws from live in `pipeline/sampler.py`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,19 +15,16 @@ from typing import Any
 
 import faiss
 import numpy as np
-import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.cache import open_cache, write_json_atomic
 from pipeline.config import NegativesConfig
 from pipeline.errors import LrcError
+from pipeline.sampler import FORMAT, FORMAT_VERSION, manifest_path, write_negatives
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "lrc-negatives"
-FORMAT_VERSION = 1
-_META_KEY = b"lrc.negatives"
 _QUERY_BLOCK = 8192  # queries per FAISS call: bounds the (block, k) result arrays and paces the progress bar
 _EXACT_BLOCK = 64  # queries per numpy brute-force block: (64, N) float32 scores stay ~100 MB at N = 400k
 _HNSW_M = 32  # graph degree: recall >= 0.99 on clustered 768-d data at efSearch 128 (DESIGN §6)
@@ -348,11 +343,6 @@ def _cosines(x: np.ndarray, ids: np.ndarray, block: int = 4096) -> np.ndarray:
 # --------------------------------------------------------------------------- files
 
 
-def manifest_path(output: Path) -> Path:
-    """negatives.json next to negatives.arrow (or <name>.json next to <name>.arrow)."""
-    return output.with_suffix(".json")
-
-
 def build_negatives(config: NegativesConfig) -> Path:
     """`lrc build-negatives`: read the cache's train split, find candidates, write the Arrow file and manifest."""
     start = time.perf_counter()
@@ -380,111 +370,3 @@ def build_negatives(config: NegativesConfig) -> Path:
     logger.info("wrote %s (%d rows x %d candidates, %s) in %.1f s", out, len(ids), ids.shape[1], config.strategy,
                 meta["seconds"])
     return out
-
-
-def write_negatives(path: Path, ids: np.ndarray, scores: np.ndarray, meta: dict[str, Any]) -> None:
-    """Arrow IPC file: row_id, candidates [M] int64, scores [M] float32; `meta` in the schema. Atomic."""
-    n, m = ids.shape
-    schema = pa.schema(
-        [("row_id", pa.int64()), ("candidates", pa.list_(pa.int64(), m)), ("scores", pa.list_(pa.float32(), m))],
-        metadata={_META_KEY: json.dumps(meta, sort_keys=True).encode()},
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            for s in range(0, n, 65536):
-                e = min(s + 65536, n)
-                writer.write_batch(pa.record_batch([
-                    pa.array(np.arange(s, e, dtype=np.int64)),
-                    pa.FixedSizeListArray.from_arrays(pa.array(ids[s:e].ravel()), m),
-                    pa.FixedSizeListArray.from_arrays(pa.array(scores[s:e].ravel().astype(np.float32)), m),
-                ], schema=schema))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def read_negatives(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """(ids (N, M) int64, scores (N, M) float32, metadata) of a negatives file, or a one-line LrcError."""
-    path = Path(path)
-    fix = "build one with `lrc build-negatives --cache DIR`"
-    if not path.is_file():
-        raise LrcError(f"negatives file {path} does not exist: {fix}")
-    try:
-        with pa.memory_map(str(path), "r") as source:
-            table = pa.ipc.open_file(source).read_all()
-        meta = json.loads(table.schema.metadata[_META_KEY])
-    except (pa.ArrowInvalid, KeyError, TypeError, json.JSONDecodeError):
-        raise LrcError(f"{path} is not an lrc negatives file: {fix}") from None
-    if meta.get("format") != FORMAT or not {"cache_fingerprint", "candidates"} <= meta.keys():
-        raise LrcError(f"{path} is not an lrc negatives file: {fix}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise LrcError(f"{path} has negatives format {meta.get('format_version')}, this lrc reads "
-                       f"{FORMAT_VERSION}: rebuild it with `lrc build-negatives`")
-    n, m = table.num_rows, meta["candidates"]
-    ids = table.column("candidates").combine_chunks().flatten().to_numpy().reshape(n, m).copy()
-    scores = table.column("scores").combine_chunks().flatten().to_numpy().reshape(n, m).copy()
-    if not np.array_equal(table.column("row_id").to_numpy(), np.arange(n)):
-        raise LrcError(f"{path} is corrupt (row ids are not 0..{n - 1}): {fix}")
-    return ids, scores, meta
-
-
-# --------------------------------------------------------------------------- sampling
-
-
-_MASK64 = (1 << 64) - 1
-_GAMMA = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a bijective scramble of uint64 arrays (wrapping arithmetic)."""
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def draw_keys(seed: int, epoch: int, row_ids: np.ndarray, m: int) -> np.ndarray:
-    """(B, m) uint64 pseudo-random keys that depend only on (seed, epoch, row id, column)."""
-    state = _mix64(np.array([seed & _MASK64], np.uint64) + _GAMMA)
-    state = _mix64(state ^ np.array([epoch & _MASK64], np.uint64))
-    per_row = _mix64(state ^ (np.asarray(row_ids).astype(np.uint64) * _GAMMA))  # (B,)
-    columns = np.arange(1, m + 1, dtype=np.uint64) * _GAMMA  # splitmix64's stream: state + i * gamma
-    return _mix64(per_row[:, None] + columns[None, :])
-
-
-class NegativeSampler:
-    """Draws K of each anchor's M candidates; the draw depends only on (seed, epoch, row id).
-
-    So a row gets the same negatives whichever batch, DataLoader worker or resumed run asks for it.
-    """
-
-    def __init__(self, path: Path, k: int, seed: int, expected_fingerprint: str | None = None) -> None:
-        self.path = Path(path)
-        self.candidates, self.scores, self.meta = read_negatives(self.path)
-        self.k, self.seed = k, seed
-        built_from = self.meta["cache_fingerprint"]
-        if expected_fingerprint is not None and built_from != expected_fingerprint:
-            raise LrcError(f"negatives file {self.path} was built from another cache (fingerprint {built_from[:12]}, "
-                           f"this cache {expected_fingerprint[:12]}): rebuild it with `lrc build-negatives`")
-        if not 0 < k <= self.num_candidates:
-            raise LrcError(f"K={k} negatives per anchor, but {self.path} holds {self.num_candidates} candidates per "
-                           f"row: lower --k or rebuild with `lrc build-negatives --candidates {max(k, 1)}` or more")
-
-    @property
-    def num_rows(self) -> int:
-        return self.candidates.shape[0]
-
-    @property
-    def num_candidates(self) -> int:
-        return self.candidates.shape[1]
-
-    def sample(self, row_ids: np.ndarray, epoch: int) -> np.ndarray:
-        """(B,) row ids -> (B, K) int64 negative row ids: a uniform K-subset of each row's M candidates."""
-        row_ids = np.asarray(row_ids, dtype=np.int64)
-        outside = row_ids[(row_ids < 0) | (row_ids >= self.num_rows)]
-        if outside.size:
-            raise LrcError(f"row id {outside[0]} outside the {self.num_rows} rows of {self.path}: "
-                           "was it built from this cache? rebuild it with `lrc build-negatives`")
-        pick = np.argsort(draw_keys(self.seed, epoch, row_ids, self.num_candidates), axis=1)[:, : self.k]
-        return np.take_along_axis(self.candidates[row_ids], pick, 1)

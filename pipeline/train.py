@@ -20,7 +20,7 @@ from pipeline.cache import Cache, layer_map, open_cache
 from pipeline.config import TrainConfig
 from pipeline.errors import LrcError
 from pipeline.metrics import compute_metrics
-from pipeline.negatives import NegativeSampler
+from pipeline.sampler import NegativeSampler
 from pipeline.report import write_report
 from pipeline.runtime import autocast, pick_device, predict_logits, seed_everything
 from pipeline.student import Projections, build_student, student_config
@@ -150,11 +150,8 @@ def train_step(model: Model, batch: dict[str, torch.Tensor], weights: tuple[floa
 
 
 def apply_update(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-    """Clip, step, advance the schedule, zero the gradients.
-
-    The gradients are zeroed in place, not set to None: fresh allocations above 32 MB (the word
-    embeddings' gradient is 30522 x d) are mapped and page-faulted anew every step (DESIGN §6).
-    """
+    """Clip, step, advance the schedule, zero the gradients (in place: the buffers, 30522 x d for the
+    word embeddings, are reused rather than reallocated; measured neutral for speed on this CPU)."""
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
     scheduler.step()

@@ -125,7 +125,8 @@ def test_negatives_are_the_sampled_rows_hidden_states(tiny_cache: Path, train_sp
 
 def test_real_negative_sampler_feeds_the_dataset(tiny_cache: Path, train_split, tmp_path: Path) -> None:
     from pipeline.config import NegativesConfig
-    from pipeline.negatives import NegativeSampler, build_negatives
+    from pipeline.negatives import build_negatives
+    from pipeline.sampler import NegativeSampler
 
     path = build_negatives(NegativesConfig(cache_dir=tiny_cache, k=4, output=tmp_path / "neg.arrow", seed=1))
     sampler = NegativeSampler(path, 4, seed=2, expected_fingerprint=open_cache(tiny_cache).fingerprint)

@@ -12,7 +12,8 @@ import pytest
 from pipeline.config import NegativesConfig
 from pipeline.errors import LrcError
 from pipeline import negatives
-from pipeline.negatives import NegativeSampler, build_negatives, find_candidates, manifest_path, write_negatives
+from pipeline.negatives import build_negatives, find_candidates
+from pipeline.sampler import NegativeSampler, manifest_path, write_negatives
 
 UNUSED = Path("unused-cache")
 

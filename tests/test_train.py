@@ -24,7 +24,8 @@ from pipeline.cache import open_cache
 from pipeline.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig
 from pipeline.errors import LrcError
 from pipeline.extract import extract_teacher
-from pipeline.negatives import NegativeSampler, build_negatives
+from pipeline.negatives import build_negatives
+from pipeline.sampler import NegativeSampler
 from pipeline.student import Projections, student_config
 from pipeline.train import (
     Model, loss_terms, loss_weights, lr_at, resolve_layer_map, stage_at, train_step, train_student, weighted_total,
