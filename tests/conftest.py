@@ -41,6 +41,17 @@ def minilm_dir() -> Path:
     return Path(gt.get_model_path())
 
 
+def sst2_lines(glue_dir: Path, split: str, start: int, count: int) -> list[str]:
+    """Raw lines (no header) of the real SST-2 file, kept byte for byte."""
+    lines = (glue_dir / "SST-2" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()
+    return lines[1 + start : 1 + start + count]
+
+
+def write_tsv(path: Path, lines: list[str], header: str = "sentence\tlabel") -> Path:
+    path.write_text("\n".join([header, *lines]) + "\n", encoding="utf-8")
+    return path
+
+
 def make_tiny_teacher(path: Path, tokenizer_dir: Path, num_labels: int = 2, layers: int = 4, seed: int = 0) -> Path:
     """A random BertForSequenceClassification (hidden 32) with the real bert-base-uncased vocabulary."""
     import torch

@@ -18,23 +18,13 @@ from pipeline.config import DataConfig, ExtractConfig
 from pipeline.errors import LrcError
 from pipeline.extract import extract_teacher
 from pipeline.tasks import load_examples
+from conftest import sst2_lines, write_tsv
 
 # fp16 storage: one rounding (2^-11 relative) plus batched-vs-single float noise that may flip it by an ulp.
 FP16 = {"rtol": 2e-3, "atol": 1e-4}
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def sst2_lines(glue_dir: Path, split: str, start: int, count: int) -> list[str]:
-    """Raw lines (no header) of the real SST-2 file, kept byte for byte."""
-    lines = (glue_dir / "SST-2" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()
-    return lines[1 + start : 1 + start + count]
-
-
-def write_tsv(path: Path, lines: list[str], header: str = "sentence\tlabel") -> Path:
-    path.write_text("\n".join([header, *lines]) + "\n", encoding="utf-8")
-    return path
 
 
 def read_tsv(path: Path) -> list[tuple[str, int]]:

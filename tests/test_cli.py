@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from conftest import REPO
+from conftest import REPO, sst2_lines, write_tsv
 
 COMMANDS = ["finetune-teacher", "extract-teacher", "inspect-cache", "build-negatives"]
 runner = CliRunner()
@@ -33,16 +33,6 @@ def assert_one_line_error(result, *needles: str) -> str:
     for needle in needles:
         assert needle in errors[0], errors[0]
     return errors[0]
-
-
-def sst2_lines(glue_dir: Path, split: str, start: int, count: int) -> list[str]:
-    lines = (glue_dir / "SST-2" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()
-    return lines[1 + start : 1 + start + count]
-
-
-def write_tsv(path: Path, lines: list[str]) -> Path:
-    path.write_text("\n".join(["sentence\tlabel", *lines]) + "\n", encoding="utf-8")
-    return path
 
 
 @pytest.fixture()

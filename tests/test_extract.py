@@ -13,21 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, make_tiny_teacher
+from conftest import REPO, make_tiny_teacher, sst2_lines, write_tsv
 from pipeline.cache import open_cache
 from pipeline.config import DataConfig, ExtractConfig
 from pipeline.errors import LrcError
 from pipeline.extract import extract_teacher
-
-
-def sst2_lines(glue_dir: Path, split: str, start: int, count: int) -> list[str]:
-    lines = (glue_dir / "SST-2" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()
-    return lines[1 + start : 1 + start + count]
-
-
-def write_tsv(path: Path, lines: list[str], header: str = "sentence\tlabel") -> Path:
-    path.write_text("\n".join([header, *lines]) + "\n", encoding="utf-8")
-    return path
 
 
 def shard_state(cache_dir: Path) -> dict[str, tuple[int, int]]:
