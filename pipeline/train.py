@@ -326,8 +326,8 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
                     _evaluate_and_keep_best(run)
                 if state.step % config.checkpoint_every == 0:
                     run.save()
-                if state.step >= total_steps:
-                    break
+                if state.step >= total_steps and state.batch_in_epoch < len(run.batches):
+                    break  # stopped mid-epoch (max_steps or a fractional --epochs)
             else:  # the epoch ran to its end
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 _evaluate_and_keep_best(run)

@@ -578,3 +578,23 @@ def test_student_beats_the_majority_class_on_sst2(tmp_path: Path, minilm_dir: Pa
           f"in {time.perf_counter() - started:.0f} s")
     assert teacher >= 0.70  # otherwise the teacher, not the distillation, is what failed
     assert accuracy >= 0.60 > majority + 0.09
+
+
+# --------------------------------------------------------------------------- epoch accounting
+
+
+def test_whole_epochs_are_counted_and_evaluated_once_each(neg_cache: Path, tmp_path: Path) -> None:
+    """200 rows in batches of 64 -> 4 batches an epoch; 2 epochs end exactly on the last step."""
+    summary = train_student(tiny(neg_cache, tmp_path / "run", max_steps=None, epochs=2, batch_size=64,
+                                 eval_batch_size=256, checkpoint_every=100))
+    assert (summary["steps"], summary["epochs"]) == (8, 2)
+    evals = [r for r in read_log(tmp_path / "run") if "eval" in r]
+    assert [(r["step"], r["epoch"]) for r in evals] == [(4, 1), (8, 2)]
+
+
+def test_a_fractional_epoch_stops_mid_epoch_and_evaluates_the_last_step(neg_cache: Path, tmp_path: Path) -> None:
+    summary = train_student(tiny(neg_cache, tmp_path / "run", max_steps=None, epochs=1.5, batch_size=64,
+                                 eval_batch_size=256, checkpoint_every=100))
+    assert (summary["steps"], summary["epochs"]) == (6, 1)
+    evals = [r for r in read_log(tmp_path / "run") if "eval" in r]
+    assert [r["step"] for r in evals] == [4, 6]
