@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.config import EvaluateConfig
 from pipeline.errors import LrcError
 from pipeline.metrics import compute_metrics
+from pipeline import runtime
 from pipeline.runtime import autocast, encode, pick_device, predict_logits
 from pipeline.tasks import TaskSpec, get_task, load_examples
 
@@ -60,16 +60,11 @@ def evaluate_model(model_dir: Path, task: TaskSpec, config: EvaluateConfig) -> d
 
 def load_classifier(model_dir: Path, task: TaskSpec) -> tuple[torch.nn.Module, Any]:
     """A sequence classifier whose label count matches the task, or a one-line error."""
-    if not Path(model_dir).is_dir():
-        raise LrcError(f"model dir {model_dir} does not exist: pass a teacher or student dir")
-    config = AutoConfig.from_pretrained(model_dir)
-    if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
-        raise LrcError(f"{model_dir} has no classification head (architectures: {config.architectures}): "
-                       "evaluate a fine-tuned teacher or a trained student")
-    if config.num_labels != task.num_labels:
-        raise LrcError(f"{model_dir} predicts {config.num_labels} labels but task {task.name} has {task.num_labels}: "
-                       f"evaluate it on the task it was trained for")
-    return AutoModelForSequenceClassification.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    return runtime.load_classifier(model_dir, task.num_labels, task.name, "model dir", {
+        "missing": "pass a teacher or student dir",
+        "head": "evaluate a fine-tuned teacher or a trained student",
+        "labels": "evaluate it on the task it was trained for",
+    })
 
 
 def size_on_disk(model_dir: Path) -> int:

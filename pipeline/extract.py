@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from pipeline import cache
 from pipeline.config import ExtractConfig
 from pipeline.errors import LrcError
-from pipeline.runtime import autocast, encode, pad_batch, pick_device
+from pipeline.runtime import autocast, encode, load_classifier, pad_batch, pick_device
 from pipeline.tasks import Examples, TaskSpec, get_task, load_examples
 
 log = logging.getLogger(__name__)
@@ -82,23 +82,11 @@ def extract_teacher(config: ExtractConfig) -> dict[str, Any]:
 
 def load_teacher(teacher_dir: Path, task: TaskSpec) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """The teacher with its classification head, checked against the task before any work."""
-    if not Path(teacher_dir).is_dir():
-        raise LrcError(f"teacher dir {teacher_dir} does not exist: pass a fine-tuned model dir (see `lrc finetune-teacher`)")
-    config = AutoConfig.from_pretrained(teacher_dir)
-    architectures = config.architectures or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise LrcError(
-            f"teacher {teacher_dir} has no classification head (architectures: {architectures or 'none'}): "
-            f"fine-tune one first with `lrc finetune-teacher --backbone {teacher_dir} --task {task.name}`"
-        )
-    if config.num_labels != task.num_labels:
-        raise LrcError(
-            f"teacher {teacher_dir} predicts {config.num_labels} labels but task {task.name} has "
-            f"{task.num_labels}: use a teacher fine-tuned on {task.name}"
-        )
-    model = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    return model, tokenizer
+    return load_classifier(teacher_dir, task.num_labels, task.name, "teacher", {
+        "missing": "pass a fine-tuned model dir (see `lrc finetune-teacher`)",
+        "head": f"fine-tune one first with `lrc finetune-teacher --backbone {teacher_dir} --task {task.name}`",
+        "labels": f"use a teacher fine-tuned on {task.name}",
+    })
 
 
 def resolve_layers(config: ExtractConfig, num_layers: int) -> list[int]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+from pathlib import Path
 from typing import Any, ContextManager
 
 import numpy as np
 import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.errors import LrcError
 
@@ -91,3 +93,20 @@ def encode(tokenizer: Any, text_a: list[str], text_b: list[str] | None, max_leng
     ids = enc["input_ids"]
     types = enc["token_type_ids"] if "token_type_ids" in enc else [[0] * len(x) for x in ids]
     return ids, types
+
+
+def load_classifier(model_dir: Path, num_labels: int, task_name: str, role: str, fixes: dict[str, str]) -> tuple[Any, Any]:
+    """A sequence classifier and its tokenizer, checked before any work: the dir exists, has a
+    classification head, and predicts the task's label count. `fixes` holds the hint each check's
+    one-line error ends with (keys: missing, head, labels), worded for the calling command."""
+    if not Path(model_dir).is_dir():
+        raise LrcError(f"{role} {model_dir} does not exist: {fixes['missing']}")
+    config = AutoConfig.from_pretrained(model_dir)
+    architectures = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise LrcError(f"{role} {model_dir} has no classification head (architectures: {architectures or 'none'}): "
+                       f"{fixes['head']}")
+    if config.num_labels != num_labels:
+        raise LrcError(f"{role} {model_dir} predicts {config.num_labels} labels but task {task_name} has "
+                       f"{num_labels}: {fixes['labels']}")
+    return AutoModelForSequenceClassification.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)

