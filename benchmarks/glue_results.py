@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoint import finished_summary
+from pipeline.checkpoint import CHECKPOINT_DIR, STATE_FILE, finished_summary
 from pipeline.config import DataConfig, ExtractConfig, FinetuneConfig, NegativesConfig, TrainConfig
 from pipeline.extract import extract_teacher
 from pipeline.finetune import finetune_teacher
@@ -44,6 +44,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "LRC token": {"granularity": "token"},
     "LRC cls": {"granularity": "cls"},
     "LRC hard negatives": {"negatives": "hard"},
+    "LRC random projection": {"projection_init": "random"},
+    "Hidden-MSE random projection": {"intermediate_loss": "hidden_mse", "perturb_eps": 0.0, "projection_init": "random"},
 }
 SHAPES: dict[str, dict[str, Any]] = {
     "4x312 random": {"layers": 4, "hidden": 312, "heads": 12, "intermediate": 1200, "init": "random"},
@@ -57,7 +59,8 @@ def prepare_task(task: str, args: argparse.Namespace) -> dict[str, Path]:
     data = DataConfig(task=task, data_dir=args.data_dir, max_train_examples=args.max_train_examples)
     paths = {"teacher": work / "teacher", "cache": work / "cache"}
     finetune_teacher(FinetuneConfig(data=data, output_dir=paths["teacher"], max_length=args.max_length,
-                                    epochs=args.teacher_epochs, learning_rate=args.teacher_lr))
+                                    epochs=args.teacher_epochs.get(task, args.teacher_epochs["default"]),
+                                    learning_rate=args.teacher_lr))
     extract_teacher(ExtractConfig(teacher=paths["teacher"], data=data, output_dir=paths["cache"],
                                   layers=(2, 3, 4, 5, 6), max_length=args.max_length))
     for strategy in ("random", "hard"):
@@ -75,7 +78,10 @@ def run_config(paths: dict[str, Path], shape: str, method: str, seed: int, args:
     base = TrainConfig(cache_dir=paths["cache"], output_dir=paths["cache"].parent / "runs" / slug, negatives=negatives,
                        k=args.k, epochs=args.student_epochs, learning_rate=args.student_lr, seed=seed,
                        num_workers=0, checkpoint_every=500)
-    return replace(base, **SHAPES[shape], **overrides)
+    config = replace(base, **SHAPES[shape], **overrides)
+    # A run killed part-way continues from its last checkpoint; one killed before its first starts over.
+    started = (config.output_dir / CHECKPOINT_DIR / STATE_FILE).is_file()
+    return replace(config, resume=started, overwrite=not started and config.output_dir.exists())
 
 
 def table(results: list[dict[str, Any]], teachers: dict[str, dict[str, float]], shape: str, methods: list[str],
@@ -103,6 +109,17 @@ def table(results: list[dict[str, Any]], teachers: dict[str, dict[str, float]], 
     return "\n".join(lines)
 
 
+def per_task(text: str) -> dict[str, float]:
+    """'3' or '3,sst2=1' -> {'default': 3.0, 'sst2': 1.0}."""
+    values: dict[str, float] = {}
+    for item in text.split(","):
+        task, _, value = item.rpartition("=")
+        values[task or "default"] = float(value)
+    if "default" not in values:
+        raise argparse.ArgumentTypeError(f"{text!r} has no value for the other tasks: add one without 'task='")
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", type=Path, default=Path("data/results"))
@@ -111,14 +128,19 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--seeds", default="42")
-    parser.add_argument("--max-train-examples", type=int, default=None, help="subsample every train split (default: all)")
+    parser.add_argument("--max-train-examples", type=int, default=4000,
+                        help="seeded subsample of every train split (0 = all)")
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--teacher-epochs", type=float, default=3.0)
+    parser.add_argument("--teacher-epochs", type=per_task, default=per_task("3,sst2=1"),
+                        help="teacher epochs, optionally per task: '3' or '3,sst2=1' (the best dev epoch is kept)")
     parser.add_argument("--teacher-lr", type=float, default=1e-4)
-    parser.add_argument("--student-epochs", type=float, default=10.0)
+    parser.add_argument("--student-epochs", type=float, default=4.0)
     parser.add_argument("--student-lr", type=float, default=3e-4)
     parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--only-finished", action="store_true",
+                        help="train nothing: write the tables from the runs already finished (to assemble parallel runs)")
     args = parser.parse_args()
+    args.max_train_examples = args.max_train_examples or None
     setup_logging()
     tasks, shapes, methods = args.tasks.split(","), args.shapes.split(","), args.methods.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -128,6 +150,8 @@ def main() -> None:
     plan = [(t, sh, m, s) for t in tasks for sh in shapes for m in methods for s in seeds]
     prepared: dict[str, dict[str, Path]] = {}
     for i, (task, shape, method, seed) in enumerate(plan, 1):
+        if args.only_finished and not (args.work_dir / task / "cache" / "manifest.json").is_file():
+            continue  # nothing of this task has been run
         if task not in prepared:
             log.info("preparing %s (teacher, cache, negatives); %.0f min so far", task, (time.perf_counter() - started) / 60)
             prepared[task] = prepare_task(task, args)
@@ -136,7 +160,10 @@ def main() -> None:
         config = run_config(prepared[task], shape, method, seed, args)
         log.info("run %d/%d: %s, %s, %s, seed %d; %.0f min so far", i, len(plan), task, shape, method, seed,
                  (time.perf_counter() - started) / 60)
-        summary = finished_summary(config) or train_student(config)
+        summary = finished_summary(config)
+        if summary is None and args.only_finished:
+            continue
+        summary = summary or train_student(config)
         results.append({"task": task, "shape": shape, "method": method, "seed": seed, "best": summary["best"],
                         "train_seconds": summary["train_seconds"], "teacher_dev": summary["teacher_dev"]})
         (args.work_dir / "results.json").write_text(json.dumps({"teachers": teachers, "runs": results}, indent=2))

@@ -172,6 +172,7 @@ class NegativesConfig:
 
 GRANULARITIES = ("flat", "token", "cls")
 INTERMEDIATE_LOSSES = ("cos_nce", "hidden_mse", "none")
+PROJECTION_INITS = ("auto", "identity", "random")
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,7 @@ class TrainConfig:
     stage2_weights: tuple[float, float, float] = (1.0, 1.0, 3.0)
     one_stage: bool = False
     perturb_eps: float = 1.0  # 0 turns gradient perturbation off
+    projection_init: str = "auto"  # W_i start: identity where the widths match (auto), identity, or random
     # optimisation
     epochs: float = 3.0
     max_steps: int | None = None  # stop after this many steps (the schedule still spans them)
@@ -232,6 +234,8 @@ class TrainConfig:
                  f"unknown --intermediate-loss {self.intermediate_loss!r}: choose one of {', '.join(INTERMEDIATE_LOSSES)}")
         _require(self.granularity in GRANULARITIES,
                  f"unknown --granularity {self.granularity!r}: choose one of {', '.join(GRANULARITIES)}")
+        _require(self.projection_init in PROJECTION_INITS,
+                 f"unknown --projection-init {self.projection_init!r}: choose one of {', '.join(PROJECTION_INITS)}")
         _require(self.k >= 0, f"--k must be >= 0, got {self.k}")
         _require(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
         _require(0 <= self.stage1_fraction < 1, f"--stage1-fraction must be in [0, 1), got {self.stage1_fraction}")

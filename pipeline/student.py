@@ -94,9 +94,15 @@ def _from_teacher(config: BertConfig, weights: Path | None, layer_map: list[int]
 class Projections(nn.Module):
     """One W_i (student width -> teacher width, no bias) per mapped layer: z_S = h_i^S W_i."""
 
-    def __init__(self, student_width: int, teacher_width: int, count: int) -> None:
+    def __init__(self, student_width: int, teacher_width: int, count: int, identity: bool = False) -> None:
         super().__init__()
         self.maps = nn.ModuleList(nn.Linear(student_width, teacher_width, bias=False) for _ in range(count))
+        if identity:
+            # Widths match: a student initialised from the teacher already speaks the teacher's basis, and a
+            # random W_i would make the first COS-NCE gradients rewrite the copied layers to fit that map.
+            with torch.no_grad():
+                for w in self.maps:
+                    nn.init.eye_(w.weight)
 
     def forward(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         return [w(h) for w, h in zip(self.maps, hidden)]  # each (B, L, d')

@@ -234,6 +234,10 @@ def _setup(config: TrainConfig) -> Run:
             raise LrcError(f"no negatives file at {config.negatives_path}: run `lrc build-negatives --cache "
                            f"{config.cache_dir}` first, or pass --k 0 to train without negatives")
         sampler = NegativeSampler(config.negatives_path, config.k, config.seed, cache.fingerprint)
+    if config.projection_init == "identity" and config.hidden != cache.hidden_size:
+        raise LrcError(f"--projection-init identity needs the student width (--hidden {config.hidden}) to equal the "
+                       f"teacher width ({cache.hidden_size}): use --projection-init auto or random")
+    identity = config.projection_init != "random" and config.hidden == cache.hidden_size
     run_dir = checkpoint.prepare_run_dir(config)
     seed_everything(config.seed)
 
@@ -242,7 +246,7 @@ def _setup(config: TrainConfig) -> Run:
     student = build_student(shape, config.init, cache.teacher_weights_dir, mapping)
     intermediate = config.intermediate_loss != "none"
     stored = sorted(set(mapping)) if intermediate else []  # the teacher layers the batches carry, in order
-    projections = Projections(student.config.hidden_size, cache.hidden_size, config.layers) if intermediate else None
+    projections = Projections(student.config.hidden_size, cache.hidden_size, config.layers, identity) if intermediate else None
     model = Model(student, projections, [stored.index(j) for j in mapping] if intermediate else [])
     device = pick_device(config.device)
     student.to(device)

@@ -173,3 +173,11 @@ def test_projections_shapes_and_math() -> None:
         assert torch.allclose(z, h @ w.weight.T)  # z_S = h_S W_i, one W_i per mapped layer
     assert not torch.equal(proj.maps[0].weight, proj.maps[1].weight)  # independent matrices
     assert sum(p.numel() for p in proj.parameters()) == 3 * 16 * 32
+
+
+def test_identity_projections_start_as_the_identity_map() -> None:
+    proj = Projections(student_width=8, teacher_width=8, count=2, identity=True)
+    hidden = [torch.randn(2, 5, 8) for _ in range(2)]
+    for z, h in zip(proj(hidden), hidden):
+        assert torch.equal(z, h)
+    assert all(w.weight.requires_grad for w in proj.maps)  # a start, not a frozen map

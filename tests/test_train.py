@@ -28,7 +28,8 @@ from pipeline.negatives import build_negatives
 from pipeline.sampler import NegativeSampler
 from pipeline.student import Projections, student_config
 from pipeline.train import (
-    Model, loss_terms, loss_weights, lr_at, resolve_layer_map, stage_at, train_step, train_student, weighted_total,
+    Model, _setup, loss_terms, loss_weights, lr_at, resolve_layer_map, stage_at, train_step, train_student,
+    weighted_total,
 )
 
 CPU = torch.device("cpu")
@@ -305,6 +306,21 @@ def test_loss_terms_none(neg_cache: Path, batch: dict, tmp_path: Path) -> None:
     hard = -sum(torch.log_softmax(logits[i], -1)[batch["labels"][i]] for i in range(6)) / 6
     assert terms["soft"].item() == pytest.approx(soft.item(), rel=1e-5, abs=1e-7)
     assert terms["hard"].item() == pytest.approx(hard.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("hidden, projection_init, identity", [
+    (32, "auto", True), (32, "identity", True), (32, "random", False), (16, "auto", False)])
+def test_projection_start(neg_cache: Path, tmp_path: Path, hidden: int, projection_init: str, identity: bool) -> None:
+    # The tiny teacher is 32 wide: auto starts W_i at the identity only where the student is as wide.
+    run = _setup(tiny(neg_cache, tmp_path / "run", hidden=hidden, heads=4, projection_init=projection_init))
+    for w in run.model.projections.maps:
+        assert w.weight.shape == (32, hidden)
+        assert torch.equal(w.weight, torch.eye(32)) == identity
+
+
+def test_identity_projection_needs_equal_widths(neg_cache: Path, tmp_path: Path) -> None:
+    refused(tiny(neg_cache, tmp_path / "run", projection_init="identity"), "--projection-init identity", "--hidden 16", "32")
+    assert not (tmp_path / "run").exists()  # refused before the run dir is made
 
 
 def test_weighted_total() -> None:
