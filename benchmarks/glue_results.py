@@ -5,10 +5,12 @@ shapes), build random and hard negatives, then train every method for every stud
 same budget, all from that one cache. Finished runs are reused, so a killed run continues where it
 stopped. Results go to <work-dir>/results.md and results.json.
 
-This takes hours on a 2-core CPU with the defaults. It logs each run as it starts ("run i/n") with the
-time so far; pass --tasks/--shapes/--methods to run a part.
+Defaults are the budget docs/RESULTS.md reports: 4,000 train rows per task, teacher 3 epochs (SST-2: 1),
+students 1,000 steps of 16 (4 epochs) at lr 3e-4. Each run is logged as it starts ("run i/n") with the
+time so far; pass --tasks/--shapes/--methods/--seeds to run a part, and --only-finished to write the
+tables from what has run. benchmarks/reproduce_results.sh runs the whole set behind RESULTS.md (hours).
 
-    python benchmarks/glue_results.py --work-dir data/results
+    python benchmarks/glue_results.py --work-dir data/results --tasks sst2 --methods LRC,KD-only
 """
 
 from __future__ import annotations
