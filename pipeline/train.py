@@ -246,7 +246,7 @@ def _setup(config: TrainConfig) -> Run:
     student = build_student(shape, config.init, cache.teacher_weights_dir, mapping)
     intermediate = config.intermediate_loss != "none"
     stored = sorted(set(mapping)) if intermediate else []  # the teacher layers the batches carry, in order
-    projections = Projections(student.config.hidden_size, cache.hidden_size, config.layers, identity) if intermediate else None
+    projections = Projections(config.hidden, cache.hidden_size, config.layers, identity) if intermediate else None
     model = Model(student, projections, [stored.index(j) for j in mapping] if intermediate else [])
     device = pick_device(config.device)
     student.to(device)
