@@ -268,8 +268,8 @@ def train_student(
         stage2_weights=_parse_weights(stage2_weights, "--stage2-weights"), one_stage=one_stage,
         perturb_eps=perturb_eps, projection_init=projection_init, epochs=epochs, max_steps=max_steps,
         batch_size=batch_size, learning_rate=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, seed=seed,
-        eval_every=eval_every, checkpoint_every=checkpoint_every, log_every=log_every, num_workers=num_workers, device=device,
-        precision=precision, resume=resume, overwrite=overwrite,
+        eval_every=eval_every, checkpoint_every=checkpoint_every, log_every=log_every, num_workers=num_workers,
+        device=device, precision=precision, resume=resume, overwrite=overwrite,
     ))
     typer.echo(f"student: {output_dir}  best dev {json.dumps(summary['best'])}  teacher dev {json.dumps(summary['teacher_dev'])}")
 
