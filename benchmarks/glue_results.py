@@ -88,22 +88,27 @@ def run_config(paths: dict[str, Path], shape: str, method: str, seed: int, args:
 
 def table(results: list[dict[str, Any]], teachers: dict[str, dict[str, float]], shape: str, methods: list[str],
           tasks: list[str]) -> str:
-    """Rows: methods (mean over seeds); columns: tasks and the average; % of the teacher in brackets."""
+    """Rows: methods (mean over seeds); columns: tasks (every dev metric, the main one first) and the
+    average of the main metrics; the last column is that average as a % of the teacher's."""
     main = {t: get_task(t).main_metric for t in tasks}
-    head = "| method | " + " | ".join(f"{t} ({main[t]})" for t in tasks) + " | average | % of teacher |"
-    lines = [head, "|" + "---|" * (len(tasks) + 3)]
+    names = {t: [main[t]] + [m for m in teachers[t] if m not in (main[t], "epoch")] for t in tasks}
+    head = "| method | " + " | ".join(f"{t} ({'/'.join(names[t])})" for t in tasks) + " | average | % of teacher |"
+    lines = [head, "|---|" + "---:|" * (len(tasks) + 2)]
     teacher_avg = sum(teachers[t][main[t]] for t in tasks) / len(tasks)
-    lines.append("| teacher | " + " | ".join(f"{teachers[t][main[t]]:.4f}" for t in tasks) + f" | {teacher_avg:.4f} | 100 |")
+    cells = [" / ".join(f"{teachers[t][m]:.4f}" for m in names[t]) for t in tasks]
+    lines.append("| teacher | " + " | ".join(cells) + f" | {teacher_avg:.4f} | 100 |")
     for method in methods:
         cells, scores = [], []
         for t in tasks:
-            runs = [r["best"][main[t]] for r in results if r["task"] == t and r["shape"] == shape and r["method"] == method]
+            runs = [r["best"] for r in results if r["task"] == t and r["shape"] == shape and r["method"] == method]
             if not runs:
                 cells.append("-")
                 continue
-            mean = sum(runs) / len(runs)
-            scores.append(mean)
-            cells.append(f"{mean:.4f}" + (f" (n={len(runs)})" if len(runs) > 1 else ""))
+            means = [sum(r[m] for r in runs) / len(runs) for m in names[t]]
+            scores.append(means[0])
+            cells.append(" / ".join(f"{v:.4f}" for v in means) + (f" (n={len(runs)})" if len(runs) > 1 else ""))
+        if not scores:
+            continue
         average = sum(scores) / len(scores) if len(scores) == len(tasks) else None
         avg_cell = f"{average:.4f}" if average is not None else "-"
         pct = f"{100 * average / teacher_avg:.1f}" if average is not None else "-"
@@ -170,6 +175,7 @@ def main() -> None:
                         "train_seconds": summary["train_seconds"], "teacher_dev": summary["teacher_dev"]})
         (args.work_dir / "results.json").write_text(json.dumps({"teachers": teachers, "runs": results}, indent=2))
 
+    tasks = [t for t in tasks if t in teachers]  # --only-finished skips tasks never started
     report = [f"# GLUE results ({', '.join(tasks)})", ""]
     for shape in shapes:
         report += [f"## {shape}", "", table(results, teachers, shape, methods, tasks), ""]
