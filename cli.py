@@ -231,7 +231,7 @@ def train_student(
     init: str = typer.Option("random", help="random, teacher (copy embeddings + mapped layers; needs --hidden = teacher width) or a model dir."),
     layer_map: Optional[str] = typer.Option(None, help="Teacher layer per student layer, e.g. 2,3,5,6; default round_half_up(i*N/M)."),
     intermediate_loss: str = typer.Option("cos_nce", help="cos_nce (LRC-BERT), hidden_mse (TinyBERT-style baseline) or none (KD-only)."),
-    granularity: str = typer.Option("flat", help="COS-NCE vectors: flat (all real tokens), token (per-token cosine) or cls."),
+    granularity: str = typer.Option("flat", help="COS-NCE vectors: flat (all real tokens), token (per-token cosine) or cls (first token; collapsed a random student's [CLS] in docs/RESULTS.md)."),
     k: int = typer.Option(4, "--k", help="Negatives per example per step (K); 0 = no negatives."),
     temperature: float = typer.Option(1.1, help="Softmax temperature of the soft loss."),
     stage1_fraction: float = typer.Option(0.8, help="Fraction of steps in stage one."),
