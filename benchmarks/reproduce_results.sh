@@ -3,8 +3,8 @@
 #
 #     LRC_DATA_DIR=../shared/glue_data bash benchmarks/reproduce_results.sh [WORK_DIR]
 #
-# It takes about 4 hours on a 2-core CPU (the runs were made in two parallel streams of one thread
-# each; run sequentially here). Each step logs "run i/n" with the time so far, finished runs are
+# It takes 3-4 hours on a 2-core CPU (the 44 runs behind RESULTS.md took 4.3 hours of run time, two
+# at a time on one thread each; here they run one after another). Each step logs "run i/n" with the time so far, finished runs are
 # reused, and a killed run continues from its last checkpoint, so rerunning this picks up where it
 # stopped. The tables land in WORK_DIR/results.md.
 set -euo pipefail
