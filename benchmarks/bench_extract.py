@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, BertForSequenceClassification
 
-from pipeline import cache
 from pipeline.config import DataConfig, ExtractConfig
 from pipeline.extract import extract_teacher
 from pipeline.finetune import resolve_backbone

@@ -74,12 +74,13 @@ def training_parts(cache_dir: Path):
     params = list(student.parameters()) + list(projections.parameters())
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as pipeline/train.py
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    return cache, config, mapping, model, params, (optimizer, scheduler)
+    return cache, config, mapping, model, params, optimizer, scheduler
 
 
 def step(model, batch, config, params, optimizer, scheduler) -> None:
     """One training step exactly as train-student's loop does it (stage-two weights: every term computed)."""
-    from pipeline.train import apply_update, train_step
+    from pipeline.runtime import apply_update
+    from pipeline.train import train_step
 
     train_step(model, batch, (1.0, 1.0, 3.0), config, False, torch.device("cpu"))
     apply_update(params, optimizer, scheduler)
@@ -124,7 +125,7 @@ def run_variant(variant: str, cache_dir: Path, steps: int, warmup: int) -> dict[
     from pipeline.sampler import NegativeSampler
 
     torch.set_num_threads(os.cpu_count() or 1)
-    cache, config, mapping, model, params, optimizer = training_parts(cache_dir)
+    cache, config, mapping, model, params, optimizer, scheduler = training_parts(cache_dir)
     layers = sorted(set(mapping))
     if variant == "b":
         source = online_batches(cache, mapping, config.batch_size, config.k)
@@ -138,10 +139,10 @@ def run_variant(variant: str, cache_dir: Path, steps: int, warmup: int) -> dict[
         if variant == "c":  # collate everything first: the step alone is timed
             source = iter([next(source) for _ in range(steps + warmup)])
     for _ in range(warmup):
-        step(model, next(source), config, params, *optimizer)
+        step(model, next(source), config, params, optimizer, scheduler)
     start = time.perf_counter()
     for _ in range(steps):
-        step(model, next(source), config, params, *optimizer)
+        step(model, next(source), config, params, optimizer, scheduler)
     seconds = (time.perf_counter() - start) / steps
     return {"sec_per_step": seconds, "peak_rss_mb": peak_rss_mb()}
 

@@ -47,8 +47,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "LRC cls": {"granularity": "cls"},
     "LRC hard negatives": {"negatives": "hard"},
     "LRC random projection": {"projection_init": "random"},
-    "Hidden-MSE random projection": {"intermediate_loss": "hidden_mse", "perturb_eps": 0.0, "projection_init": "random"},
 }
+METHODS["Hidden-MSE random projection"] = {**METHODS["Hidden-MSE"], "projection_init": "random"}
 SHAPES: dict[str, dict[str, Any]] = {
     "4x312 random": {"layers": 4, "hidden": 312, "heads": 12, "intermediate": 1200, "init": "random"},
     "3x384 from teacher": {"layers": 3, "hidden": 384, "heads": 12, "intermediate": 1536, "init": "teacher"},

@@ -12,10 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import EvaluateConfig
-from pipeline.errors import LrcError
-from pipeline.metrics import compute_metrics
 from pipeline import runtime
+from pipeline.config import EvaluateConfig
+from pipeline.metrics import compute_metrics
 from pipeline.runtime import autocast, encode, pick_device, predict_logits
 from pipeline.tasks import TaskSpec, get_task, load_examples
 

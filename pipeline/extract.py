@@ -41,7 +41,7 @@ def extract_teacher(config: ExtractConfig) -> dict[str, Any]:
     """Teacher + task data -> cache dir; resumes a killed run; returns the manifest."""
     task = get_task(config.data.task)
     model, tokenizer = load_teacher(config.teacher, task)
-    num_layers, width = model.config.num_hidden_layers, model.config.hidden_size
+    num_layers = model.config.num_hidden_layers
     layers = resolve_layers(config, num_layers)
     examples = {"train": load_examples(config.data, "train")}
     if config.data.train_file is None or config.data.dev_file is not None:

@@ -20,7 +20,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_
 from pipeline.config import BUNDLED_BACKBONE, FinetuneConfig
 from pipeline.errors import LrcError
 from pipeline.metrics import compute_metrics
-from pipeline.runtime import autocast, encode, pad_batch, pick_device, predict_logits, seed_everything
+from pipeline.runtime import apply_update, autocast, encode, pad_batch, pick_device, predict_logits, seed_everything
 from pipeline.tasks import get_task, load_examples
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ def _train_epoch(model: torch.nn.Module, data: _Batches, order: np.ndarray, conf
                  scheduler: Any, step: int, total_steps: int, desc: str) -> int:
     """One pass over `order` in batches (stopping at total_steps); returns the step count after it."""
     model.train()
+    params = list(model.parameters())
     bar = tqdm(range(0, len(order), config.batch_size), desc=desc, unit="batch")
     for b in bar:
         if step >= total_steps:
@@ -142,10 +143,7 @@ def _train_epoch(model: torch.nn.Module, data: _Batches, order: np.ndarray, conf
         with autocast(data.device, config.precision):
             loss = model(input_ids=input_ids, attention_mask=mask, labels=target, **extra).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=False)  # reuse the gradient buffers (as train-student does)
+        apply_update(params, optimizer, scheduler)
         step += 1
         bar.set_postfix(loss=f"{loss.item():.4f}")
     return step

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from cli import app

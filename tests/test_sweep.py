@@ -7,7 +7,6 @@ import csv
 import json
 import shutil
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
