@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 from pathlib import Path
 
@@ -20,6 +20,18 @@ def default_data_dir() -> Path | None:
     """The GLUE data root from $LRC_DATA_DIR, or None (then tasks fall back to the hub)."""
     value = os.environ.get(DATA_DIR_ENV)
     return Path(value) if value else None
+
+
+def default_of(config_class: type, name: str) -> Any:
+    """The default of one config field. cli.py takes every default from here, so it lives in one place."""
+    for f in fields(config_class):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            raise ValueError(f"{config_class.__name__}.{name} has no default")
+    raise ValueError(f"{config_class.__name__} has no field {name!r}")
 
 
 def _require(condition: bool, message: str) -> None:
