@@ -11,10 +11,14 @@ from typing import Any, Callable, Optional
 import typer
 
 from pipeline.config import (
-    BUNDLED_BACKBONE, DATA_DIR_ENV, DataConfig, DemoConfig, EvaluateConfig, ExtractConfig, FinetuneConfig,
-    NegativesConfig, SweepConfig, TrainConfig, load_config_file,
+    DATA_DIR_ENV, DataConfig, DemoConfig, EvaluateConfig, ExtractConfig, FinetuneConfig, NegativesConfig, SweepConfig,
+    TrainConfig, default_of, load_config_file,
 )
 from pipeline.errors import LrcError
+
+# Every default below is read from the config dataclasses (one source): F("epochs") is FinetuneConfig's.
+F, X, N, T, E, D = (functools.partial(default_of, c) for c in (FinetuneConfig, ExtractConfig, NegativesConfig,
+                                                               TrainConfig, EvaluateConfig, DemoConfig))
 
 app = typer.Typer(
     help="LRC-BERT distillation as an offline pipeline: run the teacher once, cache its features, "
@@ -49,11 +53,15 @@ def _load_config(ctx: typer.Context, param: typer.CallbackParam, value: Optional
         values = load_config_file(value)
     except LrcError as err:
         raise typer.BadParameter(str(err)) from None
-    known = {p.name for p in ctx.command.params if p.name not in ("config", "verbose")}
-    unknown = sorted(set(values) - known)
+    # A key may be the flag (`cache`, `lr`, `set`) or the parameter behind it (`cache_dir`, `learning_rate`).
+    flags = {opt.lstrip("-").replace("-", "_"): param.name for param in ctx.command.params
+             for opt in param.opts if opt.startswith("--") and param.name not in ("config", "verbose")}
+    known = flags | {name: name for name in flags.values()}
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise typer.BadParameter(f"{value} sets unknown option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-    ctx.default_map = {**(ctx.default_map or {}), **values}
+        valid = sorted(flags)
+        raise typer.BadParameter(f"{value} sets unknown option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    ctx.default_map = {**(ctx.default_map or {}), **{known[k]: v for k, v in values.items()}}
     return value
 
 
@@ -74,9 +82,9 @@ TextColOpt = typer.Option(None, help="Column of the first text in --train-file/-
 PairColOpt = typer.Option(None, help="Column of the second text, for pair tasks (default: the task's).")
 LabelColOpt = typer.Option(None, help="Label column in --train-file/--dev-file (default: label).")
 MaxTrainOpt = typer.Option(None, help="Use a seeded random subset of this many train examples (default: all).")
-SubsampleSeedOpt = typer.Option(0, help="Seed of the --max-train-examples subset.")
-DeviceOpt = typer.Option("auto", help="auto (CUDA when present, else CPU), cpu or cuda.")
-PrecisionOpt = typer.Option("fp32", help="fp32, or bf16 autocast (faster on recent CPUs and GPUs).")
+SubsampleSeedOpt = typer.Option(default_of(DataConfig, "subsample_seed"), help="Seed of the --max-train-examples subset.")
+DeviceOpt = typer.Option(T("device"), help="auto (CUDA when present, else CPU), cpu or cuda.")
+PrecisionOpt = typer.Option(T("precision"), help="fp32, or bf16 autocast (faster on recent CPUs and GPUs).")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Debug logging.")
 
 
@@ -95,15 +103,16 @@ def _data(task: str, data_dir: Optional[Path], train_file: Optional[Path], dev_f
 def finetune_teacher(
     task: str = TaskOpt,
     output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where the teacher (HF format) is written."),
-    backbone: str = typer.Option(BUNDLED_BACKBONE, help="Local model dir or hub name; default: the bundled all-MiniLM-L6-v2."),
-    max_length: int = typer.Option(128, help="Truncate inputs to this many tokens."),
-    epochs: float = typer.Option(3.0, help="Training epochs (fractions allowed)."),
-    batch_size: int = typer.Option(32, help="Training batch size."),
-    lr: float = typer.Option(5e-5, "--lr", help="Peak learning rate of AdamW."),
-    weight_decay: float = typer.Option(0.01, help="AdamW weight decay (not on biases and LayerNorm)."),
-    warmup_ratio: float = typer.Option(0.1, help="Fraction of steps with linear warmup."),
-    seed: int = typer.Option(42, help="Random seed (data order, head initialisation)."),
-    overwrite: bool = typer.Option(False, help="Replace a teacher already in --output-dir."),
+    backbone: str = typer.Option(F("backbone"), help="Local model dir or hub name; default: the bundled all-MiniLM-L6-v2."),
+    max_length: int = typer.Option(F("max_length"), help="Truncate inputs to this many tokens."),
+    epochs: float = typer.Option(F("epochs"), help="Training epochs (fractions allowed)."),
+    batch_size: int = typer.Option(F("batch_size"), help="Training batch size."),
+    lr: float = typer.Option(F("learning_rate"), "--lr", help="Peak learning rate of AdamW."),
+    weight_decay: float = typer.Option(F("weight_decay"), help="AdamW weight decay (not on biases and LayerNorm)."),
+    max_grad_norm: float = typer.Option(F("max_grad_norm"), help="Clip the global gradient norm to this before each step; 0 = no clipping."),
+    warmup_ratio: float = typer.Option(F("warmup_ratio"), help="Fraction of steps with linear warmup."),
+    seed: int = typer.Option(F("seed"), help="Random seed (data order, head initialisation)."),
+    overwrite: bool = typer.Option(F("overwrite"), help="Replace a teacher already in --output-dir."),
     data_dir: Optional[Path] = DataDirOpt, train_file: Optional[Path] = TrainFileOpt, dev_file: Optional[Path] = DevFileOpt,
     text_column: Optional[str] = TextColOpt, text_pair_column: Optional[str] = PairColOpt,
     label_column: Optional[str] = LabelColOpt, max_train_examples: Optional[int] = MaxTrainOpt,
@@ -117,8 +126,8 @@ def finetune_teacher(
                  max_train_examples, subsample_seed)
     info = run(FinetuneConfig(
         data=data, output_dir=output_dir, backbone=backbone, max_length=max_length, epochs=epochs,
-        batch_size=batch_size, learning_rate=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
-        seed=seed, device=device, precision=precision, overwrite=overwrite,
+        batch_size=batch_size, learning_rate=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+        warmup_ratio=warmup_ratio, seed=seed, device=device, precision=precision, overwrite=overwrite,
     ))
     typer.echo(f"teacher: {output_dir}  dev {json.dumps(info['dev_metrics'])}")
 
@@ -140,13 +149,13 @@ def extract_teacher(
     teacher: Path = typer.Option(..., "--teacher", help="Fine-tuned teacher dir (HF format, with a classification head)."),
     task: str = TaskOpt,
     output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Cache dir to create (or resume)."),
-    student_layers: int = typer.Option(4, help="Store the teacher layers a student of this depth maps to."),
+    student_layers: int = typer.Option(X("student_layers"), help="Store the teacher layers a student of this depth maps to."),
     layers: Optional[str] = typer.Option(None, help="Explicit teacher layers, e.g. 2,3,5,6, or 'all'; overrides --student-layers."),
-    max_length: int = typer.Option(128, help="Truncate inputs to this many tokens."),
-    batch_size: int = typer.Option(64, help="Teacher batch size."),
-    shard_rows: int = typer.Option(4096, help="Rows per Arrow shard (the unit of resumption)."),
-    hidden_dtype: str = typer.Option("float16", help="Storage dtype of hidden states: float16 or float32."),
-    overwrite: bool = typer.Option(False, help="Replace a cache already in --output-dir."),
+    max_length: int = typer.Option(X("max_length"), help="Truncate inputs to this many tokens."),
+    batch_size: int = typer.Option(X("batch_size"), help="Teacher batch size."),
+    shard_rows: int = typer.Option(X("shard_rows"), help="Rows per Arrow shard (the unit of resumption)."),
+    hidden_dtype: str = typer.Option(X("hidden_dtype"), help="Storage dtype of hidden states: float16 or float32."),
+    overwrite: bool = typer.Option(X("overwrite"), help="Replace a cache already in --output-dir."),
     data_dir: Optional[Path] = DataDirOpt, train_file: Optional[Path] = TrainFileOpt, dev_file: Optional[Path] = DevFileOpt,
     text_column: Optional[str] = TextColOpt, text_pair_column: Optional[str] = PairColOpt,
     label_column: Optional[str] = LabelColOpt, max_train_examples: Optional[int] = MaxTrainOpt,
@@ -188,14 +197,14 @@ def inspect_cache(
 @_friendly
 def build_negatives(
     cache_dir: Path = typer.Option(..., "--cache", help="A cache dir written by `lrc extract-teacher`."),
-    k: int = typer.Option(4, "--k", help="Negatives per example used in each training step (K)."),
+    k: int = typer.Option(N("k"), "--k", help="Negatives per example used in each training step (K)."),
     candidates: Optional[int] = typer.Option(None, help="Candidates stored per example (M >= K); default max(4K, 16)."),
-    strategy: str = typer.Option("random", help="random (uniform, the paper's), hard (nearest other-label neighbours) or mixed."),
-    index: str = typer.Option("auto", help="auto (exact when small, approximate when large), flat, ivf or hnsw."),
+    strategy: str = typer.Option(N("strategy"), help="random (uniform, the paper's), hard (nearest other-label neighbours) or mixed."),
+    index: str = typer.Option(N("index"), help="auto (exact when small, approximate when large), flat, ivf or hnsw."),
     output: Optional[Path] = typer.Option(None, help="Output file; default <cache>/negatives.arrow."),
     hard_pool: Optional[int] = typer.Option(None, help="Width of the nearest-neighbour list hard candidates are drawn from; default 4M."),
-    regression_margin: float = typer.Option(0.5, help="Regression tasks: hard negatives differ in label by at least this."),
-    seed: int = typer.Option(0, help="Random seed; the same seed gives the same file."),
+    regression_margin: float = typer.Option(N("regression_margin"), help="Regression tasks: hard negatives differ in label by at least this."),
+    seed: int = typer.Option(N("seed"), help="Random seed; the same seed gives the same file."),
     config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
     """Sample M candidate negatives per training row with FAISS over the cached pooled teacher vectors."""
@@ -206,6 +215,10 @@ def build_negatives(
         hard_pool=hard_pool, regression_margin=regression_margin, seed=seed,
     ))
     typer.echo(f"negatives: {path}")
+
+
+def _weights_text(weights: tuple[float, ...]) -> str:
+    return ":".join(f"{w:g}" for w in weights)
 
 
 def _parse_weights(value: str, name: str) -> tuple[float, float, float]:
@@ -224,35 +237,36 @@ def train_student(
     cache_dir: Path = typer.Option(..., "--cache", help="A cache dir written by `lrc extract-teacher`."),
     output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where the student (HF format), logs and checkpoints go."),
     negatives: Optional[Path] = typer.Option(None, help="Negatives file from `lrc build-negatives`; default <cache>/negatives.arrow."),
-    layers: int = typer.Option(4, help="Student layers (M)."),
-    hidden: int = typer.Option(312, help="Student hidden size."),
-    heads: int = typer.Option(12, help="Student attention heads (must divide --hidden)."),
-    intermediate: int = typer.Option(1200, help="Student FFN size."),
-    init: str = typer.Option("random", help="random, teacher (copy embeddings + mapped layers; needs --hidden = teacher width) or a model dir."),
+    layers: int = typer.Option(T("layers"), help="Student layers (M)."),
+    hidden: int = typer.Option(T("hidden"), help="Student hidden size."),
+    heads: int = typer.Option(T("heads"), help="Student attention heads (must divide --hidden)."),
+    intermediate: int = typer.Option(T("intermediate"), help="Student FFN size."),
+    init: str = typer.Option(T("init"), help="random, teacher (copy embeddings + mapped layers; needs --hidden = teacher width) or a model dir."),
     layer_map: Optional[str] = typer.Option(None, help="Teacher layer per student layer, e.g. 2,3,5,6; default round_half_up(i*N/M)."),
-    intermediate_loss: str = typer.Option("cos_nce", help="cos_nce (LRC-BERT), hidden_mse (TinyBERT-style baseline) or none (KD-only)."),
-    granularity: str = typer.Option("flat", help="COS-NCE vectors: flat (all real tokens), token (per-token cosine) or cls (first token; collapsed a random student's [CLS] in docs/RESULTS.md)."),
-    k: int = typer.Option(4, "--k", help="Negatives per example per step (K); 0 = no negatives."),
-    temperature: float = typer.Option(1.1, help="Softmax temperature of the soft loss."),
-    stage1_fraction: float = typer.Option(0.8, help="Fraction of steps in stage one."),
-    stage1_weights: str = typer.Option("1:0:0", help="alpha:beta:gamma (intermediate:soft:hard) in stage one."),
-    stage2_weights: str = typer.Option("1:1:3", help="alpha:beta:gamma in stage two."),
-    one_stage: bool = typer.Option(False, "--one-stage", help="Train all steps with the stage-two weights (ablation)."),
-    perturb_eps: float = typer.Option(1.0, help="Gradient perturbation size on the embedding output; 0 = off."),
-    projection_init: str = typer.Option("auto", help="Start of the COS-NCE / MSE projections W_i: auto (identity where student and teacher widths match, else random), identity or random."),
-    epochs: float = typer.Option(3.0, help="Training epochs (fractions allowed)."),
+    intermediate_loss: str = typer.Option(T("intermediate_loss"), help="cos_nce (LRC-BERT), hidden_mse (TinyBERT-style baseline) or none (KD-only)."),
+    granularity: str = typer.Option(T("granularity"), help="COS-NCE vectors: flat (all real tokens), token (per-token cosine) or cls (first token only; meaningful with a fine-tuned teacher)."),
+    k: int = typer.Option(T("k"), "--k", help="Negatives per example per step (K); 0 = no negatives."),
+    temperature: float = typer.Option(T("temperature"), help="Softmax temperature of the soft loss."),
+    stage1_fraction: float = typer.Option(T("stage1_fraction"), help="Fraction of steps in stage one."),
+    stage1_weights: str = typer.Option(_weights_text(T("stage1_weights")), help="alpha:beta:gamma (intermediate:soft:hard) in stage one."),
+    stage2_weights: str = typer.Option(_weights_text(T("stage2_weights")), help="alpha:beta:gamma in stage two."),
+    one_stage: bool = typer.Option(T("one_stage"), "--one-stage", help="Train all steps with the stage-two weights (ablation)."),
+    perturb_eps: float = typer.Option(T("perturb_eps"), help="Gradient perturbation size on the embedding output; 0 = off."),
+    projection_init: str = typer.Option(T("projection_init"), help="Start of the COS-NCE / MSE projections W_i: auto (identity where student and teacher widths match, else random), identity or random."),
+    epochs: float = typer.Option(T("epochs"), help="Training epochs (fractions allowed)."),
     max_steps: Optional[int] = typer.Option(None, help="Train exactly this many steps (overrides --epochs)."),
-    batch_size: int = typer.Option(16, help="Training batch size."),
-    lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate of AdamW."),
-    weight_decay: float = typer.Option(0.01, help="AdamW weight decay."),
-    warmup_ratio: float = typer.Option(0.1, help="Fraction of steps with linear warmup (then linear decay)."),
-    seed: int = typer.Option(42, help="Random seed (initialisation, data order, negatives draws, dropout)."),
+    batch_size: int = typer.Option(T("batch_size"), help="Training batch size."),
+    lr: float = typer.Option(T("learning_rate"), "--lr", help="Peak learning rate of AdamW."),
+    weight_decay: float = typer.Option(T("weight_decay"), help="AdamW weight decay."),
+    max_grad_norm: float = typer.Option(T("max_grad_norm"), help="Clip the global gradient norm (student and projections) to this before each step; 0 = no clipping."),
+    warmup_ratio: float = typer.Option(T("warmup_ratio"), help="Fraction of steps with linear warmup (then linear decay)."),
+    seed: int = typer.Option(T("seed"), help="Random seed (initialisation, data order, negatives draws, dropout)."),
     eval_every: Optional[int] = typer.Option(None, help="Also evaluate on dev every N steps (always at epoch ends)."),
-    checkpoint_every: int = typer.Option(200, help="Steps between resumable checkpoints."),
-    log_every: int = typer.Option(10, help="Steps between log lines in train_log.jsonl."),
+    checkpoint_every: int = typer.Option(T("checkpoint_every"), help="Steps between resumable checkpoints."),
+    log_every: int = typer.Option(T("log_every"), help="Steps between log lines in train_log.jsonl."),
     num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes reading the cache; default 0 on CPU, 2 on CUDA."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output-dir from its last checkpoint."),
-    overwrite: bool = typer.Option(False, help="Replace a run already in --output-dir."),
+    resume: bool = typer.Option(T("resume"), "--resume", help="Continue the run in --output-dir from its last checkpoint."),
+    overwrite: bool = typer.Option(T("overwrite"), help="Replace a run already in --output-dir."),
     device: str = DeviceOpt, precision: str = PrecisionOpt, config: Optional[Path] = ConfigOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
@@ -267,8 +281,9 @@ def train_student(
         stage1_weights=_parse_weights(stage1_weights, "--stage1-weights"),
         stage2_weights=_parse_weights(stage2_weights, "--stage2-weights"), one_stage=one_stage,
         perturb_eps=perturb_eps, projection_init=projection_init, epochs=epochs, max_steps=max_steps,
-        batch_size=batch_size, learning_rate=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, seed=seed,
-        eval_every=eval_every, checkpoint_every=checkpoint_every, log_every=log_every, num_workers=num_workers,
+        batch_size=batch_size, learning_rate=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+        warmup_ratio=warmup_ratio, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
+        log_every=log_every, num_workers=num_workers,
         device=device, precision=precision, resume=resume, overwrite=overwrite,
     ))
     typer.echo(f"student: {output_dir}  best dev {json.dumps(summary['best'])}  teacher dev {json.dumps(summary['teacher_dev'])}")
@@ -280,10 +295,10 @@ def evaluate(
     model_dir: Path = typer.Argument(..., help="A teacher or student dir (HF format, with a classification head)."),
     task: str = TaskOpt,
     compare: Optional[Path] = typer.Option(None, help="A second model dir (e.g. the teacher) to put side by side, with ratios."),
-    max_length: int = typer.Option(128, help="Truncate dev inputs to this many tokens."),
-    batch_size: int = typer.Option(32, help="Batch size of the latency/throughput measurement."),
-    seq_length: int = typer.Option(128, help="Sequence length of the latency/throughput measurement."),
-    timing_batches: int = typer.Option(10, help="Timed batches (after 2 warm-up batches); the median is reported."),
+    max_length: int = typer.Option(E("max_length"), help="Truncate dev inputs to this many tokens."),
+    batch_size: int = typer.Option(E("batch_size"), help="Batch size of the latency/throughput measurement."),
+    seq_length: int = typer.Option(E("seq_length"), help="Sequence length of the latency/throughput measurement."),
+    timing_batches: int = typer.Option(E("timing_batches"), help="Timed batches (after 2 warm-up batches); the median is reported."),
     output: Optional[Path] = typer.Option(None, help="Also write the results as JSON to this file."),
     data_dir: Optional[Path] = DataDirOpt,
     dev_file: Optional[Path] = typer.Option(None, help="Evaluate on this file (.csv, .tsv, .jsonl, .parquet) instead of the dev split."),
@@ -305,16 +320,17 @@ def evaluate(
 @app.command("demo")
 @_friendly
 def demo(
-    task: str = typer.Option("sst2", "--task", help="GLUE task to run the demo on."),
+    task: str = typer.Option(D("task"), "--task", help="GLUE task to run the demo on."),
     work_dir: Path = typer.Option(Path("data/demo"), help="Where the teacher, cache, negatives and student go."),
-    max_train_examples: int = typer.Option(4000, help="Subsample the train split to this many rows so the demo fits in ~15 min on 2 CPU cores; 0 = all rows."),
-    max_length: int = typer.Option(64, help="Truncate inputs to this many tokens."),
-    teacher_epochs: float = typer.Option(1.0, help="Epochs of teacher fine-tuning."),
-    teacher_lr: float = typer.Option(1e-4, help="Peak learning rate of teacher fine-tuning."),
-    student_epochs: float = typer.Option(4.0, help="Epochs of student training."),
-    student_lr: float = typer.Option(3e-4, help="Peak learning rate of the student."),
-    k: int = typer.Option(4, "--k", help="Negatives per example."),
-    seed: int = typer.Option(42, help="Random seed of every stage."),
+    max_train_examples: int = typer.Option(D("max_train_examples"), help="Subsample the train split to this many rows so the demo fits in ~15 min on 2 CPU cores; 0 = all rows."),
+    max_length: int = typer.Option(D("max_length"), help="Truncate inputs to this many tokens."),
+    teacher_epochs: float = typer.Option(D("teacher_epochs"), help="Epochs of teacher fine-tuning."),
+    teacher_lr: float = typer.Option(D("teacher_lr"), help="Peak learning rate of teacher fine-tuning."),
+    student_epochs: float = typer.Option(D("student_epochs"), help="Epochs of student training."),
+    student_lr: float = typer.Option(D("student_lr"), help="Peak learning rate of the student."),
+    k: int = typer.Option(D("k"), "--k", help="Negatives per example."),
+    seed: int = typer.Option(D("seed"), help="Random seed of every stage."),
+    overwrite: bool = typer.Option(D("overwrite"), help="Redo every stage, replacing what --work-dir holds (without it: artifacts made with the same settings are reused, others refused)."),
     data_dir: Optional[Path] = DataDirOpt, device: str = DeviceOpt, precision: str = PrecisionOpt,
     config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
@@ -325,7 +341,7 @@ def demo(
         task=task, data_dir=data_dir, work_dir=work_dir, max_train_examples=max_train_examples or None,
         max_length=max_length, teacher_epochs=teacher_epochs, teacher_lr=teacher_lr, student_epochs=student_epochs,
         student_lr=student_lr,
-        k=k, seed=seed, device=device, precision=precision,
+        k=k, seed=seed, overwrite=overwrite, device=device, precision=precision,
     ))
     typer.echo(render(outcome))
 
@@ -339,7 +355,8 @@ def sweep(
     set_: list[str] = typer.Option([], "--set", help="key=v1,v2 (repeatable; overrides the grid file's key), e.g. --set lr=1e-4,3e-4."),
     shard: str = typer.Option("0/1", help="I/N: run only points with index % N == I (spread a sweep over N machines)."),
     base: Optional[Path] = typer.Option(None, help="TOML/YAML file of train-student settings shared by every run."),
-    verbose: bool = VerboseOpt,
+    overwrite: bool = typer.Option(T("overwrite"), help="Retrain every point, replacing what its run dir holds (without it: finished points are reused, unfinished ones resumed, and a point holding other settings fails)."),
+    config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
     """Rerun train-student over a grid on one cache and negatives file; writes a results table (CSV + markdown)."""
     from dataclasses import replace
@@ -348,7 +365,7 @@ def sweep(
 
     # A base file is a grid with one value per key: the same names, checks and type coercion.
     shared = {key: values[0] for key, values in parse_grid([], base)} if base is not None else {}
-    base_config = replace(TrainConfig(cache_dir=cache_dir, output_dir=output_dir), **shared)
+    base_config = replace(TrainConfig(cache_dir=cache_dir, output_dir=output_dir, overwrite=overwrite), **shared)
     index, count = parse_shard(shard)
     table = run_sweep(SweepConfig(base=base_config, grid=parse_grid(set_, grid), output_dir=output_dir,
                                   shard_index=index, shard_count=count))

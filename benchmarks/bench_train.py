@@ -83,7 +83,7 @@ def step(model, batch, config, params, optimizer, scheduler) -> None:
     from pipeline.train import train_step
 
     train_step(model, batch, (1.0, 1.0, 3.0), config, False, torch.device("cpu"))
-    apply_update(params, optimizer, scheduler)
+    apply_update(params, optimizer, scheduler, config.max_grad_norm)
 
 
 def online_batches(cache, mapping: list[int], batch_size: int, k: int):

@@ -24,14 +24,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoint import CHECKPOINT_DIR, STATE_FILE, finished_summary
+from pipeline.cache import read_manifest
+from pipeline.checkpoint import previous_run
 from pipeline.config import DataConfig, ExtractConfig, FinetuneConfig, NegativesConfig, TrainConfig
+from pipeline.errors import LrcError
 from pipeline.extract import extract_teacher
 from pipeline.finetune import finetune_teacher
 from pipeline.negatives import build_negatives
 from pipeline.runtime import setup_logging
 from pipeline.tasks import get_task
-from pipeline.train import train_student
+from pipeline.train import train_or_reuse
 
 log = logging.getLogger("glue_results")
 
@@ -80,10 +82,7 @@ def run_config(paths: dict[str, Path], shape: str, method: str, seed: int, args:
     base = TrainConfig(cache_dir=paths["cache"], output_dir=paths["cache"].parent / "runs" / slug, negatives=negatives,
                        k=args.k, epochs=args.student_epochs, learning_rate=args.student_lr, seed=seed,
                        num_workers=0, checkpoint_every=500)
-    config = replace(base, **SHAPES[shape], **overrides)
-    # A run killed part-way continues from its last checkpoint; one killed before its first starts over.
-    started = (config.output_dir / CHECKPOINT_DIR / STATE_FILE).is_file()
-    return replace(config, resume=started, overwrite=not started and config.output_dir.exists())
+    return replace(base, **SHAPES[shape], **overrides)
 
 
 def table(results: list[dict[str, Any]], teachers: dict[str, dict[str, float]], shape: str, methods: list[str],
@@ -153,7 +152,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     started = time.perf_counter()
 
-    teachers, results = {}, []
+    teachers, results, failures = {}, [], []
     plan = [(t, sh, m, s) for t in tasks for sh in shapes for m in methods for s in seeds]
     prepared: dict[str, dict[str, Path]] = {}
     for i, (task, shape, method, seed) in enumerate(plan, 1):
@@ -167,10 +166,16 @@ def main() -> None:
         config = run_config(prepared[task], shape, method, seed, args)
         log.info("run %d/%d: %s, %s, %s, seed %d; %.0f min so far", i, len(plan), task, shape, method, seed,
                  (time.perf_counter() - started) / 60)
-        summary = finished_summary(config)
-        if summary is None and args.only_finished:
+        if args.only_finished:
+            previous = previous_run(config, read_manifest(config.cache_dir)["fingerprint"])
+            if previous.state != "finished" or previous.changed:
+                continue
+        try:  # finished runs are reused and killed ones resumed (train_or_reuse); a failed run ends only itself
+            summary, _ = train_or_reuse(config)
+        except LrcError as err:
+            failures.append(f"{task}, {shape}, {method}, seed {seed}: {err}")
+            log.error("run %d/%d failed: %s", i, len(plan), err)
             continue
-        summary = summary or train_student(config)
         results.append({"task": task, "shape": shape, "method": method, "seed": seed, "best": summary["best"],
                         "train_seconds": summary["train_seconds"], "teacher_dev": summary["teacher_dev"]})
         (args.work_dir / "results.json").write_text(json.dumps({"teachers": teachers, "runs": results}, indent=2))
@@ -181,6 +186,8 @@ def main() -> None:
         report += [f"## {shape}", "", table(results, teachers, shape, methods, tasks), ""]
     report += ["## Wall time per run (s)", "", "| task | shape | method | seed | train s |", "|---|---|---|---|---|"]
     report += [f"| {r['task']} | {r['shape']} | {r['method']} | {r['seed']} | {r['train_seconds']:.0f} |" for r in results]
+    if failures:
+        report += ["", "## Failed runs", "", *(f"- {f}" for f in failures)]
     (args.work_dir / "results.md").write_text("\n".join(report) + "\n")
     log.info("done in %.0f min: %s", (time.perf_counter() - started) / 60, args.work_dir / "results.md")
 

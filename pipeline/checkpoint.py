@@ -163,9 +163,35 @@ class MetricsLog:
             self._tensorboard.flush()
 
 
-def finished_summary(config: TrainConfig) -> dict[str, Any] | None:
-    """The summary of a finished run in config.output_dir made with the same settings, else None."""
-    saved, summary = config.output_dir / RUN_CONFIG, config.output_dir / SUMMARY
-    if saved.is_file() and summary.is_file() and json.loads(saved.read_text()) == comparable_settings(config):
-        return json.loads(summary.read_text())
-    return None
+def _portable(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings that make two runs the same run, minus where the run dir and the cache live, so a run dir
+    copied in from another machine is recognised (the cache is compared by its fingerprint instead)."""
+    return {k: v for k, v in settings.items() if k not in ("output_dir", "cache_dir")}
+
+
+@dataclass(frozen=True)
+class PreviousRun:
+    """What a run dir already holds, as far as starting `config` there is concerned."""
+
+    state: str  # empty | foreign (not an lrc run) | unfinished | finished
+    changed: list[str]  # settings (or "the cache") that differ from `config`
+    summary: dict[str, Any] | None  # the finished run's training summary
+    resumable: bool  # an unfinished run with a checkpoint
+
+
+def previous_run(config: TrainConfig, fingerprint: str) -> PreviousRun:
+    """Inspect config.output_dir for a run of the same settings on the cache with this fingerprint."""
+    out = config.output_dir
+    if not out.is_dir() or not any(out.iterdir()):
+        return PreviousRun("empty", [], None, False)
+    if not (out / RUN_CONFIG).is_file():
+        return PreviousRun("foreign", [], None, False)
+    saved = _portable(json.loads((out / RUN_CONFIG).read_text()))
+    current = _portable(comparable_settings(config))
+    changed = sorted(k for k in current.keys() | saved.keys() if current.get(k) != saved.get(k))
+    if not (out / SUMMARY).is_file():
+        return PreviousRun("unfinished", changed, None, (out / CHECKPOINT_DIR / STATE_FILE).is_file())
+    summary = json.loads((out / SUMMARY).read_text())
+    if summary["cache_fingerprint"] != fingerprint:
+        changed.append("the cache (re-extracted since)")
+    return PreviousRun("finished", changed, summary, False)

@@ -78,6 +78,7 @@ class FinetuneConfig:
     eval_batch_size: int = 128
     learning_rate: float = 5e-5
     weight_decay: float = 0.01
+    max_grad_norm: float = 1.0  # clip the global gradient norm before each step; 0 = off
     warmup_ratio: float = 0.1
     seed: int = 42
     device: str = "auto"
@@ -89,6 +90,7 @@ class FinetuneConfig:
         _require(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
         _require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
         _require(self.learning_rate > 0, f"--lr must be positive, got {self.learning_rate}")
+        _require(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
         _require(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         _require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
         _require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
@@ -223,13 +225,14 @@ class TrainConfig:
     eval_batch_size: int = 128
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
+    max_grad_norm: float = 1.0  # clip the global gradient norm before each step; 0 = off
     warmup_ratio: float = 0.1
     seed: int = 42
     # running
     eval_every: int | None = None  # also evaluate every N steps (always at each epoch end)
     checkpoint_every: int = 200  # steps between resumable checkpoints
     log_every: int = 10
-    num_workers: int | None = None  # DataLoader workers; None = 0 on CPU (reading is ~1.5% of a step), 2 on CUDA
+    num_workers: int | None = None  # DataLoader workers; None = 0 on CPU (the step owns the cores), 2 on CUDA
     device: str = "auto"
     precision: str = "fp32"
     resume: bool = False
@@ -256,6 +259,7 @@ class TrainConfig:
         _require(self.max_steps is None or self.max_steps > 0, f"--max-steps must be positive, got {self.max_steps}")
         _require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
         _require(self.learning_rate > 0, f"--lr must be positive, got {self.learning_rate}")
+        _require(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
         _require(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         _require(self.checkpoint_every > 0, "--checkpoint-every must be positive")
         _require(self.num_workers is None or self.num_workers >= 0, "--num-workers must be >= 0")
@@ -334,13 +338,14 @@ class DemoConfig:
     teacher_epochs: float = 1.0
     teacher_lr: float = 1e-4  # MiniLM-sized backbones fine-tune faster above BERT-base's 5e-5
     student_epochs: float = 4.0
-    student_layers: int = 4
-    student_hidden: int = 312
-    student_heads: int = 12
-    student_intermediate: int = 1200
+    student_layers: int = default_of(TrainConfig, "layers")  # the student's shape is train-student's default
+    student_hidden: int = default_of(TrainConfig, "hidden")
+    student_heads: int = default_of(TrainConfig, "heads")
+    student_intermediate: int = default_of(TrainConfig, "intermediate")
     student_lr: float = 3e-4
-    k: int = 4
+    k: int = default_of(TrainConfig, "k")
     seed: int = 42
+    overwrite: bool = False  # redo stages whose artifacts were made with other settings
     device: str = "auto"
     precision: str = "fp32"
 

@@ -1,7 +1,8 @@
 """`lrc demo`: fine-tune a teacher, cache it, build negatives, train a student, compare the two.
 
 Each stage reuses what an earlier run left in the work dir when its settings match, so a
-second `lrc demo` finishes in seconds and a changed flag reruns only what it changes.
+second `lrc demo` finishes in seconds; an artifact made with other settings is refused, and
+`--overwrite` redoes every stage.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.checkpoint import finished_summary
 from pipeline.config import (
     BUNDLED_BACKBONE, DataConfig, DemoConfig, EvaluateConfig, ExtractConfig, FinetuneConfig, NegativesConfig, TrainConfig,
 )
@@ -22,7 +22,7 @@ from pipeline.extract import extract_teacher
 from pipeline.finetune import finetune_teacher, resolve_backbone
 from pipeline.negatives import build_negatives
 from pipeline.tasks import get_task, load_examples
-from pipeline.train import train_student
+from pipeline.train import train_or_reuse
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +54,13 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     with _stage("finetune-teacher", times):
         teacher = finetune_teacher(FinetuneConfig(
             data=data, output_dir=paths["teacher"], max_length=config.max_length, epochs=config.teacher_epochs,
-            learning_rate=config.teacher_lr,
-            seed=config.seed, device=config.device, precision=config.precision,
+            learning_rate=config.teacher_lr, seed=config.seed, device=config.device, precision=config.precision,
+            overwrite=config.overwrite,
         ))
     with _stage("extract-teacher", times):
         extract_teacher(ExtractConfig(
             teacher=paths["teacher"], data=data, output_dir=paths["cache"], student_layers=config.student_layers,
-            max_length=config.max_length, device=config.device, precision=config.precision,
+            max_length=config.max_length, device=config.device, precision=config.precision, overwrite=config.overwrite,
         ))
     with _stage("build-negatives", times):
         build_negatives(NegativesConfig(cache_dir=paths["cache"], k=config.k, seed=config.seed))
@@ -68,14 +68,10 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         cache_dir=paths["cache"], output_dir=paths["student"], layers=config.student_layers,
         hidden=config.student_hidden, heads=config.student_heads, intermediate=config.student_intermediate,
         k=config.k, epochs=config.student_epochs, learning_rate=config.student_lr, seed=config.seed,
-        device=config.device, precision=config.precision,
+        device=config.device, precision=config.precision, overwrite=config.overwrite,
     )
     with _stage("train-student", times):
-        summary = finished_summary(train)
-        if summary is None:
-            summary = train_student(train)
-        else:
-            log.info("student %s already trained with these settings: reusing it", paths["student"])
+        summary, _ = train_or_reuse(train)
     with _stage("evaluate", times):
         results = evaluate(EvaluateConfig(model_dir=paths["student"], data=data, compare=paths["teacher"],
                                           max_length=config.max_length, device=config.device))

@@ -143,7 +143,7 @@ def _train_epoch(model: torch.nn.Module, data: _Batches, order: np.ndarray, conf
         with autocast(data.device, config.precision):
             loss = model(input_ids=input_ids, attention_mask=mask, labels=target, **extra).loss
         loss.backward()
-        apply_update(params, optimizer, scheduler)
+        apply_update(params, optimizer, scheduler, config.max_grad_norm)
         step += 1
         bar.set_postfix(loss=f"{loss.item():.4f}")
     return step

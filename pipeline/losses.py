@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.config import GRANULARITIES
 from pipeline.errors import LrcError
 
 logger = logging.getLogger(__name__)
 
-GRANULARITIES = ("flat", "token", "cls")
 EPS = 1e-8  # smallest norm a cosine divides by: a zero vector gets cosine 0, not NaN
 
 
@@ -114,7 +114,7 @@ def _check_shapes(
 
 
 def soft_loss(
-    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.1, regression: bool = False
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, regression: bool = False
 ) -> Tensor:
     """KL(softmax(y_T/t) || softmax(y_S/t)) * t^2, batch mean; regression: MSE(y_S, y_T)."""
     y_s, y_t = student_logits.float(), teacher_logits.float()  # (B, C)

@@ -31,7 +31,7 @@ def seed_everything(seed: int) -> None:
 
 
 def autocast(device: torch.device, precision: str) -> ContextManager[None]:
-    """bf16 autocast (about 1.4-2x faster on recent CPUs) or a no-op for fp32."""
+    """bf16 autocast (faster on CPUs and GPUs with bf16 units; docs/PERFORMANCE.md) or a no-op for fp32."""
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -74,7 +74,10 @@ def predict_logits(
     pad_id: int = 0,
     segments: bool = True,
 ) -> np.ndarray:
-    """(N, C) float32 logits in input order; batches are length-sorted to cut padding."""
+    """(N, C) float32 logits in input order; batches are length-sorted to cut padding.
+
+    Runs in eval mode (no dropout) and leaves the model in the mode it found it in."""
+    was_training = model.training
     model.eval()
     order = np.argsort([-len(x) for x in ids], kind="stable")
     out = np.empty((len(ids), model.config.num_labels), np.float32)
@@ -84,6 +87,7 @@ def predict_logits(
         extra = {"token_type_ids": token_types} if segments else {}
         with autocast(device, precision):
             out[rows] = model(input_ids=input_ids, attention_mask=mask, **extra).logits.float().cpu().numpy()
+    model.train(was_training)
     return out
 
 
@@ -112,10 +116,16 @@ def load_classifier(model_dir: Path, num_labels: int, task_name: str, role: str,
     return AutoModelForSequenceClassification.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
 
 
-def apply_update(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-    """Clip, step, advance the schedule, zero the gradients (in place: the buffers, 30522 x d for the
-    word embeddings, are reused rather than reallocated; measured neutral for speed on the dev CPU)."""
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
+def apply_update(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,
+                 max_grad_norm: float) -> float:
+    """Clip the global gradient norm to `max_grad_norm` (0 = no clipping), step, advance the schedule and
+    zero the gradients in place (the buffers, 30522 x d for the word embeddings, are reused rather than
+    reallocated). Returns the gradient norm before clipping."""
+    if max_grad_norm > 0:
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    else:
+        norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=False)
+    return norm

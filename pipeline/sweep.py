@@ -4,10 +4,10 @@ The grid comes from a TOML/YAML file (`learning_rate = [1e-4, 3e-4]`) and/or `--
 points are the cartesian product in grid order, point i trains into `<output-dir>/run-NNN-<settings>/`.
 Only `train_student` is called, so the teacher is never loaded: a sweep costs student training only.
 
-Resuming: a point whose run dir already holds a finished run with the same settings is reused, an
-unfinished one resumes from its checkpoint, so rerunning a killed sweep continues where it stopped.
-A finished run with other settings (or a re-extracted cache) is reported as a failed point unless the
-base config has `overwrite`, which retrains every point. A failing point (LrcError, out of memory) is
+Resuming follows `train.train_or_reuse`, the policy demo and the benchmarks use too: a point whose run
+dir holds a finished run with the same settings is reused, an unfinished one resumes from its
+checkpoint, so rerunning a killed sweep continues where it stopped. A run with other settings (or on a
+re-extracted cache) is reported as a failed point; `--overwrite` retrains every point. A failing point (LrcError, out of memory) is
 recorded with its message and the sweep goes on; a rerun tries it again. `results.csv` and
 `results.md` are rewritten after every point (pending points included), so partial results survive.
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import json
 import logging
 import os
 import re
@@ -37,12 +36,11 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import torch
 
-from pipeline import checkpoint
 from pipeline.cache import open_cache
 from pipeline.config import SweepConfig, TrainConfig, load_config_file
 from pipeline.errors import LrcError
 from pipeline.tasks import get_task
-from pipeline.train import train_student
+from pipeline.train import train_or_reuse
 
 log = logging.getLogger(__name__)
 
@@ -203,48 +201,6 @@ def parse_shard(text: str) -> tuple[int, int]:
         raise LrcError(f"--shard {text!r} is not I/N: write e.g. --shard 0/4 for the first of 4 machines") from None
 
 
-def _settings(saved: dict[str, Any]) -> dict[str, Any]:
-    """Settings that make two runs the same run, minus where the run dir and the cache live, so a run
-    dir copied in from another machine is recognised (the cache is compared by its fingerprint)."""
-    return {k: v for k, v in saved.items() if k not in ("output_dir", "cache_dir")}
-
-
-def _previous(config: TrainConfig, fingerprint: str) -> tuple[str, list[str], dict[str, Any] | None]:
-    """What the point's run dir holds: (empty | finished | unfinished | foreign, settings that differ, summary)."""
-    out = config.output_dir
-    if not out.is_dir() or not any(out.iterdir()):
-        return "empty", [], None
-    if not (out / checkpoint.RUN_CONFIG).is_file():
-        return "foreign", [], None  # train_student refuses it with its own message
-    saved = _settings(json.loads((out / checkpoint.RUN_CONFIG).read_text()))
-    current = _settings(checkpoint.comparable_settings(config))
-    changed = sorted(k for k in current.keys() | saved.keys() if current.get(k) != saved.get(k))
-    if not (out / checkpoint.SUMMARY).is_file():
-        return "unfinished", changed, None
-    summary = json.loads((out / checkpoint.SUMMARY).read_text())
-    if summary["cache_fingerprint"] != fingerprint:
-        changed.append("the cache (re-extracted since)")
-    return "finished", changed, summary
-
-
-def _train_or_reuse(config: TrainConfig, fingerprint: str, overwrite: bool) -> tuple[dict[str, Any], str]:
-    """Reuse a finished run with the same settings, resume an unfinished one, else train from scratch."""
-    state, changed, summary = _previous(config, fingerprint)
-    if state == "finished" and not overwrite:
-        if changed:
-            raise LrcError(f"{config.output_dir} holds a finished run with other settings (differs in: "
-                           f"{', '.join(changed)}): rerun the sweep with --overwrite to retrain it, "
-                           "or use a new --output-dir")
-        return summary, "reused"
-    has_checkpoint = (config.output_dir / checkpoint.CHECKPOINT_DIR / checkpoint.STATE_FILE).is_file()
-    resume = state == "unfinished" and not changed and has_checkpoint and not overwrite
-    # An unfinished run that cannot resume (killed before its first checkpoint, or older settings) restarts.
-    restart = state in ("finished", "unfinished") and not resume
-    if resume:
-        log.info("resuming the unfinished run in %s", config.output_dir)
-    return train_student(replace(config, resume=resume, overwrite=restart)), "done"
-
-
 def _row(name: str, point: dict[str, Any], status: str, summary: dict[str, Any] | None = None,
          message: str = "") -> dict[str, Any]:
     best = summary["best"] if summary else None
@@ -257,10 +213,10 @@ def _row(name: str, point: dict[str, Any], status: str, summary: dict[str, Any] 
     }
 
 
-def _run_point(base: TrainConfig, point: dict[str, Any], run_dir: Path, fingerprint: str) -> dict[str, Any]:
+def _run_point(base: TrainConfig, point: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     try:
-        config = replace(base, **point, output_dir=run_dir, resume=False, overwrite=False)  # validates the point
-        summary, status = _train_or_reuse(config, fingerprint, base.overwrite)
+        config = replace(base, **point, output_dir=run_dir, resume=False)  # validates the point
+        summary, status = train_or_reuse(config)
     except (LrcError, torch.OutOfMemoryError) as err:  # one bad point (e.g. a batch size too large) ends only itself
         message = " ".join(str(err).split())
         log.error("%s failed: %s", run_dir.name, message)
@@ -319,7 +275,7 @@ def write_results(output_dir: Path, stem: str, keys: list[str], metric: str, row
 
 def run_sweep(config: SweepConfig) -> Path:
     """Train (or reuse) this shard's points in grid order; returns the results CSV's path."""
-    cache = open_cache(config.base.cache_dir)  # for the task's metric and the fingerprint finished runs must match
+    cache = open_cache(config.base.cache_dir)  # for the task's metric
     metric = get_task(cache.task["name"]).main_metric
     points = grid_points(config.grid)
     mine = [i for i in range(len(points)) if i % config.shard_count == config.shard_index]
@@ -338,7 +294,7 @@ def run_sweep(config: SweepConfig) -> Path:
     for n, i in enumerate(mine, 1):
         log.info("point %d/%d (%s): %s", n, len(mine), names[i],
                  ", ".join(f"{k}={format_value(v)}" for k, v in points[i].items()))
-        rows[i] = _run_point(config.base, points[i], config.output_dir / names[i], cache.fingerprint)
+        rows[i] = _run_point(config.base, points[i], config.output_dir / names[i])
         write_results(config.output_dir, stem, keys, metric, list(rows.values()), title)
         if rows[i]["status"] != "failed":
             log.info("point %d/%d %s: dev %s %s", n, len(mine), rows[i]["status"], metric, _cell(rows[i]["dev"]))

@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from pipeline import checkpoint, losses
 from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader
-from pipeline.cache import Cache, layer_map, open_cache
+from pipeline.cache import Cache, layer_map, open_cache, read_manifest
 from pipeline.config import TrainConfig
 from pipeline.errors import LrcError
 from pipeline.metrics import compute_metrics
@@ -170,8 +170,8 @@ class DevSet:
 
 def evaluate(student: torch.nn.Module, dev: DevSet, task: Any, config: TrainConfig, device: torch.device,
              pad_id: int) -> dict[str, float]:
+    """Dev metrics of the student (run without dropout; its train/eval mode is left as it was)."""
     logits = predict_logits(student, dev.ids, dev.types, config.eval_batch_size, device, config.precision, pad_id)
-    student.train()
     return compute_metrics(task, logits, dev.labels)
 
 
@@ -204,7 +204,7 @@ class Run:
 
     @property
     def workers(self) -> int:
-        """On a CPU the step owns the cores and reading a batch costs ~1.5% of it; on a GPU, overlap it."""
+        """On a CPU the step owns the cores and reading is a small part of it; on a GPU, overlap it."""
         if self.config.num_workers is not None:
             return self.config.num_workers
         return 2 if self.device.type == "cuda" else 0
@@ -265,6 +265,19 @@ def _setup(config: TrainConfig) -> Run:
                checkpoint.MetricsLog(run_dir, keep_until=state.step if config.resume else None))
 
 
+def epoch_batches(run: Run, epoch: int, skip_batches: int = 0) -> Any:
+    """The batches of one epoch: its shuffled order (minus the first `skip_batches` when resuming) and its
+    own draw of negatives (DESIGN §3: K of the M candidates drawn afresh each epoch)."""
+    run.dataset.set_epoch(epoch)
+    run.batches.set_epoch(epoch, skip_batches=skip_batches)
+    return make_loader(run.dataset, run.batches, run.workers, seed=run.config.seed + epoch)
+
+
+def is_better(metrics: dict[str, float], best: dict[str, float] | None, metric: str) -> bool:
+    """Every GLUE main metric (accuracy, F1, MCC, Pearson) is higher-is-better; the first result always wins."""
+    return best is None or metrics[metric] > best[metric]
+
+
 def _evaluate_and_keep_best(run: Run) -> None:
     """Evaluate on the cached dev split; the best student so far is saved in HF format."""
     state, metric = run.state, run.task.main_metric
@@ -274,7 +287,7 @@ def _evaluate_and_keep_best(run: Run) -> None:
     student = run.model.student
     metrics = evaluate(student, run.dev, run.task, run.config, run.device, student.config.pad_token_id or 0)
     run.logger.write({"step": state.step, "epoch": state.epoch, "eval": metrics})
-    if state.best is None or metrics[metric] > state.best[metric]:
+    if is_better(metrics, state.best, metric):
         state.best = {**metrics, "step": state.step}
         checkpoint.save_student(run.dir, student, run.tokenizer)
     log.info("step %d: dev %s (best %s %.4f)", state.step, metrics, metric, state.best[metric])
@@ -292,9 +305,7 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
     bar = tqdm(total=total_steps, initial=state.step, desc="train-student", unit="step", dynamic_ncols=True)
     try:
         while state.step < total_steps:
-            run.dataset.set_epoch(state.epoch)
-            run.batches.set_epoch(state.epoch, skip_batches=state.batch_in_epoch)
-            for batch in make_loader(run.dataset, run.batches, run.workers, seed=config.seed + state.epoch):
+            for batch in epoch_batches(run, state.epoch, state.batch_in_epoch):
                 batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
                 weights = loss_weights(state.step, total_steps, config)
                 try:
@@ -303,7 +314,7 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
                     raise LrcError(f"{err} at step {state.step} (epoch {state.epoch}): training stopped, the last good "
                                    f"checkpoint is in {run.dir.checkpoint_dir}; lower --lr or use --precision fp32") from None
                 lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (the log reports it, not the next one's)
-                apply_update(run.params, run.optimizer, run.scheduler)
+                grad_norm = apply_update(run.params, run.optimizer, run.scheduler, config.max_grad_norm)
                 state.step += 1
                 state.batch_in_epoch += 1
                 seen += len(batch["labels"])
@@ -312,7 +323,7 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
                 # ---- logging, evaluation, checkpoints
                 if state.step % config.log_every == 0 or state.step == total_steps:
                     record = {k: round(float(v), 6) for k, v in terms.items()}
-                    record |= {"step": state.step, "epoch": state.epoch, "lr": lr,
+                    record |= {"step": state.step, "epoch": state.epoch, "lr": lr, "grad_norm": round(grad_norm, 6),
                                "stage": stage_at(state.step - 1, total_steps, config),
                                "samples_per_s": round(seen / (time.perf_counter() - started), 2)}
                     run.logger.write(record)
@@ -354,3 +365,27 @@ def _summary(run: Run, seen: int, elapsed: float) -> dict[str, Any]:
         "cache_fingerprint": run.cache.fingerprint,
         "config": json.loads(json.dumps(run.config.__dict__, default=str)),
     }
+
+
+def train_or_reuse(config: TrainConfig) -> tuple[dict[str, Any], str]:
+    """The one policy for training into a dir that may hold a run already (sweep, demo, benchmarks).
+
+    `config.overwrite` retrains whatever the dir holds, as it does for every stage command. Otherwise:
+    finished with the same settings on the same cache: reused ("reused"); unfinished with the same
+    settings and a checkpoint: resumed; empty, or unfinished before its first checkpoint: trained; a
+    run with other settings or on a re-extracted cache: refused, naming what differs. Returns the
+    training summary and "reused" or "done".
+    """
+    previous = checkpoint.previous_run(config, read_manifest(config.cache_dir)["fingerprint"])
+    held = previous.state in ("finished", "unfinished")
+    if held and previous.changed and not config.overwrite:
+        raise LrcError(f"{config.output_dir} holds a {previous.state} run with other settings (differs in: "
+                       f"{', '.join(previous.changed)}): pass --overwrite to retrain it, or use a new output dir")
+    if previous.state == "finished" and not config.overwrite:
+        log.info("%s already holds this run, finished: reusing it", config.output_dir)
+        return previous.summary, "reused"
+    resume = previous.state == "unfinished" and previous.resumable and not config.overwrite
+    if resume:
+        log.info("resuming the unfinished run in %s", config.output_dir)
+    # Restarting an unfinished run that never reached a checkpoint loses nothing.
+    return train_student(replace(config, resume=resume, overwrite=held and not resume)), "done"

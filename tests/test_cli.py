@@ -190,3 +190,54 @@ def test_bundled_backbone_resolves_to_minilm(minilm_dir: Path) -> None:
 
     assert Path(resolve_backbone(BUNDLED_BACKBONE)) == minilm_dir
     assert resolve_backbone("/some/dir") == "/some/dir"
+
+
+# ---------------------------------------------------------------- one source for every default
+
+# command -> the config dataclasses its options fill (the first one that has a field wins)
+CONFIGS = {
+    "finetune-teacher": ("FinetuneConfig", "DataConfig"), "extract-teacher": ("ExtractConfig", "DataConfig"),
+    "build-negatives": ("NegativesConfig",), "train-student": ("TrainConfig",),
+    "evaluate": ("EvaluateConfig", "DataConfig"), "demo": ("DemoConfig",), "sweep": ("TrainConfig",),
+}
+OPTION_FIELDS = {"lr": "learning_rate"}  # the flag is --lr
+CLI_ONLY = {"config", "verbose", "verify", "grid", "set_", "shard", "base", "data_dir"}  # data_dir: $LRC_DATA_DIR
+
+
+def _as_field_value(value, default):
+    if isinstance(default, tuple) and isinstance(value, str):  # alpha:beta:gamma
+        return tuple(float(x) for x in value.split(":"))
+    return value
+
+
+def test_help_defaults_are_the_config_defaults() -> None:
+    """A default changed in pipeline/config.py reaches --help, and no command restates one of its own."""
+    import typer.main
+    from dataclasses import MISSING, fields
+
+    import pipeline.config as config_module
+
+    group = typer.main.get_command(app)
+    checked = 0
+    for command, class_names in CONFIGS.items():
+        classes = [getattr(config_module, name) for name in class_names]
+        for param in group.commands[command].params:
+            if param.name in CLI_ONLY or param.required:
+                continue
+            name = OPTION_FIELDS.get(param.name, param.name)
+            owner = next((c for c in classes if name in {f.name for f in fields(c)}), None)
+            assert owner is not None, f"{command} --{param.name} has a default but no config field holds it"
+            field = next(f for f in fields(owner) if f.name == name)
+            default = field.default if field.default is not MISSING else field.default_factory()
+            assert _as_field_value(param.default, default) == default, (command, param.name, param.default, default)
+            checked += 1
+    assert checked > 60
+
+
+def test_sweep_takes_a_config_file_like_every_command(tmp_path: Path) -> None:
+    config = tmp_path / "sweep.toml"
+    config.write_text(f'cache = "{tmp_path / "no-cache"}"\noutput-dir = "{tmp_path / "out"}"\nshard = "1of2"\n')
+    assert_one_line_error(lrc("sweep", "--config", str(config)), "--shard '1of2' is not I/N")
+    config.write_text('learning-rate = 0.1\n')  # a train-student setting: it belongs in --base or --set
+    result = lrc("sweep", "--config", str(config))
+    assert result.exit_code == 2 and "unknown option(s) learning_rate" in result.output and "set" in result.output

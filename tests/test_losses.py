@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import LrcError
-from pipeline.losses import GRANULARITIES, angular_distance, cos_nce, hard_loss, hidden_mse, soft_loss
+from pipeline.config import GRANULARITIES, TrainConfig, default_of
+from pipeline.losses import angular_distance, cos_nce, hard_loss, hidden_mse, soft_loss
 
 # ---------------------------------------------------------------- helpers
 
@@ -342,19 +343,21 @@ def test_soft_loss_matches_naive_kl(temperature):
     )
 
 
-def test_soft_loss_default_temperature_and_zero_for_identical_logits():
+def test_soft_loss_at_the_papers_temperature_and_zero_for_identical_logits():
+    t = default_of(TrainConfig, "temperature")
+    assert t == 1.1  # the paper's t, the one default train-student uses
     gen = torch.Generator().manual_seed(21)
     y = torch.randn(5, 4, generator=gen)
-    assert soft_loss(y, y.clone()).item() == pytest.approx(0.0, abs=1e-7)
+    assert soft_loss(y, y.clone(), t).item() == pytest.approx(0.0, abs=1e-7)
     other = torch.randn(5, 4, generator=gen)
-    assert soft_loss(y, other).item() == pytest.approx(_soft_naive(y, other, 1.1), rel=1e-5)
+    assert soft_loss(y, other, t).item() == pytest.approx(_soft_naive(y, other, 1.1), rel=1e-5)
 
 
 def test_soft_loss_regression_is_mse():
     y_s = torch.tensor([[1.0], [2.0], [0.5]])
     y_t = torch.tensor([1.5, 2.0, -0.5])
     want = (0.5**2 + 0.0 + 1.0**2) / 3
-    assert soft_loss(y_s, y_t, regression=True).item() == pytest.approx(want)
+    assert soft_loss(y_s, y_t, 1.1, regression=True).item() == pytest.approx(want)
 
 
 def test_hard_loss_matches_naive_cross_entropy():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import assert_refused, make_tiny_teacher
-from pipeline import sweep
+from pipeline import sweep, train
 from pipeline.cache import open_cache
 from pipeline.config import DataConfig, ExtractConfig, NegativesConfig, SweepConfig, TrainConfig
 from pipeline.errors import LrcError
@@ -147,8 +147,8 @@ class CountingTrain:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[TrainConfig] = []
-        real = sweep.train_student
-        monkeypatch.setattr(sweep, "train_student", lambda config: self.calls.append(config) or real(config))
+        real = train.train_student  # what train_or_reuse, the sweep's one policy, calls
+        monkeypatch.setattr(train, "train_student", lambda config: self.calls.append(config) or real(config))
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -215,6 +215,17 @@ def test_finished_point_with_other_settings_is_not_reused(swept: Path, orphan_ca
     assert counter.calls == []
     rows = read_csv(out / "results.csv")
     assert [r["status"] for r in rows] == ["failed", "reused"] and "re-extracted" in rows[0]["message"]
+
+
+def test_overwrite_retrains_points_that_hold_other_settings(swept: Path, orphan_cache: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    out = swept.parent / "overwritten"
+    shutil.copytree(swept, out)
+    counter = CountingTrain(monkeypatch)
+    run_sweep(SweepConfig(base=base_config(orphan_cache, seed=7, overwrite=True), grid=LR_GRID, output_dir=out))
+    assert [(c.seed, c.overwrite, c.resume) for c in counter.calls] == [(7, True, False)] * 2
+    assert [r["status"] for r in read_csv(out / "results.csv")] == ["done", "done"]
+    assert all(json.loads((run / "train_config.json").read_text())["seed"] == 7 for run in out.glob("run-*"))
 
 
 def test_runs_copied_from_another_machine_are_reused(swept: Path, orphan_cache: Path, tmp_path: Path,
