@@ -176,9 +176,9 @@ def inspect_cache(
     config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
     """Print what a cache holds (teacher, task, rows, layers, sizes); --verify checks every checksum."""
-    from pipeline.cache import describe, open_cache
+    from pipeline.cache_read import describe, open_cache
 
-    cache = open_cache(cache_dir, verify=verify)
+    cache = open_cache(cache_dir, check="full" if verify else "quick")
     typer.echo(describe(cache))
     if verify:
         typer.echo("verify: every shard matches its checksum")

@@ -26,7 +26,7 @@ METRICS_LOG = "train_log.jsonl"
 SUMMARY = "training_summary.json"
 # Settings that change how a run is watched or where it runs, not what it computes: a resume may change them.
 _RUN_ONLY = ("resume", "overwrite", "num_workers", "device", "log_every", "eval_every", "eval_batch_size",
-             "checkpoint_every")
+             "checkpoint_every", "verify_cache")
 
 
 @dataclass

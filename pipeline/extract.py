@@ -216,7 +216,7 @@ def extract_split(
     schema = cache.shard_schema(layers, model.config.hidden_size, task.num_labels, task.is_regression,
                                 config.hidden_dtype, with_hidden)
     out, n = config.output_dir, len(ids)
-    done = {(start, stop) for start, stop, _ in cache.present_shards(out, split)}
+    done = {(start, stop) for start, stop, _ in cache.trusted_shards(out, split)}  # re-checks what a killed run left
     todo = [(s, min(s + config.shard_rows, n)) for s in range(0, n, config.shard_rows)]
     todo = [r for r in todo if r not in done]
     if len(todo) < -(-n // config.shard_rows):

@@ -18,7 +18,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import __version__
-from pipeline.cache import open_cache, write_json_atomic
+from pipeline.cache import write_json_atomic
+from pipeline.cache_read import open_cache
 from pipeline.config import NegativesConfig
 from pipeline.errors import LrcError
 from pipeline.sampler import FORMAT, FORMAT_VERSION, manifest_path, write_negatives
@@ -346,7 +347,7 @@ def _cosines(x: np.ndarray, ids: np.ndarray, block: int = 4096) -> np.ndarray:
 def build_negatives(config: NegativesConfig) -> Path:
     """`lrc build-negatives`: read the cache's train split, find candidates, write the Arrow file and manifest."""
     start = time.perf_counter()
-    cache = open_cache(config.cache_dir, verify=True)
+    cache = open_cache(config.cache_dir, config.verify_cache)
     task = cache.manifest["task"]
     train = cache.split("train")
     vectors, labels, keys = train.pooled(), train.labels(), train.input_keys()

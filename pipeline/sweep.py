@@ -38,7 +38,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import torch
 
 from pipeline import checkpoint
-from pipeline.cache import open_cache
+from pipeline.cache_read import open_cache
 from pipeline.config import SweepConfig, TrainConfig, load_config_file
 from pipeline.errors import LrcError
 from pipeline.tasks import get_task

@@ -15,7 +15,8 @@ from transformers import AutoTokenizer
 
 from pipeline import checkpoint, losses
 from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader
-from pipeline.cache import Cache, layer_map, open_cache
+from pipeline.cache import layer_map
+from pipeline.cache_read import Cache, open_cache
 from pipeline.config import TrainConfig
 from pipeline.errors import LrcError
 from pipeline.metrics import compute_metrics
@@ -215,7 +216,7 @@ class Run:
 
 def _setup(config: TrainConfig) -> Run:
     """Open the cache and negatives, build the student, data path and optimizer; resume if asked."""
-    cache = open_cache(config.cache_dir)
+    cache = open_cache(config.cache_dir, config.verify_cache)
     task = get_task(cache.task["name"])
     mapping = resolve_layer_map(config, cache)
     sampler = None

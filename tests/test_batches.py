@@ -1,4 +1,4 @@
-"""The train-student data path against the cache's own row reader (`CacheSplit.example`) and naive loops."""
+"""The train-student data path against rows read the naive way (`conftest.ArrowRows`) and naive loops."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from pipeline.batches import CacheDataset, EpochBatchSampler, collate, make_loader
-from pipeline.cache import RowReader, open_cache
+from pipeline.cache_read import RowReader, open_cache
 from pipeline.errors import LrcError
+from conftest import ArrowRows
 
 K = 3
 
@@ -32,8 +33,8 @@ class StandInNegatives:
 
 
 @pytest.fixture(scope="module")
-def train_split(tiny_cache: Path):
-    return open_cache(tiny_cache).split("train")
+def train_split(tiny_cache: Path) -> ArrowRows:
+    return ArrowRows(tiny_cache, "train")
 
 
 def _dataset(tiny_cache: Path, layers=(2, 4), negatives: bool = True) -> CacheDataset:
@@ -50,7 +51,7 @@ def _assert_batches_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
 
 
 @pytest.mark.parametrize("random_access", [True, False])  # MADV_RANDOM mapping and pyarrow's default one
-def test_row_reader_matches_cache_example(tiny_cache: Path, train_split, random_access: bool) -> None:
+def test_row_reader_matches_naive_rows(tiny_cache: Path, train_split, random_access: bool) -> None:
     info = open_cache(tiny_cache).manifest["splits"]["train"]
     reader = RowReader(tiny_cache, info, [4], random_access=random_access)
     assert RowReader(tiny_cache, info, [4]).random_access is False  # a 0.4 MB split fits in any page cache
@@ -153,7 +154,7 @@ def test_layers_come_in_the_order_given(tiny_cache: Path, train_split) -> None:
 
 def test_dev_split_has_no_hidden_states(tiny_cache: Path) -> None:
     dev = CacheDataset(tiny_cache, "dev", [])
-    dev_split = open_cache(tiny_cache).split("dev")
+    dev_split = ArrowRows(tiny_cache, "dev")
     assert len(dev) == 872
     batch = collate(dev.__getitems__([0, 871]))
     assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "labels", "teacher_logits", "row_ids"}

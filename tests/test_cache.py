@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from pipeline import cache
-from pipeline.cache import layer_map, open_cache
+from pipeline.cache import layer_map
+from pipeline.cache_read import open_cache
 from pipeline.config import DataConfig, ExtractConfig
 from pipeline.errors import LrcError
 from pipeline.extract import extract_teacher
 from pipeline.tasks import load_examples
-from conftest import sst2_lines, write_tsv
+from conftest import assert_refused, sst2_lines, write_tsv
 
 # fp16 storage: one rounding (2^-11 relative) plus batched-vs-single float noise that may flip it by an ulp.
 FP16 = {"rtol": 2e-3, "atol": 1e-4}
@@ -115,14 +116,15 @@ def test_layer_map_is_round_half_up_of_i_n_over_m() -> None:
 
 
 def test_tiny_cache_rows_equal_teacher_outputs(tiny_cache: Path, tiny_ref: Reference, glue_dir: Path) -> None:
-    c = open_cache(tiny_cache, verify=True)
+    c = open_cache(tiny_cache, check="full")
     assert c.layers == layer_map(4, 2) == [2, 4] and c.hidden_size == 32
     examples = load_examples(DataConfig(task="sst2", data_dir=glue_dir, max_train_examples=200), "train")
     train = c.split("train")
     assert train.num_rows == 200 and train.has_hidden
     np.testing.assert_array_equal(train.labels(), np.asarray(examples.labels))
+    rows = train.reader(pooled=True)
     for i in [0, 1, 63, 64, 65, 127, 128, 150, 191, 192, 199]:  # both sides of every shard boundary
-        row = train.example(i)
+        row = rows.example(i)
         assert row["row_id"] == i and row["label"] == examples.labels[i]
         assert_row_matches(row, tiny_ref(examples.text_a[i]), [2, 4])
 
@@ -135,8 +137,9 @@ def test_every_row_through_small_batches_and_shards(small_cache: Path, tiny_ref:
     train = c.split("train")
     assert train.num_rows == 40 and len(c.manifest["splits"]["train"]["shards"]) == 3  # 16 + 16 + 8
     refs = [tiny_ref(text) for text, _ in rows]
+    reader = train.reader(pooled=True)
     for i, ((_, label), ref) in enumerate(zip(rows, refs)):
-        row = train.example(i)
+        row = reader.example(i)
         assert row["label"] == label
         assert_row_matches(row, ref, [1, 3])
     np.testing.assert_allclose(train.logits(), np.stack([r["logits"] for r in refs]), rtol=1e-5, atol=1e-5)
@@ -159,7 +162,7 @@ def test_no_padding_is_stored(small_cache: Path, tiny_ref: Reference) -> None:
             for j in (1, 3):
                 assert len(table.column(f"hidden_{j}")[k].as_py()) == lengths[i]
     # Total hidden values stored == tokens x layers x width: nothing padded anywhere.
-    total = sum(len(open_cache(small_cache).split("train").example(i)["hidden"][1]) for i in range(40))
+    total = sum(len(open_cache(small_cache).split("train").reader().example(i)["hidden"][1]) for i in range(40))
     assert total == sum(lengths)
 
 
@@ -170,8 +173,8 @@ def test_dev_split_has_logits_and_labels_but_no_hidden(small_cache: Path, tiny_r
     assert dev.num_rows == 20 and not dev.has_hidden
     np.testing.assert_array_equal(dev.labels(), [label for _, label in rows])
     np.testing.assert_allclose(dev.logits(), np.stack([tiny_ref(t)["logits"] for t, _ in rows]), rtol=1e-5, atol=1e-5)
-    row = dev.example(7)
-    assert "hidden" not in row and "pooled" not in row
+    row = dev.reader(pooled=True).example(7)
+    assert row["hidden"] == {} and "pooled" not in row
     np.testing.assert_array_equal(row["input_ids"], tiny_ref(rows[7][0])["input_ids"])
     with pytest.raises(LrcError, match="no pooled vectors"):
         dev.pooled()
@@ -231,7 +234,7 @@ def test_explicit_and_all_layers_select_their_columns(tmp_path: Path, tiny_teach
         shard = out / manifest["splits"]["train"]["shards"][0]["file"]
         names = pa.ipc.open_stream(pa.memory_map(str(shard))).schema.names
         assert [n for n in names if n.startswith("hidden_")] == [f"hidden_{j}" for j in expected]
-        split = open_cache(out).split("train")
+        split = open_cache(out).split("train").reader(pooled=True)
         for i in (0, 9):
             assert_row_matches(split.example(i), tiny_ref(texts[i]), expected)
 
@@ -245,6 +248,7 @@ def test_datasets_and_pyarrow_read_the_same_rows(small_cache: Path) -> None:
     c = open_cache(small_cache)
     for name in ("train", "dev"):
         split = c.split(name)
+        reader = split.reader()
         for shard in c.manifest["splits"][name]["shards"]:
             path = small_cache / shard["file"]
             with pa.memory_map(str(path)) as source:
@@ -254,7 +258,7 @@ def test_datasets_and_pyarrow_read_the_same_rows(small_cache: Path) -> None:
             assert ds.column_names == table.schema.names
             assert ds["row_id"] == list(range(shard["start"], shard["stop"]))
             for k in range(len(ds)):
-                from_ds, from_pa, mine = ds[k], table.slice(k, 1).to_pylist()[0], split.example(shard["start"] + k)
+                from_ds, from_pa, mine = ds[k], table.slice(k, 1).to_pylist()[0], reader.example(shard["start"] + k)
                 assert from_ds == from_pa
                 assert from_pa["input_ids"] == mine["input_ids"].tolist()
                 np.testing.assert_array_equal(np.float32(from_pa["logits"]), mine["logits"])
@@ -278,10 +282,12 @@ def test_checksum_mismatch_is_caught_by_verify(small_cache: Path, tmp_path: Path
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01  # same size, one bit different
     shard.write_bytes(bytes(data))
-    open_cache(c)  # sizes still match: only the checksum can tell
+    open_cache(c, check="size")  # sizes still match: only a checksum can tell
     with pytest.raises(LrcError, match="does not match its checksum") as err:
-        open_cache(c, verify=True)
+        open_cache(c, check="full")
     assert "\n" not in str(err.value) and shard.name in str(err.value)
+    # A shard this small is sampled whole, so the default (quick) check at open catches it too.
+    assert_refused(lambda: open_cache(c), "does not match its sampled checksum", shard.name)
 
 
 def test_truncated_or_missing_shard_is_caught_without_verify(small_cache: Path, tmp_path: Path) -> None:

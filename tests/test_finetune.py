@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import open_cache
+from pipeline.cache_read import open_cache
 from pipeline.config import DataConfig, ExtractConfig, FinetuneConfig
 from pipeline.errors import LrcError
 from pipeline.extract import extract_teacher
@@ -197,7 +197,7 @@ def test_minilm_teacher_then_cache_size_rule(tmp_path: Path, minilm_dir: Path, g
     assert manifest["layers"] == [2, 3, 5, 6] and manifest["hidden_size"] == 384
     assert manifest["teacher"]["num_layers"] == 6
 
-    c = open_cache(out, verify=True)
+    c = open_cache(out, check="full")
     # The teacher's recorded dev accuracy is what its cached dev logits give.
     dev_split = c.split("dev")
     cached = float(np.mean(dev_split.logits().argmax(1) == dev_split.labels()))
@@ -206,7 +206,7 @@ def test_minilm_teacher_then_cache_size_rule(tmp_path: Path, minilm_dir: Path, g
 
     # Size rule: bytes per example <= 1.05 x tokens x stored layers x d' x 2 (no padding, fp16).
     train = manifest["splits"]["train"]
-    tokens = sum(len(c.split("train").example(i)["input_ids"]) for i in range(train["rows"]))
+    tokens = sum(len(c.split("train").reader().example(i)["input_ids"]) for i in range(train["rows"]))
     on_disk = sum((out / s["file"]).stat().st_size for s in train["shards"])
     assert on_disk == train["bytes"]
     ideal = tokens * 4 * 384 * 2

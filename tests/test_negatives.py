@@ -292,7 +292,7 @@ def test_failed_write_leaves_old_file(tmp_path: Path) -> None:
 
 
 def test_build_negatives_on_tiny_cache(tiny_cache: Path, tmp_path: Path) -> None:
-    from pipeline.cache import open_cache
+    from pipeline.cache_read import open_cache
 
     cache = open_cache(tiny_cache)
     train = cache.split("train")

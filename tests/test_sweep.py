@@ -14,7 +14,7 @@ import torch
 
 from conftest import assert_refused, make_tiny_teacher
 from pipeline import sweep
-from pipeline.cache import open_cache
+from pipeline.cache_read import open_cache
 from pipeline.config import DataConfig, ExtractConfig, NegativesConfig, SweepConfig, TrainConfig
 from pipeline.errors import LrcError
 from pipeline.extract import extract_teacher

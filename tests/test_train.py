@@ -20,7 +20,7 @@ from transformers import BertForSequenceClassification
 from conftest import REPO, assert_refused, make_tiny_teacher
 from pipeline import losses
 from pipeline.batches import CacheDataset, collate
-from pipeline.cache import open_cache
+from pipeline.cache_read import open_cache
 from pipeline.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig
 from pipeline.errors import LrcError
 from pipeline.extract import extract_teacher
