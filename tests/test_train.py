@@ -18,7 +18,7 @@ import torch
 from transformers import BertForSequenceClassification
 
 from conftest import REPO, assert_refused, make_tiny_teacher
-from pipeline import losses
+from pipeline import checkpoint, losses
 from pipeline.batches import CacheDataset, collate
 from pipeline.cache_read import open_cache
 from pipeline.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig
@@ -410,14 +410,14 @@ def uninterrupted(neg_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def final_state(out: Path) -> dict:
-    return torch.load(out / "checkpoint" / "state.pt", map_location="cpu", weights_only=False)
+    return checkpoint.read_state(out / checkpoint.CHECKPOINT_DIR / checkpoint.STATE_FILE)
 
 
 def past_a_checkpoint(out: Path) -> bool:
     """A checkpoint exists and the log already holds a step after it (odd steps are never checkpointed)."""
     try:
         lines = (out / "train_log.jsonl").read_text().splitlines()
-        return (out / "checkpoint" / "state.pt").is_file() and json.loads(lines[-1])["step"] % 2 == 1
+        return (out / checkpoint.CHECKPOINT_DIR / checkpoint.STATE_FILE).is_file() and json.loads(lines[-1])["step"] % 2 == 1
     except (FileNotFoundError, IndexError, json.JSONDecodeError):  # not yet written, or caught mid-line
         return False
 
