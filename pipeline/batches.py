@@ -172,8 +172,23 @@ def _zeros(shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
     (1.0-4x the rows/s of 2 workers in noisy A/B runs here); a new segment reads as zeros (ftruncate)."""
     if get_worker_info() is None:
         return torch.from_numpy(np.zeros(shape, dtype))
-    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * np.dtype(dtype).itemsize)
-    return torch.empty(0, dtype=torch.from_numpy(np.empty(0, dtype)).dtype).set_(storage).view(shape)
+    shared = _new_shared_storage(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    if shared is None:  # the DataLoader moves the block to shared memory when it sends it: one copy more
+        return torch.from_numpy(np.zeros(shape, dtype))
+    return torch.empty(0, dtype=torch.from_numpy(np.empty(0, dtype)).dtype).set_(shared).view(shape)
+
+
+def _new_shared_storage(nbytes: int) -> torch.UntypedStorage | None:
+    """A zero-filled shared-memory storage from `UntypedStorage._new_shared`, or None. That is a
+    private torch API (what default_collate itself uses): a torch without it, or whose version of it
+    fails, costs one copy per batch, not a crash (tests/test_batches.py runs both paths)."""
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+    if new_shared is None:
+        return None
+    try:
+        return new_shared(nbytes)
+    except (RuntimeError, TypeError):
+        return None
 
 
 # --------------------------------------------------------------------------- order

@@ -13,7 +13,7 @@ from pipeline.config import NegativesConfig
 from pipeline.errors import LrcError
 from pipeline import negatives
 from pipeline.negatives import build_negatives, find_candidates
-from pipeline.sampler import NegativeSampler, manifest_path, write_negatives
+from pipeline.sampler import FORMAT_VERSION, NegativeSampler, manifest_path, write_negatives
 
 UNUSED = Path("unused-cache")
 
@@ -229,7 +229,7 @@ def test_too_few_qualifying_rows() -> None:
 
 def write_file(path: Path, n: int = 50, m: int = 8, fingerprint: str = "abc123") -> np.ndarray:
     ids = (np.arange(n)[:, None] + np.arange(1, m + 1)[None, :]) % n  # row i's candidates: i+1 .. i+m
-    meta = {"format": "lrc-negatives", "format_version": 1, "cache_fingerprint": fingerprint, "candidates": m}
+    meta = {"format": "lrc-negatives", "format_version": FORMAT_VERSION, "cache_fingerprint": fingerprint, "candidates": m}
     write_negatives(path, ids, np.zeros((n, m), np.float32), meta)
     return ids
 
@@ -281,7 +281,7 @@ def test_sampler_refusals(tmp_path: Path) -> None:
 def test_failed_write_leaves_old_file(tmp_path: Path) -> None:
     path = tmp_path / "negatives.arrow"
     old = write_file(path)
-    meta = {"format": "lrc-negatives", "format_version": 1, "cache_fingerprint": "x", "candidates": 8}
+    meta = {"format": "lrc-negatives", "format_version": FORMAT_VERSION, "cache_fingerprint": "x", "candidates": 8}
     with pytest.raises(Exception):  # scores of the wrong width fail inside the writer
         write_negatives(path, np.zeros((50, 8), np.int64), np.zeros((50, 7), np.float32), meta)
     np.testing.assert_array_equal(NegativeSampler(path, k=8, seed=0).candidates, old)
