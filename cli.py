@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -45,6 +47,15 @@ VerifyCacheOpt = typer.Option(
 )
 
 
+def _disk_errno(err: BaseException) -> int | None:
+    """The errno of a disk error: an OSError's, or the one pyarrow and safetensors (Rust) put in their text."""
+    code = err.errno if isinstance(err, OSError) else None
+    if code is None:
+        match = re.search(r"(?:errno|os error) (\d+)", str(err), re.IGNORECASE)
+        code = int(match.group(1)) if match else None
+    return code if code in _DISK_ERRNOS else None
+
+
 def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
     """Bad input ends in one line on stderr and exit code 1, never a traceback."""
 
@@ -58,12 +69,13 @@ def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
         except LrcError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(1) from None
-        except OSError as err:
-            if err.errno not in _DISK_ERRNOS:
+        except Exception as err:  # noqa: BLE001 - only disk errors are handled, the rest re-raised
+            code = _disk_errno(err)
+            if code is None:
                 raise
             # The writers clean their temp files up on the way out, so nothing half-written is left to trust.
-            where = f" {err.filename}" if err.filename else ""
-            typer.echo(f"error: cannot write{where}: {err.strerror or err}: free disk space or choose a writable "
+            where = f" {err.filename}" if getattr(err, "filename", None) else ""
+            typer.echo(f"error: cannot write{where}: {os.strerror(code)}: free disk space or choose a writable "
                        "output location, then rerun (finished shards, checkpoints and files are kept)", err=True)
             raise typer.Exit(1) from None
 

@@ -201,8 +201,11 @@ def _save_dir_atomic(saveable: Any, final: Path) -> None:
         return
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    saveable.save_pretrained(tmp)
-    tmp.rename(final)
+    try:
+        saveable.save_pretrained(tmp)
+        tmp.rename(final)
+    finally:  # a failed save (full disk) leaves no half-written dir
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the teacher pass
