@@ -85,7 +85,7 @@ def _open_table(path: Path, random_access: bool = False) -> pa.Table:
         if hasattr(mmap, "MADV_RANDOM"):  # absent on Windows
             mapped.madvise(mmap.MADV_RANDOM)
         return pa.ipc.open_stream(pa.BufferReader(pa.py_buffer(mapped))).read_all()
-    except (pa.ArrowException, ValueError) as err:  # ArrowInvalid, ArrowIOError (an OSError) ...
+    except (pa.ArrowException, OSError, ValueError) as err:  # ArrowInvalid, "Invalid flatbuffers message" ...
         reason = " ".join(str(err).split())[:200]
         raise LrcError(f"shard {path} is not a readable Arrow stream ({reason}): {_REEXTRACT}") from None
 

@@ -329,3 +329,68 @@ def test_not_a_cache(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(LrcError, match="not valid JSON"):
         open_cache(tmp_path)
+
+
+# ---------------------------------------------------------------- a manifest is data from disk
+
+
+def test_manifest_paths_outside_the_cache_are_refused(small_cache: Path, tmp_path: Path) -> None:
+    """An absolute path to another cache's (identical) shard used to train silently; `..` was opened and hashed."""
+    c = _copy(small_cache, tmp_path / "c")
+    manifest = json.loads((c / "manifest.json").read_text())
+    elsewhere = shutil.copy(c / manifest["splits"]["train"]["shards"][0]["file"], tmp_path / "elsewhere.arrow")
+    for bad in (str(elsewhere), "shards/../../elsewhere.arrow", "../c/shards/train-000000000-000000016.arrow",
+                "shards/dev-000000000-000000016.arrow"):  # the last: another split's file
+        edited = json.loads(json.dumps(manifest))
+        edited["splits"]["train"]["shards"][0]["file"] = bad
+        (c / "manifest.json").write_text(json.dumps(edited))
+        assert_refused(lambda: open_cache(c, check="size"), repr(bad), "only shards/train-START-STOP.arrow")
+    edited = json.loads(json.dumps(manifest))
+    del edited["splits"]["train"]["shards"][1]  # a gap in the rows
+    (c / "manifest.json").write_text(json.dumps(edited))
+    assert_refused(lambda: open_cache(c, check="size"), "malformed", "row 16")
+
+
+def test_a_corrupted_shard_header_is_one_line(small_cache: Path, tmp_path: Path) -> None:
+    c = _copy(small_cache, tmp_path / "c")
+    shard = sorted((c / "shards").glob("train-*.arrow"))[0]
+    data = bytearray(shard.read_bytes())
+    data[8:40] = b"\xff" * 32  # the schema message
+    shard.write_bytes(bytes(data))
+    assert_refused(lambda: open_cache(c), "does not match its sampled checksum", shard.name)
+    # past a size-only check, reading it is still one line, not an ArrowInvalid traceback
+    assert_refused(lambda: open_cache(c, check="size").split("train"), "not a readable Arrow stream", shard.name)
+
+
+def _synthetic_cache(out: Path, rows: int, tokens: int, width: int) -> Path:
+    """A cache of random hidden states written with the real writer (no teacher): one shard."""
+    rng = np.random.default_rng(0)
+    schema = cache.shard_schema([1], width, 2, False, "float16", True)
+    ids = [rng.integers(1000, 2000, tokens).astype(np.int32) for _ in range(rows)]
+    batch = cache.make_record_batch(
+        schema, np.arange(rows), ids, [np.zeros(tokens, np.int8)] * rows, rng.integers(0, 2, rows),
+        rng.standard_normal((rows, 2)).astype(np.float32),
+        {1: rng.standard_normal((rows * tokens, width)).astype(np.float16)},
+        rng.standard_normal((rows, width)).astype(np.float16))
+    cache.write_shard(out, "train", 0, rows, batch)
+    settings = {"splits": {"train": {"rows": rows, "hidden": True}}, "layers": [1], "hidden_size": width}
+    cache.assemble_manifest(out, settings, {})
+    return out / "shards" / cache.shard_name("train", 0, rows)
+
+
+def test_quick_check_samples_a_large_shard_and_full_reads_it_all(tmp_path: Path) -> None:
+    from pipeline.cache_read import resolve_check
+
+    shard = _synthetic_cache(tmp_path / "c", rows=64, tokens=32, width=256)  # ~1 MB
+    assert shard.stat().st_size > 1 << 20
+    data = bytearray(shard.read_bytes())
+    step = (len(data) - 2 * cache._SAMPLE_EDGE) // cache._SAMPLE_COUNT  # the spacing of the sampled blocks
+    data[cache._SAMPLE_EDGE + step // 2] ^= 0x01  # between the first two sampled body blocks
+    shard.write_bytes(bytes(data))
+    open_cache(tmp_path / "c", check="quick")  # the quick check's blind spot, measured in docs/RELIABILITY.md
+    assert_refused(lambda: open_cache(tmp_path / "c", check="full"), "does not match its checksum")
+    data[100] ^= 0x01  # inside the first 64 KiB: the quick check sees it
+    shard.write_bytes(bytes(data))
+    assert_refused(lambda: open_cache(tmp_path / "c", check="quick"), "sampled checksum")
+    # `auto` hashes every byte of a cache that fits in half the RAM, samples a larger one
+    assert resolve_check("auto", 1 << 20) == "full" and resolve_check("auto", 1 << 60) == "quick"

@@ -213,3 +213,19 @@ def test_unfinished_cache_with_other_settings_is_refused(tmp_path: Path, tiny_te
     extract_teacher(_config(tiny_teacher, files, out))
     assert shard_state(out) == state
     open_cache(out, check="full")
+
+
+def test_resume_re_extracts_a_corrupted_shard_instead_of_blessing_it(tmp_path: Path, tiny_teacher: Path,
+                                                                   files: dict[str, Path]) -> None:
+    """A killed run's shards are checked against the sidecar written with each before they are trusted."""
+    out = tmp_path / "out"
+    clean = extract_teacher(_config(tiny_teacher, files, out))
+    (out / "manifest.json").unlink()  # as if killed before the end
+    shard = out / clean["splits"]["train"]["shards"][1]["file"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    (out / "shards" / "dev-000000000-000000008.sha256.json").unlink()  # a shard without its record: not trusted
+    resumed = extract_teacher(_config(tiny_teacher, files, out))
+    assert shard_list(resumed) == shard_list(clean)  # both extracted again, to the same bytes
+    open_cache(out, check="full")
