@@ -178,15 +178,17 @@ def _zeros(shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=torch.from_numpy(np.empty(0, dtype)).dtype).set_(shared).view(shape)
 
 
+# A private torch API (what default_collate itself uses in workers): looked up once, never required.
+_NEW_SHARED = getattr(torch.UntypedStorage, "_new_shared", None)
+
+
 def _new_shared_storage(nbytes: int) -> torch.UntypedStorage | None:
-    """A zero-filled shared-memory storage from `UntypedStorage._new_shared`, or None. That is a
-    private torch API (what default_collate itself uses): a torch without it, or whose version of it
-    fails, costs one copy per batch, not a crash (tests/test_batches.py runs both paths)."""
-    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
-    if new_shared is None:
+    """A zero-filled shared-memory storage from `_NEW_SHARED`, or None: a torch without it, or whose
+    version of it fails, costs one copy per batch, not a crash (tests/test_batches.py runs both paths)."""
+    if _NEW_SHARED is None:
         return None
     try:
-        return new_shared(nbytes)
+        return _NEW_SHARED(nbytes)
     except (RuntimeError, TypeError):
         return None
 

@@ -301,3 +301,26 @@ def test_loader_leaves_the_global_torch_rng_alone(tiny_cache: Path) -> None:
     torch.manual_seed(0)
     _epoch(dataset, sampler, 0, workers=0)
     assert torch.equal(torch.rand(3), expected)  # a resumed run replays the same dropout masks
+
+
+def test_workers_without_the_private_shared_memory_api_give_the_same_batches(tiny_cache: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_zeros` uses torch's private `UntypedStorage._new_shared` in workers; a torch without it falls back."""
+    dataset = _dataset(tiny_cache)
+    sampler = EpochBatchSampler(len(dataset), 16, seed=5)
+    want = list(make_loader(dataset, sampler, num_workers=0, seed=1))
+    with_api = list(make_loader(dataset, sampler, num_workers=1, seed=1))
+    from pipeline import batches
+
+    def broken(nbytes: int) -> None:
+        raise TypeError("a future torch's signature")
+
+    monkeypatch.setattr(batches, "_NEW_SHARED", None)  # workers fork from this process: they see it too
+    without_api = list(make_loader(dataset, sampler, num_workers=1, seed=1))
+    monkeypatch.setattr(batches, "_NEW_SHARED", broken)
+    failing_api = list(make_loader(dataset, sampler, num_workers=1, seed=1))
+    assert len(want) == len(with_api) == len(without_api) == len(failing_api) == 13
+    for a, b, c, d in zip(want, with_api, without_api, failing_api):
+        _assert_batches_equal(a, b)
+        _assert_batches_equal(a, c)
+        _assert_batches_equal(a, d)
