@@ -190,6 +190,25 @@ def check_recorded_task(model_dir: Path, task_name: str, role: str, allow: bool)
                    f"{record[0]}, or --allow-task-mismatch to use it on {task_name} deliberately")
 
 
+# Exponent bits: a float is NaN or inf exactly when they are all ones.
+_EXPONENT_BITS = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000)}
+
+
+def all_finite(values: np.ndarray | torch.Tensor) -> bool:
+    """No NaN or inf in `values`. On the CPU, float16/32 are tested by their exponent bits (an integer
+    max): several times faster than isfinite, which matters for per-batch checks of fp16 hidden states."""
+    if isinstance(values, torch.Tensor):
+        if values.device.type != "cpu" or values.dtype not in (torch.float16, torch.float32):
+            return bool(torch.isfinite(values).all())
+        values = values.numpy()
+    if values.size == 0:
+        return True
+    if values.dtype not in _EXPONENT_BITS:
+        return bool(np.isfinite(values).all())
+    as_int, mask = _EXPONENT_BITS[values.dtype]
+    return int((values.view(as_int) & mask).max()) != mask
+
+
 def check_finite_weights(model: torch.nn.Module, source: str) -> None:
     """Refuse weights holding NaN or inf (a diverged fine-tuning, a damaged file) where they are loaded or saved."""
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:

@@ -24,7 +24,8 @@ from pipeline.metrics import compute_metrics
 from pipeline.sampler import NegativeSampler
 from pipeline.report import write_report
 from pipeline.runtime import (
-    apply_update, autocast, check_finite_weights, from_pretrained, pick_device, predict_logits, seed_everything,
+    all_finite, apply_update, autocast, check_finite_weights, from_pretrained, pick_device, predict_logits,
+    seed_everything,
 )
 from pipeline.student import Projections, build_student, student_config
 from pipeline.tasks import get_task
@@ -165,11 +166,10 @@ _CACHED_VALUES = {"labels": "labels", "teacher_logits": "teacher logits", "teach
 def check_batch_finite(batch: dict[str, torch.Tensor], cache_dir: Path) -> None:
     """A NaN or inf read from the cache is the cache's fault, not the learning rate's: refuse it by row.
 
-    One float32 sum per tensor (exact for fp16 values: no overflow) is the cheap test; the rows are
-    looked for only when it fails."""
+    `all_finite` is the cheap test; the rows are looked for only when it fails."""
     for key, what in _CACHED_VALUES.items():
         value = batch.get(key)
-        if value is None or not value.is_floating_point() or bool(torch.isfinite(value.sum(dtype=torch.float32))):
+        if value is None or not value.is_floating_point() or all_finite(value):
             continue
         bad = ~torch.isfinite(value)
         if key == "teacher_hidden":

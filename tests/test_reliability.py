@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.config import DataConfig, EvaluateConfig, ExtractConfig
 from pipeline.evaluate import evaluate
@@ -237,3 +238,19 @@ def test_nan_scores_never_reach_a_cache(tmp_path: Path, tiny_teacher: Path, file
     assert_refused(lambda: extract_teacher(ExtractConfig(teacher=reg, data=data, output_dir=out, device="cpu")),
                    str(train), "row 1", "'nan'", "not a finite number")
     assert not out.exists()
+
+
+def test_all_finite_reads_exponent_bits_right() -> None:
+    import numpy as np
+
+    from pipeline.runtime import all_finite
+
+    for dtype in (np.float16, np.float32, np.float64):
+        values = np.random.default_rng(0).standard_normal((6, 8)).astype(dtype)
+        edge = np.array([np.finfo(dtype).max, -np.finfo(dtype).max, np.finfo(dtype).tiny, 0.0, -0.0], dtype)
+        assert all_finite(values) and all_finite(edge) and all_finite(values[:, ::3])
+        for bad in (np.nan, np.inf, -np.inf):
+            poisoned = values.copy()
+            poisoned[4, 5] = bad
+            assert not all_finite(poisoned) and not all_finite(torch.from_numpy(poisoned))
+            assert not all_finite(poisoned[:, 1::2])  # a strided view holding it
