@@ -380,6 +380,10 @@ def test_error_not_utf8_and_oversized_csv_field(tmp_path: Path) -> None:
     huge.write_text('sentence,label\n"' + "word " * 40000 + '",1\n', encoding="utf-8")  # 200k characters
     with pytest.raises(LrcError, match=r"huge\.csv:\d+: field larger than field limit .*close the quote or shorten"):
         _load(None, "sst2", "train", train_file=huge)
+    parquet = tmp_path / "cut.parquet"
+    parquet.write_bytes(b"PAR1" + b"\0" * 50)
+    with pytest.raises(LrcError, match=r"cut\.parquet: not a readable Parquet file"):
+        _load(None, "sst2", "train", train_file=parquet)
     open_quote = tmp_path / "open.tsv"
     open_quote.write_text("sentence\tlabel\n" + "x" * 140000 + "\t1\n", encoding="utf-8")
     with pytest.raises(LrcError, match=r"open\.tsv:\d+: field larger than field limit"):
