@@ -235,7 +235,7 @@ def test_nan_scores_never_reach_a_cache(tmp_path: Path, tiny_teacher: Path, file
     train = write_tsv(tmp_path / "sts.tsv", lines, header="sentence1\tsentence2\tlabel")
     data = DataConfig(task="stsb", train_file=train, dev_file=train)
     out = tmp_path / "out"
-    assert_refused(lambda: extract_teacher(ExtractConfig(teacher=reg, data=data, output_dir=out, device="cpu")),
+    assert_refused(lambda: extract_teacher(ExtractConfig(teacher=reg, data=data, output_dir=out, student_layers=2, device="cpu")),
                    str(train), "row 1", "'nan'", "not a finite number")
     assert not out.exists()
 
