@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -28,6 +31,34 @@ app = typer.Typer(
 )
 
 
+# A full disk, a quota, a file-size limit, a read-only file system or folder: the user's to fix, not a bug.
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
+
+TrustRemoteCodeOpt = typer.Option(
+    default_of(ExtractConfig, "trust_remote_code"), "--trust-remote-code",
+    help="Run Python code shipped inside the model dir (its config's auto_map). It runs with your permissions: "
+    "pass this only for a model whose code you have read.",
+)
+AllowTaskMismatchOpt = typer.Option(
+    default_of(ExtractConfig, "allow_task_mismatch"), "--allow-task-mismatch",
+    help="Use a model whose teacher_info.json / training_summary.json records another task (a deliberate transfer).",
+)
+VerifyCacheOpt = typer.Option(
+    default_of(TrainConfig, "verify_cache"), "--verify-cache",
+    help="Shard checks when the cache is opened: auto (full sha256 when the cache fits in half the RAM, else "
+    "quick), quick (sizes + sampled hash) or full (every byte; see docs/RELIABILITY.md for the cost).",
+)
+
+
+def _disk_errno(err: BaseException) -> int | None:
+    """The errno of a disk error: an OSError's, or the one pyarrow and safetensors (Rust) put in their text."""
+    code = err.errno if isinstance(err, OSError) else None
+    if code is None:
+        match = re.search(r"(?:errno|os error) (\d+)", str(err), re.IGNORECASE)
+        code = int(match.group(1)) if match else None
+    return code if code in _DISK_ERRNOS else None
+
+
 def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
     """Bad input ends in one line on stderr and exit code 1, never a traceback."""
 
@@ -40,6 +71,15 @@ def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except LrcError as err:
             typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+        except Exception as err:  # noqa: BLE001 - only disk errors are handled, the rest re-raised
+            code = _disk_errno(err)
+            if code is None:
+                raise
+            # The writers clean their temp files up on the way out, so nothing half-written is left to trust.
+            where = f" {err.filename}" if getattr(err, "filename", None) else ""
+            typer.echo(f"error: cannot write{where}: {os.strerror(code)}: free disk space or choose a writable "
+                       "output location, then rerun (finished shards, checkpoints and files are kept)", err=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -117,6 +157,7 @@ def finetune_teacher(
     text_column: Optional[str] = TextColOpt, text_pair_column: Optional[str] = PairColOpt,
     label_column: Optional[str] = LabelColOpt, max_train_examples: Optional[int] = MaxTrainOpt,
     subsample_seed: int = SubsampleSeedOpt, device: str = DeviceOpt, precision: str = PrecisionOpt,
+    trust_remote_code: bool = TrustRemoteCodeOpt,
     config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
     """Fine-tune a backbone on a task: writes a teacher dir with a classification head and its dev metric."""
@@ -128,6 +169,7 @@ def finetune_teacher(
         data=data, output_dir=output_dir, backbone=backbone, max_length=max_length, epochs=epochs,
         batch_size=batch_size, learning_rate=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
         warmup_ratio=warmup_ratio, seed=seed, device=device, precision=precision, overwrite=overwrite,
+        trust_remote_code=trust_remote_code,
     ))
     typer.echo(f"teacher: {output_dir}  dev {json.dumps(info['dev_metrics'])}")
 
@@ -160,6 +202,7 @@ def extract_teacher(
     text_column: Optional[str] = TextColOpt, text_pair_column: Optional[str] = PairColOpt,
     label_column: Optional[str] = LabelColOpt, max_train_examples: Optional[int] = MaxTrainOpt,
     subsample_seed: int = SubsampleSeedOpt, device: str = DeviceOpt, precision: str = PrecisionOpt,
+    allow_task_mismatch: bool = AllowTaskMismatchOpt, trust_remote_code: bool = TrustRemoteCodeOpt,
     config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
     """Run the teacher once over a task and write hidden states, logits and pooled vectors to an Arrow cache."""
@@ -172,6 +215,7 @@ def extract_teacher(
         teacher=teacher, data=data, output_dir=output_dir, student_layers=student_layers, layers=explicit,
         all_layers=all_layers, max_length=max_length, batch_size=batch_size, shard_rows=shard_rows,
         hidden_dtype=hidden_dtype, device=device, precision=precision, overwrite=overwrite,
+        allow_task_mismatch=allow_task_mismatch, trust_remote_code=trust_remote_code,
     ))
     typer.echo(f"cache: {output_dir}  layers {manifest['layers']}  rows "
                + ", ".join(f"{s}={v['rows']}" for s, v in manifest["splits"].items()))
@@ -185,9 +229,9 @@ def inspect_cache(
     config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
     """Print what a cache holds (teacher, task, rows, layers, sizes); --verify checks every checksum."""
-    from pipeline.cache import describe, open_cache
+    from pipeline.cache_read import describe, open_cache
 
-    cache = open_cache(cache_dir, verify=verify)
+    cache = open_cache(cache_dir, check="full" if verify else "quick")
     typer.echo(describe(cache))
     if verify:
         typer.echo("verify: every shard matches its checksum")
@@ -205,6 +249,7 @@ def build_negatives(
     hard_pool: Optional[int] = typer.Option(None, help="Width of the nearest-neighbour list hard candidates are drawn from; default 4M."),
     regression_margin: float = typer.Option(N("regression_margin"), help="Regression tasks: hard negatives differ in label by at least this."),
     seed: int = typer.Option(N("seed"), help="Random seed; the same seed gives the same file."),
+    verify_cache: str = VerifyCacheOpt,
     config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
     """Sample M candidate negatives per training row with FAISS over the cached pooled teacher vectors."""
@@ -212,7 +257,7 @@ def build_negatives(
 
     path = run(NegativesConfig(
         cache_dir=cache_dir, k=k, candidates=candidates, strategy=strategy, index=index, output=output,
-        hard_pool=hard_pool, regression_margin=regression_margin, seed=seed,
+        hard_pool=hard_pool, regression_margin=regression_margin, seed=seed, verify_cache=verify_cache,
     ))
     typer.echo(f"negatives: {path}")
 
@@ -267,6 +312,7 @@ def train_student(
     num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes reading the cache; default 0 on CPU, 2 on CUDA."),
     resume: bool = typer.Option(T("resume"), "--resume", help="Continue the run in --output-dir from its last checkpoint."),
     overwrite: bool = typer.Option(T("overwrite"), help="Replace a run already in --output-dir."),
+    verify_cache: str = VerifyCacheOpt,
     device: str = DeviceOpt, precision: str = PrecisionOpt, config: Optional[Path] = ConfigOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
@@ -283,8 +329,8 @@ def train_student(
         perturb_eps=perturb_eps, projection_init=projection_init, epochs=epochs, max_steps=max_steps,
         batch_size=batch_size, learning_rate=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
         warmup_ratio=warmup_ratio, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
-        log_every=log_every, num_workers=num_workers,
-        device=device, precision=precision, resume=resume, overwrite=overwrite,
+        log_every=log_every, num_workers=num_workers, device=device, precision=precision, resume=resume,
+        overwrite=overwrite, verify_cache=verify_cache,
     ))
     typer.echo(f"student: {output_dir}  best dev {json.dumps(summary['best'])}  teacher dev {json.dumps(summary['teacher_dev'])}")
 
@@ -304,6 +350,7 @@ def evaluate(
     dev_file: Optional[Path] = typer.Option(None, help="Evaluate on this file (.csv, .tsv, .jsonl, .parquet) instead of the dev split."),
     text_column: Optional[str] = TextColOpt, text_pair_column: Optional[str] = PairColOpt,
     label_column: Optional[str] = LabelColOpt, device: str = DeviceOpt, precision: str = PrecisionOpt,
+    allow_task_mismatch: bool = AllowTaskMismatchOpt, trust_remote_code: bool = TrustRemoteCodeOpt,
     config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
     """Dev metric, parameters, size on disk and measured latency/throughput; --compare puts two models side by side."""
@@ -313,6 +360,7 @@ def evaluate(
     results = run(EvaluateConfig(
         model_dir=model_dir, data=data, compare=compare, max_length=max_length, batch_size=batch_size,
         seq_length=seq_length, timing_batches=timing_batches, device=device, precision=precision, output=output,
+        allow_task_mismatch=allow_task_mismatch, trust_remote_code=trust_remote_code,
     ))
     typer.echo(format_table(results))
 

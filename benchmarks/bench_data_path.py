@@ -9,7 +9,7 @@ Variants, alternated (A, B, C, A, B, C...) between GEMM probes, each with a fres
   cold     the shard files are dropped from the page cache first (posix_fadvise DONTNEED, these files only),
            mapped with read-ahead (the library's default for a split under half the RAM) or MADV_RANDOM
   warm     shards in the page cache
-  gather   locating the rows alone (no copy, no padding): the library's RowReader against `CacheSplit.example`
+  gather   locating the rows alone (no copy, no padding) with the library's RowReader
 
     /work/venv/bin/python benchmarks/bench_data_path.py                      # builds a 5000-row cache
     /work/venv/bin/python benchmarks/bench_data_path.py --cache DIR --negatives FILE
@@ -30,7 +30,7 @@ import torch
 
 from pipeline import batches
 from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader
-from pipeline.cache import RowReader, open_cache
+from pipeline.cache_read import RowReader, open_cache
 from pipeline.sampler import NegativeSampler
 from common import gemm_probe
 
@@ -90,15 +90,15 @@ def loader_epoch(cache_dir: Path, negatives: Path, workers: int, cold: bool, epo
         batches.RowReader = original  # type: ignore[misc]
 
 
-def gather_rows(cache_dir: Path, negatives: Path, reference: bool, batches_: int = 40) -> float:
+def gather_rows(cache_dir: Path, negatives: Path, batches_: int = 40) -> float:
     """Anchor rows/s of locating rows alone (anchor + K negatives, every stored layer, no copy or
-    padding), warm: the library's RowReader, or the reference reader `CacheSplit.example` (Arrow
-    scalars). Both hand out zero-copy views; one value per block is read to be sure they resolve."""
+    padding), warm, with the library's RowReader. It hands out zero-copy views; one value per block
+    is read to be sure they resolve."""
     cache = open_cache(cache_dir)
-    split, sampler = cache.split("train"), NegativeSampler(negatives, K, seed=0)
+    sampler = NegativeSampler(negatives, K, seed=0)
     reader = RowReader(cache_dir, cache.manifest["splits"]["train"], cache.layers)
-    read = (lambda r: split.example(r)["hidden"]) if reference else (lambda r: reader.example(r)["hidden"])
-    order = np.random.default_rng(0).permutation(split.num_rows)[: batches_ * BATCH]
+    read = lambda r: reader.example(r)["hidden"]  # noqa: E731
+    order = np.random.default_rng(0).permutation(reader.num_rows)[: batches_ * BATCH]
     start, total = time.perf_counter(), 0.0
     for b in range(batches_):
         rows = order[b * BATCH : (b + 1) * BATCH]
@@ -142,8 +142,7 @@ def main() -> None:
             for name, (workers, cold, random_access) in variants.items():
                 rate = loader_epoch(cache_dir, negatives, workers, cold, repeat, random_access)
                 results.setdefault(name, []).append(rate)
-            results.setdefault("gather only: RowReader, warm", []).append(gather_rows(cache_dir, negatives, False))
-            results.setdefault("gather only: CacheSplit.example, warm", []).append(gather_rows(cache_dir, negatives, True))
+            results.setdefault("gather only: RowReader, warm", []).append(gather_rows(cache_dir, negatives))
         print(f"GEMM probe after: {gemm_probe():.0f} GFLOP/s fp32")
         print(f"\n| variant (batch {BATCH}, K={K}) | anchor rows/s per repeat | best |\n|---|---|---|")
         for name, values in results.items():

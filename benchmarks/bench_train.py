@@ -58,7 +58,7 @@ def prepare(work: Path, kind: str, rows: int, data_dir: Path) -> Path:
 
 
 def training_parts(cache_dir: Path):
-    from pipeline.cache import open_cache
+    from pipeline.cache_read import open_cache
     from pipeline.config import TrainConfig
     from pipeline.student import Projections, build_student, student_config
     from pipeline.train import Model, resolve_layer_map

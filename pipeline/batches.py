@@ -1,6 +1,6 @@
 """The data path of `lrc train-student`: cached rows -> padded batches with their K negatives.
 
-Rows come from the memory-mapped shards (`cache.RowReader`), each DataLoader worker mapping them
+Rows come from the memory-mapped shards (`cache_read.RowReader`), each DataLoader worker mapping them
 itself; the K negatives of a row are gathered by row id from the same split. Batch order is a pure
 function of (seed, epoch) and each rank takes its own share of the batches, so `--resume` continues
 mid-epoch with the same data and DistributedDataParallel needs only a rank and a world size.
@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from pipeline.cache import RowReader, read_manifest, verify_shards
+from pipeline.cache import read_manifest
+from pipeline.cache_read import RowReader, verify_shards
 from pipeline.errors import LrcError
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class CacheDataset(Dataset):
     def __init__(self, cache_dir: Path, split: str, layers: list[int], negatives: NegativeSource | None = None) -> None:
         cache_dir = Path(cache_dir)
         manifest = read_manifest(cache_dir)
-        verify_shards(cache_dir, manifest, checksums=False)
+        verify_shards(cache_dir, manifest, "size")  # the hashes were checked by whoever opened the cache
         if split not in manifest["splits"]:
             have = ", ".join(sorted(manifest["splits"]))
             raise LrcError(f"cache {cache_dir} has no {split!r} split (it has: {have}); re-extract with that split")
@@ -75,7 +76,7 @@ class CacheDataset(Dataset):
     def _rows(self) -> RowReader:
         # Keyed by pid so a worker forked after the parent opened the shards still maps them itself.
         if self._reader is None or self._reader_pid != os.getpid():
-            self._reader, self._reader_pid = RowReader(self.cache_dir, self._info, self.layers), os.getpid()
+            self._reader, self._reader_pid = RowReader(self.cache_dir, self._info, self.layers, split=self.split), os.getpid()
         return self._reader
 
     def __getitem__(self, row: int) -> dict[str, Any]:
@@ -171,8 +172,25 @@ def _zeros(shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
     (1.0-4x the rows/s of 2 workers in noisy A/B runs here); a new segment reads as zeros (ftruncate)."""
     if get_worker_info() is None:
         return torch.from_numpy(np.zeros(shape, dtype))
-    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * np.dtype(dtype).itemsize)
-    return torch.empty(0, dtype=torch.from_numpy(np.empty(0, dtype)).dtype).set_(storage).view(shape)
+    shared = _new_shared_storage(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    if shared is None:  # the DataLoader moves the block to shared memory when it sends it: one copy more
+        return torch.from_numpy(np.zeros(shape, dtype))
+    return torch.empty(0, dtype=torch.from_numpy(np.empty(0, dtype)).dtype).set_(shared).view(shape)
+
+
+# A private torch API (what default_collate itself uses in workers): looked up once, never required.
+_NEW_SHARED = getattr(torch.UntypedStorage, "_new_shared", None)
+
+
+def _new_shared_storage(nbytes: int) -> torch.UntypedStorage | None:
+    """A zero-filled shared-memory storage from `_NEW_SHARED`, or None: a torch without it, or whose
+    version of it fails, costs one copy per batch, not a crash (tests/test_batches.py runs both paths)."""
+    if _NEW_SHARED is None:
+        return None
+    try:
+        return _NEW_SHARED(nbytes)
+    except (RuntimeError, TypeError):
+        return None
 
 
 # --------------------------------------------------------------------------- order

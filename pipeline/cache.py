@@ -1,9 +1,10 @@
-"""The cache: the contract between the stages (DESIGN §3).
+"""The cache: the contract between the stages (DESIGN §3). Schema, writing, checksums, manifest.
 
 A cache directory holds `settings.json` (written first: what the run promised to produce),
 `shards/<split>-<start>-<stop>.arrow` (Arrow IPC stream files, one row per example, written
-atomically), `tokenizer/` and, last, `manifest.json` assembled from the shards present.
-A cache without `manifest.json` is incomplete and no later stage trusts it.
+atomically, each with a `.sha256.json` sidecar written before it), `tokenizer/` and, last,
+`manifest.json` assembled from the shards present. A cache without `manifest.json` is incomplete
+and no later stage trusts it. Reading a complete cache: `pipeline/cache_read.py`.
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import mmap
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,13 @@ SHARD_DIR = "shards"
 TOKENIZER_DIR = "tokenizer"
 TEACHER_WEIGHTS_DIR = "teacher_weights"  # for `--init teacher`; read, never run, by train-student
 POOLED_DEFINITION = "mean over real tokens of the last teacher layer's hidden states, computed in float32"
+SIDECAR_SUFFIX = ".sha256.json"  # <shard stem>.sha256.json: the shard's size and hashes, written before it
 _SHARD_RE = re.compile(r"^(?P<split>[a-z_]+)-(?P<start>\d{9})-(?P<stop>\d{9})\.arrow$")
+# The quick check reads the first and last 64 KiB (Arrow schema and batch metadata, the end-of-stream
+# marker) and 16 blocks of 4 KiB spread over the body: a few reads per shard whatever its size.
+_SAMPLE_EDGE = 64 << 10
+_SAMPLE_BLOCK = 4 << 10
+_SAMPLE_COUNT = 16
 _ARROW_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 
 
@@ -60,10 +65,55 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
     return digest.hexdigest()
 
 
+def sample_sha256(path: Path) -> str:
+    """sha256 of the file size and sampled blocks (the whole file when small): the quick check's hash."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= 2 * _SAMPLE_EDGE + _SAMPLE_COUNT * _SAMPLE_BLOCK:
+            digest.update(f.read())
+            return digest.hexdigest()
+        body = range(_SAMPLE_EDGE, size - _SAMPLE_EDGE - _SAMPLE_BLOCK, (size - 2 * _SAMPLE_EDGE) // _SAMPLE_COUNT)
+        for offset, length in [(0, _SAMPLE_EDGE), *((o, _SAMPLE_BLOCK) for o in body), (size - _SAMPLE_EDGE, _SAMPLE_EDGE)]:
+            f.seek(offset)
+            digest.update(f.read(length))
+    return digest.hexdigest()
+
+
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write-then-rename; a failed write (full disk) leaves neither the temp file nor a partial `path`."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def sidecar_path(shard: Path) -> Path:
+    return shard.with_name(shard.name.removesuffix(".arrow") + SIDECAR_SUFFIX)
+
+
+class _HashingFile:
+    """A write-only file that hashes what passes through it, so a shard's sha256 costs no second read."""
+
+    def __init__(self, f: Any) -> None:
+        self._f, self.digest, self._pos = f, hashlib.sha256(), 0
+
+    def write(self, data: Any) -> int:
+        self.digest.update(data)
+        self._pos += len(memoryview(data))
+        return self._f.write(data)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
 
 
 # --------------------------------------------------------------------------- writing
@@ -123,14 +173,23 @@ def make_record_batch(
 
 
 def write_shard(cache_dir: Path, split: str, start: int, stop: int, batch: pa.RecordBatch) -> Path:
-    """Write one shard atomically: a killed run leaves either the whole file or none."""
+    """Write one shard atomically: a killed run leaves either the whole file or none, and a failed
+    write no temp file. Its sidecar (size, sha256, sample hash) is renamed into place first, so a
+    shard present on disk always has the record a resumed run checks it against."""
     shard_dir = cache_dir / SHARD_DIR
     shard_dir.mkdir(parents=True, exist_ok=True)
     final = shard_dir / shard_name(split, start, stop)
     tmp = shard_dir / f".{final.name}.tmp-{os.getpid()}"
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, batch.schema) as writer:
-        writer.write_batch(batch)
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as f:
+            sink = _HashingFile(f)
+            with pa.ipc.new_stream(sink, batch.schema) as writer:
+                writer.write_batch(batch)
+        record = {"bytes": tmp.stat().st_size, "sha256": sink.digest.hexdigest(), "sample_sha256": sample_sha256(tmp)}
+        write_json_atomic(sidecar_path(final), record)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
     return final
 
 
@@ -146,13 +205,43 @@ def present_shards(cache_dir: Path, split: str) -> list[tuple[int, int, Path]]:
 
 
 def remove_temp_files(cache_dir: Path) -> None:
-    """Leftovers of a killed writer: never trusted, always rewritten."""
-    for tmp in (cache_dir / SHARD_DIR).glob(".*.tmp-*") if (cache_dir / SHARD_DIR).is_dir() else []:
+    """Leftovers of a killed writer (temp files, a sidecar whose shard never arrived): never trusted."""
+    shard_dir = cache_dir / SHARD_DIR
+    for tmp in shard_dir.glob(".*.tmp-*") if shard_dir.is_dir() else []:
         tmp.unlink()
+    for sidecar in shard_dir.glob(f"*{SIDECAR_SUFFIX}") if shard_dir.is_dir() else []:
+        if not sidecar.with_name(sidecar.name.removesuffix(SIDECAR_SUFFIX) + ".arrow").is_file():
+            sidecar.unlink()
+
+
+def _sidecar(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(sidecar_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and {"bytes", "sha256", "sample_sha256"} <= record.keys() else None
+
+
+def trusted_shards(cache_dir: Path, split: str) -> list[tuple[int, int, Path]]:
+    """The present shards of a split that match their sidecar's sha256 (every byte read); any other
+    shard (changed since it was written, or without a sidecar) is removed, so a resumed extraction
+    writes it again instead of blessing it into the manifest."""
+    trusted = []
+    for start, stop, path in present_shards(cache_dir, split):
+        record = _sidecar(path)
+        if record is not None and record["bytes"] == path.stat().st_size and record["sha256"] == sha256_file(path):
+            trusted.append((start, stop, path))
+            continue
+        log.warning("shard %s does not match its checksum record (%s): extracting it again", path,
+                    "none" if record is None else "corrupted or changed since it was written")
+        path.unlink()
+        sidecar_path(path).unlink(missing_ok=True)
+    return trusted
 
 
 def assemble_manifest(cache_dir: Path, settings: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """Check that each split's shards tile its rows, checksum them, and write manifest.json last."""
+    """Check that each split's shards tile its rows, record their checksums (from the sidecars written
+    with them, or checked by `trusted_shards` on resume), and write manifest.json last."""
     splits: dict[str, Any] = {}
     for split, info in settings["splits"].items():
         shards, expected_start = [], 0
@@ -162,10 +251,12 @@ def assemble_manifest(cache_dir: Path, settings: dict[str, Any], extra: dict[str
                     f"cache {cache_dir} is incomplete: split {split!r} has no shard for rows "
                     f"[{expected_start}, {start}); rerun `lrc extract-teacher` with the same settings to finish it"
                 )
-            shards.append(
-                {"file": f"{SHARD_DIR}/{path.name}", "start": start, "stop": stop,
-                 "bytes": path.stat().st_size, "sha256": sha256_file(path)}
-            )
+            record = _sidecar(path)
+            if record is None or record["bytes"] != path.stat().st_size:
+                raise LrcError(f"shard {path} has no valid checksum record ({sidecar_path(path).name}): rerun "
+                               "`lrc extract-teacher` with the same settings to extract it again")
+            shards.append({"file": f"{SHARD_DIR}/{path.name}", "start": start, "stop": stop, "bytes": record["bytes"],
+                           "sha256": record["sha256"], "sample_sha256": record["sample_sha256"]})
             expected_start = stop
         if expected_start != info["rows"]:
             raise LrcError(
@@ -190,11 +281,13 @@ def assemble_manifest(cache_dir: Path, settings: dict[str, Any], extra: dict[str
     return manifest
 
 
-# --------------------------------------------------------------------------- reading
+
+
+# --------------------------------------------------------------------------- the manifest, read back
 
 
 def read_manifest(cache_dir: Path) -> dict[str, Any]:
-    """The manifest of a complete cache of this format version, or a one-line LrcError."""
+    """The manifest of a complete cache of this format version, every shard entry checked; or a one-line LrcError."""
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
         raise LrcError(f"cache dir {cache_dir} does not exist: create one with `lrc extract-teacher`")
@@ -206,278 +299,48 @@ def read_manifest(cache_dir: Path) -> dict[str, Any]:
             )
         raise LrcError(f"{cache_dir} is not an lrc cache (no {MANIFEST}): create one with `lrc extract-teacher`")
     try:
-        manifest = json.loads((cache_dir / MANIFEST).read_text())
-    except json.JSONDecodeError as err:
+        manifest = json.loads((cache_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise LrcError(f"{cache_dir / MANIFEST} is not valid JSON ({err}): re-extract the cache") from None
-    if manifest.get("format") != FORMAT:
-        raise LrcError(f"{cache_dir} is not an lrc cache (manifest format {manifest.get('format')!r})")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        format_ = manifest.get("format") if isinstance(manifest, dict) else None
+        raise LrcError(f"{cache_dir} is not an lrc cache (manifest format {format_!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise LrcError(
             f"cache {cache_dir} has format version {manifest.get('format_version')} (written by lrc "
             f"{manifest.get('lrc_version')}), this lrc {__version__} reads version {FORMAT_VERSION}: "
             "re-extract it with `lrc extract-teacher --overwrite`"
         )
+    try:
+        for split, info in manifest["splits"].items():
+            _check_tiling(cache_dir, split, info)
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise LrcError(f"{cache_dir / MANIFEST} is malformed ({type(err).__name__}: {err}): re-extract the cache "
+                       "with `lrc extract-teacher --overwrite`") from None
     return manifest
 
 
-def verify_shards(cache_dir: Path, manifest: dict[str, Any], checksums: bool) -> None:
-    """Every shard exists with its recorded size (and, with `checksums`, its sha256)."""
-    for split, info in manifest["splits"].items():
-        for shard in info["shards"]:
-            path = cache_dir / shard["file"]
-            fix = "re-extract with `lrc extract-teacher --overwrite`"
-            if not path.is_file():
-                raise LrcError(f"cache {cache_dir} is missing shard {shard['file']}: {fix}")
-            if path.stat().st_size != shard["bytes"]:
-                raise LrcError(f"shard {path} has {path.stat().st_size} bytes, manifest says {shard['bytes']}: {fix}")
-            if checksums and sha256_file(path) != shard["sha256"]:
-                raise LrcError(f"shard {path} does not match its checksum in the manifest (corrupted or changed): {fix}")
+def _check_tiling(cache_dir: Path, split: str, info: dict[str, Any]) -> None:
+    """Every entry names a shard of this cache, and the entries cover rows [0, rows) in order."""
+    expected = 0
+    for entry in info["shards"]:
+        shard_path(cache_dir, split, entry)
+        if entry["start"] != expected or not entry["start"] < entry["stop"] or int(entry["bytes"]) < 0:
+            raise ValueError(f"shard entry {entry['file']!r} does not continue at row {expected}")
+        expected = entry["stop"]
+    if expected != info["rows"]:
+        raise ValueError(f"split {split!r} has shards for {expected} rows, not {info['rows']}")
 
 
-@dataclass(frozen=True)
-class _Shard:
-    start: int
-    table: pa.Table  # memory-mapped, zero-copy
-
-
-class CacheSplit:
-    """Row access to one split of a cache; row i is the example with row id i."""
-
-    def __init__(self, cache_dir: Path, name: str, info: dict[str, Any], layers: list[int]) -> None:
-        self.name = name
-        self.num_rows: int = info["rows"]
-        self.has_hidden: bool = info["hidden"]
-        self.layers = layers if self.has_hidden else []
-        self._shards = [_Shard(s["start"], _open_table(cache_dir / s["file"])) for s in info["shards"]]
-        self._starts = np.array([s.start for s in self._shards], dtype=np.int64)
-
-    def column(self, name: str) -> pa.ChunkedArray:
-        return pa.chunked_array([c for s in self._shards for c in s.table.column(name).chunks])
-
-    def labels(self) -> np.ndarray:
-        return self.column("label").to_numpy()
-
-    def logits(self) -> np.ndarray:
-        flat = self.column("logits").combine_chunks().flatten().to_numpy()
-        return flat.reshape(self.num_rows, -1).astype(np.float32, copy=False)
-
-    def pooled(self) -> np.ndarray:
-        """(N, d') float32, converted shard by shard so only one shard's block is held twice."""
-        if not self.has_hidden:
-            raise LrcError(f"split {self.name!r} of this cache has no pooled vectors (only train does)")
-        blocks = [_fixed_rows(s.table.column("pooled")).astype(np.float32) for s in self._shards]
-        return np.concatenate(blocks) if blocks else np.zeros((0, 0), np.float32)
-
-    def input_keys(self) -> np.ndarray:
-        """(N,) int64; rows with identical inputs (ids and segments) share a key."""
-        keys = np.empty(self.num_rows, dtype=np.int64)
-        i = 0
-        for shard in self._shards:
-            ids, types = shard.table.column("input_ids"), shard.table.column("token_type_ids")
-            for a, b in zip(ids.to_pylist(), types.to_pylist()):
-                digest = hashlib.blake2b(np.asarray(a, np.int32).tobytes() + b"|" + bytes(b), digest_size=8)
-                keys[i] = int.from_bytes(digest.digest(), "little", signed=True)
-                i += 1
-        return keys
-
-    def example(self, row: int) -> dict[str, Any]:
-        """One example as numpy arrays: hidden states are (tokens, d') in the stored dtype."""
-        if not 0 <= row < self.num_rows:
-            raise IndexError(f"row {row} outside split {self.name!r} of {self.num_rows} rows")
-        shard = self._shards[int(np.searchsorted(self._starts, row, side="right")) - 1]
-        table, i = shard.table, row - shard.start
-        out: dict[str, Any] = {
-            "row_id": row,
-            "input_ids": _list_row(table.column("input_ids"), i),
-            "token_type_ids": _list_row(table.column("token_type_ids"), i),
-            "label": table.column("label")[i].as_py(),
-            "logits": np.asarray(table.column("logits")[i].values.to_numpy(zero_copy_only=False), np.float32),
-        }
-        if self.has_hidden:
-            out["hidden"] = {j: _token_rows(table.column(hidden_column(j)), i) for j in self.layers}
-            out["pooled"] = table.column("pooled")[i].values.to_numpy(zero_copy_only=False)
-        return out
-
-
-@dataclass(frozen=True)
-class _ShardViews:
-    """Numpy views (zero-copy, into the mapping) of one shard's columns: list columns as (offsets, values)."""
-
-    start: int
-    input_ids: tuple[np.ndarray, np.ndarray]  # (n+1,) int32, (tokens,) int32
-    token_type_ids: tuple[np.ndarray, np.ndarray]  # (n+1,) int32, (tokens,) int8
-    labels: np.ndarray  # (n,) int64 or float32
-    logits: np.ndarray  # (n, C) float32
-    hidden: dict[int, tuple[np.ndarray, np.ndarray]]  # layer -> (n+1,) int32, (tokens, d')
-
-
-class RowReader:
-    """Random row reads for training: per shard, numpy views of the needed columns, sliced per row.
-
-    Arrow scalar access (`CacheSplit.example`) costs tens of microseconds per field; slicing
-    precomputed offsets and values costs about one. The views point into this process's mappings:
-    open one reader per process (per DataLoader worker).
-
-    `random_access` (MADV_RANDOM) defaults to on only for a split larger than half the RAM. An epoch
-    touches every row, so when the split fits in the page cache the kernel's read-ahead is prefetch,
-    not waste (a cold epoch of a 412 MB cache: 4-6x the rows/s with read-ahead on); when it does not
-    fit, read-ahead pulls ~5x the bytes of each cold row and evicts them unused (DESIGN §6).
-    """
-
-    def __init__(self, cache_dir: Path, info: dict[str, Any], layers: list[int], random_access: bool | None = None) -> None:
-        self.num_rows: int = info["rows"]
-        self.layers = list(layers)
-        if random_access is None:
-            random_access = info["bytes"] > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-        self.random_access = random_access
-        self._shards = [
-            _shard_views(s["start"], _open_table(cache_dir / s["file"], random_access), layers) for s in info["shards"]
-        ]
-        self._starts = np.array([s["start"] for s in info["shards"]], dtype=np.int64)
-
-    def _locate(self, row: int) -> tuple[_ShardViews, int]:
-        if not 0 <= row < self.num_rows:
-            raise IndexError(f"row {row} outside a split of {self.num_rows} rows")
-        shard = self._shards[int(np.searchsorted(self._starts, row, side="right")) - 1]
-        return shard, row - shard.start
-
-    def example(self, row: int) -> dict[str, Any]:
-        """Like `CacheSplit.example` (without pooled), hidden states for this reader's layers only."""
-        shard, i = self._locate(row)
-        return {
-            "row_id": row,
-            "input_ids": _slice(shard.input_ids, i),
-            "token_type_ids": _slice(shard.token_type_ids, i),
-            "label": shard.labels[i],
-            "logits": shard.logits[i],
-            "hidden": {j: _slice(shard.hidden[j], i) for j in self.layers},
-        }
-
-    def hidden(self, row: int, layer: int) -> np.ndarray:
-        """(tokens, d') hidden states of one row and layer, in the stored dtype."""
-        shard, i = self._locate(row)
-        return _slice(shard.hidden[layer], i)
-
-
-def _shard_views(start: int, table: pa.Table, layers: list[int]) -> _ShardViews:
-    logits = _one_chunk(table.column("logits"))
-    return _ShardViews(
-        start=start,
-        input_ids=_list_views(table.column("input_ids")),
-        token_type_ids=_list_views(table.column("token_type_ids")),
-        labels=_one_chunk(table.column("label")).to_numpy(),
-        logits=logits.flatten().to_numpy().reshape(len(logits), logits.type.list_size),
-        hidden={j: _list_views(table.column(hidden_column(j))) for j in layers},
-    )
-
-
-def _one_chunk(column: pa.ChunkedArray) -> pa.Array:
-    # Shards are written as one record batch, so this is zero-copy; combine_chunks copies otherwise.
-    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
-
-
-def _list_views(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """A list column as (offsets, values); offsets index values, which stay whole (no slicing by Arrow)."""
-    array = _one_chunk(column)
-    values = array.values
-    if pa.types.is_fixed_size_list(values.type):  # hidden states: tokens of d' values
-        return array.offsets.to_numpy(), values.flatten().to_numpy().reshape(len(values), values.type.list_size)
-    return array.offsets.to_numpy(), values.to_numpy()
-
-
-def _slice(views: tuple[np.ndarray, np.ndarray], i: int) -> np.ndarray:
-    offsets, values = views
-    return values[offsets[i] : offsets[i + 1]]
-
-
-class Cache:
-    """A complete cache opened for reading: `open_cache(path)`."""
-
-    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
-        self.path = path
-        self.manifest = manifest
-        self.fingerprint: str = manifest["fingerprint"]
-        self.layers: list[int] = manifest["layers"]
-        self.hidden_size: int = manifest["hidden_size"]
-        self.tokenizer_dir = path / TOKENIZER_DIR
-        self.teacher_weights_dir = path / TEACHER_WEIGHTS_DIR
-        self._splits: dict[str, CacheSplit] = {}
-
-    @property
-    def task(self) -> dict[str, Any]:
-        return self.manifest["task"]
-
-    def split(self, name: str) -> CacheSplit:
-        if name not in self.manifest["splits"]:
-            have = ", ".join(sorted(self.manifest["splits"]))
-            raise LrcError(f"cache {self.path} has no {name!r} split (it has: {have}); re-extract with that split")
-        if name not in self._splits:
-            self._splits[name] = CacheSplit(self.path, name, self.manifest["splits"][name], self.layers)
-        return self._splits[name]
-
-
-def open_cache(cache_dir: Path, verify: bool = False) -> Cache:
-    """Open a complete cache; `verify` also checks every shard's sha256 (reads every byte)."""
-    cache_dir = Path(cache_dir)
-    manifest = read_manifest(cache_dir)
-    verify_shards(cache_dir, manifest, checksums=verify)
-    return Cache(cache_dir, manifest)
-
-
-def _open_table(path: Path, random_access: bool = False) -> pa.Table:
-    """A shard as a zero-copy table over a read-only memory map of the file."""
-    if not random_access:
-        with pa.memory_map(str(path), "r") as source:
-            return pa.ipc.open_stream(source).read_all()
-    # MADV_RANDOM turns the kernel's read-ahead off for this mapping only (see RowReader for when).
-    with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    if hasattr(mmap, "MADV_RANDOM"):  # absent on Windows
-        mapped.madvise(mmap.MADV_RANDOM)
-    return pa.ipc.open_stream(pa.BufferReader(pa.py_buffer(mapped))).read_all()
-
-
-def _fixed_rows(column: pa.ChunkedArray) -> np.ndarray:
-    """A fixed-size-list column as an (n, width) numpy array (zero-copy where Arrow allows)."""
-    array = column.combine_chunks()
-    return array.flatten().to_numpy(zero_copy_only=False).reshape(len(array), array.type.list_size)
-
-
-def _list_row(column: pa.ChunkedArray, i: int) -> np.ndarray:
-    return column[i].values.to_numpy(zero_copy_only=False)
-
-
-def _token_rows(column: pa.ChunkedArray, i: int) -> np.ndarray:
-    rows = column[i].values  # FixedSizeListArray of this example's tokens
-    return rows.flatten().to_numpy(zero_copy_only=False).reshape(len(rows), rows.type.list_size)
-
-
-def describe(cache: Cache) -> str:
-    """The manifest in human terms, for `lrc inspect-cache`."""
-    m = cache.manifest
-    teacher, task = m["teacher"], m["task"]
-    labels = f"{task['num_labels']} labels: {', '.join(task['labels'])}" if task["labels"] else "regression"
-    width, layers = m["hidden_size"], m["layers"]
-    lines = [
-        f"cache        {cache.path}",
-        f"format       {m['format']} v{m['format_version']} (written by lrc {m['lrc_version']})",
-        f"teacher      {m.get('teacher_path', '?')} ({teacher['config'].get('model_type', '?')}, "
-        f"{teacher['num_layers']} layers x {teacher['hidden_size']}, weights sha256 {teacher['weights_sha256'][:12]})",
-        f"task         {task['name']} ({labels}; metric {task['metric']})",
-        f"layers       {layers} of {teacher['num_layers']}, stored as {m['hidden_dtype']}, width {width}",
-        f"max length   {m['max_length']} tokens",
-    ]
-    bytes_per_value = np.dtype(m["hidden_dtype"]).itemsize
-    for name, info in m["splits"].items():
-        split = cache.split(name)
-        tokens = int(np.sum(split.column("input_ids").combine_chunks().value_lengths().to_numpy()))
-        rows = max(info["rows"], 1)
-        line = (f"{name:<5} {info['rows']} rows in {len(info['shards'])} shard(s), {info['bytes'] / 1e6:.1f} MB, "
-                f"{info['bytes'] / rows / 1e3:.1f} KB/example, {tokens / rows:.1f} tokens/example")
-        lines.append(("splits       " if name == next(iter(m["splits"])) else "             ") + line)
-        if info["hidden"]:
-            ideal = tokens * len(layers) * width * bytes_per_value
-            lines.append(f"             size vs tokens x layers x d' x {bytes_per_value}: {info['bytes'] / max(ideal, 1):.3f}x")
-    total = sum(info["bytes"] for info in m["splits"].values())
-    lines += [f"total        {total / 1e6:.1f} MB", f"fingerprint  {cache.fingerprint}"]
-    return "\n".join(lines)
+def shard_path(cache_dir: Path, split: str, entry: dict[str, Any]) -> Path:
+    """The file a manifest entry names, confined to the cache's shards/ dir. The manifest is data read
+    from disk: an absolute path or a `..` in it must never be opened (nor hashed), so only the exact
+    name the writer gives (`shards/<split>-<start>-<stop>.arrow`, matching the entry) is accepted."""
+    name = str(entry["file"])
+    match = _SHARD_RE.match(name.removeprefix(f"{SHARD_DIR}/"))
+    if (not name.startswith(f"{SHARD_DIR}/") or match is None or match["split"] != split
+            or (int(match["start"]), int(match["stop"])) != (entry["start"], entry["stop"])):
+        raise LrcError(f"{Path(cache_dir) / MANIFEST} names {name!r} as a shard of split {split!r}: only "
+                       f"{SHARD_DIR}/{split}-START-STOP.arrow inside the cache is accepted (the manifest was edited "
+                       "or corrupted): re-extract the cache with `lrc extract-teacher --overwrite`")
+    return Path(cache_dir) / SHARD_DIR / match.group(0)

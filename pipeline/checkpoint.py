@@ -1,4 +1,9 @@
-"""The training run's directory: resumable checkpoints, the best student, the metrics log."""
+"""The training run's directory: resumable checkpoints, the best student, the metrics log.
+
+The checkpoint is one safetensors file: every tensor (weights, optimizer moments, RNG states) as a
+tensor, everything else (step, scheduler, parameter groups, Python and numpy RNG states) as JSON in
+its header. Loading it parses data only: unlike a pickle (`torch.load`), a planted file cannot run code.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import safe_open, save_file
 
 from pipeline.config import TrainConfig
 from pipeline.errors import LrcError
@@ -20,13 +27,15 @@ from pipeline.errors import LrcError
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
-STATE_FILE = "state.pt"
+STATE_FILE = "state.safetensors"
+LEGACY_STATE_FILE = "state.pt"  # a pickle, written by older lrc versions: never loaded
+_STATE_KEY = "lrc.state"  # the JSON half of the checkpoint, in the safetensors header
 RUN_CONFIG = "train_config.json"
 METRICS_LOG = "train_log.jsonl"
 SUMMARY = "training_summary.json"
 # Settings that change how a run is watched or where it runs, not what it computes: a resume may change them.
 _RUN_ONLY = ("resume", "overwrite", "num_workers", "device", "log_every", "eval_every", "eval_batch_size",
-             "checkpoint_every")
+             "checkpoint_every", "verify_cache")
 
 
 @dataclass
@@ -51,15 +60,28 @@ def comparable_settings(config: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(raw, default=str))
 
 
-def prepare_run_dir(config: TrainConfig) -> RunDir:
-    """Start, resume or refuse: a run dir is only reused by `--resume` with the same settings."""
+def _read_json(path: Path, fix: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        raise LrcError(f"{path} is unreadable ({type(err).__name__}: {err}): {fix}") from None
+
+
+def check_run_dir(config: TrainConfig) -> RunDir:
+    """Resume or refuse, writing nothing: a run dir is only reused by `--resume` with the same settings.
+
+    Called before any other check, so that a refused command leaves no run dir behind; the dir is
+    created (or replaced, with --overwrite) by `start_run_dir` once everything else is in order.
+    """
     run = RunDir(config.output_dir)
     out, saved = config.output_dir, config.output_dir / RUN_CONFIG
-    has_state = (run.checkpoint_dir / STATE_FILE).is_file()
     if config.resume:
-        if not has_state:
-            raise LrcError(f"--resume: no checkpoint in {out}; start the run without --resume (add --overwrite to replace the dir)")
-        previous = json.loads(saved.read_text())
+        if not (run.checkpoint_dir / STATE_FILE).is_file():
+            legacy = (run.checkpoint_dir / LEGACY_STATE_FILE).is_file()
+            raise LrcError(f"--resume: the checkpoint in {out} is a pickle (state.pt) from an older lrc, which is never "
+                           "loaded (unpickling can run code): start over with --overwrite" if legacy else
+                           f"--resume: no checkpoint in {out}; start the run without --resume (add --overwrite to replace the dir)")
+        previous = _read_json(saved, "start over with --overwrite")
         current = comparable_settings(config)
         changed = sorted(k for k in current.keys() | previous.keys() if current.get(k) != previous.get(k))
         if changed:
@@ -71,10 +93,101 @@ def prepare_run_dir(config: TrainConfig) -> RunDir:
             raise LrcError(f"output dir {out} is not empty and holds no lrc training run: choose a new --output-dir")
         if not config.overwrite:
             raise LrcError(f"output dir {out} holds a training run: pass --resume to continue it or --overwrite to start over")
+    return run
+
+
+def start_run_dir(config: TrainConfig) -> None:
+    """Create (or, with --overwrite, replace) the run dir checked by `check_run_dir`; a resume keeps it."""
+    out = config.output_dir
+    if config.resume:
+        return
+    if out.exists() and any(out.iterdir()):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(comparable_settings(config), indent=2, sort_keys=True) + "\n")
-    return run
+    _write_text_atomic(out / RUN_CONFIG, json.dumps(comparable_settings(config), indent=2, sort_keys=True) + "\n")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write-then-rename: a reader never sees half a file, and a failed write (full disk) leaves no temp file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _remove_stale_temp_files(run: RunDir) -> None:
+    """Temp files of a checkpoint write that was killed (a SIGKILL runs no cleanup): never trusted."""
+    if run.checkpoint_dir.is_dir():
+        for tmp in run.checkpoint_dir.glob(f".{STATE_FILE}.tmp-*"):
+            tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- the checkpoint file
+
+
+def _encode(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    """A JSON tree for `value`; tensors (and numpy arrays) go to `tensors` under `path`, the tree names them.
+
+    Dicts become {"__dict__": [[key, value], ...]} (keeps int keys, as the optimizer's, and order) and
+    tuples {"__tuple__": [...]} (numpy's and Python's RNG states are tuples and must come back as such).
+    """
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value.detach().to("cpu", copy=True).contiguous()  # a copy: no storage shared between keys
+        return {"__tensor__": path}
+    if isinstance(value, np.ndarray):
+        tensors[path] = torch.from_numpy(value.astype(np.int64) if value.dtype.kind in "ui" else value.copy())
+        return {"__ndarray__": path, "dtype": value.dtype.str}
+    if isinstance(value, dict):
+        if not all(isinstance(k, (str, int)) for k in value):
+            raise TypeError(f"checkpoint entry {path} has keys that are neither str nor int")
+        return {"__dict__": [[k, _encode(v, tensors, f"{path}.{k}")] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        items = [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(value)]
+        return {"__tuple__": items} if isinstance(value, tuple) else items
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"checkpoint entry {path} is a {type(value).__name__}, which a checkpoint does not store")
+
+
+def _decode(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(tree, list):
+        return [_decode(v, tensors) for v in tree]
+    if not isinstance(tree, dict):
+        return tree
+    if "__tensor__" in tree:
+        return tensors[tree["__tensor__"]]
+    if "__ndarray__" in tree:
+        return tensors[tree["__ndarray__"]].numpy().astype(np.dtype(tree["dtype"]))
+    if "__tuple__" in tree:
+        return tuple(_decode(v, tensors) for v in tree["__tuple__"])
+    return {k: _decode(v, tensors) for k, v in tree["__dict__"]}
+
+
+def write_state(path: Path, payload: dict[str, Any]) -> None:
+    """`payload` (nested dicts, lists, tuples, tensors, numpy arrays, plain values) as one safetensors file, atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    tree = json.dumps(_encode(payload, tensors, "state"))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={_STATE_KEY: tree})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """What `write_state` wrote, parsed without unpickling anything; a damaged file is a one-line LrcError."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            tree = json.loads((f.metadata() or {})[_STATE_KEY])
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        return _decode(tree, tensors)
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
+        reason = " ".join(str(err).split())[:160] or type(err).__name__
+        raise LrcError(f"checkpoint {path} is unreadable ({reason}): it was cut short or damaged; start the run "
+                       "over with --overwrite") from None
 
 
 def save(run: RunDir, state: TrainState, student: torch.nn.Module, projections: torch.nn.Module | None,
@@ -90,20 +203,24 @@ def save(run: RunDir, state: TrainState, student: torch.nn.Module, projections: 
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
-    final = run.checkpoint_dir / STATE_FILE
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, final)
+    _remove_stale_temp_files(run)
+    write_state(run.checkpoint_dir / STATE_FILE, payload)
 
 
 def load(run: RunDir, student: torch.nn.Module, projections: torch.nn.Module | None,
          optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
-    payload = torch.load(run.checkpoint_dir / STATE_FILE, map_location="cpu", weights_only=False)
-    student.load_state_dict(payload["student"])
-    if projections is not None:
-        projections.load_state_dict(payload["projections"])
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
+    _remove_stale_temp_files(run)
+    path = run.checkpoint_dir / STATE_FILE
+    payload = read_state(path)
+    try:
+        student.load_state_dict(payload["student"])
+        if projections is not None:
+            projections.load_state_dict(payload["projections"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+    except (KeyError, RuntimeError, ValueError) as err:
+        reason = " ".join(str(err).split())[:160]
+        raise LrcError(f"checkpoint {path} does not fit this run ({reason}): start the run over with --overwrite") from None
     rng = payload["rng"]
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
@@ -121,15 +238,17 @@ def save_student(run: RunDir, student: torch.nn.Module, tokenizer: Any) -> None:
     """
     tmp = run.output_dir / ".student.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    for path in sorted(tmp.iterdir(), key=lambda p: p.suffix == ".safetensors"):  # weights last
-        os.replace(path, run.output_dir / path.name)
-    tmp.rmdir()
+    try:
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for path in sorted(tmp.iterdir(), key=lambda p: p.suffix == ".safetensors"):  # weights last
+            os.replace(path, run.output_dir / path.name)
+    finally:  # a failed save (full disk) leaves no half-written student dir behind
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_summary(run: RunDir, summary: dict[str, Any]) -> None:
-    (run.output_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    _write_text_atomic(run.output_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
 
 
 class MetricsLog:
@@ -141,7 +260,7 @@ class MetricsLog:
         if keep_until is None:
             self.path.unlink(missing_ok=True)
         elif self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= keep_until]
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= keep_until]
             self.path.write_text("".join(line + "\n" for line in kept))
         self._tensorboard = None
         try:
@@ -161,6 +280,14 @@ class MetricsLog:
                 if isinstance(value, (int, float)) and key not in ("step", "epoch"):
                     self._tensorboard.add_scalar(prefix + key, value, record["step"])
             self._tensorboard.flush()
+
+
+def _step_of(line: str) -> float:
+    """The step of a log line; a line cut short by a kill or a full disk counts as after any checkpoint (dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def _portable(settings: dict[str, Any]) -> dict[str, Any]:
@@ -186,12 +313,12 @@ def previous_run(config: TrainConfig, fingerprint: str) -> PreviousRun:
         return PreviousRun("empty", [], None, False)
     if not (out / RUN_CONFIG).is_file():
         return PreviousRun("foreign", [], None, False)
-    saved = _portable(json.loads((out / RUN_CONFIG).read_text()))
+    saved = _portable(_read_json(out / RUN_CONFIG, "remove the dir or pass --overwrite"))
     current = _portable(comparable_settings(config))
     changed = sorted(k for k in current.keys() | saved.keys() if current.get(k) != saved.get(k))
     if not (out / SUMMARY).is_file():
         return PreviousRun("unfinished", changed, None, (out / CHECKPOINT_DIR / STATE_FILE).is_file())
-    summary = json.loads((out / SUMMARY).read_text())
+    summary = _read_json(out / SUMMARY, "remove the dir or pass --overwrite")
     if summary["cache_fingerprint"] != fingerprint:
         changed.append("the cache (re-extracted since)")
     return PreviousRun("finished", changed, summary, False)

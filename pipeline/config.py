@@ -14,6 +14,7 @@ BUNDLED_BACKBONE = "bundled:all-MiniLM-L6-v2"
 HIDDEN_DTYPES = ("float16", "float32")  # Arrow has no bfloat16
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+CACHE_CHECKS = ("auto", "quick", "full")  # how much of a cache is hashed at open (pipeline/cache_read.py)
 
 
 def default_data_dir() -> Path | None:
@@ -84,6 +85,7 @@ class FinetuneConfig:
     device: str = "auto"
     precision: str = "fp32"
     overwrite: bool = False
+    trust_remote_code: bool = False  # run Python shipped in the backbone dir: only for code you have read
 
     def __post_init__(self) -> None:
         _require(self.max_length >= 8, f"--max-length must be >= 8, got {self.max_length}")
@@ -117,6 +119,8 @@ class ExtractConfig:
     device: str = "auto"
     precision: str = "fp32"
     overwrite: bool = False
+    allow_task_mismatch: bool = False  # accept a teacher whose teacher_info.json records another task
+    trust_remote_code: bool = False  # run Python shipped in the teacher dir: only for code you have read
 
     def __post_init__(self) -> None:
         _require(self.student_layers > 0, f"--student-layers must be positive, got {self.student_layers}")
@@ -158,6 +162,7 @@ class NegativesConfig:
     exact_max_rows: int = 50_000  # `auto` uses exact search up to this many rows
     recall_sample: int = 1000  # queries checked against exact search for an approximate index
     seed: int = 0
+    verify_cache: str = "auto"  # shard hashes checked at open: auto, quick or full (pipeline/cache_read.py)
 
     def __post_init__(self) -> None:
         _require(self.k > 0, f"--k must be positive, got {self.k}")
@@ -174,6 +179,7 @@ class NegativesConfig:
             f"unknown --index {self.index!r}: choose one of {', '.join(INDEX_TYPES)}",
         )
         _require(self.regression_margin >= 0, "--regression-margin must be >= 0")
+        _require(self.verify_cache in CACHE_CHECKS, f"--verify-cache must be one of {CACHE_CHECKS}, got {self.verify_cache!r}")
 
     @property
     def num_candidates(self) -> int:
@@ -237,6 +243,7 @@ class TrainConfig:
     precision: str = "fp32"
     resume: bool = False
     overwrite: bool = False
+    verify_cache: str = "auto"  # shard hashes checked at open: auto, quick or full (pipeline/cache_read.py)
 
     def __post_init__(self) -> None:
         _require(self.layers > 0 and self.hidden > 0 and self.heads > 0 and self.intermediate > 0,
@@ -266,6 +273,7 @@ class TrainConfig:
         _require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
         _require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         _require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other: pick one")
+        _require(self.verify_cache in CACHE_CHECKS, f"--verify-cache must be one of {CACHE_CHECKS}, got {self.verify_cache!r}")
 
     @property
     def negatives_path(self) -> Path:
@@ -314,6 +322,8 @@ class EvaluateConfig:
     device: str = "auto"
     precision: str = "fp32"
     output: Path | None = None  # also write the results as JSON here
+    allow_task_mismatch: bool = False  # evaluate a model whose recorded task (teacher_info.json, training_summary.json) differs
+    trust_remote_code: bool = False  # run Python shipped in the model dir: only for code you have read
 
     def __post_init__(self) -> None:
         _require(self.batch_size > 0 and self.seq_length > 1, "--batch-size and --seq-length must be positive")

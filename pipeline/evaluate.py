@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 
 from pipeline import runtime
 from pipeline.config import EvaluateConfig
+from pipeline.errors import LrcError
 from pipeline.metrics import compute_metrics
 from pipeline.runtime import autocast, encode, pick_device, predict_logits
 from pipeline.tasks import TaskSpec, get_task, load_examples
@@ -26,18 +28,37 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Results of `model_dir` (and of `compare`, with ratios) as a dict; also written to `output`."""
     task = get_task(config.data.task)
+    if config.output is not None:
+        check_output_file(config.output)
     results: dict[str, Any] = {"task": task.name, "model": evaluate_model(config.model_dir, task, config)}
     if config.compare is not None:
         other = evaluate_model(config.compare, task, config)
         results["compare"] = other
         results["ratios"] = ratios(results["model"], other)
     if config.output is not None:
-        config.output.write_text(json.dumps(results, indent=2) + "\n")
+        write_json_atomic(config.output, results)
     return results
 
 
+def check_output_file(output: Path) -> None:
+    """Fail before the work, not after it, when --output cannot be written as a file."""
+    if output.is_dir():
+        raise LrcError(f"--output {output} is a directory: name a file, e.g. {output / 'results.json'}")
+    if not output.parent.is_dir():
+        raise LrcError(f"--output {output}: its folder {output.parent} does not exist: create it or name another file")
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def evaluate_model(model_dir: Path, task: TaskSpec, config: EvaluateConfig) -> dict[str, Any]:
-    model, tokenizer = load_classifier(model_dir, task)
+    model, tokenizer = load_classifier(model_dir, task, config.trust_remote_code, config.allow_task_mismatch)
     device = pick_device(config.device)
     model.to(device)
     dev = load_examples(config.data, "dev")
@@ -57,13 +78,14 @@ def evaluate_model(model_dir: Path, task: TaskSpec, config: EvaluateConfig) -> d
     }
 
 
-def load_classifier(model_dir: Path, task: TaskSpec) -> tuple[torch.nn.Module, Any]:
+def load_classifier(model_dir: Path, task: TaskSpec, trust_remote_code: bool = False,
+                    allow_task_mismatch: bool = False) -> tuple[torch.nn.Module, Any]:
     """A sequence classifier whose label count matches the task, or a one-line error."""
     return runtime.load_classifier(model_dir, task.num_labels, task.name, "model dir", {
         "missing": "pass a teacher or student dir",
         "head": "evaluate a fine-tuned teacher or a trained student",
         "labels": "evaluate it on the task it was trained for",
-    })
+    }, trust_remote_code, allow_task_mismatch)
 
 
 def size_on_disk(model_dir: Path) -> int:

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from pipeline import cache
 from pipeline.config import ExtractConfig
 from pipeline.errors import LrcError
-from pipeline.runtime import autocast, encode, load_classifier, pad_batch, pick_device
+from pipeline.runtime import all_finite, autocast, encode, load_classifier, pad_batch, pick_device
 from pipeline.tasks import Examples, TaskSpec, get_task, load_examples
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class _InputSpec:
 def extract_teacher(config: ExtractConfig) -> dict[str, Any]:
     """Teacher + task data -> cache dir; resumes a killed run; returns the manifest."""
     task = get_task(config.data.task)
-    model, tokenizer = load_teacher(config.teacher, task)
+    model, tokenizer = load_teacher(config.teacher, task, config.trust_remote_code, config.allow_task_mismatch)
     num_layers = model.config.num_hidden_layers
     layers = resolve_layers(config, num_layers)
     examples = {"train": load_examples(config.data, "train")}
@@ -80,13 +80,14 @@ def extract_teacher(config: ExtractConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- teacher and inputs
 
 
-def load_teacher(teacher_dir: Path, task: TaskSpec) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+def load_teacher(teacher_dir: Path, task: TaskSpec, trust_remote_code: bool = False,
+                 allow_task_mismatch: bool = False) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """The teacher with its classification head, checked against the task before any work."""
     return load_classifier(teacher_dir, task.num_labels, task.name, "teacher", {
         "missing": "pass a fine-tuned model dir (see `lrc finetune-teacher`)",
         "head": f"fine-tune one first with `lrc finetune-teacher --backbone {teacher_dir} --task {task.name}`",
         "labels": f"use a teacher fine-tuned on {task.name}",
-    })
+    }, trust_remote_code, allow_task_mismatch)
 
 
 def resolve_layers(config: ExtractConfig, num_layers: int) -> list[int]:
@@ -200,8 +201,11 @@ def _save_dir_atomic(saveable: Any, final: Path) -> None:
         return
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    saveable.save_pretrained(tmp)
-    tmp.rename(final)
+    try:
+        saveable.save_pretrained(tmp)
+        tmp.rename(final)
+    finally:  # a failed save (full disk) leaves no half-written dir
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- the teacher pass
@@ -216,7 +220,7 @@ def extract_split(
     schema = cache.shard_schema(layers, model.config.hidden_size, task.num_labels, task.is_regression,
                                 config.hidden_dtype, with_hidden)
     out, n = config.output_dir, len(ids)
-    done = {(start, stop) for start, stop, _ in cache.present_shards(out, split)}
+    done = {(start, stop) for start, stop, _ in cache.trusted_shards(out, split)}  # re-checks what a killed run left
     todo = [(s, min(s + config.shard_rows, n)) for s in range(0, n, config.shard_rows)]
     todo = [r for r in todo if r not in done]
     if len(todo) < -(-n // config.shard_rows):
@@ -239,6 +243,7 @@ def extract_split(
         pending = None
         for start, stop in todo:
             shard = run_shard(model, config, device, inputs, ids[start:stop], types[start:stop], layers, with_hidden, bar)
+            check_finite_outputs(shard, [len(x) for x in ids[start:stop]], split, start, config)
             if pending is not None:
                 pending.result()
             pending = writer.submit(write, start, stop, shard)
@@ -280,6 +285,37 @@ def run_shard(
     if with_hidden:
         result |= {"hidden": hidden, "pooled": pooled}
     return result
+
+
+def check_finite_outputs(shard: dict[str, Any], lengths: list[int], split: str, start: int,
+                         config: ExtractConfig) -> None:
+    """Refuse NaN or inf in a shard's teacher outputs before it is written, naming the rows. The
+    teacher's weights were checked at load, so what is left is overflow: in bf16 compute, or of
+    hidden states beyond float16's range (65504) in storage."""
+    def rows(bad_rows: np.ndarray) -> str:
+        found = (start + np.flatnonzero(bad_rows)).tolist()
+        return f"{split} row(s) {', '.join(map(str, found[:5]))}{' ...' if len(found) > 5 else ''} ({len(found)} in all)"
+
+    if all(all_finite(v) for v in [shard["logits"], *(shard.get("hidden") or {}).values()]) and \
+            (shard.get("pooled") is None or all_finite(shard["pooled"])):
+        return
+    bad = ~np.isfinite(shard["logits"]).all(axis=1)
+    if bad.any():
+        raise LrcError(f"teacher {config.teacher} gives non-finite logits for {rows(bad)}: its activations overflow "
+                       f"in --precision {config.precision}; use --precision fp32, or check the teacher with `lrc evaluate`")
+    offsets = np.cumsum([0, *lengths])
+    for layer, values in (shard.get("hidden") or {}).items():
+        bad_tokens = np.flatnonzero(~np.isfinite(values).all(axis=1))
+        if bad_tokens.size:
+            bad = np.zeros(len(lengths), bool)
+            bad[np.searchsorted(offsets, bad_tokens, side="right") - 1] = True
+            raise LrcError(f"teacher {config.teacher} gives non-finite hidden states at layer {layer} for {rows(bad)}: "
+                           f"they overflow --hidden-dtype {config.hidden_dtype} or --precision {config.precision}; "
+                           "pass --hidden-dtype float32 (and --precision fp32)")
+    pooled = shard.get("pooled")
+    if pooled is not None and not np.isfinite(pooled).all():
+        raise LrcError(f"teacher {config.teacher} gives non-finite pooled vectors for "
+                       f"{rows(~np.isfinite(pooled).all(axis=1))}: pass --hidden-dtype float32 (and --precision fp32)")
 
 
 def _token_destinations(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -20,7 +20,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_
 from pipeline.config import BUNDLED_BACKBONE, FinetuneConfig
 from pipeline.errors import LrcError
 from pipeline.metrics import compute_metrics
-from pipeline.runtime import apply_update, autocast, encode, pad_batch, pick_device, predict_logits, seed_everything
+from pipeline.runtime import (
+    apply_update, autocast, check_finite_weights, encode, from_pretrained, pad_batch, pick_device, predict_logits,
+    require_tokenizer, seed_everything,
+)
 from pipeline.tasks import get_task, load_examples
 
 log = logging.getLogger(__name__)
@@ -58,10 +61,12 @@ def finetune_teacher(config: FinetuneConfig) -> dict[str, Any]:
 
     seed_everything(config.seed)
     backbone = resolve_backbone(config.backbone)
-    tokenizer = AutoTokenizer.from_pretrained(backbone)
+    require_tokenizer(Path(backbone), "backbone")
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, backbone, "backbone", config.trust_remote_code)
     train, dev = load_examples(config.data, "train"), load_examples(config.data, "dev")
     labels = list(task.labels) if task.labels else ["score"]
-    model = _with_new_head(backbone, task.num_labels, labels, task.is_regression)
+    model = _with_new_head(backbone, task.num_labels, labels, task.is_regression, config.trust_remote_code)
+    check_finite_weights(model, f"backbone {backbone}")
     device = pick_device(config.device)
     model.to(device)
     segments = "token_type_ids" in tokenizer.model_input_names
@@ -78,30 +83,35 @@ def finetune_teacher(config: FinetuneConfig) -> dict[str, Any]:
     batches = _Batches(train_ids, train_types, list(train.labels), pad_id, segments, device)
     generator = np.random.default_rng(config.seed)
     step = 0
-    for epoch in range(epochs):
-        step = _train_epoch(model, batches, generator.permutation(len(train)), config, optimizer, scheduler,
-                            step, total_steps, f"finetune epoch {epoch + 1}/{epochs}")
-        logits = predict_logits(model, dev_ids, dev_types, config.eval_batch_size, device, config.precision, pad_id, segments)
-        metrics = compute_metrics(task, logits, np.asarray(dev.labels))
-        log.info("epoch %d: dev %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
-        if best is None or metrics[task.main_metric] > best[task.main_metric]:
-            best = {**metrics, "epoch": epoch + 1}
-            _save(model, tokenizer, tmp)
+    try:
+        for epoch in range(epochs):
+            step = _train_epoch(model, batches, generator.permutation(len(train)), config, optimizer, scheduler,
+                                step, total_steps, f"finetune epoch {epoch + 1}/{epochs}")
+            logits = predict_logits(model, dev_ids, dev_types, config.eval_batch_size, device, config.precision, pad_id, segments)
+            metrics = compute_metrics(task, logits, np.asarray(dev.labels))
+            log.info("epoch %d: dev %s", epoch + 1, {k: round(v, 4) for k, v in metrics.items()})
+            if best is None or metrics[task.main_metric] > best[task.main_metric]:
+                best = {**metrics, "epoch": epoch + 1}
+                check_finite_weights(model, "the fine-tuned teacher")  # never saved, so never used by a later stage
+                _save(model, tokenizer, tmp)
 
-    info = {
-        "task": task.name,
-        "backbone": backbone,
-        "dev_metrics": best,
-        "main_metric": task.main_metric,
-        "train_examples": len(train),
-        "dev_examples": len(dev),
-        "train_seconds": round(time.perf_counter() - started, 1),
-        "settings": settings,
-    }
-    (tmp / TEACHER_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)  # the teacher dir appears only once it is complete
+        info = {
+            "task": task.name,
+            "backbone": backbone,
+            "dev_metrics": best,
+            "main_metric": task.main_metric,
+            "train_examples": len(train),
+            "dev_examples": len(dev),
+            "train_seconds": round(time.perf_counter() - started, 1),
+            "settings": settings,
+        }
+        (tmp / TEACHER_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)  # the teacher dir appears only once it is complete
+    except BaseException:  # a diverged run, a full disk, Ctrl-C: no half-written teacher is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     log.info("teacher written to %s (best dev %s at epoch %d)", out, task.main_metric, best["epoch"])
     return info
 
@@ -109,6 +119,7 @@ def finetune_teacher(config: FinetuneConfig) -> dict[str, Any]:
 def _settings(config: FinetuneConfig) -> dict[str, Any]:
     raw = asdict(config)
     raw.pop("overwrite")
+    raw.pop("trust_remote_code")  # changes what may be loaded, not what is computed
     raw.pop("output_dir")
     return json.loads(json.dumps(raw, default=str))
 
@@ -142,21 +153,27 @@ def _train_epoch(model: torch.nn.Module, data: _Batches, order: np.ndarray, conf
         extra = {"token_type_ids": token_types} if data.segments else {}
         with autocast(data.device, config.precision):
             loss = model(input_ids=input_ids, attention_mask=mask, labels=target, **extra).loss
+        value = loss.item()
+        if not math.isfinite(value):  # the labels were checked when loaded: this is the optimisation diverging
+            raise LrcError(f"the fine-tuning loss is {value} at step {step} with --lr {config.learning_rate:g}: training "
+                           "diverged and nothing was saved; lower --lr (or use --precision fp32)")
         loss.backward()
         apply_update(params, optimizer, scheduler, config.max_grad_norm)
         step += 1
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{value:.4f}")
     return step
 
 
-def _with_new_head(backbone: str, num_labels: int, labels: list[str], regression: bool) -> torch.nn.Module:
+def _with_new_head(backbone: str, num_labels: int, labels: list[str], regression: bool,
+                   trust_remote_code: bool = False) -> torch.nn.Module:
     """The backbone with a freshly initialised classification head (said in one line, not transformers'
     load report, which lists the new head's weights as MISSING and reads like an error)."""
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            backbone, num_labels=num_labels, id2label=dict(enumerate(labels)),
+        model = from_pretrained(
+            AutoModelForSequenceClassification.from_pretrained, backbone, "backbone", trust_remote_code,
+            num_labels=num_labels, id2label=dict(enumerate(labels)),
             label2id={name: i for i, name in enumerate(labels)},
             problem_type="regression" if regression else "single_label_classification",
         )

@@ -7,6 +7,7 @@ The file format and the reader `train-student` draws from live in `pipeline/samp
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -18,10 +19,11 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import __version__
-from pipeline.cache import open_cache, write_json_atomic
+from pipeline.cache import write_json_atomic
+from pipeline.cache_read import open_cache
 from pipeline.config import NegativesConfig
 from pipeline.errors import LrcError
-from pipeline.sampler import FORMAT, FORMAT_VERSION, manifest_path, write_negatives
+from pipeline.sampler import FORMAT, FORMAT_VERSION, is_negatives_file, manifest_path, write_negatives
 
 logger = logging.getLogger(__name__)
 
@@ -343,10 +345,31 @@ def _cosines(x: np.ndarray, ids: np.ndarray, block: int = 4096) -> np.ndarray:
 # --------------------------------------------------------------------------- files
 
 
+def check_outputs(out: Path) -> None:
+    """Refuse before any work to replace a file this command did not write: `--output X` writes X and
+    X's .json sibling (e.g. --output cache/manifest.arrow would otherwise replace cache/manifest.json)."""
+    meta = manifest_path(out)
+    fix = "choose another --output (a new .arrow name)"
+    if meta == out:
+        raise LrcError(f"--output {out} ends in .json, the name of its metadata file: {fix}")
+    if out.is_dir():
+        raise LrcError(f"--output {out} is a directory: {fix}")
+    if out.exists() and not is_negatives_file(out):
+        raise LrcError(f"--output {out} exists and is not a negatives file written by lrc: {fix}")
+    if meta.exists():
+        try:
+            ours = json.loads(meta.read_text(encoding="utf-8")).get("format") == FORMAT
+        except (ValueError, AttributeError, OSError):
+            ours = False
+        if not ours:
+            raise LrcError(f"--output {out} would replace {meta}, which build-negatives did not write: {fix}")
+
+
 def build_negatives(config: NegativesConfig) -> Path:
     """`lrc build-negatives`: read the cache's train split, find candidates, write the Arrow file and manifest."""
     start = time.perf_counter()
-    cache = open_cache(config.cache_dir, verify=True)
+    check_outputs(config.output_path)
+    cache = open_cache(config.cache_dir, config.verify_cache)
     task = cache.manifest["task"]
     train = cache.split("train")
     vectors, labels, keys = train.pooled(), train.labels(), train.input_keys()

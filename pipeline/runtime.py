@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import random
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.errors import LrcError
+from pipeline.tasks import get_task
+
+log = logging.getLogger(__name__)
+
+# A model dir holds its tokenizer in one of these (fast, WordPiece, BPE, SentencePiece). Without any,
+# transformers builds a tokenizer of special tokens only and every word becomes [UNK], silently.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+# Files that record the task a model was trained on: a teacher's (finetune) and a finished student run's.
+TASK_RECORDS = ("teacher_info.json", "training_summary.json")
 
 
 def pick_device(name: str) -> torch.device:
@@ -99,13 +111,23 @@ def encode(tokenizer: Any, text_a: list[str], text_b: list[str] | None, max_leng
     return ids, types
 
 
-def load_classifier(model_dir: Path, num_labels: int, task_name: str, role: str, fixes: dict[str, str]) -> tuple[Any, Any]:
-    """A sequence classifier and its tokenizer, checked before any work: the dir exists, has a
-    classification head, and predicts the task's label count. `fixes` holds the hint each check's
+def load_classifier(model_dir: Path, num_labels: int, task_name: str, role: str, fixes: dict[str, str],
+                    trust_remote_code: bool = False, allow_task_mismatch: bool = False) -> tuple[Any, Any]:
+    """A sequence classifier and its tokenizer, checked before any work: the dir exists, is a complete
+    model dir with a tokenizer, was trained on this task (where it records one), has a classification
+    head predicting the task's label count, and finite weights. `fixes` holds the hint each check's
     one-line error ends with (keys: missing, head, labels), worded for the calling command."""
-    if not Path(model_dir).is_dir():
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
         raise LrcError(f"{role} {model_dir} does not exist: {fixes['missing']}")
-    config = AutoConfig.from_pretrained(model_dir)
+    if not (model_dir / "config.json").is_file():
+        unfinished = (model_dir / "train_config.json").is_file()
+        raise LrcError(f"{role} {model_dir} is a train-student run that has not saved a student yet (no config.json): "
+                       "let it finish, or resume it with `lrc train-student --resume`" if unfinished else
+                       f"{role} {model_dir} is not a model dir (no config.json): {fixes['missing']}")
+    require_tokenizer(model_dir, role)
+    check_recorded_task(model_dir, task_name, role, allow_task_mismatch)
+    config = from_pretrained(AutoConfig.from_pretrained, model_dir, role, trust_remote_code)
     architectures = config.architectures or []
     if not any(a.endswith("ForSequenceClassification") for a in architectures):
         raise LrcError(f"{role} {model_dir} has no classification head (architectures: {architectures or 'none'}): "
@@ -113,7 +135,91 @@ def load_classifier(model_dir: Path, num_labels: int, task_name: str, role: str,
     if config.num_labels != num_labels:
         raise LrcError(f"{role} {model_dir} predicts {config.num_labels} labels but task {task_name} has "
                        f"{num_labels}: {fixes['labels']}")
-    return AutoModelForSequenceClassification.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    model = from_pretrained(AutoModelForSequenceClassification.from_pretrained, model_dir, role, trust_remote_code)
+    check_finite_weights(model, f"{role} {model_dir}")
+    return model, from_pretrained(AutoTokenizer.from_pretrained, model_dir, role, trust_remote_code)
+
+
+def from_pretrained(loader: Callable[..., Any], path: str | Path, role: str, trust_remote_code: bool,
+                    **kwargs: Any) -> Any:
+    """`loader(path, trust_remote_code=...)`, its failures on a damaged or foreign dir as one line.
+
+    trust_remote_code is always passed: left unset, transformers asks on the terminal, and a "y" (or
+    a piped one) runs Python shipped inside the model dir.
+    """
+    try:
+        return loader(path, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError, SafetensorError, json.JSONDecodeError) as err:
+        reason = " ".join(str(err).split())
+        if "trust_remote_code" in reason or "custom code" in reason:
+            raise LrcError(f"{role} {path} needs Python code shipped in its dir to load; lrc does not run it unless "
+                           "you pass --trust-remote-code (read that code first: it runs with your permissions)") from None
+        raise LrcError(f"{role} {path} could not be loaded ({type(err).__name__}: {reason[:200]}): its files are "
+                       "damaged or incomplete (e.g. a truncated model.safetensors); save or copy it again") from None
+
+
+def require_tokenizer(model_dir: Path, role: str) -> None:
+    """A local model dir must hold tokenizer files (see TOKENIZER_FILES for why)."""
+    model_dir = Path(model_dir)
+    if model_dir.is_dir() and not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise LrcError(f"{role} {model_dir} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}), so every "
+                       "word would read as [UNK]: save the tokenizer into it, e.g. "
+                       f"`AutoTokenizer.from_pretrained(BACKBONE).save_pretrained('{model_dir}')`")
+
+
+def recorded_task(model_dir: Path) -> tuple[str, str] | None:
+    """(task, file) that a model dir records it was trained on, or None."""
+    for name in TASK_RECORDS:
+        path = Path(model_dir) / name
+        if path.is_file():
+            try:
+                task = json.loads(path.read_text(encoding="utf-8")).get("task")
+            except (ValueError, AttributeError):
+                raise LrcError(f"{path} is not valid JSON: restore it or remove it") from None
+            if isinstance(task, str):
+                return task, name
+    return None
+
+
+def check_recorded_task(model_dir: Path, task_name: str, role: str, allow: bool) -> None:
+    """Refuse a model trained on another task (mnli and mnli-mm are one task) unless `allow`."""
+    record = recorded_task(model_dir)
+    if record is None or get_task(record[0]).hf_config == get_task(task_name).hf_config:
+        return
+    if allow:
+        log.warning("%s %s was trained on %s (%s), used on %s as asked (--allow-task-mismatch)", role, model_dir,
+                    record[0], record[1], task_name)
+        return
+    raise LrcError(f"{role} {model_dir} was trained on {record[0]} ({record[1]}), not {task_name}: pass --task "
+                   f"{record[0]}, or --allow-task-mismatch to use it on {task_name} deliberately")
+
+
+# Exponent bits: a float is NaN or inf exactly when they are all ones.
+_EXPONENT_BITS = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000)}
+
+
+def all_finite(values: np.ndarray | torch.Tensor) -> bool:
+    """No NaN or inf in `values`. On the CPU, float16/32 are tested by their exponent bits (an integer
+    max): several times faster than isfinite, which matters for per-batch checks of fp16 hidden states."""
+    if isinstance(values, torch.Tensor):
+        if values.device.type != "cpu" or values.dtype not in (torch.float16, torch.float32):
+            return bool(torch.isfinite(values).all())
+        values = values.numpy()
+    if values.size == 0:
+        return True
+    if values.dtype not in _EXPONENT_BITS:
+        return bool(np.isfinite(values).all())
+    as_int, mask = _EXPONENT_BITS[values.dtype]
+    return int((values.view(as_int) & mask).max()) != mask
+
+
+def check_finite_weights(model: torch.nn.Module, source: str) -> None:
+    """Refuse weights holding NaN or inf (a diverged fine-tuning, a damaged file) where they are loaded or saved."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise LrcError(f"{source} has non-finite weights ({bad} of {tensor.numel()} values of {name} are NaN or "
+                           "inf): it is damaged or its training diverged; restore it, or train it again with a lower --lr")
 
 
 def apply_update(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, scheduler: Any,

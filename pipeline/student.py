@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoConfig, BertConfig, BertForSequenceClassification
 
 from pipeline.errors import LrcError
+from pipeline.runtime import from_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def build_student(
     path = Path(init)
     if not path.is_dir():
         raise LrcError(f"--init {init!r} is neither random, teacher nor a model dir: pass one of those")
-    other = AutoConfig.from_pretrained(path)
+    other = from_pretrained(AutoConfig.from_pretrained, path, "--init", trust_remote_code=False)  # never runs its code
     if other.vocab_size != config.vocab_size:
         raise LrcError(
             f"--init {path} has a vocabulary of {other.vocab_size}, the cache's teacher {config.vocab_size}: "

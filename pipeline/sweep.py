@@ -36,7 +36,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import torch
 
-from pipeline.cache import open_cache
+from pipeline.cache_read import open_cache
 from pipeline.config import SweepConfig, TrainConfig, load_config_file
 from pipeline.errors import LrcError
 from pipeline.tasks import get_task
@@ -298,6 +298,9 @@ def run_sweep(config: SweepConfig) -> Path:
         write_results(config.output_dir, stem, keys, metric, list(rows.values()), title)
         if rows[i]["status"] != "failed":
             log.info("point %d/%d %s: dev %s %s", n, len(mine), rows[i]["status"], metric, _cell(rows[i]["dev"]))
-    failed = sum(r["status"] == "failed" for r in rows.values())
-    log.info("sweep finished: %d points, %d failed; results in %s", len(mine), failed, config.output_dir / f"{stem}.md")
+    failed = [r for r in rows.values() if r["status"] == "failed"]
+    log.info("sweep finished: %d points, %d failed; results in %s", len(mine), len(failed), config.output_dir / f"{stem}.md")
+    if mine and len(failed) == len(mine):  # nothing was trained: the command failed, whatever the table says
+        raise LrcError(f"every point of the sweep failed ({len(failed)} of {len(mine)}; {failed[0]['run']}: "
+                       f"{failed[0]['message']}): fix that and rerun; see {config.output_dir / f'{stem}.md'}")
     return config.output_dir / f"{stem}.csv"

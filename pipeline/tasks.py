@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
+import math
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pipeline.config import DATA_DIR_ENV, DataConfig
 from pipeline.errors import LrcError
@@ -158,9 +160,12 @@ def _to_label(task: TaskSpec, value: Any, where: str) -> int | float:
     """A label name, an int (or integral float / digit string) class index, or a float score."""
     if task.labels is None:
         try:
-            return float(value)
+            score = float(value)
         except (TypeError, ValueError):
             raise LrcError(f"{where}: score {value!r} is not a number: {task.name} needs a float label") from None
+        if not math.isfinite(score):  # float() accepts "nan" and "inf"; either would poison every loss
+            raise LrcError(f"{where}: score {value!r} is not a finite number: fix or remove that example")
+        return score
     if isinstance(value, str) and value.strip() in task.labels:
         return task.labels.index(value.strip())
     index: int | None = None
@@ -181,6 +186,20 @@ def _to_label(task: TaskSpec, value: Any, where: str) -> int | float:
 # ---- glue_data/ TSV files --------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _readable(path: Path, reader: Any = None) -> Iterator[None]:
+    """Decoding and CSV errors of a data file as one line naming the file, the place and the fix."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        raise LrcError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at byte offset {err.start} of "
+                       "a block read): re-save it as UTF-8") from None
+    except csv.Error as err:
+        line = f":{reader.line_num}" if reader is not None else ""
+        raise LrcError(f"{path}{line}: {err} (a field over {csv.field_size_limit()} characters, or a quote left "
+                       "open that swallows the lines after it): close the quote or shorten that field") from None
+
+
 def _read_tsv(path: Path, header: bool, num_fields: int | None = None) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header names and (line number, fields) rows; quoting off since sentences may start with a quote."""
     if not path.is_file():
@@ -191,18 +210,23 @@ def _read_tsv(path: Path, header: bool, num_fields: int | None = None) -> tuple[
     # utf-8-sig strips MRPC's byte-order mark, which would otherwise glue itself to the first column name.
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        names = next(reader, []) if header else []
-        width = len(names) if header else num_fields
-        rows = []
-        for fields in reader:
-            if not fields:  # a blank line (e.g. a trailing one) carries no example
-                continue
-            if width is not None and len(fields) != width:
-                raise LrcError(
-                    f"{path}:{reader.line_num}: malformed TSV row with {len(fields)} fields, expected {width}: "
-                    f"fix or remove that line"
-                )
-            rows.append((reader.line_num, fields))
+        with _readable(path, reader):
+            return _tsv_rows(path, reader, header, num_fields)
+
+
+def _tsv_rows(path: Path, reader: Any, header: bool, num_fields: int | None) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    names = next(reader, []) if header else []
+    width = len(names) if header else num_fields
+    rows = []
+    for fields in reader:
+        if not fields:  # a blank line (e.g. a trailing one) carries no example
+            continue
+        if width is not None and len(fields) != width:
+            raise LrcError(
+                f"{path}:{reader.line_num}: malformed TSV row with {len(fields)} fields, expected {width}: "
+                f"fix or remove that line"
+            )
+        rows.append((reader.line_num, fields))
     return names, rows
 
 
@@ -233,9 +257,14 @@ def _read_table(path: Path) -> dict[str, list[Any]]:
         raise LrcError(f"data file not found: {path}: check --train-file / --dev-file")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pydict()
+        try:
+            return pq.read_table(path).to_pydict()
+        except (pa.ArrowException, OSError) as err:
+            raise LrcError(f"{path}: not a readable Parquet file ({' '.join(str(err).split())[:160]}): "
+                           "write it again") from None
     if suffix in (".csv", ".tsv"):
         return _read_delimited(path, suffix)
     if suffix in (".jsonl", ".json"):
@@ -250,24 +279,29 @@ def _read_delimited(path: Path, suffix: str) -> dict[str, list[Any]]:
     # A .csv is a real CSV file: commas inside sentences come quoted, so default quote handling is right.
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
-        names = next(reader, [])
-        table: dict[str, list[Any]] = {name: [] for name in names}
-        for fields in reader:
-            if not fields:
-                continue
-            if len(fields) != len(names):
-                raise LrcError(
-                    f"{path}:{reader.line_num}: malformed CSV row with {len(fields)} fields, "
-                    f"expected {len(names)}: fix or remove that line"
-                )
-            for name, value in zip(names, fields):
-                table[name].append(value)
+        with _readable(path, reader):
+            return _csv_columns(path, reader)
+
+
+def _csv_columns(path: Path, reader: Any) -> dict[str, list[Any]]:
+    names = next(reader, [])
+    table: dict[str, list[Any]] = {name: [] for name in names}
+    for fields in reader:
+        if not fields:
+            continue
+        if len(fields) != len(names):
+            raise LrcError(
+                f"{path}:{reader.line_num}: malformed CSV row with {len(fields)} fields, "
+                f"expected {len(names)}: fix or remove that line"
+            )
+        for name, value in zip(names, fields):
+            table[name].append(value)
     return table
 
 
 def _read_json_lines(path: Path) -> dict[str, list[Any]]:
     records = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8") as f, _readable(path):
         for line_num, line in enumerate(f, start=1):
             if not line.strip():
                 continue

@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,13 +16,17 @@ from transformers import AutoTokenizer
 
 from pipeline import checkpoint, losses
 from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader
-from pipeline.cache import Cache, layer_map, open_cache, read_manifest
+from pipeline.cache import layer_map, read_manifest
+from pipeline.cache_read import Cache, open_cache
 from pipeline.config import TrainConfig
 from pipeline.errors import LrcError
 from pipeline.metrics import compute_metrics
 from pipeline.sampler import NegativeSampler
 from pipeline.report import write_report
-from pipeline.runtime import apply_update, autocast, pick_device, predict_logits, seed_everything
+from pipeline.runtime import (
+    all_finite, apply_update, autocast, check_finite_weights, from_pretrained, pick_device, predict_logits,
+    seed_everything,
+)
 from pipeline.student import Projections, build_student, student_config
 from pipeline.tasks import get_task
 
@@ -154,6 +159,41 @@ def _check_finite(terms: dict[str, torch.Tensor]) -> None:
             raise FloatingPointError(f"loss term {name} is {value.item()}")
 
 
+_CACHED_VALUES = {"labels": "labels", "teacher_logits": "teacher logits", "teacher_hidden": "teacher hidden states",
+                  "negative_hidden": "teacher hidden states"}
+
+
+def check_batch_finite(batch: dict[str, torch.Tensor], cache_dir: Path) -> None:
+    """A NaN or inf read from the cache is the cache's fault, not the learning rate's: refuse it by row.
+
+    `all_finite` is the cheap test; the rows are looked for only when it fails."""
+    for key, what in _CACHED_VALUES.items():
+        value = batch.get(key)
+        if value is None or not value.is_floating_point() or all_finite(value):
+            continue
+        bad = ~torch.isfinite(value)
+        if key == "teacher_hidden":
+            rows = batch["row_ids"][bad.flatten(2).any(2).any(0)]  # (N_layers, B, ...) -> (B,)
+        elif key == "negative_hidden":
+            rows = batch["negative_ids"][bad.flatten(3).any(3).any(0)]  # (N_layers, B, K, ...) -> (B, K)
+        else:
+            rows = batch["row_ids"][bad.reshape(len(bad), -1).any(1)]
+        if rows.numel():
+            found = sorted(set(rows.tolist()))
+            raise LrcError(f"cache {cache_dir} holds non-finite {what} (NaN or inf) for train row(s) "
+                           f"{', '.join(map(str, found[:5]))}: the cache is damaged (check it with `lrc inspect-cache "
+                           "--verify`); re-extract it with `lrc extract-teacher --overwrite`")
+
+
+def _diverged(run: Run, err: FloatingPointError) -> str:
+    """The one-line error of a non-finite loss on finite data: the optimisation diverged."""
+    state, saved = run.state, run.dir.checkpoint_dir / checkpoint.STATE_FILE
+    where = (f"the last good checkpoint is in {run.dir.checkpoint_dir}" if saved.is_file() else
+             f"no checkpoint was written before it (--checkpoint-every {run.config.checkpoint_every})")
+    return (f"{err} at step {state.step} (epoch {state.epoch}) with finite inputs: training diverged and stopped; "
+            f"{where}; rerun with --overwrite and a lower --lr, or with --precision fp32")
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -214,8 +254,11 @@ class Run:
 
 
 def _setup(config: TrainConfig) -> Run:
-    """Open the cache and negatives, build the student, data path and optimizer; resume if asked."""
-    cache = open_cache(config.cache_dir)
+    """Open the cache and negatives, build the student, data path and optimizer; resume if asked.
+
+    Nothing is written before every check has passed: a refused command leaves no run dir behind."""
+    run_dir = checkpoint.check_run_dir(config)
+    cache = open_cache(config.cache_dir, config.verify_cache)
     task = get_task(cache.task["name"])
     mapping = resolve_layer_map(config, cache)
     sampler = None
@@ -228,12 +271,12 @@ def _setup(config: TrainConfig) -> Run:
         raise LrcError(f"--projection-init identity needs the student width (--hidden {config.hidden}) to equal the "
                        f"teacher width ({cache.hidden_size}): use --projection-init auto or random")
     identity = config.projection_init != "random" and config.hidden == cache.hidden_size
-    run_dir = checkpoint.prepare_run_dir(config)
     seed_everything(config.seed)
 
     shape = student_config(cache.manifest["teacher"]["config"], config.layers, config.hidden, config.heads,
                            config.intermediate, cache.task)
     student = build_student(shape, config.init, cache.teacher_weights_dir, mapping)
+    check_finite_weights(student, f"the student initialised from {config.init}")
     intermediate = config.intermediate_loss != "none"
     stored = sorted(set(mapping)) if intermediate else []  # the teacher layers the batches carry, in order
     projections = Projections(config.hidden, cache.hidden_size, config.layers, identity) if intermediate else None
@@ -260,8 +303,10 @@ def _setup(config: TrainConfig) -> Run:
     teacher_dev = compute_metrics(task, dev.teacher_logits, dev.labels) if dev else None
     log.info("training %d steps (%d per epoch), layer map %s, teacher dev %s", total_steps, len(batches), mapping,
              teacher_dev)
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, cache.tokenizer_dir, "the cache's tokenizer", False)
+    checkpoint.start_run_dir(config)
     return Run(config, cache, task, run_dir, mapping, model, params, optimizer, scheduler, dataset, batches, total_steps,
-               state, device, dev, teacher_dev, AutoTokenizer.from_pretrained(cache.tokenizer_dir),
+               state, device, dev, teacher_dev, tokenizer,
                checkpoint.MetricsLog(run_dir, keep_until=state.step if config.resume else None))
 
 
@@ -307,12 +352,12 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
         while state.step < total_steps:
             for batch in epoch_batches(run, state.epoch, state.batch_in_epoch):
                 batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+                check_batch_finite(batch, config.cache_dir)
                 weights = loss_weights(state.step, total_steps, config)
                 try:
                     terms = train_step(run.model, batch, weights, config, regression, run.device)
                 except FloatingPointError as err:
-                    raise LrcError(f"{err} at step {state.step} (epoch {state.epoch}): training stopped, the last good "
-                                   f"checkpoint is in {run.dir.checkpoint_dir}; lower --lr or use --precision fp32") from None
+                    raise LrcError(_diverged(run, err)) from None
                 lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (the log reports it, not the next one's)
                 grad_norm = apply_update(run.params, run.optimizer, run.scheduler, config.max_grad_norm)
                 state.step += 1

@@ -98,3 +98,32 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: Path, glu
     data = DataConfig(task="sst2", data_dir=glue_dir, max_train_examples=200)
     extract_teacher(ExtractConfig(teacher=tiny_teacher, data=data, output_dir=out, student_layers=2, shard_rows=64))
     return out
+
+
+class ArrowRows:
+    """Rows of a cache split read the naive way (pyarrow `to_pylist`, one row at a time): the
+    independent reference the library's row reader (`cache_read.RowReader`) is checked against."""
+
+    def __init__(self, cache_dir: Path, split: str) -> None:
+        import json
+
+        import pyarrow as pa
+
+        manifest = json.loads((cache_dir / "manifest.json").read_text())
+        self.tables = []
+        for shard in manifest["splits"][split]["shards"]:
+            with pa.memory_map(str(cache_dir / shard["file"])) as source:
+                self.tables.append((shard["start"], shard["stop"], pa.ipc.open_stream(source).read_all()))
+
+    def example(self, row: int) -> dict[str, Any]:
+        import numpy as np
+
+        start, _, table = next(t for t in self.tables if t[0] <= row < t[1])
+        raw = table.slice(row - start, 1).to_pylist()[0]
+        return {
+            "row_id": raw["row_id"], "label": raw["label"],
+            "input_ids": np.asarray(raw["input_ids"], np.int32), "token_type_ids": np.asarray(raw["token_type_ids"], np.int8),
+            "logits": np.asarray(raw["logits"], np.float32),
+            "hidden": {int(k.removeprefix("hidden_")): np.asarray(v, np.float16) for k, v in raw.items()
+                       if k.startswith("hidden_")},
+        }

@@ -1,4 +1,4 @@
-"""The train-student data path against the cache's own row reader (`CacheSplit.example`) and naive loops."""
+"""The train-student data path against rows read the naive way (`conftest.ArrowRows`) and naive loops."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from pipeline.batches import CacheDataset, EpochBatchSampler, collate, make_loader
-from pipeline.cache import RowReader, open_cache
+from pipeline.cache_read import RowReader, open_cache
 from pipeline.errors import LrcError
+from conftest import ArrowRows
 
 K = 3
 
@@ -32,8 +33,8 @@ class StandInNegatives:
 
 
 @pytest.fixture(scope="module")
-def train_split(tiny_cache: Path):
-    return open_cache(tiny_cache).split("train")
+def train_split(tiny_cache: Path) -> ArrowRows:
+    return ArrowRows(tiny_cache, "train")
 
 
 def _dataset(tiny_cache: Path, layers=(2, 4), negatives: bool = True) -> CacheDataset:
@@ -50,7 +51,7 @@ def _assert_batches_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
 
 
 @pytest.mark.parametrize("random_access", [True, False])  # MADV_RANDOM mapping and pyarrow's default one
-def test_row_reader_matches_cache_example(tiny_cache: Path, train_split, random_access: bool) -> None:
+def test_row_reader_matches_naive_rows(tiny_cache: Path, train_split, random_access: bool) -> None:
     info = open_cache(tiny_cache).manifest["splits"]["train"]
     reader = RowReader(tiny_cache, info, [4], random_access=random_access)
     assert RowReader(tiny_cache, info, [4]).random_access is False  # a 0.4 MB split fits in any page cache
@@ -153,7 +154,7 @@ def test_layers_come_in_the_order_given(tiny_cache: Path, train_split) -> None:
 
 def test_dev_split_has_no_hidden_states(tiny_cache: Path) -> None:
     dev = CacheDataset(tiny_cache, "dev", [])
-    dev_split = open_cache(tiny_cache).split("dev")
+    dev_split = ArrowRows(tiny_cache, "dev")
     assert len(dev) == 872
     batch = collate(dev.__getitems__([0, 871]))
     assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "labels", "teacher_logits", "row_ids"}
@@ -300,3 +301,26 @@ def test_loader_leaves_the_global_torch_rng_alone(tiny_cache: Path) -> None:
     torch.manual_seed(0)
     _epoch(dataset, sampler, 0, workers=0)
     assert torch.equal(torch.rand(3), expected)  # a resumed run replays the same dropout masks
+
+
+def test_workers_without_the_private_shared_memory_api_give_the_same_batches(tiny_cache: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_zeros` uses torch's private `UntypedStorage._new_shared` in workers; a torch without it falls back."""
+    dataset = _dataset(tiny_cache)
+    sampler = EpochBatchSampler(len(dataset), 16, seed=5)
+    want = list(make_loader(dataset, sampler, num_workers=0, seed=1))
+    with_api = list(make_loader(dataset, sampler, num_workers=1, seed=1))
+    from pipeline import batches
+
+    def broken(nbytes: int) -> None:
+        raise TypeError("a future torch's signature")
+
+    monkeypatch.setattr(batches, "_NEW_SHARED", None)  # workers fork from this process: they see it too
+    without_api = list(make_loader(dataset, sampler, num_workers=1, seed=1))
+    monkeypatch.setattr(batches, "_NEW_SHARED", broken)
+    failing_api = list(make_loader(dataset, sampler, num_workers=1, seed=1))
+    assert len(want) == len(with_api) == len(without_api) == len(failing_api) == 13
+    for a, b, c, d in zip(want, with_api, without_api, failing_api):
+        _assert_batches_equal(a, b)
+        _assert_batches_equal(a, c)
+        _assert_batches_equal(a, d)

@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from pipeline import cache
-from pipeline.cache import layer_map, open_cache
+from pipeline.cache import layer_map
+from pipeline.cache_read import open_cache
 from pipeline.config import DataConfig, ExtractConfig
 from pipeline.errors import LrcError
 from pipeline.extract import extract_teacher
 from pipeline.tasks import load_examples
-from conftest import sst2_lines, write_tsv
+from conftest import assert_refused, sst2_lines, write_tsv
 
 # fp16 storage: one rounding (2^-11 relative) plus batched-vs-single float noise that may flip it by an ulp.
 FP16 = {"rtol": 2e-3, "atol": 1e-4}
@@ -115,14 +116,15 @@ def test_layer_map_is_round_half_up_of_i_n_over_m() -> None:
 
 
 def test_tiny_cache_rows_equal_teacher_outputs(tiny_cache: Path, tiny_ref: Reference, glue_dir: Path) -> None:
-    c = open_cache(tiny_cache, verify=True)
+    c = open_cache(tiny_cache, check="full")
     assert c.layers == layer_map(4, 2) == [2, 4] and c.hidden_size == 32
     examples = load_examples(DataConfig(task="sst2", data_dir=glue_dir, max_train_examples=200), "train")
     train = c.split("train")
     assert train.num_rows == 200 and train.has_hidden
     np.testing.assert_array_equal(train.labels(), np.asarray(examples.labels))
+    rows = train.reader(pooled=True)
     for i in [0, 1, 63, 64, 65, 127, 128, 150, 191, 192, 199]:  # both sides of every shard boundary
-        row = train.example(i)
+        row = rows.example(i)
         assert row["row_id"] == i and row["label"] == examples.labels[i]
         assert_row_matches(row, tiny_ref(examples.text_a[i]), [2, 4])
 
@@ -135,8 +137,9 @@ def test_every_row_through_small_batches_and_shards(small_cache: Path, tiny_ref:
     train = c.split("train")
     assert train.num_rows == 40 and len(c.manifest["splits"]["train"]["shards"]) == 3  # 16 + 16 + 8
     refs = [tiny_ref(text) for text, _ in rows]
+    reader = train.reader(pooled=True)
     for i, ((_, label), ref) in enumerate(zip(rows, refs)):
-        row = train.example(i)
+        row = reader.example(i)
         assert row["label"] == label
         assert_row_matches(row, ref, [1, 3])
     np.testing.assert_allclose(train.logits(), np.stack([r["logits"] for r in refs]), rtol=1e-5, atol=1e-5)
@@ -159,7 +162,7 @@ def test_no_padding_is_stored(small_cache: Path, tiny_ref: Reference) -> None:
             for j in (1, 3):
                 assert len(table.column(f"hidden_{j}")[k].as_py()) == lengths[i]
     # Total hidden values stored == tokens x layers x width: nothing padded anywhere.
-    total = sum(len(open_cache(small_cache).split("train").example(i)["hidden"][1]) for i in range(40))
+    total = sum(len(open_cache(small_cache).split("train").reader().example(i)["hidden"][1]) for i in range(40))
     assert total == sum(lengths)
 
 
@@ -170,8 +173,8 @@ def test_dev_split_has_logits_and_labels_but_no_hidden(small_cache: Path, tiny_r
     assert dev.num_rows == 20 and not dev.has_hidden
     np.testing.assert_array_equal(dev.labels(), [label for _, label in rows])
     np.testing.assert_allclose(dev.logits(), np.stack([tiny_ref(t)["logits"] for t, _ in rows]), rtol=1e-5, atol=1e-5)
-    row = dev.example(7)
-    assert "hidden" not in row and "pooled" not in row
+    row = dev.reader(pooled=True).example(7)
+    assert row["hidden"] == {} and "pooled" not in row
     np.testing.assert_array_equal(row["input_ids"], tiny_ref(rows[7][0])["input_ids"])
     with pytest.raises(LrcError, match="no pooled vectors"):
         dev.pooled()
@@ -231,7 +234,7 @@ def test_explicit_and_all_layers_select_their_columns(tmp_path: Path, tiny_teach
         shard = out / manifest["splits"]["train"]["shards"][0]["file"]
         names = pa.ipc.open_stream(pa.memory_map(str(shard))).schema.names
         assert [n for n in names if n.startswith("hidden_")] == [f"hidden_{j}" for j in expected]
-        split = open_cache(out).split("train")
+        split = open_cache(out).split("train").reader(pooled=True)
         for i in (0, 9):
             assert_row_matches(split.example(i), tiny_ref(texts[i]), expected)
 
@@ -245,6 +248,7 @@ def test_datasets_and_pyarrow_read_the_same_rows(small_cache: Path) -> None:
     c = open_cache(small_cache)
     for name in ("train", "dev"):
         split = c.split(name)
+        reader = split.reader()
         for shard in c.manifest["splits"][name]["shards"]:
             path = small_cache / shard["file"]
             with pa.memory_map(str(path)) as source:
@@ -254,7 +258,7 @@ def test_datasets_and_pyarrow_read_the_same_rows(small_cache: Path) -> None:
             assert ds.column_names == table.schema.names
             assert ds["row_id"] == list(range(shard["start"], shard["stop"]))
             for k in range(len(ds)):
-                from_ds, from_pa, mine = ds[k], table.slice(k, 1).to_pylist()[0], split.example(shard["start"] + k)
+                from_ds, from_pa, mine = ds[k], table.slice(k, 1).to_pylist()[0], reader.example(shard["start"] + k)
                 assert from_ds == from_pa
                 assert from_pa["input_ids"] == mine["input_ids"].tolist()
                 np.testing.assert_array_equal(np.float32(from_pa["logits"]), mine["logits"])
@@ -278,10 +282,12 @@ def test_checksum_mismatch_is_caught_by_verify(small_cache: Path, tmp_path: Path
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01  # same size, one bit different
     shard.write_bytes(bytes(data))
-    open_cache(c)  # sizes still match: only the checksum can tell
+    open_cache(c, check="size")  # sizes still match: only a checksum can tell
     with pytest.raises(LrcError, match="does not match its checksum") as err:
-        open_cache(c, verify=True)
+        open_cache(c, check="full")
     assert "\n" not in str(err.value) and shard.name in str(err.value)
+    # A shard this small is sampled whole, so the default (quick) check at open catches it too.
+    assert_refused(lambda: open_cache(c), "does not match its sampled checksum", shard.name)
 
 
 def test_truncated_or_missing_shard_is_caught_without_verify(small_cache: Path, tmp_path: Path) -> None:
@@ -323,3 +329,68 @@ def test_not_a_cache(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(LrcError, match="not valid JSON"):
         open_cache(tmp_path)
+
+
+# ---------------------------------------------------------------- a manifest is data from disk
+
+
+def test_manifest_paths_outside_the_cache_are_refused(small_cache: Path, tmp_path: Path) -> None:
+    """An absolute path to another cache's (identical) shard used to train silently; `..` was opened and hashed."""
+    c = _copy(small_cache, tmp_path / "c")
+    manifest = json.loads((c / "manifest.json").read_text())
+    elsewhere = shutil.copy(c / manifest["splits"]["train"]["shards"][0]["file"], tmp_path / "elsewhere.arrow")
+    for bad in (str(elsewhere), "shards/../../elsewhere.arrow", "../c/shards/train-000000000-000000016.arrow",
+                "shards/dev-000000000-000000016.arrow"):  # the last: another split's file
+        edited = json.loads(json.dumps(manifest))
+        edited["splits"]["train"]["shards"][0]["file"] = bad
+        (c / "manifest.json").write_text(json.dumps(edited))
+        assert_refused(lambda: open_cache(c, check="size"), repr(bad), "only shards/train-START-STOP.arrow")
+    edited = json.loads(json.dumps(manifest))
+    del edited["splits"]["train"]["shards"][1]  # a gap in the rows
+    (c / "manifest.json").write_text(json.dumps(edited))
+    assert_refused(lambda: open_cache(c, check="size"), "malformed", "row 16")
+
+
+def test_a_corrupted_shard_header_is_one_line(small_cache: Path, tmp_path: Path) -> None:
+    c = _copy(small_cache, tmp_path / "c")
+    shard = sorted((c / "shards").glob("train-*.arrow"))[0]
+    data = bytearray(shard.read_bytes())
+    data[8:40] = b"\xff" * 32  # the schema message
+    shard.write_bytes(bytes(data))
+    assert_refused(lambda: open_cache(c), "does not match its sampled checksum", shard.name)
+    # past a size-only check, reading it is still one line, not an ArrowInvalid traceback
+    assert_refused(lambda: open_cache(c, check="size").split("train"), "not a readable Arrow stream", shard.name)
+
+
+def _synthetic_cache(out: Path, rows: int, tokens: int, width: int) -> Path:
+    """A cache of random hidden states written with the real writer (no teacher): one shard."""
+    rng = np.random.default_rng(0)
+    schema = cache.shard_schema([1], width, 2, False, "float16", True)
+    ids = [rng.integers(1000, 2000, tokens).astype(np.int32) for _ in range(rows)]
+    batch = cache.make_record_batch(
+        schema, np.arange(rows), ids, [np.zeros(tokens, np.int8)] * rows, rng.integers(0, 2, rows),
+        rng.standard_normal((rows, 2)).astype(np.float32),
+        {1: rng.standard_normal((rows * tokens, width)).astype(np.float16)},
+        rng.standard_normal((rows, width)).astype(np.float16))
+    cache.write_shard(out, "train", 0, rows, batch)
+    settings = {"splits": {"train": {"rows": rows, "hidden": True}}, "layers": [1], "hidden_size": width}
+    cache.assemble_manifest(out, settings, {})
+    return out / "shards" / cache.shard_name("train", 0, rows)
+
+
+def test_quick_check_samples_a_large_shard_and_full_reads_it_all(tmp_path: Path) -> None:
+    from pipeline.cache_read import resolve_check
+
+    shard = _synthetic_cache(tmp_path / "c", rows=64, tokens=32, width=256)  # ~1 MB
+    assert shard.stat().st_size > 1 << 20
+    data = bytearray(shard.read_bytes())
+    step = (len(data) - 2 * cache._SAMPLE_EDGE) // cache._SAMPLE_COUNT  # the spacing of the sampled blocks
+    data[cache._SAMPLE_EDGE + step // 2] ^= 0x01  # between the first two sampled body blocks
+    shard.write_bytes(bytes(data))
+    open_cache(tmp_path / "c", check="quick")  # the quick check's blind spot, measured in docs/RELIABILITY.md
+    assert_refused(lambda: open_cache(tmp_path / "c", check="full"), "does not match its checksum")
+    data[100] ^= 0x01  # inside the first 64 KiB: the quick check sees it
+    shard.write_bytes(bytes(data))
+    assert_refused(lambda: open_cache(tmp_path / "c", check="quick"), "sampled checksum")
+    # `auto` hashes every byte of a cache that fits in half the RAM, samples a larger one
+    assert resolve_check("auto", 1 << 20) == "full" and resolve_check("auto", 1 << 60) == "quick"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO, assert_refused, make_tiny_teacher, sst2_lines, write_tsv
-from pipeline.cache import open_cache
+from pipeline.cache_read import open_cache
 from pipeline.config import DataConfig, ExtractConfig
 from pipeline.errors import LrcError
 from pipeline.extract import extract_teacher
@@ -90,7 +90,7 @@ def test_killed_extraction_resumes_to_the_same_bytes(tmp_path: Path, tiny_teache
     assert a["fingerprint"] == b["fingerprint"]
     assert a["splits"]["train"]["rows"] == 600 and a["splits"]["dev"]["rows"] == 300
     assert len(a["splits"]["train"]["shards"]) == 10  # 9 x 64 + 24
-    open_cache(killed, verify=True)
+    open_cache(killed, check="full")
 
 
 # ---------------------------------------------------------------- bad inputs: one line, nothing written
@@ -192,12 +192,12 @@ def test_existing_cache_rerun_refuse_overwrite(tmp_path: Path, tiny_teacher: Pat
             extract_teacher(config)
         assert changed in str(err.value).split("differs in:")[1] and "--overwrite" in str(err.value)
         assert shard_state(out) == state and (out / "manifest.json").read_text() == manifest_text
-    open_cache(out, verify=True)
+    open_cache(out, check="full")
 
     replaced = extract_teacher(_config(tiny_teacher, files, out, student_layers=4, overwrite=True))
     assert replaced["layers"] == [1, 2, 3, 4] and first["layers"] == [2, 4]
     assert json.loads((out / "manifest.json").read_text()) == replaced
-    assert set(open_cache(out, verify=True).split("train").example(0)["hidden"]) == {1, 2, 3, 4}
+    assert set(open_cache(out, check="full").split("train").reader().example(0)["hidden"]) == {1, 2, 3, 4}
 
 
 def test_unfinished_cache_with_other_settings_is_refused(tmp_path: Path, tiny_teacher: Path,
@@ -212,4 +212,20 @@ def test_unfinished_cache_with_other_settings_is_refused(tmp_path: Path, tiny_te
     state = shard_state(out)
     extract_teacher(_config(tiny_teacher, files, out))
     assert shard_state(out) == state
-    open_cache(out, verify=True)
+    open_cache(out, check="full")
+
+
+def test_resume_re_extracts_a_corrupted_shard_instead_of_blessing_it(tmp_path: Path, tiny_teacher: Path,
+                                                                   files: dict[str, Path]) -> None:
+    """A killed run's shards are checked against the sidecar written with each before they are trusted."""
+    out = tmp_path / "out"
+    clean = extract_teacher(_config(tiny_teacher, files, out))
+    (out / "manifest.json").unlink()  # as if killed before the end
+    shard = out / clean["splits"]["train"]["shards"][1]["file"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    (out / "shards" / "dev-000000000-000000008.sha256.json").unlink()  # a shard without its record: not trusted
+    resumed = extract_teacher(_config(tiny_teacher, files, out))
+    assert shard_list(resumed) == shard_list(clean)  # both extracted again, to the same bytes
+    open_cache(out, check="full")

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import open_cache
+from pipeline.cache_read import open_cache
 from pipeline.config import DataConfig, ExtractConfig, FinetuneConfig
 from pipeline.errors import LrcError
 from pipeline.extract import extract_teacher
 from pipeline.finetune import TEACHER_INFO, finetune_teacher
+from conftest import assert_refused
 
 
 def write_rows(path: Path, header: list[str], rows: list[list[str]]) -> Path:
@@ -197,7 +199,7 @@ def test_minilm_teacher_then_cache_size_rule(tmp_path: Path, minilm_dir: Path, g
     assert manifest["layers"] == [2, 3, 5, 6] and manifest["hidden_size"] == 384
     assert manifest["teacher"]["num_layers"] == 6
 
-    c = open_cache(out, verify=True)
+    c = open_cache(out, check="full")
     # The teacher's recorded dev accuracy is what its cached dev logits give.
     dev_split = c.split("dev")
     cached = float(np.mean(dev_split.logits().argmax(1) == dev_split.labels()))
@@ -206,9 +208,30 @@ def test_minilm_teacher_then_cache_size_rule(tmp_path: Path, minilm_dir: Path, g
 
     # Size rule: bytes per example <= 1.05 x tokens x stored layers x d' x 2 (no padding, fp16).
     train = manifest["splits"]["train"]
-    tokens = sum(len(c.split("train").example(i)["input_ids"]) for i in range(train["rows"]))
+    tokens = sum(len(c.split("train").reader().example(i)["input_ids"]) for i in range(train["rows"]))
     on_disk = sum((out / s["file"]).stat().st_size for s in train["shards"])
     assert on_disk == train["bytes"]
     ideal = tokens * 4 * 384 * 2
     assert on_disk <= 1.05 * ideal, (on_disk, ideal)
     assert on_disk >= ideal  # the hidden states really are all there
+
+
+def test_a_diverging_fine_tuning_saves_nothing(tmp_path: Path, plain_backbone: Path, glue_dir: Path) -> None:
+    """An absurd --lr used to write an all-NaN teacher with exit 0 (which evaluate then scored)."""
+    out = tmp_path / "teacher"
+    config = FinetuneConfig(data=DataConfig(task="stsb", data_dir=glue_dir, max_train_examples=32), output_dir=out,
+                            backbone=str(plain_backbone), epochs=1, batch_size=8, learning_rate=1e30, device="cpu",
+                            max_length=32)
+    assert_refused(lambda: finetune_teacher(config), "loss is nan", "--lr 1e+30", "nothing was saved")
+    assert not out.exists() and not list(tmp_path.glob(".teacher*"))
+
+
+def test_a_backbone_without_tokenizer_files_is_refused(tmp_path: Path, plain_backbone: Path, glue_dir: Path) -> None:
+    bare = tmp_path / "bare"
+    shutil.copytree(plain_backbone, bare)
+    for path in bare.iterdir():
+        if path.name not in ("config.json", "model.safetensors"):
+            path.unlink()
+    config = FinetuneConfig(data=DataConfig(task="sst2", data_dir=glue_dir, max_train_examples=16),
+                            output_dir=tmp_path / "t", backbone=str(bare), device="cpu")
+    assert_refused(lambda: finetune_teacher(config), "backbone", "no tokenizer files")

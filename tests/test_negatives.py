@@ -13,7 +13,7 @@ from pipeline.config import NegativesConfig
 from pipeline.errors import LrcError
 from pipeline import negatives
 from pipeline.negatives import build_negatives, find_candidates
-from pipeline.sampler import NegativeSampler, manifest_path, write_negatives
+from pipeline.sampler import FORMAT_VERSION, NegativeSampler, manifest_path, write_negatives
 
 UNUSED = Path("unused-cache")
 
@@ -229,7 +229,7 @@ def test_too_few_qualifying_rows() -> None:
 
 def write_file(path: Path, n: int = 50, m: int = 8, fingerprint: str = "abc123") -> np.ndarray:
     ids = (np.arange(n)[:, None] + np.arange(1, m + 1)[None, :]) % n  # row i's candidates: i+1 .. i+m
-    meta = {"format": "lrc-negatives", "format_version": 1, "cache_fingerprint": fingerprint, "candidates": m}
+    meta = {"format": "lrc-negatives", "format_version": FORMAT_VERSION, "cache_fingerprint": fingerprint, "candidates": m}
     write_negatives(path, ids, np.zeros((n, m), np.float32), meta)
     return ids
 
@@ -281,7 +281,7 @@ def test_sampler_refusals(tmp_path: Path) -> None:
 def test_failed_write_leaves_old_file(tmp_path: Path) -> None:
     path = tmp_path / "negatives.arrow"
     old = write_file(path)
-    meta = {"format": "lrc-negatives", "format_version": 1, "cache_fingerprint": "x", "candidates": 8}
+    meta = {"format": "lrc-negatives", "format_version": FORMAT_VERSION, "cache_fingerprint": "x", "candidates": 8}
     with pytest.raises(Exception):  # scores of the wrong width fail inside the writer
         write_negatives(path, np.zeros((50, 8), np.int64), np.zeros((50, 7), np.float32), meta)
     np.testing.assert_array_equal(NegativeSampler(path, k=8, seed=0).candidates, old)
@@ -292,7 +292,7 @@ def test_failed_write_leaves_old_file(tmp_path: Path) -> None:
 
 
 def test_build_negatives_on_tiny_cache(tiny_cache: Path, tmp_path: Path) -> None:
-    from pipeline.cache import open_cache
+    from pipeline.cache_read import open_cache
 
     cache = open_cache(tiny_cache)
     train = cache.split("train")
@@ -331,3 +331,45 @@ def test_build_negatives_refuses_bad_caches(tiny_cache: Path, tmp_path: Path) ->
     with pytest.raises(LrcError, match="checksum"):
         build_negatives(NegativesConfig(cache_dir=broken))
     assert not (broken / "negatives.arrow").exists() and not (broken / "negatives.json").exists()
+
+
+def test_edited_negatives_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "negatives.arrow"
+    ids = write_file(path)
+    # a byte changed inside the candidates: the content hash in the file no longer matches
+    data = bytearray(path.read_bytes())
+    where = data.find(ids[45, 3:5].astype(np.int64).tobytes())  # (49, 0): in no other column
+    assert where > 0
+    data[where] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(LrcError, match="does not match its checksum"):
+        NegativeSampler(path, k=2, seed=0)
+    # well-formed files (valid hash) that break what the builder guarantees
+    meta = {"format": "lrc-negatives", "format_version": FORMAT_VERSION, "cache_fingerprint": "f", "candidates": 8}
+    for change, needle in (((10, 3, 10), "row 10 is its own negative"), ((4, 0, 50), "row 4 has candidate 50, outside"),
+                           ((7, 1, -1), "row 7 has candidate -1"), ((2, 5, None), "row 2 lists a candidate twice")):
+        edited = ids.copy()
+        row, col, value = change
+        edited[row, col] = edited[row, 0] if value is None else value
+        write_negatives(path, edited, np.zeros((50, 8), np.float32), meta)
+        with pytest.raises(LrcError, match=needle):
+            NegativeSampler(path, k=2, seed=0)
+
+
+def test_build_negatives_never_replaces_a_file_it_did_not_write(tiny_cache: Path, tmp_path: Path) -> None:
+    """--output cache/manifest.arrow used to overwrite cache/manifest.json, the cache's own manifest."""
+    c = tmp_path / "c"
+    shutil.copytree(tiny_cache, c)
+    manifest = (c / "manifest.json").read_bytes()
+    for output, needle in ((c / "manifest.arrow", "would replace"), (c / "manifest.json", "ends in .json"),
+                           (c / "settings.arrow", "would replace"), (c / "shards", "is a directory"),
+                           (next((c / "shards").glob("train-*.arrow")), "not a negatives file")):
+        with pytest.raises(LrcError, match=needle):
+            build_negatives(NegativesConfig(cache_dir=c, k=2, output=output))
+    assert (c / "manifest.json").read_bytes() == manifest
+    from pipeline.cache_read import open_cache
+
+    open_cache(c, check="full")
+    # its own earlier output (file and .json) is replaced as before
+    out = build_negatives(NegativesConfig(cache_dir=c, k=2, output=tmp_path / "n.arrow"))
+    assert build_negatives(NegativesConfig(cache_dir=c, k=2, seed=1, output=out)) == out

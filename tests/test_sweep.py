@@ -14,7 +14,7 @@ import torch
 
 from conftest import assert_refused, make_tiny_teacher
 from pipeline import sweep, train
-from pipeline.cache import open_cache
+from pipeline.cache_read import open_cache
 from pipeline.config import DataConfig, ExtractConfig, NegativesConfig, SweepConfig, TrainConfig
 from pipeline.errors import LrcError
 from pipeline.extract import extract_teacher
@@ -203,7 +203,8 @@ def test_finished_point_with_other_settings_is_not_reused(swept: Path, orphan_ca
     counter = CountingTrain(monkeypatch)
     out = swept.parent / "other-seed"
     shutil.copytree(swept, out)
-    run_sweep(SweepConfig(base=base_config(orphan_cache, seed=7), grid=LR_GRID, output_dir=out))
+    with pytest.raises(LrcError, match="every point of the sweep failed"):
+        run_sweep(SweepConfig(base=base_config(orphan_cache, seed=7), grid=LR_GRID, output_dir=out))
     assert counter.calls == []
     rows = read_csv(out / "results.csv")
     assert [r["status"] for r in rows] == ["failed", "failed"]
@@ -270,7 +271,8 @@ def test_failing_point_is_recorded_and_the_sweep_goes_on(orphan_cache: Path, tmp
     assert rows[1]["dev_accuracy"] != ""
     assert "failed: student --hidden 32 is not divisible" in (tmp_path / "results.md").read_text()
 
-    out = tmp_path / "all-failed"  # no point trains: the table still lists each, and no empty cell is bolded
-    run_sweep(SweepConfig(base=base_config(orphan_cache), grid=(("heads", (3, 5)),), output_dir=out))
+    out = tmp_path / "all-failed"  # no point trains: the command fails (it used to exit 0), the table lists each
+    with pytest.raises(LrcError, match=r"every point of the sweep failed \(2 of 2; run-000-heads=3: student --hidden 32"):
+        run_sweep(SweepConfig(base=base_config(orphan_cache), grid=(("heads", (3, 5)),), output_dir=out))
     table = (out / "results.md").read_text()
     assert "0 done, 0 reused, 2 failed, 0 pending" in table and "****" not in table

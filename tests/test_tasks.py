@@ -352,3 +352,39 @@ def test_hub_rows_are_converted(monkeypatch: pytest.MonkeyPatch) -> None:
     ex = _load(None, "mnli-mm", "dev")
     assert calls == [("nyu-mll/glue", "mnli", "validation_mismatched")]
     assert (ex.text_a, ex.text_b, ex.labels) == (["p0", "p1"], ["h0", "h1"], [2, 0])
+
+
+def test_error_non_finite_scores(tmp_path: Path) -> None:
+    """float() reads "nan" and "inf": a NaN STS-B score used to reach every loss downstream."""
+    _write(tmp_path / "STS-B" / "train.tsv", ["index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\t"
+                                              "sentence2\tscore", "0\tg\tf\ty\t0\ts\ts\ta\tb\t3.5", "1\tg\tf\ty\t1\ts\ts\ta\tc\tnan"])
+    with pytest.raises(LrcError, match=r"STS-B/train\.tsv:3: score 'nan' is not a finite number"):
+        _load(tmp_path, "stsb", "train")
+    path = _write(tmp_path / "s.jsonl", ['{"sentence1": "a", "sentence2": "b", "label": 1.0}',
+                                         '{"sentence1": "a", "sentence2": "b", "label": Infinity}'])
+    with pytest.raises(LrcError, match=r"row 1: score inf is not a finite number"):
+        _load(None, "stsb", "train", train_file=path)
+
+
+def test_error_not_utf8_and_oversized_csv_field(tmp_path: Path) -> None:
+    latin = tmp_path / "latin.tsv"
+    latin.write_bytes("sentence\tlabel\nun film très beau\t1\n".encode("latin-1"))
+    with pytest.raises(LrcError, match=r"latin\.tsv: not UTF-8 text \(byte 0xe8 .*re-save it as UTF-8") as err:
+        _load(None, "sst2", "train", train_file=latin)
+    assert "\n" not in str(err.value)
+    jsonl = tmp_path / "latin.jsonl"
+    jsonl.write_bytes('{"sentence": "très", "label": 1}\n'.encode("latin-1"))
+    with pytest.raises(LrcError, match="not UTF-8"):
+        _load(None, "sst2", "train", train_file=jsonl)
+    huge = tmp_path / "huge.csv"
+    huge.write_text('sentence,label\n"' + "word " * 40000 + '",1\n', encoding="utf-8")  # 200k characters
+    with pytest.raises(LrcError, match=r"huge\.csv:\d+: field larger than field limit .*close the quote or shorten"):
+        _load(None, "sst2", "train", train_file=huge)
+    parquet = tmp_path / "cut.parquet"
+    parquet.write_bytes(b"PAR1" + b"\0" * 50)
+    with pytest.raises(LrcError, match=r"cut\.parquet: not a readable Parquet file"):
+        _load(None, "sst2", "train", train_file=parquet)
+    open_quote = tmp_path / "open.tsv"
+    open_quote.write_text("sentence\tlabel\n" + "x" * 140000 + "\t1\n", encoding="utf-8")
+    with pytest.raises(LrcError, match=r"open\.tsv:\d+: field larger than field limit"):
+        _load(None, "sst2", "train", train_file=open_quote)

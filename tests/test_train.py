@@ -13,14 +13,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import BertForSequenceClassification
 
 from conftest import REPO, assert_refused, make_tiny_teacher
-from pipeline import losses
+from pipeline import checkpoint, losses
 from pipeline.batches import CacheDataset, collate
-from pipeline.cache import open_cache
+from pipeline.cache_read import open_cache
 from pipeline.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig
 from pipeline.errors import LrcError
 from pipeline.extract import extract_teacher
@@ -410,14 +411,14 @@ def uninterrupted(neg_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def final_state(out: Path) -> dict:
-    return torch.load(out / "checkpoint" / "state.pt", map_location="cpu", weights_only=False)
+    return checkpoint.read_state(out / checkpoint.CHECKPOINT_DIR / checkpoint.STATE_FILE)
 
 
 def past_a_checkpoint(out: Path) -> bool:
     """A checkpoint exists and the log already holds a step after it (odd steps are never checkpointed)."""
     try:
         lines = (out / "train_log.jsonl").read_text().splitlines()
-        return (out / "checkpoint" / "state.pt").is_file() and json.loads(lines[-1])["step"] % 2 == 1
+        return (out / checkpoint.CHECKPOINT_DIR / checkpoint.STATE_FILE).is_file() and json.loads(lines[-1])["step"] % 2 == 1
     except (FileNotFoundError, IndexError, json.JSONDecodeError):  # not yet written, or caught mid-line
         return False
 
@@ -608,3 +609,72 @@ def test_a_fractional_epoch_stops_mid_epoch_and_evaluates_the_last_step(neg_cach
     assert (summary["steps"], summary["epochs"]) == (6, 1)
     evals = [r for r in read_log(tmp_path / "run") if "eval" in r]
     assert [r["step"] for r in evals] == [4, 6]
+
+
+# --------------------------------------------------------------------------- what the run trusts
+
+
+def test_a_refused_run_leaves_no_run_dir_behind(neg_cache: Path, tmp_path: Path) -> None:
+    """A refusal after the cache was opened (here: --init teacher at another width) used to leave a stub
+    run dir that made the corrected command ask for --resume or --overwrite."""
+    out = tmp_path / "run"
+    refused(tiny(neg_cache, out, init="teacher"), "--hidden 32")
+    assert not out.exists()
+    assert train_student(tiny(neg_cache, out, max_steps=1))["steps"] == 1  # the corrected command, as it is
+
+
+def test_a_damaged_cache_is_refused_before_training(neg_cache: Path, tmp_path: Path) -> None:
+    c = tmp_path / "cache"
+    shutil.copytree(neg_cache, c)
+    shard = sorted((c / "shards").glob("train-*.arrow"))[2]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x04  # flipped bits, same size
+    shard.write_bytes(bytes(data))
+    refused(tiny(c, tmp_path / "run"), shard.name, "checksum")
+    assert not (tmp_path / "run").exists()
+
+
+def _poison_shard(c: Path, layer: int) -> tuple[int, int]:
+    """Rewrite train shard 1 with NaN hidden states at `layer`, checksums made to match (as from an lrc
+    that never checked its teacher's outputs): only the values can tell."""
+    import pyarrow as pa
+
+    from pipeline import cache as cache_mod
+
+    manifest = json.loads((c / "manifest.json").read_text())
+    entry = manifest["splits"]["train"]["shards"][1]
+    with pa.memory_map(str(c / entry["file"])) as source:
+        table = pa.ipc.open_stream(source).read_all().combine_chunks()
+    name = f"hidden_{layer}"
+    column = table.column(name).chunk(0)
+    tokens = column.values
+    nan = pa.array(np.full(len(tokens.values), np.nan, np.float16))
+    poisoned = pa.ListArray.from_arrays(column.offsets, pa.FixedSizeListArray.from_arrays(nan, tokens.type.list_size))
+    index = table.schema.get_field_index(name)
+    table = table.set_column(index, table.schema.field(index), poisoned)
+    cache_mod.write_shard(c, "train", entry["start"], entry["stop"], table.to_batches()[0])
+    settings = json.loads((c / "settings.json").read_text())
+    cache_mod.assemble_manifest(c, settings, {"teacher_path": manifest["teacher_path"]})
+    return entry["start"], entry["stop"]
+
+
+def test_nan_from_the_cache_is_blamed_on_the_cache_not_the_learning_rate(neg_cache: Path, tmp_path: Path) -> None:
+    c = tmp_path / "cache"
+    shutil.copytree(neg_cache, c)
+    start, stop = _poison_shard(c, 2)
+    out = tmp_path / "run"
+    message = refused(tiny(c, out, k=0, batch_size=16, checkpoint_every=100), "holds non-finite teacher hidden states",
+                      "re-extract")
+    rows = [int(r) for r in message.split("row(s) ")[1].split(":")[0].split(", ")]
+    assert rows and all(start <= r < stop for r in rows)
+    assert "--lr" not in message and "checkpoint" not in message
+
+
+def test_a_diverged_run_without_a_checkpoint_does_not_point_at_one(neg_cache: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    real_soft = losses.soft_loss
+    monkeypatch.setattr(losses, "soft_loss", lambda *a, **k: real_soft(*a, **k) * float("nan"))
+    out = tmp_path / "run"
+    message = refused(tiny(out=out, cache=neg_cache, checkpoint_every=50), "soft", "step 0", "no checkpoint was written",
+                      "--overwrite", "lower --lr")
+    assert str(out / "checkpoint") not in message and not (out / "checkpoint").exists()

@@ -15,7 +15,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from conftest import assert_refused, make_tiny_teacher
 from pipeline import losses
-from pipeline.cache import open_cache
+from pipeline.cache_read import open_cache
 from pipeline.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig
 from pipeline.extract import extract_teacher
 from pipeline.negatives import build_negatives
