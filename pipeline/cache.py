@@ -70,17 +70,21 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 
 
 def shard_schema(
-    layers: list[int], hidden_size: int, num_labels: int, regression: bool, hidden_dtype: str, with_hidden: bool
+    layers: list[int], hidden_size: int, num_labels: int | None, regression: bool, hidden_dtype: str, with_hidden: bool
 ) -> pa.Schema:
-    """One row per example; token-level columns hold real tokens only (no padding)."""
+    """One row per example; token-level columns hold real tokens only (no padding).
+
+    num_labels None: a corpus cache (unlabeled text), with no label and no logits columns at all.
+    """
     dtype = _ARROW_DTYPES[hidden_dtype]
     fields = [
         pa.field("row_id", pa.int64()),
         pa.field("input_ids", pa.list_(pa.int32())),
         pa.field("token_type_ids", pa.list_(pa.int8())),
-        pa.field("label", pa.float32() if regression else pa.int64()),
-        pa.field("logits", pa.list_(pa.float32(), num_labels)),
     ]
+    if num_labels is not None:
+        fields += [pa.field("label", pa.float32() if regression else pa.int64()),
+                   pa.field("logits", pa.list_(pa.float32(), num_labels))]
     if with_hidden:
         # (tokens, d') per example: a list of fixed-size rows keeps the shape readable by any Arrow tool.
         fields += [pa.field(hidden_column(j), pa.list_(pa.list_(dtype, hidden_size))) for j in layers]
@@ -93,8 +97,8 @@ def make_record_batch(
     row_ids: np.ndarray,  # (n,)
     input_ids: list[np.ndarray],  # n arrays of (len_i,)
     token_type_ids: list[np.ndarray],  # n arrays of (len_i,)
-    labels: np.ndarray,  # (n,)
-    logits: np.ndarray,  # (n, C)
+    labels: np.ndarray | None,  # (n,); None with logits for a corpus cache
+    logits: np.ndarray | None,  # (n, C)
     hidden: dict[int, np.ndarray] | None = None,  # layer -> (sum len_i, d') rows in row order
     pooled: np.ndarray | None = None,  # (n, d')
 ) -> pa.RecordBatch:
@@ -105,14 +109,15 @@ def make_record_batch(
         flat = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
         return pa.ListArray.from_arrays(offsets, pa.array(flat))
 
-    num_labels = schema.field("logits").type.list_size
     columns: list[pa.Array] = [
         pa.array(row_ids.astype(np.int64)),
         token_list(input_ids, np.int32),
         token_list(token_type_ids, np.int8),
-        pa.array(labels, type=schema.field("label").type),
-        pa.FixedSizeListArray.from_arrays(pa.array(logits.astype(np.float32).reshape(-1)), num_labels),
     ]
+    if labels is not None and logits is not None:
+        num_labels = schema.field("logits").type.list_size
+        columns += [pa.array(labels, type=schema.field("label").type),
+                    pa.FixedSizeListArray.from_arrays(pa.array(logits.astype(np.float32).reshape(-1)), num_labels)]
     if hidden is not None and pooled is not None:
         for layer, rows in hidden.items():  # dict order == schema order (extract builds both from one list)
             width = rows.shape[1]
@@ -290,9 +295,10 @@ class CacheSplit:
             "row_id": row,
             "input_ids": _list_row(table.column("input_ids"), i),
             "token_type_ids": _list_row(table.column("token_type_ids"), i),
-            "label": table.column("label")[i].as_py(),
-            "logits": np.asarray(table.column("logits")[i].values.to_numpy(zero_copy_only=False), np.float32),
         }
+        if "label" in table.column_names:  # a corpus cache has neither labels nor logits
+            out["label"] = table.column("label")[i].as_py()
+            out["logits"] = np.asarray(table.column("logits")[i].values.to_numpy(zero_copy_only=False), np.float32)
         if self.has_hidden:
             out["hidden"] = {j: _token_rows(table.column(hidden_column(j)), i) for j in self.layers}
             out["pooled"] = table.column("pooled")[i].values.to_numpy(zero_copy_only=False)
@@ -306,8 +312,8 @@ class _ShardViews:
     start: int
     input_ids: tuple[np.ndarray, np.ndarray]  # (n+1,) int32, (tokens,) int32
     token_type_ids: tuple[np.ndarray, np.ndarray]  # (n+1,) int32, (tokens,) int8
-    labels: np.ndarray  # (n,) int64 or float32
-    logits: np.ndarray  # (n, C) float32
+    labels: np.ndarray | None  # (n,) int64 or float32; None in a corpus cache
+    logits: np.ndarray | None  # (n, C) float32; None in a corpus cache
     hidden: dict[int, tuple[np.ndarray, np.ndarray]]  # layer -> (n+1,) int32, (tokens, d')
 
 
@@ -344,14 +350,15 @@ class RowReader:
     def example(self, row: int) -> dict[str, Any]:
         """Like `CacheSplit.example` (without pooled), hidden states for this reader's layers only."""
         shard, i = self._locate(row)
-        return {
+        out = {
             "row_id": row,
             "input_ids": _slice(shard.input_ids, i),
             "token_type_ids": _slice(shard.token_type_ids, i),
-            "label": shard.labels[i],
-            "logits": shard.logits[i],
             "hidden": {j: _slice(shard.hidden[j], i) for j in self.layers},
         }
+        if shard.labels is not None and shard.logits is not None:  # a corpus cache has neither
+            out |= {"label": shard.labels[i], "logits": shard.logits[i]}
+        return out
 
     def hidden(self, row: int, layer: int) -> np.ndarray:
         """(tokens, d') hidden states of one row and layer, in the stored dtype."""
@@ -360,13 +367,14 @@ class RowReader:
 
 
 def _shard_views(start: int, table: pa.Table, layers: list[int]) -> _ShardViews:
-    logits = _one_chunk(table.column("logits"))
+    labelled = "label" in table.column_names  # a corpus cache has no label and no logits columns
+    logits = _one_chunk(table.column("logits")) if labelled else None
     return _ShardViews(
         start=start,
         input_ids=_list_views(table.column("input_ids")),
         token_type_ids=_list_views(table.column("token_type_ids")),
-        labels=_one_chunk(table.column("label")).to_numpy(),
-        logits=logits.flatten().to_numpy().reshape(len(logits), logits.type.list_size),
+        labels=_one_chunk(table.column("label")).to_numpy() if labelled else None,
+        logits=logits.flatten().to_numpy().reshape(len(logits), logits.type.list_size) if logits is not None else None,
         hidden={j: _list_views(table.column(hidden_column(j))) for j in layers},
     )
 
@@ -404,7 +412,15 @@ class Cache:
         self._splits: dict[str, CacheSplit] = {}
 
     @property
+    def kind(self) -> str:
+        """"task" or "corpus"; manifests written before corpus caches existed are task caches."""
+        return self.manifest.get("kind", "task")
+
+    @property
     def task(self) -> dict[str, Any]:
+        if self.manifest["task"] is None:
+            raise LrcError(f"cache {self.path} is a corpus cache (unlabeled text: no task, labels or logits): this "
+                           "needs a task cache from `lrc extract-teacher --task ...`")
         return self.manifest["task"]
 
     def split(self, name: str) -> CacheSplit:
@@ -455,15 +471,20 @@ def _token_rows(column: pa.ChunkedArray, i: int) -> np.ndarray:
 def describe(cache: Cache) -> str:
     """The manifest in human terms, for `lrc inspect-cache`."""
     m = cache.manifest
-    teacher, task = m["teacher"], m["task"]
-    labels = f"{task['num_labels']} labels: {', '.join(task['labels'])}" if task["labels"] else "regression"
+    teacher, task, corpus = m["teacher"], m["task"], m.get("corpus")
+    if task is not None:
+        labels = f"{task['num_labels']} labels: {', '.join(task['labels'])}" if task["labels"] else "regression"
+        what = f"task         {task['name']} ({labels}; metric {task['metric']})"
+    else:  # a corpus cache for general distillation
+        what = (f"corpus       {corpus['source']}: {corpus['passages']} passages in {corpus['windows']} windows "
+                "(no labels, no logits: general distillation)")
     width, layers = m["hidden_size"], m["layers"]
     lines = [
         f"cache        {cache.path}",
         f"format       {m['format']} v{m['format_version']} (written by lrc {m['lrc_version']})",
         f"teacher      {m.get('teacher_path', '?')} ({teacher['config'].get('model_type', '?')}, "
         f"{teacher['num_layers']} layers x {teacher['hidden_size']}, weights sha256 {teacher['weights_sha256'][:12]})",
-        f"task         {task['name']} ({labels}; metric {task['metric']})",
+        what,
         f"layers       {layers} of {teacher['num_layers']}, stored as {m['hidden_dtype']}, width {width}",
         f"max length   {m['max_length']} tokens",
     ]
