@@ -386,7 +386,7 @@ class DemoConfig:
     # student from that general student (the paper's "LRC-BERT" row).
     general: bool = False
     corpus: Path | None = None  # None = the sentences of the GLUE train splits in data_dir (+ QNLI test)
-    general_max_passages: int | None = 20000  # a seeded subset of the corpus, None = all
+    general_max_passages: int | None = 20000  # a seeded subset of the GLUE sentences, or the first N of --corpus; None = all
     general_epochs: float = 1.0
     general_lr: float = 3e-4
 
