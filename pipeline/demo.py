@@ -27,6 +27,7 @@ from pipeline.errors import LrcError
 from pipeline.evaluate import evaluate, format_table
 from pipeline.extract import extract_teacher
 from pipeline.finetune import finetune_teacher, resolve_backbone
+from pipeline.general import train_general
 from pipeline.negatives import build_negatives
 from pipeline.tasks import get_task, load_examples
 from pipeline.train import train_student
@@ -125,7 +126,7 @@ def general_stages(config: DemoConfig, times: dict[str, float]) -> dict[str, Pat
     )
     with _stage("train-general-student", times):
         if finished_summary(train) is None:
-            train_student(train)
+            train_general(train)
         else:
             log.info("general student %s already trained with these settings: reusing it", paths["general_student"])
     return paths

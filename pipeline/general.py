@@ -47,3 +47,14 @@ def save_encoder(run_dir: checkpoint.RunDir, student: torch.nn.Module, tokenizer
     checkpoint.save_student(run_dir, encoder, tokenizer)
     log.info("general student (encoder, config, tokenizer) written to %s: start task distillation with "
              "`lrc train-student --init %s`", run_dir.output_dir, run_dir.output_dir)
+
+
+def train_general(config: TrainConfig) -> dict[str, Any]:
+    """`train-student` for a caller that needs general distillation: refuses a task cache, which would
+    otherwise train (and save) a task student where a general encoder is expected."""
+    from pipeline.cache import read_manifest
+    from pipeline.corpus import KIND_CORPUS, require_kind
+    from pipeline.train import train_student  # train imports this module: import at call time
+
+    require_kind(read_manifest(config.cache_dir), config.cache_dir, KIND_CORPUS, "general distillation")
+    return train_student(config)
