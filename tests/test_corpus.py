@@ -173,3 +173,35 @@ def test_glue_sentences_never_read_a_dev_split(glue_dir: Path) -> None:
     assert cola_train <= seen  # every train sentence is in, labels ignored
     qnli_test = (glue_dir / "QNLI" / "test.tsv").read_text().splitlines()[1].split("\t")
     assert qnli_test[1] in seen and qnli_test[2] in seen
+
+
+def test_cli_general_recipe(encoder: Path, glue_dir: Path, tmp_path: Path) -> None:
+    """The README's recipe through the commands: corpus cache, negatives, general student, task student from it."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    runner = CliRunner()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(corpus_lines(glue_dir)) + "\n", encoding="utf-8")
+    common = ["--teacher", str(encoder), "-o", str(tmp_path / "cache"), "--student-layers", "2", "--max-length", "16"]
+    for bad, needle in ((["--task", "sst2", "--corpus", str(corpus)], "exactly one"), ([], "exactly one"),
+                        (["--corpus", str(corpus), "--max-train-examples", "5"], "--max-train-examples")):
+        result = runner.invoke(app, ["extract-teacher", *common, *bad])
+        assert result.exit_code == 1 and needle in result.stderr and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "cache").exists()
+    result = runner.invoke(app, ["extract-teacher", *common, "--corpus", str(corpus), "--max-passages", "10"])
+    assert result.exit_code == 0, result.output
+    assert read_manifest(tmp_path / "cache")["corpus"]["passages"] == 10
+    assert runner.invoke(app, ["build-negatives", "--cache", str(tmp_path / "cache"), "--k", "2",
+                                  "--candidates", "4"]).exit_code == 0
+    inspect = runner.invoke(app, ["inspect-cache", str(tmp_path / "cache")])
+    assert inspect.exit_code == 0 and "10 passages" in inspect.stdout, inspect.output
+    student = ["--layers", "2", "--hidden", "16", "--heads", "2", "--intermediate", "32", "--k", "2",
+               "--max-steps", "2", "--device", "cpu"]
+    result = runner.invoke(app, ["train-student", "--cache", str(tmp_path / "cache"), "-o", str(tmp_path / "gen"),
+                                 *student])
+    assert result.exit_code == 0 and "general student" in result.stdout and "--init" in result.stdout, result.output
+    none = runner.invoke(app, ["train-student", "--cache", str(tmp_path / "cache"), "-o", str(tmp_path / "none"),
+                               *student, "--intermediate-loss", "none"])
+    assert none.exit_code == 1 and "--intermediate-loss none" in none.stderr, none.output
