@@ -80,8 +80,11 @@ def run_config(paths: dict[str, Path], shape: str, method: str, seed: int, args:
     base = TrainConfig(cache_dir=paths["cache"], output_dir=paths["cache"].parent / "runs" / slug, negatives=negatives,
                        k=args.k, epochs=args.student_epochs, learning_rate=args.student_lr, seed=seed,
                        num_workers=0, checkpoint_every=500)
-    config = replace(base, **SHAPES[shape], **overrides)
-    # A run killed part-way continues from its last checkpoint; one killed before its first starts over.
+    return resumable(replace(base, **SHAPES[shape], **overrides))
+
+
+def resumable(config: TrainConfig) -> TrainConfig:
+    """A run killed part-way continues from its last checkpoint; one killed before its first starts over."""
     started = (config.output_dir / CHECKPOINT_DIR / STATE_FILE).is_file()
     return replace(config, resume=started, overwrite=not started and config.output_dir.exists())
 
