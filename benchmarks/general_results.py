@@ -75,11 +75,11 @@ def general_stage(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, 
             epochs=args.general_epochs, max_steps=args.general_steps, learning_rate=args.general_lr,
             seed=args.seeds[0], num_workers=0, checkpoint_every=500))
         summary = finished_summary(config) or train_general(config)
-        curve = [r for r in _log(config.output_dir) if loss in r]
+        records = [r for r in _log(config.output_dir) if loss in r]
+        points = records[:: max(1, len(records) // 10)] + records[-1:]  # about ten points and the last
         stats[f"general_{loss}"] = {"steps": summary["steps"], "train_seconds": summary["train_seconds"],
                                     "samples_per_s": summary["samples_per_s"],
-                                    "curve": [(r["step"], r[loss]) for r in curve[:: max(1, len(curve) // 10)]]
-                                    + ([(curve[-1]["step"], curve[-1][loss])] if curve else [])}
+                                    "curve": list(dict.fromkeys((r["step"], r[loss]) for r in points))}
         students[loss] = config.output_dir
     return students, stats
 

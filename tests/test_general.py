@@ -168,3 +168,27 @@ def test_keep_last_on_a_task_cache(task_cache: Path, tmp_path: Path) -> None:
     torch.testing.assert_close(saved["bert.encoder.layer.1.output.dense.weight"],
                                state["bert.encoder.layer.1.output.dense.weight"], rtol=0, atol=0)
     assert_refused(lambda: TrainConfig(cache_dir=task_cache, output_dir=out, keep="first"), "--keep", "best, last")
+
+
+@pytest.mark.integration
+def test_demo_general_runs_the_whole_recipe_and_reuses_it(tmp_path: Path, glue_dir: Path, minilm_dir: Path) -> None:
+    """`lrc demo --general` with the real MiniLM on 200 unlabeled GLUE sentences and 160 SST-2 rows, tiny students."""
+    from pipeline.config import DemoConfig
+    from pipeline.demo import run_demo
+
+    config = DemoConfig(task="sst2", data_dir=glue_dir, work_dir=tmp_path / "demo", max_train_examples=160,
+                        max_length=32, teacher_epochs=1, student_epochs=1, student_layers=2, student_hidden=64,
+                        student_heads=4, student_intermediate=128, k=2, device="cpu", general=True,
+                        general_max_passages=200, general_epochs=1)
+    outcome = run_demo(config)
+    assert list(outcome["stage_seconds"])[:4] == ["make-corpus", "extract-corpus", "build-negatives-corpus",
+                                                  "train-general-student"]
+    general, student = Path(outcome["artifacts"]["general_student"]), Path(outcome["artifacts"]["student"])
+    assert len(Path(outcome["artifacts"]["corpus"]).read_text().splitlines()) == 200
+    assert json.loads((general / "config.json").read_text())["architectures"] == ["BertModel"]
+    assert json.loads((student / "train_config.json").read_text())["init"] == str(general)
+    assert student.name == "student-sst2-general" and (config.work_dir / "demo_general_results.md").is_file()
+    weights = general / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    again = run_demo(config)  # every stage reused: the general student is not retrained
+    assert weights.stat().st_mtime_ns == before and again["student_summary"] == outcome["student_summary"]
