@@ -168,6 +168,15 @@ def test_keep_last_on_a_task_cache(task_cache: Path, tmp_path: Path) -> None:
     torch.testing.assert_close(saved["bert.encoder.layer.1.output.dense.weight"],
                                state["bert.encoder.layer.1.output.dense.weight"], rtol=0, atol=0)
     assert_refused(lambda: TrainConfig(cache_dir=task_cache, output_dir=out, keep="first"), "--keep", "best, last")
+    # runs recorded before --keep existed (no "keep" in train_config.json) still match a default config: reused
+    from pipeline.checkpoint import RUN_CONFIG, finished_summary
+
+    assert json.loads((out / RUN_CONFIG).read_text())["keep"] == "last"
+    best = tmp_path / "best"
+    train_student(tiny(task_cache, best, max_steps=2))
+    assert "keep" not in json.loads((best / RUN_CONFIG).read_text())
+    assert finished_summary(tiny(task_cache, best, max_steps=2)) is not None
+    assert finished_summary(tiny(task_cache, best, max_steps=2, keep="last")) is None
 
 
 @pytest.mark.integration
