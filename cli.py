@@ -14,8 +14,8 @@ from typing import Any, Callable, Optional
 import typer
 
 from pipeline.config import (
-    DATA_DIR_ENV, DataConfig, DemoConfig, EvaluateConfig, ExtractConfig, FinetuneConfig, NegativesConfig, SweepConfig,
-    TrainConfig, default_of, load_config_file,
+    DATA_DIR_ENV, CorpusConfig, DataConfig, DemoConfig, EvaluateConfig, ExtractConfig, FinetuneConfig, NegativesConfig,
+    SweepConfig, TrainConfig, default_of, load_config_file,
 )
 from pipeline.errors import LrcError
 
@@ -188,9 +188,13 @@ def _parse_layers(value: Optional[str]) -> tuple[Optional[tuple[int, ...]], bool
 @app.command("extract-teacher")
 @_friendly
 def extract_teacher(
-    teacher: Path = typer.Option(..., "--teacher", help="Fine-tuned teacher dir (HF format, with a classification head)."),
-    task: str = TaskOpt,
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Fine-tuned teacher dir (HF format, with a classification head); with --corpus any encoder dir (default: the bundled all-MiniLM-L6-v2)."),
+    task: Optional[str] = typer.Option(None, "--task", help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, wnli (or --corpus)."),
     output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Cache dir to create (or resume)."),
+    corpus: Optional[str] = typer.Option(X("corpus"), "--corpus", help="Unlabeled text instead of --task, for general distillation: a .txt file (one passage per line), a .jsonl/.csv/.tsv/.parquet file (--text-column, default text) or a Hugging Face dataset name (online)."),
+    corpus_config: Optional[str] = typer.Option(default_of(CorpusConfig, "dataset_config"), help="--corpus dataset's config name, e.g. 20231101.en for wikimedia/wikipedia."),
+    corpus_split: str = typer.Option(default_of(CorpusConfig, "dataset_split"), help="--corpus dataset's split."),
+    max_passages: Optional[int] = typer.Option(default_of(CorpusConfig, "max_passages"), help="Read only the first N passages of --corpus (a dataset is then streamed)."),
     student_layers: int = typer.Option(X("student_layers"), help="Store the teacher layers a student of this depth maps to."),
     layers: Optional[str] = typer.Option(None, help="Explicit teacher layers, e.g. 2,3,5,6, or 'all'; overrides --student-layers."),
     max_length: int = typer.Option(X("max_length"), help="Truncate inputs to this many tokens."),
@@ -209,13 +213,25 @@ def extract_teacher(
     from pipeline.extract import extract_teacher as run
 
     explicit, all_layers = _parse_layers(layers)
+    if (task is None) == (corpus is None):
+        raise LrcError("pass --task (a task cache from a fine-tuned teacher) or --corpus (unlabeled text for general "
+                       "distillation), exactly one of them")
+    task_only = {"--train-file": train_file, "--dev-file": dev_file, "--text-pair-column": text_pair_column,
+                 "--label-column": label_column, "--max-train-examples": max_train_examples}
+    if corpus is not None and any(v is not None for v in task_only.values()):
+        raise LrcError(f"{', '.join(k for k, v in task_only.items() if v is not None)} belong(s) to task caches: with "
+                       "--corpus use --text-column and --max-passages")
     data = _data(task, data_dir, train_file, dev_file, text_column, text_pair_column, label_column,
-                 max_train_examples, subsample_seed)
+                 max_train_examples, subsample_seed) if task is not None else None
+    source = CorpusConfig(
+        source=corpus, text_column=text_column or default_of(CorpusConfig, "text_column"), dataset_config=corpus_config,
+        dataset_split=corpus_split, max_passages=max_passages,
+    ) if corpus is not None else None
     manifest = run(ExtractConfig(
         teacher=teacher, data=data, output_dir=output_dir, student_layers=student_layers, layers=explicit,
         all_layers=all_layers, max_length=max_length, batch_size=batch_size, shard_rows=shard_rows,
         hidden_dtype=hidden_dtype, device=device, precision=precision, overwrite=overwrite,
-        allow_task_mismatch=allow_task_mismatch, trust_remote_code=trust_remote_code,
+        allow_task_mismatch=allow_task_mismatch, trust_remote_code=trust_remote_code, corpus=source,
     ))
     typer.echo(f"cache: {output_dir}  layers {manifest['layers']}  rows "
                + ", ".join(f"{s}={v['rows']}" for s, v in manifest["splits"].items()))
@@ -307,6 +323,7 @@ def train_student(
     warmup_ratio: float = typer.Option(T("warmup_ratio"), help="Fraction of steps with linear warmup (then linear decay)."),
     seed: int = typer.Option(T("seed"), help="Random seed (initialisation, data order, negatives draws, dropout)."),
     eval_every: Optional[int] = typer.Option(None, help="Also evaluate on dev every N steps (always at epoch ends)."),
+    keep: str = typer.Option(T("keep"), help="Which student to keep: best (best dev metric) or last (the final one; dev is only reported). A corpus cache always keeps the last."),
     checkpoint_every: int = typer.Option(T("checkpoint_every"), help="Steps between resumable checkpoints."),
     log_every: int = typer.Option(T("log_every"), help="Steps between log lines in train_log.jsonl."),
     num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes reading the cache; default 0 on CPU, 2 on CUDA."),
@@ -328,11 +345,15 @@ def train_student(
         stage2_weights=_parse_weights(stage2_weights, "--stage2-weights"), one_stage=one_stage,
         perturb_eps=perturb_eps, projection_init=projection_init, epochs=epochs, max_steps=max_steps,
         batch_size=batch_size, learning_rate=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-        warmup_ratio=warmup_ratio, seed=seed, eval_every=eval_every, checkpoint_every=checkpoint_every,
+        warmup_ratio=warmup_ratio, seed=seed, eval_every=eval_every, keep=keep, checkpoint_every=checkpoint_every,
         log_every=log_every, num_workers=num_workers, device=device, precision=precision, resume=resume,
         overwrite=overwrite, verify_cache=verify_cache,
     ))
-    typer.echo(f"student: {output_dir}  best dev {json.dumps(summary['best'])}  teacher dev {json.dumps(summary['teacher_dev'])}")
+    if summary.get("kind") == "general":
+        typer.echo(f"general student: {output_dir}  (the last of {summary['steps']} steps; start task distillation "
+                   f"with --init {output_dir})")
+        return
+    typer.echo(f"student: {output_dir}  {summary['kept']} dev {json.dumps(summary['best'])}  teacher dev {json.dumps(summary['teacher_dev'])}")
 
 
 @app.command("evaluate")
@@ -370,7 +391,7 @@ def evaluate(
 def demo(
     task: str = typer.Option(D("task"), "--task", help="GLUE task to run the demo on."),
     work_dir: Path = typer.Option(Path("data/demo"), help="Where the teacher, cache, negatives and student go."),
-    max_train_examples: int = typer.Option(D("max_train_examples"), help="Subsample the train split to this many rows so the demo fits in ~15 min on 2 CPU cores; 0 = all rows."),
+    max_train_examples: int = typer.Option(D("max_train_examples"), help="Subsample the train split to this many rows so the demo fits in minutes on 2 CPU cores; 0 = all rows."),
     max_length: int = typer.Option(D("max_length"), help="Truncate inputs to this many tokens."),
     teacher_epochs: float = typer.Option(D("teacher_epochs"), help="Epochs of teacher fine-tuning."),
     teacher_lr: float = typer.Option(D("teacher_lr"), help="Peak learning rate of teacher fine-tuning."),
@@ -379,6 +400,11 @@ def demo(
     k: int = typer.Option(D("k"), "--k", help="Negatives per example."),
     seed: int = typer.Option(D("seed"), help="Random seed of every stage."),
     overwrite: bool = typer.Option(D("overwrite"), help="Redo every stage, replacing what --work-dir holds (without it: artifacts made with the same settings are reused, others refused)."),
+    general: bool = typer.Option(D("general"), "--general", help="First distil the bundled backbone on unlabeled text (general distillation), then start the task student from it."),
+    corpus: Optional[Path] = typer.Option(D("corpus"), help="--general: unlabeled text file (one passage per line); default: the GLUE train sentences in --data-dir and QNLI test."),
+    general_max_passages: int = typer.Option(D("general_max_passages"), help="--general: passages of the corpus to use (a seeded subset of the GLUE sentences, or the first N of --corpus); 0 = all."),
+    general_epochs: float = typer.Option(D("general_epochs"), help="--general: epochs of general distillation."),
+    general_lr: float = typer.Option(D("general_lr"), help="--general: peak learning rate of general distillation."),
     data_dir: Optional[Path] = DataDirOpt, device: str = DeviceOpt, precision: str = PrecisionOpt,
     config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
@@ -389,7 +415,8 @@ def demo(
         task=task, data_dir=data_dir, work_dir=work_dir, max_train_examples=max_train_examples or None,
         max_length=max_length, teacher_epochs=teacher_epochs, teacher_lr=teacher_lr, student_epochs=student_epochs,
         student_lr=student_lr,
-        k=k, seed=seed, overwrite=overwrite, device=device, precision=precision,
+        k=k, seed=seed, overwrite=overwrite, device=device, precision=precision, general=general, corpus=corpus,
+        general_max_passages=general_max_passages or None, general_epochs=general_epochs, general_lr=general_lr,
     ))
     typer.echo(render(outcome))
 

@@ -106,23 +106,24 @@ class CacheDataset(Dataset):
 def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Right-pad a list of rows into tensors; hidden states keep their stored dtype (fp16 by default).
 
-    input_ids, token_type_ids, attention_mask (B, L) long; labels (B,) long or float; teacher_logits
-    (B, C) float32; row_ids (B,) long; teacher_hidden (N_layers, B, L, D) when layers were read;
+    input_ids, token_type_ids, attention_mask (B, L) long; labels (B,) long or float and teacher_logits
+    (B, C) float32 (task caches only); row_ids (B,) long; teacher_hidden (N_layers, B, L, D) when layers were read;
     negative_ids (B, K), negative_hidden (N_layers, B, K, Ln, D), negative_mask (B, K, Ln) with negatives;
     each negative is cut to its anchor's length, so Ln <= L.
     """
     lengths = np.array([len(e["input_ids"]) for e in examples], dtype=np.int64)  # (B,)
     width = int(lengths.max())
     mask = np.arange(width)[None, :] < lengths[:, None]  # (B, L)
-    labels = np.array([e["label"] for e in examples])
     batch = {
         "input_ids": torch.from_numpy(_pad_tokens([e["input_ids"] for e in examples], width)),
         "token_type_ids": torch.from_numpy(_pad_tokens([e["token_type_ids"] for e in examples], width)),
         "attention_mask": torch.from_numpy(mask.astype(np.int64)),
-        "labels": torch.from_numpy(labels.astype(np.float32 if labels.dtype.kind == "f" else np.int64)),
-        "teacher_logits": torch.from_numpy(np.stack([e["logits"] for e in examples]).astype(np.float32)),
         "row_ids": torch.tensor([e["row_id"] for e in examples], dtype=torch.long),
     }
+    if "label" in examples[0]:  # rows of a corpus cache have no label and no logits
+        labels = np.array([e["label"] for e in examples])
+        batch["labels"] = torch.from_numpy(labels.astype(np.float32 if labels.dtype.kind == "f" else np.int64))
+        batch["teacher_logits"] = torch.from_numpy(np.stack([e["logits"] for e in examples]).astype(np.float32))
     layers = list(examples[0]["hidden"])
     if layers:
         per_layer = [[e["hidden"][j] for e in examples] for j in layers]  # N_layers x B arrays (len, D)

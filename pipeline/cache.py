@@ -120,17 +120,21 @@ class _HashingFile:
 
 
 def shard_schema(
-    layers: list[int], hidden_size: int, num_labels: int, regression: bool, hidden_dtype: str, with_hidden: bool
+    layers: list[int], hidden_size: int, num_labels: int | None, regression: bool, hidden_dtype: str, with_hidden: bool
 ) -> pa.Schema:
-    """One row per example; token-level columns hold real tokens only (no padding)."""
+    """One row per example; token-level columns hold real tokens only (no padding).
+
+    num_labels None: a corpus cache (unlabeled text), with no label and no logits columns at all.
+    """
     dtype = _ARROW_DTYPES[hidden_dtype]
     fields = [
         pa.field("row_id", pa.int64()),
         pa.field("input_ids", pa.list_(pa.int32())),
         pa.field("token_type_ids", pa.list_(pa.int8())),
-        pa.field("label", pa.float32() if regression else pa.int64()),
-        pa.field("logits", pa.list_(pa.float32(), num_labels)),
     ]
+    if num_labels is not None:
+        fields += [pa.field("label", pa.float32() if regression else pa.int64()),
+                   pa.field("logits", pa.list_(pa.float32(), num_labels))]
     if with_hidden:
         # (tokens, d') per example: a list of fixed-size rows keeps the shape readable by any Arrow tool.
         fields += [pa.field(hidden_column(j), pa.list_(pa.list_(dtype, hidden_size))) for j in layers]
@@ -143,8 +147,8 @@ def make_record_batch(
     row_ids: np.ndarray,  # (n,)
     input_ids: list[np.ndarray],  # n arrays of (len_i,)
     token_type_ids: list[np.ndarray],  # n arrays of (len_i,)
-    labels: np.ndarray,  # (n,)
-    logits: np.ndarray,  # (n, C)
+    labels: np.ndarray | None,  # (n,); None with logits for a corpus cache
+    logits: np.ndarray | None,  # (n, C)
     hidden: dict[int, np.ndarray] | None = None,  # layer -> (sum len_i, d') rows in row order
     pooled: np.ndarray | None = None,  # (n, d')
 ) -> pa.RecordBatch:
@@ -155,14 +159,15 @@ def make_record_batch(
         flat = np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
         return pa.ListArray.from_arrays(offsets, pa.array(flat))
 
-    num_labels = schema.field("logits").type.list_size
     columns: list[pa.Array] = [
         pa.array(row_ids.astype(np.int64)),
         token_list(input_ids, np.int32),
         token_list(token_type_ids, np.int8),
-        pa.array(labels, type=schema.field("label").type),
-        pa.FixedSizeListArray.from_arrays(pa.array(logits.astype(np.float32).reshape(-1)), num_labels),
     ]
+    if labels is not None and logits is not None:
+        num_labels = schema.field("logits").type.list_size
+        columns += [pa.array(labels, type=schema.field("label").type),
+                    pa.FixedSizeListArray.from_arrays(pa.array(logits.astype(np.float32).reshape(-1)), num_labels)]
     if hidden is not None and pooled is not None:
         for layer, rows in hidden.items():  # dict order == schema order (extract builds both from one list)
             width = rows.shape[1]

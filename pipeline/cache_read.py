@@ -154,8 +154,8 @@ class _ShardViews:
     start: int
     input_ids: tuple[np.ndarray, np.ndarray]  # (n+1,) int32, (tokens,) int32
     token_type_ids: tuple[np.ndarray, np.ndarray]  # (n+1,) int32, (tokens,) int8
-    labels: np.ndarray  # (n,) int64 or float32
-    logits: np.ndarray  # (n, C) float32
+    labels: np.ndarray | None  # (n,) int64 or float32; None in a corpus cache
+    logits: np.ndarray | None  # (n, C) float32; None in a corpus cache
     hidden: dict[int, tuple[np.ndarray, np.ndarray]]  # layer -> (n+1,) int32, (tokens, d')
     pooled: np.ndarray | None  # (n, d') when asked for
 
@@ -200,10 +200,10 @@ class RowReader:
             "row_id": row,
             "input_ids": _slice(shard.input_ids, i),
             "token_type_ids": _slice(shard.token_type_ids, i),
-            "label": shard.labels[i],
-            "logits": shard.logits[i],
             "hidden": {j: _slice(shard.hidden[j], i) for j in self.layers},
         }
+        if shard.labels is not None and shard.logits is not None:  # a corpus cache has neither
+            out |= {"label": shard.labels[i], "logits": shard.logits[i]}
         if shard.pooled is not None:
             out["pooled"] = shard.pooled[i]
         return out
@@ -215,13 +215,14 @@ class RowReader:
 
 
 def _shard_views(start: int, table: pa.Table, layers: list[int], pooled: bool) -> _ShardViews:
-    logits = _one_chunk(table.column("logits"))
+    labelled = "label" in table.column_names  # a corpus cache has no label and no logits columns
+    logits = _one_chunk(table.column("logits")) if labelled else None
     return _ShardViews(
         start=start,
         input_ids=_list_views(table.column("input_ids")),
         token_type_ids=_list_views(table.column("token_type_ids")),
-        labels=_one_chunk(table.column("label")).to_numpy(),
-        logits=logits.flatten().to_numpy().reshape(len(logits), logits.type.list_size),
+        labels=_one_chunk(table.column("label")).to_numpy() if labelled else None,
+        logits=logits.flatten().to_numpy().reshape(len(logits), logits.type.list_size) if logits is not None else None,
         hidden={j: _list_views(table.column(hidden_column(j))) for j in layers},
         pooled=_fixed_rows(table.column("pooled")) if pooled else None,
     )
@@ -263,7 +264,15 @@ class Cache:
         self._splits: dict[str, CacheSplit] = {}
 
     @property
+    def kind(self) -> str:
+        """"task" or "corpus"; manifests written before corpus caches existed are task caches."""
+        return self.manifest.get("kind", "task")
+
+    @property
     def task(self) -> dict[str, Any]:
+        if self.manifest["task"] is None:
+            raise LrcError(f"cache {self.path} is a corpus cache (unlabeled text: no task, labels or logits): this "
+                           "needs a task cache from `lrc extract-teacher --task ...`")
         return self.manifest["task"]
 
     def split(self, name: str) -> CacheSplit:
@@ -286,15 +295,20 @@ def open_cache(cache_dir: Path, check: str = "quick") -> Cache:
 def describe(cache: Cache) -> str:
     """The manifest in human terms, for `lrc inspect-cache`."""
     m = cache.manifest
-    teacher, task = m["teacher"], m["task"]
-    labels = f"{task['num_labels']} labels: {', '.join(task['labels'])}" if task["labels"] else "regression"
+    teacher, task, corpus = m["teacher"], m["task"], m.get("corpus")
+    if task is not None:
+        labels = f"{task['num_labels']} labels: {', '.join(task['labels'])}" if task["labels"] else "regression"
+        what = f"task         {task['name']} ({labels}; metric {task['metric']})"
+    else:  # a corpus cache for general distillation
+        what = (f"corpus       {corpus['source']}: {corpus['passages']} passages in {corpus['windows']} windows "
+                "(no labels, no logits: general distillation)")
     width, layers = m["hidden_size"], m["layers"]
     lines = [
         f"cache        {cache.path}",
         f"format       {m['format']} v{m['format_version']} (written by lrc {m['lrc_version']})",
         f"teacher      {m.get('teacher_path', '?')} ({teacher['config'].get('model_type', '?')}, "
         f"{teacher['num_layers']} layers x {teacher['hidden_size']}, weights sha256 {teacher['weights_sha256'][:12]})",
-        f"task         {task['name']} ({labels}; metric {task['metric']})",
+        what,
         f"layers       {layers} of {teacher['num_layers']}, stored as {m['hidden_dtype']}, width {width}",
         f"max length   {m['max_length']} tokens",
     ]

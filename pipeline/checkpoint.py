@@ -55,8 +55,14 @@ class RunDir:
         object.__setattr__(self, "checkpoint_dir", self.output_dir / CHECKPOINT_DIR)
 
 
+# Settings added after runs were recorded, with the default that reproduces the behaviour before them: left out
+# at that default, so a run saved before the setting existed still compares equal (and is reused or resumed).
+_ADDED_AT_DEFAULT = {"keep": "best", "max_grad_norm": 1.0}
+
+
 def comparable_settings(config: TrainConfig) -> dict[str, Any]:
-    raw = {k: v for k, v in asdict(config).items() if k not in _RUN_ONLY}
+    raw = {k: v for k, v in asdict(config).items()
+           if k not in _RUN_ONLY and not (k in _ADDED_AT_DEFAULT and v == _ADDED_AT_DEFAULT[k])}
     return json.loads(json.dumps(raw, default=str))
 
 

@@ -99,15 +99,39 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class CorpusConfig:
+    """Unlabeled text for general distillation: a file or a Hugging Face dataset name.
+
+    A `.txt` file holds one passage per line; `.jsonl`/`.json`/`.csv`/`.tsv`/`.parquet` files and
+    datasets hold passages in `text_column`. Anything that is not an existing file is read as a dataset
+    name (`dataset_config`, `dataset_split`; needs network access).
+    """
+
+    source: str
+    text_column: str = "text"
+    dataset_config: str | None = None  # e.g. "20231101.en" for wikimedia/wikipedia
+    dataset_split: str = "train"
+    max_passages: int | None = None  # the first N passages (a dataset is then streamed, not downloaded whole)
+
+    def __post_init__(self) -> None:
+        _require(bool(str(self.source).strip()), "--corpus is empty: pass a text file or a dataset name")
+        _require(bool(self.text_column), "--text-column is empty: name the column that holds the passages")
+        _require(self.max_passages is None or self.max_passages > 0,
+                 f"--max-passages must be positive, got {self.max_passages}")
+
+
+@dataclass(frozen=True)
 class ExtractConfig:
     """`lrc extract-teacher`: teacher dir + task -> cache dir (Arrow shards + manifest.json).
 
+    With `corpus` instead of `data`, a corpus cache for general distillation: the pre-trained encoder
+    `teacher` (no task head needed; None = the bundled all-MiniLM-L6-v2) over unlabeled text.
     Which teacher layers to store: `layers` (explicit 1-based indices) wins; otherwise the
     layers that a student of depth `student_layers` maps to; `all_layers` stores 1..N.
     """
 
-    teacher: Path
-    data: DataConfig
+    teacher: Path | None
+    data: DataConfig | None
     output_dir: Path
     student_layers: int = 4
     layers: tuple[int, ...] | None = None
@@ -121,8 +145,13 @@ class ExtractConfig:
     overwrite: bool = False
     allow_task_mismatch: bool = False  # accept a teacher whose teacher_info.json records another task
     trust_remote_code: bool = False  # run Python shipped in the teacher dir: only for code you have read
+    corpus: CorpusConfig | None = None
 
     def __post_init__(self) -> None:
+        _require((self.data is None) != (self.corpus is None),
+                 "pass either --task (a task cache) or --corpus (a corpus cache for general distillation), not both")
+        _require(self.teacher is not None or self.corpus is not None,
+                 "no --teacher given: pass a fine-tuned model dir (see `lrc finetune-teacher`)")
         _require(self.student_layers > 0, f"--student-layers must be positive, got {self.student_layers}")
         _require(
             self.layers is None or (len(self.layers) > 0 and all(j >= 1 for j in self.layers)),
@@ -141,6 +170,11 @@ class ExtractConfig:
         )
         _require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
         _require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    @property
+    def teacher_source(self) -> str:
+        """The model to run: --teacher, or for a corpus cache without one the bundled backbone."""
+        return str(self.teacher) if self.teacher is not None else BUNDLED_BACKBONE
 
 
 NEGATIVE_STRATEGIES = ("random", "hard", "mixed")
@@ -193,6 +227,7 @@ class NegativesConfig:
 GRANULARITIES = ("flat", "token", "cls")
 INTERMEDIATE_LOSSES = ("cos_nce", "hidden_mse", "none")
 PROJECTION_INITS = ("auto", "identity", "random")
+KEEP_CHOICES = ("best", "last")
 
 
 @dataclass(frozen=True)
@@ -236,6 +271,9 @@ class TrainConfig:
     seed: int = 42
     # running
     eval_every: int | None = None  # also evaluate every N steps (always at each epoch end)
+    # best: the student with the best dev metric; last: the final student (dev is then reported, never used to
+    # choose, so it stays an unbiased estimate). General distillation (a corpus cache) has no dev: always the last.
+    keep: str = "best"
     checkpoint_every: int = 200  # steps between resumable checkpoints
     log_every: int = 10
     num_workers: int | None = None  # DataLoader workers; None = 0 on CPU (the step owns the cores), 2 on CUDA
@@ -259,6 +297,7 @@ class TrainConfig:
         _require(self.projection_init in PROJECTION_INITS,
                  f"unknown --projection-init {self.projection_init!r}: choose one of {', '.join(PROJECTION_INITS)}")
         _require(self.k >= 0, f"--k must be >= 0, got {self.k}")
+        _require(self.keep in KEEP_CHOICES, f"unknown --keep {self.keep!r}: choose one of {', '.join(KEEP_CHOICES)}")
         _require(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
         _require(0 <= self.stage1_fraction < 1, f"--stage1-fraction must be in [0, 1), got {self.stage1_fraction}")
         _require(self.perturb_eps >= 0, f"--perturb-eps must be >= 0, got {self.perturb_eps}")
@@ -358,10 +397,20 @@ class DemoConfig:
     overwrite: bool = False  # redo stages whose artifacts were made with other settings
     device: str = "auto"
     precision: str = "fp32"
+    # --general: first distil the bundled backbone (not fine-tuned) on unlabeled text, then start the task
+    # student from that general student (the paper's "LRC-BERT" row).
+    general: bool = False
+    corpus: Path | None = None  # None = the sentences of the GLUE train splits in data_dir (+ QNLI test)
+    general_max_passages: int | None = 20000  # a seeded subset of the GLUE sentences, or the first N of --corpus; None = all
+    general_epochs: float = 1.0
+    general_lr: float = 3e-4
 
     def __post_init__(self) -> None:
         _require(self.max_train_examples is None or self.max_train_examples > 0,
                  "--max-train-examples must be positive (or 0 for the whole train split)")
+        _require(self.general_max_passages is None or self.general_max_passages > 0,
+                 "--general-max-passages must be positive (or 0 for the whole corpus)")
+        _require(self.general_epochs > 0 and self.general_lr > 0, "--general-epochs and --general-lr must be positive")
         _require(self.teacher_epochs > 0 and self.student_epochs > 0, "--teacher-epochs and --student-epochs must be positive")
         _require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
         _require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")

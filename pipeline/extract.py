@@ -38,7 +38,11 @@ class _InputSpec:
 
 
 def extract_teacher(config: ExtractConfig) -> dict[str, Any]:
-    """Teacher + task data -> cache dir; resumes a killed run; returns the manifest."""
+    """Teacher + task data (or a corpus) -> cache dir; resumes a killed run; returns the manifest."""
+    if config.corpus is not None:  # unlabeled text for general distillation: pipeline/corpus.py
+        from pipeline.corpus import extract_corpus
+
+        return extract_corpus(config)
     task = get_task(config.data.task)
     model, tokenizer = load_teacher(config.teacher, task, config.trust_remote_code, config.allow_task_mismatch)
     num_layers = model.config.num_hidden_layers
@@ -67,7 +71,7 @@ def extract_teacher(config: ExtractConfig) -> dict[str, Any]:
         rows_done += extract_split(model, config, device, inputs, split, ids, types, examples[split], layers, task)
     elapsed = time.perf_counter() - started
 
-    manifest = cache.assemble_manifest(out, settings, {"teacher_path": str(config.teacher.resolve())})
+    manifest = cache.assemble_manifest(out, settings, {"teacher_path": str(config.teacher.resolve()), "kind": "task"})
     train = manifest["splits"]["train"]
     log.info(
         "cache written to %s: %d train rows, %.1f KB/example, %.1f MB total; %d rows extracted in %.0f s (%.1f ex/s)",
@@ -213,25 +217,30 @@ def _save_dir_atomic(saveable: Any, final: Path) -> None:
 
 def extract_split(
     model: torch.nn.Module, config: ExtractConfig, device: torch.device, inputs: _InputSpec, split: str,
-    ids: list[list[int]], types: list[list[int]], examples: Examples, layers: list[int], task: TaskSpec,
+    ids: list[list[int]], types: list[list[int]], examples: Examples | None, layers: list[int], task: TaskSpec | None,
 ) -> int:
-    """Write every missing shard of a split; returns the number of rows extracted now."""
+    """Write every missing shard of a split; returns the number of rows extracted now.
+
+    task None: a corpus split (unlabeled windows), written without labels and logits.
+    """
     with_hidden = split == "train"
-    schema = cache.shard_schema(layers, model.config.hidden_size, task.num_labels, task.is_regression,
-                                config.hidden_dtype, with_hidden)
+    schema = cache.shard_schema(layers, model.config.hidden_size, task.num_labels if task else None,
+                                task is not None and task.is_regression, config.hidden_dtype, with_hidden)
     out, n = config.output_dir, len(ids)
     done = {(start, stop) for start, stop, _ in cache.trusted_shards(out, split)}  # re-checks what a killed run left
     todo = [(s, min(s + config.shard_rows, n)) for s in range(0, n, config.shard_rows)]
     todo = [r for r in todo if r not in done]
     if len(todo) < -(-n // config.shard_rows):
         log.info("%s: %d of %d shards already present, extracting the rest", split, len(done), len(done) + len(todo))
-    labels = np.asarray(examples.labels, dtype=np.float32 if task.is_regression else np.int64)
+    labels = None if task is None or examples is None else \
+        np.asarray(examples.labels, dtype=np.float32 if task.is_regression else np.int64)
     total = sum(stop - start for start, stop in todo)
 
     def write(start: int, stop: int, shard: dict[str, Any]) -> None:
         batch = cache.make_record_batch(
             schema, np.arange(start, stop), [np.asarray(x) for x in ids[start:stop]],
-            [np.asarray(x) for x in types[start:stop]], labels[start:stop], shard["logits"],
+            [np.asarray(x) for x in types[start:stop]], labels[start:stop] if labels is not None else None,
+            shard.get("logits"),
             shard.get("hidden"), shard.get("pooled"),
         )
         cache.write_shard(out, split, start, stop, batch)
@@ -242,7 +251,8 @@ def extract_split(
             tqdm(total=total, desc=f"extract {split}", unit="ex", dynamic_ncols=True) as bar:
         pending = None
         for start, stop in todo:
-            shard = run_shard(model, config, device, inputs, ids[start:stop], types[start:stop], layers, with_hidden, bar)
+            shard = run_shard(model, config, device, inputs, ids[start:stop], types[start:stop], layers, with_hidden, bar,
+                              with_logits=task is not None)
             check_finite_outputs(shard, [len(x) for x in ids[start:stop]], split, start, config)
             if pending is not None:
                 pending.result()
@@ -255,14 +265,14 @@ def extract_split(
 @torch.inference_mode()
 def run_shard(
     model: torch.nn.Module, config: ExtractConfig, device: torch.device, inputs: _InputSpec, ids: list[list[int]],
-    types: list[list[int]], layers: list[int], with_hidden: bool, bar: tqdm,
+    types: list[list[int]], layers: list[int], with_hidden: bool, bar: tqdm, with_logits: bool = True,
 ) -> dict[str, Any]:
     """Teacher outputs for one shard's rows, in row order; batches are length-sorted to cut padding."""
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     width, last = model.config.hidden_size, model.config.num_hidden_layers
     dtype, tdtype = _NP_DTYPES[config.hidden_dtype], _TORCH_DTYPES[config.hidden_dtype]
-    logits = np.empty((len(ids), model.config.num_labels), np.float32)
+    logits = np.empty((len(ids), model.config.num_labels), np.float32) if with_logits else None  # an encoder has none
     hidden = {j: np.empty((offsets[-1], width), dtype) for j in layers} if with_hidden else None
     pooled = np.empty((len(ids), width), dtype) if with_hidden else None
     order = np.argsort(-lengths, kind="stable")
@@ -272,7 +282,8 @@ def run_shard(
         segments = {"token_type_ids": token_types} if inputs.segments else {}
         with autocast(device, config.precision):
             output = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=with_hidden, **segments)
-        logits[rows] = output.logits.float().cpu().numpy()
+        if logits is not None:
+            logits[rows] = output.logits.float().cpu().numpy()
         if with_hidden:
             real = mask.bool()  # (B, L); padding is on the right, so real tokens come out in row order
             dest = _token_destinations(offsets[rows], lengths[rows])
@@ -281,7 +292,7 @@ def run_shard(
             top = output.hidden_states[last].float() * real.unsqueeze(-1)  # (B, L, d')
             pooled[rows] = (top.sum(1) / real.sum(1, keepdim=True)).cpu().numpy().astype(dtype)  # (B, d')
         bar.update(len(rows))
-    result: dict[str, Any] = {"logits": logits}
+    result: dict[str, Any] = {"logits": logits} if logits is not None else {}
     if with_hidden:
         result |= {"hidden": hidden, "pooled": pooled}
     return result
@@ -296,12 +307,13 @@ def check_finite_outputs(shard: dict[str, Any], lengths: list[int], split: str, 
         found = (start + np.flatnonzero(bad_rows)).tolist()
         return f"{split} row(s) {', '.join(map(str, found[:5]))}{' ...' if len(found) > 5 else ''} ({len(found)} in all)"
 
-    if all(all_finite(v) for v in [shard["logits"], *(shard.get("hidden") or {}).values()]) and \
-            (shard.get("pooled") is None or all_finite(shard["pooled"])):
+    outputs = [shard.get("logits"), shard.get("pooled"), *(shard.get("hidden") or {}).values()]
+    if all(all_finite(v) for v in outputs if v is not None):  # a corpus shard has no logits
         return
-    bad = ~np.isfinite(shard["logits"]).all(axis=1)
+    teacher = config.teacher_source
+    bad = ~np.isfinite(shard["logits"]).all(axis=1) if "logits" in shard else np.zeros(len(lengths), bool)
     if bad.any():
-        raise LrcError(f"teacher {config.teacher} gives non-finite logits for {rows(bad)}: its activations overflow "
+        raise LrcError(f"teacher {teacher} gives non-finite logits for {rows(bad)}: its activations overflow "
                        f"in --precision {config.precision}; use --precision fp32, or check the teacher with `lrc evaluate`")
     offsets = np.cumsum([0, *lengths])
     for layer, values in (shard.get("hidden") or {}).items():
@@ -309,12 +321,12 @@ def check_finite_outputs(shard: dict[str, Any], lengths: list[int], split: str, 
         if bad_tokens.size:
             bad = np.zeros(len(lengths), bool)
             bad[np.searchsorted(offsets, bad_tokens, side="right") - 1] = True
-            raise LrcError(f"teacher {config.teacher} gives non-finite hidden states at layer {layer} for {rows(bad)}: "
+            raise LrcError(f"teacher {teacher} gives non-finite hidden states at layer {layer} for {rows(bad)}: "
                            f"they overflow --hidden-dtype {config.hidden_dtype} or --precision {config.precision}; "
                            "pass --hidden-dtype float32 (and --precision fp32)")
     pooled = shard.get("pooled")
     if pooled is not None and not np.isfinite(pooled).all():
-        raise LrcError(f"teacher {config.teacher} gives non-finite pooled vectors for "
+        raise LrcError(f"teacher {teacher} gives non-finite pooled vectors for "
                        f"{rows(~np.isfinite(pooled).all(axis=1))}: pass --hidden-dtype float32 (and --precision fp32)")
 
 

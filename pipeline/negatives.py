@@ -370,17 +370,19 @@ def build_negatives(config: NegativesConfig) -> Path:
     start = time.perf_counter()
     check_outputs(config.output_path)
     cache = open_cache(config.cache_dir, config.verify_cache)
-    task = cache.manifest["task"]
+    task = cache.manifest["task"]  # None for a corpus cache
     train = cache.split("train")
-    vectors, labels, keys = train.pooled(), train.labels(), train.input_keys()
+    # A corpus cache has no labels: `hard` there means the nearest other windows, excluding only the row itself
+    # and exact duplicates of its input (no label to exclude same-class rows by).
+    vectors, labels, keys = train.pooled(), train.labels() if task else None, train.input_keys()
     logger.info("read %d train rows of %s (pooled width %d) in %.1f s", train.num_rows, cache.path,
                 vectors.shape[1], time.perf_counter() - start)
-    regression = bool(task["is_regression"])
-    labels = labels.astype(np.float32 if regression else np.int64)
+    regression = bool(task and task["is_regression"])
+    labels = labels.astype(np.float32 if regression else np.int64) if labels is not None else None
     ids, scores, stats = find_candidates(vectors, labels, keys, regression, config)
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "lrc_version": __version__,
-        "cache_fingerprint": cache.fingerprint, "cache_dir": str(cache.path), "task": task["name"],
+        "cache_fingerprint": cache.fingerprint, "cache_dir": str(cache.path), "task": task["name"] if task else None,
         "strategy": config.strategy, "k": config.k, "candidates": config.num_candidates, "seed": config.seed,
         "regression_margin": config.regression_margin if regression else None, "rows": train.num_rows,
         **stats,

@@ -167,15 +167,19 @@ def _results_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
                     f"{config['intermediate']} intermediate; {summary['parameters']:,} parameters"),
         ("layer map (teacher layer per student layer)", str(summary["layer_map"])),
     ]
-    if best:
+    if summary.get("kind") == "general":  # summaries before general distillation existed have no kind
+        rows.append(("general distillation", "unlabeled corpus, intermediate loss alone; no dev split, the last "
+                                             "student is kept (an encoder for `train-student --init`)"))
+    elif best:
         others = ", ".join(f"{k} {_number(v)}" for k, v in best.items() if k not in (metric, "step"))
-        rows.append((f"best dev {metric}", f"**{_number(best[metric])}** at step {best['step']}"
+        rows.append((f"{'final' if summary.get('kept') == 'last' else 'best'} dev {metric}", f"**{_number(best[metric])}** at step {best['step']}"
                      + (f" ({others})" if others else "")))
     else:
         rows.append((f"best dev {metric}", "no dev evaluation (the cache has no dev split)"))
-    rows.append((f"teacher dev {metric}", _number(teacher[metric]) if teacher else "not available"))
-    percent = summary["percent_of_teacher"]
-    rows.append(("student / teacher", f"{percent:.1f} %" if percent is not None else "not available"))
+    if summary.get("kind") != "general":
+        rows.append((f"teacher dev {metric}", _number(teacher[metric]) if teacher else "not available"))
+        percent = summary["percent_of_teacher"]
+        rows.append(("student / teacher", f"{percent:.1f} %" if percent is not None else "not available"))
     rows.append(("training", f"{summary['steps']} steps, {summary['epochs']} full epochs, "
                              f"{summary['train_seconds']} s, {summary['samples_per_s']} samples/s"))
     return rows

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.errors import LrcError
-from pipeline.tasks import get_task
+from pipeline.tasks import TASKS, get_task
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def require_tokenizer(model_dir: Path, role: str) -> None:
 
 
 def recorded_task(model_dir: Path) -> tuple[str, str] | None:
-    """(task, file) that a model dir records it was trained on, or None."""
+    """(task, file) that a model dir records it was fine-tuned or distilled on, or None."""
     for name in TASK_RECORDS:
         path = Path(model_dir) / name
         if path.is_file():
@@ -176,7 +176,7 @@ def recorded_task(model_dir: Path) -> tuple[str, str] | None:
                 task = json.loads(path.read_text(encoding="utf-8")).get("task")
             except (ValueError, AttributeError):
                 raise LrcError(f"{path} is not valid JSON: restore it or remove it") from None
-            if isinstance(task, str):
+            if task in TASKS:  # a general student records "corpus": no task to compare with
                 return task, name
     return None
 

@@ -62,10 +62,21 @@ def build_student(
             f"--init {path} has {other.num_hidden_layers} layers but --layers is {config.num_hidden_layers}: "
             f"pass --layers {other.num_hidden_layers}"
         )
-    model = BertForSequenceClassification.from_pretrained(
+    if other.hidden_size != config.hidden_size:
+        # The projections W_i are built for --hidden: another width would fail on the first step.
+        raise LrcError(f"--init {path} is {other.hidden_size} wide but --hidden is {config.hidden_size}: "
+                       f"pass --hidden {other.hidden_size}")
+    # A bare encoder dir (a general student, any BertModel) loads under the `bert.` prefix with a fresh head.
+    model, info = BertForSequenceClassification.from_pretrained(
         path, num_labels=config.num_labels, id2label=config.id2label, label2id=config.label2id,
-        problem_type=config.problem_type, ignore_mismatched_sizes=True,
+        problem_type=config.problem_type, ignore_mismatched_sizes=True, output_loading_info=True,
     )
+    fresh = {k for k in info["missing_keys"] | {m[0] if isinstance(m, tuple) else m for m in info["mismatched_keys"]}
+             if not k.startswith(("classifier.", "bert.pooler."))}
+    if fresh:
+        # Otherwise those weights would start random while the run claims to start from the dir.
+        raise LrcError(f"--init {path}: {len(fresh)} encoder weights are missing or mis-shaped there (e.g. "
+                       f"{sorted(fresh)[0]}): pass a BERT model dir saved with save_pretrained (a student or a general student)")
     log.info("student initialised from %s (%d layers x %d)", path, model.config.num_hidden_layers, model.config.hidden_size)
     return model
 

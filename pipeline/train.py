@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from pipeline import checkpoint, losses
+from pipeline import checkpoint, general, losses
 from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader
 from pipeline.cache import layer_map, read_manifest
 from pipeline.cache_read import Cache, open_cache
@@ -120,15 +120,18 @@ def loss_terms(model: Model, batch: dict[str, torch.Tensor], config: TrainConfig
             else:
                 per_layer.append(losses.hidden_mse(z, target, mask))
         terms[config.intermediate_loss] = torch.stack(per_layer).sum()
-    logits = output.logits.float()
-    terms["soft"] = losses.soft_loss(logits, batch["teacher_logits"], config.temperature, regression)
-    terms["hard"] = losses.hard_loss(logits, batch["labels"], regression)
+    if "labels" in batch:  # a corpus batch (general distillation) has no labels and no teacher logits
+        logits = output.logits.float()
+        terms["soft"] = losses.soft_loss(logits, batch["teacher_logits"], config.temperature, regression)
+        terms["hard"] = losses.hard_loss(logits, batch["labels"], regression)
     return terms, captured["e"]
 
 
 def weighted_total(terms: dict[str, torch.Tensor], weights: tuple[float, float, float]) -> torch.Tensor:
     alpha, beta, gamma = weights
     intermediate = [v for k, v in terms.items() if k not in ("soft", "hard")]
+    if "soft" not in terms:  # general distillation: the intermediate loss alone
+        return alpha * intermediate[0]
     total = beta * terms["soft"] + gamma * terms["hard"]
     return total + alpha * intermediate[0] if intermediate else total
 
@@ -259,7 +262,10 @@ def _setup(config: TrainConfig) -> Run:
     Nothing is written before every check has passed: a refused command leaves no run dir behind."""
     run_dir = checkpoint.check_run_dir(config)
     cache = open_cache(config.cache_dir, config.verify_cache)
-    task = get_task(cache.task["name"])
+    is_general = cache.kind == "corpus"  # unlabeled text: general distillation (pipeline/general.py)
+    if is_general:
+        general.check_config(config, cache.path)
+    task = None if is_general else get_task(cache.task["name"])
     mapping = resolve_layer_map(config, cache)
     sampler = None
     if config.uses_negatives:
@@ -274,7 +280,7 @@ def _setup(config: TrainConfig) -> Run:
     seed_everything(config.seed)
 
     shape = student_config(cache.manifest["teacher"]["config"], config.layers, config.hidden, config.heads,
-                           config.intermediate, cache.task)
+                           config.intermediate, general.HEAD if is_general else cache.task)
     student = build_student(shape, config.init, cache.teacher_weights_dir, mapping)
     check_finite_weights(student, f"the student initialised from {config.init}")
     intermediate = config.intermediate_loss != "none"
@@ -325,24 +331,26 @@ def is_better(metrics: dict[str, float], best: dict[str, float] | None, metric: 
 
 def _evaluate_and_keep_best(run: Run) -> None:
     """Evaluate on the cached dev split; the best student so far is saved in HF format."""
-    state, metric = run.state, run.task.main_metric
+    state, metric = run.state, run.task.main_metric if run.task else None  # a corpus cache has no dev: returns next
     if run.dev is None or run.evaluated_at == state.step:  # e.g. eval_every landing on the last step
         return
     run.evaluated_at = state.step
     student = run.model.student
     metrics = evaluate(student, run.dev, run.task, run.config, run.device, student.config.pad_token_id or 0)
     run.logger.write({"step": state.step, "epoch": state.epoch, "eval": metrics})
-    if is_better(metrics, state.best, metric):
+    # --keep last: every evaluation replaces the kept student, so the final one is kept whatever dev says
+    if is_better(metrics, state.best, metric) or run.config.keep == "last":
         state.best = {**metrics, "step": state.step}
         checkpoint.save_student(run.dir, student, run.tokenizer)
-    log.info("step %d: dev %s (best %s %.4f)", state.step, metrics, metric, state.best[metric])
+    log.info("step %d: dev %s (%s %s %.4f)", state.step, metrics, "kept (last)" if run.config.keep == "last" else "best",
+             metric, state.best[metric])
 
 
 def train_student(config: TrainConfig) -> dict[str, Any]:
     """Cache (+ negatives) -> the best student in Hugging Face format; returns the training summary."""
     run = _setup(config)
     state, total_steps = run.state, run.total_steps
-    regression = run.task.is_regression
+    regression = run.task is not None and run.task.is_regression
 
     # ---- the loop: epochs of shuffled batches, resumable mid-epoch
     run.model.student.train()
@@ -353,7 +361,7 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
             for batch in epoch_batches(run, state.epoch, state.batch_in_epoch):
                 batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
                 check_batch_finite(batch, config.cache_dir)
-                weights = loss_weights(state.step, total_steps, config)
+                weights = general.WEIGHTS if run.task is None else loss_weights(state.step, total_steps, config)
                 try:
                     terms = train_step(run.model, batch, weights, config, regression, run.device)
                 except FloatingPointError as err:
@@ -362,14 +370,14 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
                 grad_norm = apply_update(run.params, run.optimizer, run.scheduler, config.max_grad_norm)
                 state.step += 1
                 state.batch_in_epoch += 1
-                seen += len(batch["labels"])
+                seen += len(batch["row_ids"])
                 bar.update(1)
 
                 # ---- logging, evaluation, checkpoints
                 if state.step % config.log_every == 0 or state.step == total_steps:
                     record = {k: round(float(v), 6) for k, v in terms.items()}
                     record |= {"step": state.step, "epoch": state.epoch, "lr": lr, "grad_norm": round(grad_norm, 6),
-                               "stage": stage_at(state.step - 1, total_steps, config),
+                               "stage": 1 if run.task is None else stage_at(state.step - 1, total_steps, config),
                                "samples_per_s": round(seen / (time.perf_counter() - started), 2)}
                     run.logger.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", stage=record["stage"])
@@ -388,20 +396,24 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
     if state.batch_in_epoch:  # stopped mid-epoch by max_steps: evaluate the final weights too
         _evaluate_and_keep_best(run)
         run.save()
-    if run.dev is None:
+    if run.task is None:
+        general.save_encoder(run.dir, run.model.student, run.tokenizer)
+    elif run.dev is None:
         checkpoint.save_student(run.dir, run.model.student, run.tokenizer)
 
     summary = _summary(run, seen, time.perf_counter() - started)
     checkpoint.write_summary(run.dir, summary)
     write_report(run.dir.output_dir)
-    log.info("student written to %s: best dev %s", run.dir.output_dir, state.best)
+    log.info("student written to %s: %s", run.dir.output_dir, f"{config.keep} dev {state.best}" if run.task else
+             "the last student of general distillation (no dev split)")
     return summary
 
 
 def _summary(run: Run, seen: int, elapsed: float) -> dict[str, Any]:
-    metric, best, teacher = run.task.main_metric, run.state.best, run.teacher_dev
+    metric, best, teacher = run.task.main_metric if run.task else None, run.state.best, run.teacher_dev
     return {
-        "task": run.task.name, "main_metric": metric, "best": best, "teacher_dev": teacher,
+        "task": run.task.name if run.task else "corpus", "main_metric": metric, "best": best, "teacher_dev": teacher,
+        "kind": "task" if run.task else "general", "kept": run.config.keep if run.task else "last",
         "percent_of_teacher": 100 * best[metric] / teacher[metric] if best and teacher and teacher[metric] else None,
         "steps": run.state.step, "epochs": run.state.epoch, "train_seconds": round(elapsed, 1),
         "samples_per_s": round(seen / max(elapsed, 1e-9), 2),

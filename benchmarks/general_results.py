@@ -1,0 +1,175 @@
+"""General distillation (the paper's "LRC-BERT" row) against task distillation from a random student.
+
+1. Corpus: the unlabeled GLUE sentences (benchmarks/make_corpus.py: train splits + QNLI test, never dev),
+   or --corpus FILE; a corpus cache of the bundled all-MiniLM-L6-v2 (pre-trained, not fine-tuned) over it.
+2. General students (4x312 by default) on that cache: COS-NCE (LRC), and with --general-losses
+   cos_nce,hidden_mse also the paper's ablation (general distillation with hidden MSE).
+3. For each task, the teacher, task cache and negatives of benchmarks/glue_results.py (reused when there),
+   then 4x312 students: LRC from a random init vs from the general student, and from the general student
+   KD-only and hidden-MSE. Every run keeps its LAST checkpoint (--keep last): the dev split that the table
+   reports never chooses a checkpoint.
+
+Finished runs are reused, killed ones resumed. Results: <work-dir>/general_results.md and .json.
+
+    python benchmarks/general_results.py --work-dir data/general --tasks cola,sst2,mrpc,stsb --seeds 42,43,44
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import glue_results
+from make_corpus import write_corpus
+from pipeline.config import CorpusConfig, ExtractConfig, NegativesConfig, TrainConfig
+from pipeline.extract import extract_teacher
+from pipeline.negatives import build_negatives
+from pipeline.runtime import setup_logging
+from pipeline.train import train_or_reuse
+
+log = logging.getLogger("general_results")
+
+STUDENT = {"layers": 4, "hidden": 312, "heads": 12, "intermediate": 1200}
+SHAPE = "4x312"
+# row label -> (general student to start from: None = random init, or the general loss; method of glue_results)
+ROWS: dict[str, tuple[str | None, str]] = {
+    "LRC, random init": (None, "LRC"),
+    "LRC, general init": ("cos_nce", "LRC"),
+    "KD-only, general init": ("cos_nce", "KD-only"),
+    "Hidden-MSE, general init": ("cos_nce", "Hidden-MSE"),
+    "LRC, general init (hidden-MSE general)": ("hidden_mse", "LRC"),  # the paper's ablation
+}
+
+
+def general_stage(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Corpus file, corpus cache, negatives and one general student per general loss; stats for the report."""
+    work = args.work_dir
+    corpus = args.corpus
+    if corpus is None:
+        corpus = work / f"corpus-glue-{args.max_passages or 'all'}.txt"
+        if not corpus.is_file():
+            write_corpus(args.data_dir, corpus, args.max_passages, seed=0)
+    cache_dir = work / "corpus-cache"
+    started = time.perf_counter()
+    manifest = extract_teacher(ExtractConfig(
+        teacher=None, data=None, output_dir=cache_dir, student_layers=STUDENT["layers"], max_length=args.max_length,
+        corpus=CorpusConfig(source=str(corpus), max_passages=args.max_passages if args.corpus else None)))
+    stats: dict[str, Any] = {"corpus": str(corpus), "passages": manifest["corpus"]["passages"],
+                             "windows": manifest["splits"]["train"]["rows"],
+                             "cache_mb": round(manifest["splits"]["train"]["bytes"] / 1e6, 1),
+                             "extract_seconds_this_run": round(time.perf_counter() - started, 1)}
+    if not (cache_dir / "negatives.json").is_file():
+        build_negatives(NegativesConfig(cache_dir=cache_dir, k=args.k))
+    students: dict[str, Path] = {}
+    for loss in args.general_losses:
+        config = TrainConfig(
+            cache_dir=cache_dir, output_dir=work / f"general-{loss}", **STUDENT, intermediate_loss=loss, k=args.k,
+            epochs=args.general_epochs, max_steps=args.general_steps, learning_rate=args.general_lr,
+            seed=args.seeds[0], num_workers=0, checkpoint_every=500)
+        summary, _ = train_or_reuse(config)  # a corpus cache: general distillation
+        records = [r for r in _log(config.output_dir) if loss in r]
+        points = records[:: max(1, len(records) // 10)] + records[-1:]  # about ten points and the last
+        stats[f"general_{loss}"] = {"steps": summary["steps"], "train_seconds": summary["train_seconds"],
+                                    "samples_per_s": summary["samples_per_s"],
+                                    "curve": list(dict.fromkeys((r["step"], r[loss]) for r in points))}
+        students[loss] = config.output_dir
+    return students, stats
+
+
+def _log(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def task_config(paths: dict[str, Path], row: str, seed: int, students: dict[str, Path],
+                args: argparse.Namespace) -> TrainConfig:
+    general, method = ROWS[row]
+    config = glue_results.run_config(paths, "4x312 random", method, seed, args)
+    slug = f"{SHAPE}-{row}-seed{seed}".replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+    init = "random" if general is None else str(students[general])
+    return replace(config, output_dir=paths["cache"].parent / "general-runs" / slug, init=init, keep="last",
+                   max_steps=args.student_steps)
+
+
+def report(stats: dict[str, Any], results: list[dict[str, Any]], teachers: dict[str, dict[str, float]],
+           rows: list[str], tasks: list[str], args: argparse.Namespace) -> str:
+    lines = [f"# General distillation ({', '.join(tasks)})", "",
+             f"Corpus {stats['corpus']}: {stats['passages']} passages -> {stats['windows']} windows of <= "
+             f"{args.max_length} tokens, corpus cache {stats['cache_mb']} MB (extraction in this run: "
+             f"{stats['extract_seconds_this_run']} s; 0 when reused).", ""]
+    for loss in args.general_losses:
+        g = stats[f"general_{loss}"]
+        curve = ", ".join(f"{step}: {value:.4f}" for step, value in g["curve"])
+        lines += [f"General student ({loss}, {STUDENT}): {g['steps']} steps, {g['train_seconds']} s, "
+                  f"{g['samples_per_s']} samples/s; {loss} by step: {curve}", ""]
+    lines += [f"Task students {SHAPE}; each run keeps its LAST checkpoint (dev never chooses one). Seeds "
+              f"{args.seeds}; budget: {args.student_steps or f'{args.student_epochs} epochs'} "
+              f"{'steps' if args.student_steps else ''} at lr {args.student_lr}, {args.max_train_examples} train rows.",
+              "", glue_results.table(results, teachers, SHAPE, rows, tasks), "",
+              "| task | row | seed | train s |", "|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['method']} | {r['seed']} | {r['train_seconds']:.0f} |" for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work-dir", type=Path, default=Path("data/general"))
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("LRC_DATA_DIR", "../shared/glue_data")))
+    parser.add_argument("--corpus", type=Path, default=None, help="a text file; default: the GLUE sentences")
+    parser.add_argument("--max-passages", type=int, default=0, help="seeded subset of the corpus (0 = all)")
+    parser.add_argument("--general-losses", default="cos_nce", help="cos_nce and/or hidden_mse (the ablation)")
+    parser.add_argument("--general-epochs", type=float, default=1.0)
+    parser.add_argument("--general-steps", type=int, default=None, help="overrides --general-epochs")
+    parser.add_argument("--general-lr", type=float, default=3e-4)
+    parser.add_argument("--tasks", default="cola,sst2,mrpc,stsb")
+    parser.add_argument("--rows", default=";".join(r for r in ROWS if "hidden-MSE general" not in r),
+                        help=f"';'-separated subset of: {'; '.join(ROWS)}")
+    parser.add_argument("--seeds", default="42")
+    parser.add_argument("--max-train-examples", type=int, default=4000, help="seeded subsample of each train split")
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--teacher-epochs", type=glue_results.per_task, default=glue_results.per_task("3,sst2=1"))
+    parser.add_argument("--teacher-lr", type=float, default=1e-4)
+    parser.add_argument("--student-epochs", type=float, default=4.0)
+    parser.add_argument("--student-steps", type=int, default=None, help="overrides --student-epochs")
+    parser.add_argument("--student-lr", type=float, default=3e-4)
+    parser.add_argument("--k", type=int, default=4)
+    args = parser.parse_args()
+    args.max_passages = args.max_passages or None
+    args.max_train_examples = args.max_train_examples or None
+    args.general_losses = args.general_losses.split(",")
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    rows = [r.strip() for r in args.rows.split(";") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown --rows {unknown}: choose from {'; '.join(ROWS)}")
+    setup_logging()
+    started = time.perf_counter()
+
+    students, stats = general_stage(args)
+    log.info("general stage done: %s; %.0f min so far", stats, (time.perf_counter() - started) / 60)
+    tasks, teachers, results = args.tasks.split(","), {}, []
+    for task in tasks:
+        paths = glue_results.prepare_task(task, args)  # args.work_dir/<task>: shared with glue_results.py
+        teachers[task] = json.loads((paths["teacher"] / "teacher_info.json").read_text())["dev_metrics"]
+        for row in rows:
+            if ROWS[row][0] is not None and ROWS[row][0] not in students:
+                raise SystemExit(f"row {row!r} needs --general-losses to include {ROWS[row][0]}")
+            for seed in args.seeds:
+                config = task_config(paths, row, seed, students, args)
+                log.info("%s, %s, seed %d; %.0f min so far", task, row, seed, (time.perf_counter() - started) / 60)
+                summary, _ = train_or_reuse(config)  # reused when finished, resumed when killed
+                results.append({"task": task, "shape": SHAPE, "method": row, "seed": seed, "best": summary["best"],
+                                "train_seconds": summary["train_seconds"]})
+                (args.work_dir / "general_results.json").write_text(
+                    json.dumps({"general": stats, "teachers": teachers, "runs": results}, indent=2))
+    (args.work_dir / "general_results.md").write_text(report(stats, results, teachers, rows, tasks, args))
+    log.info("done in %.0f min: %s", (time.perf_counter() - started) / 60, args.work_dir / "general_results.md")
+
+
+if __name__ == "__main__":
+    main()

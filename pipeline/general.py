@@ -1,0 +1,60 @@
+"""General distillation (the paper's "LRC-BERT" row): `train-student` on a corpus cache.
+
+The student learns the pre-trained encoder's intermediate layers on unlabeled windows with the
+intermediate loss alone (COS-NCE, or hidden MSE), perturbed as configured. There are no labels, so
+no dev evaluation: the last student is kept, saved as a bare encoder (AutoModel / BertModel format,
+config and tokenizer) that `train-student --init DIR` starts task distillation from.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import checkpoint
+from pipeline.config import TrainConfig
+from pipeline.errors import LrcError
+
+log = logging.getLogger(__name__)
+
+# The training student is a sequence classifier like a task student (one code path for the loop and its
+# checkpoints); its one-output head never enters the loss and is dropped when the encoder is saved.
+HEAD: dict[str, Any] = {"labels": None, "num_labels": 1, "is_regression": True}
+# L_total = L_intermediate throughout: no soft or hard loss exists without labels and logits.
+WEIGHTS = (1.0, 0.0, 0.0)
+
+
+def check_config(config: TrainConfig, cache_dir: Path) -> None:
+    """Refuse what a corpus cache cannot train; say what is kept."""
+    if config.intermediate_loss == "none":
+        raise LrcError(f"cache {cache_dir} is a corpus cache (unlabeled text): general distillation trains the "
+                       "intermediate loss alone, so --intermediate-loss none leaves nothing to learn: use cos_nce "
+                       "or hidden_mse")
+    log.info("general distillation on corpus cache %s: %s alone, no dev split, so the LAST student is kept "
+             "and saved as an encoder for `train-student --init`", cache_dir, config.intermediate_loss)
+
+
+def save_encoder(run_dir: checkpoint.RunDir, student: torch.nn.Module, tokenizer: Any) -> None:
+    """The student's encoder without its unused head, in the base model's format (e.g. BertModel)."""
+    encoder = student.base_model
+    # The training head's label settings mean nothing for the encoder: leave a task loader its defaults.
+    encoder.config.problem_type = None
+    encoder.config.id2label = {0: "LABEL_0", 1: "LABEL_1"}
+    encoder.config.label2id = {"LABEL_0": 0, "LABEL_1": 1}
+    checkpoint.save_student(run_dir, encoder, tokenizer)
+    log.info("general student (encoder, config, tokenizer) written to %s: start task distillation with "
+             "`lrc train-student --init %s`", run_dir.output_dir, run_dir.output_dir)
+
+
+def train_general(config: TrainConfig) -> dict[str, Any]:
+    """`train-student` for a caller that needs general distillation: refuses a task cache, which would
+    otherwise train (and save) a task student where a general encoder is expected."""
+    from pipeline.cache import read_manifest
+    from pipeline.corpus import KIND_CORPUS, require_kind
+    from pipeline.train import train_student  # train imports this module: import at call time
+
+    require_kind(read_manifest(config.cache_dir), config.cache_dir, KIND_CORPUS, "general distillation")
+    return train_student(config)
