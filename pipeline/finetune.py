@@ -15,10 +15,11 @@ import numpy as np
 import torch
 import transformers
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
 from pipeline.config import BUNDLED_BACKBONE, FinetuneConfig
 from pipeline.errors import LrcError
+from pipeline.families import check_loading_report, require_classifier_family
 from pipeline.metrics import compute_metrics
 from pipeline.runtime import apply_update, autocast, encode, pad_batch, pick_device, predict_logits, seed_everything
 from pipeline.tasks import get_task, load_examples
@@ -152,16 +153,18 @@ def _train_epoch(model: torch.nn.Module, data: _Batches, order: np.ndarray, conf
 def _with_new_head(backbone: str, num_labels: int, labels: list[str], regression: bool) -> torch.nn.Module:
     """The backbone with a freshly initialised classification head (said in one line, not transformers'
     load report, which lists the new head's weights as MISSING and reads like an error)."""
+    require_classifier_family(AutoConfig.from_pretrained(backbone), "backbone")
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             backbone, num_labels=num_labels, id2label=dict(enumerate(labels)),
             label2id={name: i for i, name in enumerate(labels)},
-            problem_type="regression" if regression else "single_label_classification",
+            problem_type="regression" if regression else "single_label_classification", output_loading_info=True,
         )
     finally:
         transformers.logging.set_verbosity(verbosity)
+    check_loading_report(model, info, backbone, "backbone")  # a teacher whose encoder stayed random is no teacher
     log.info("new %s head with %d output(s) on %s", "regression" if regression else "classification", num_labels, backbone)
     return model
 
