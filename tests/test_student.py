@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from pipeline.errors import LrcError
 from conftest import assert_refused
+from pipeline.errors import LrcError
 from pipeline.student import Projections, build_student, init_shape, student_config
 
 # What a cache manifest holds about its teacher and task (the fields student_config reads).
