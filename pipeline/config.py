@@ -11,6 +11,7 @@ from pipeline.errors import LrcError
 
 DATA_DIR_ENV = "LRC_DATA_DIR"
 BUNDLED_BACKBONE = "bundled:all-MiniLM-L6-v2"
+BUNDLED_MPNET = "bundled:all-mpnet-base-v2"  # 12 x 768, the optional extra lrc[mpnet]
 HIDDEN_DTYPES = ("float16", "float32")  # Arrow has no bfloat16
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")

