@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class Family:
     """Where a family keeps its parts (paths under the base model, e.g. `model.bert`) and how it reads ids."""
 
-    embeddings: str  # the module whose output is e = hidden_states[0] (DESIGN §2)
+    embeddings: str  # the module whose output is e (DESIGN §2); ELECTRA may project it up to the width after
     layers: str  # the ModuleList of transformer layers
     head: tuple[str, ...]  # pooler and classifier modules: new on a fresh task, never part of the encoder
     segments: bool  # the forward takes token_type_ids
@@ -164,9 +164,10 @@ def require_layer_outputs(model: PreTrainedModel, input_ids: list[int], role: st
 
 
 def check_loading_report(model: PreTrainedModel, info: Mapping[str, Any], path: Any, role: str) -> None:
-    """Refuse a checkpoint whose encoder weights did not all load into this class (a class that does not
-    match its checkpoint reports them missing/unexpected and builds random weights). Only the task head
-    (and a pooler the classifier does not use) may be new, dropped or resized."""
+    """Refuse a checkpoint whose encoder weights did not all load into this class: a class that does not
+    match its checkpoint reports them missing and builds random weights. Only the task head (and a pooler)
+    may be new or resized; weights the class has no place for (a pre-training head such as BERT's `cls.*`
+    or RoBERTa's `lm_head.*`) are left out, as transformers does."""
     row = FAMILIES.get(model.config.model_type)
     head = row.head if row is not None else _HEAD_NAMES  # a backbone of a family outside the table
     prefix = f"{model.base_model_prefix}."
@@ -175,11 +176,13 @@ def check_loading_report(model: PreTrainedModel, info: Mapping[str, Any], path: 
         key = key[len(prefix):] if key.startswith(prefix) else key
         return key.split(".")[0] not in head
 
-    keys = list(info.get("missing_keys", ())) + list(info.get("unexpected_keys", ()))
+    keys = list(info.get("missing_keys", ()))
     keys += [m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys", ())]
     bad = sorted(k for k in keys if outside_head(k))
     if bad or info.get("error_msgs"):
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        raise LrcError(f"{role} {path} does not load as {type(model).__name__}: encoder weights missing, unexpected or "
-                       f"of another shape ({shown or info.get('error_msgs')}): pass a checkpoint of the "
+        raise LrcError(f"{role} {path} does not load as {type(model).__name__}: encoder weights missing or of another "
+                       f"shape ({shown or info.get('error_msgs')}): pass a checkpoint of the "
                        f"{model.config.model_type} family saved by transformers")
+    if info.get("unexpected_keys"):
+        log.debug("%s %s: left out %d weights the class has no place for", role, path, len(info["unexpected_keys"]))

@@ -13,7 +13,9 @@ from typing import Callable
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, pipeline
+from transformers import (
+    AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer, pipeline,
+)
 
 from conftest import assert_refused, sst2_lines, write_tsv
 from pipeline import losses
@@ -304,6 +306,11 @@ def test_a_checkpoint_that_does_not_match_its_class_never_loads_silently(runs: C
                    "does not load as BertForSequenceClassification", "bert.")
     model, info = AutoModelForSequenceClassification.from_pretrained(fake, output_loading_info=True)
     assert_refused(lambda: check_loading_report(model, info, fake, "teacher"), "does not load")
+    # while a checkpoint of the right family with a pre-training head the classifier has no place for loads
+    AutoModelForMaskedLM.from_config(AutoConfig.for_model("bert", **_SHAPE)).save_pretrained(tmp_path / "mlm")
+    model, info = AutoModelForSequenceClassification.from_pretrained(tmp_path / "mlm", output_loading_info=True)
+    assert any(k.startswith("cls.") for k in info["unexpected_keys"])
+    check_loading_report(model, info, tmp_path / "mlm", "backbone")
 
 
 def test_teacher_family_without_per_layer_hidden_states_is_refused(runs: Callable, minilm_dir: Path,
