@@ -119,6 +119,24 @@ def _reloads_and_classifies(out: Path, family: str) -> AutoModelForSequenceClass
     return model
 
 
+# --------------------------------------------------------------------------- the student's config per family
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_student_config_reshapes_the_teachers_and_keeps_what_its_ids_need(family: str) -> None:
+    teacher = json.loads(AutoConfig.for_model(family, **BACKBONES[family]).to_json_string())
+    config = student_config(teacher, 2, 16, 2, 24, {"labels": ["0", "1"], "is_regression": False})
+    assert config.model_type == family
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (2, 16, 2)
+    assert getattr(config, FAMILIES[family].intermediate) == 24
+    kept = ("vocab_size", "pad_token_id", "max_position_embeddings", "type_vocab_size", "relative_attention",
+            "position_biased_input", "pos_att_type", "max_relative_positions", "position_buckets", "norm_rel_ebd")
+    assert {k: getattr(config, k) for k in kept if k in teacher} == {k: teacher[k] for k in kept if k in teacher}
+    # every width field follows --hidden (DeBERTa's pooler, ELECTRA's embeddings): the model builds and runs
+    model = AutoModelForSequenceClassification.from_config(config)
+    assert model(input_ids=torch.tensor([[101, 2023, 102]])).logits.shape == (1, 2)
+
+
 # --------------------------------------------------------------------------- the pipeline per family
 
 
