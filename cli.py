@@ -302,7 +302,8 @@ def train_student(
     hidden: int = typer.Option(T("hidden"), help="Student hidden size."),
     heads: int = typer.Option(T("heads"), help="Student attention heads (must divide --hidden)."),
     intermediate: int = typer.Option(T("intermediate"), help="Student FFN size."),
-    init: str = typer.Option(T("init"), help="random, teacher (copy embeddings + mapped layers; needs --hidden = teacher width) or a model dir."),
+    init: str = typer.Option(T("init"), help="random, teacher (copy embeddings + mapped layers; needs --hidden = teacher width) or a model dir (its depth and width are the student's)."),
+    student_family: Optional[str] = typer.Option(T("student_family"), help="Student family (bert, roberta, deberta-v2, electra, mpnet, distilbert) when it should differ from the teacher's; it must read the teacher's token ids (same vocabulary; segment embeddings if the teacher reads segments)."),
     layer_map: Optional[str] = typer.Option(None, help="Teacher layer per student layer, e.g. 2,3,5,6; default round_half_up(i*N/M)."),
     intermediate_loss: str = typer.Option(T("intermediate_loss"), help="cos_nce (LRC-BERT), hidden_mse (TinyBERT-style baseline) or none (KD-only)."),
     granularity: str = typer.Option(T("granularity"), help="COS-NCE vectors: flat (all real tokens), token (per-token cosine) or cls (first token only; meaningful with a fine-tuned teacher)."),
@@ -339,7 +340,7 @@ def train_student(
     mapping, _ = _parse_layers(layer_map) if layer_map else (None, False)
     summary = run(TrainConfig(
         cache_dir=cache_dir, output_dir=output_dir, negatives=negatives, layers=layers, hidden=hidden, heads=heads,
-        intermediate=intermediate, init=init, layer_map=mapping, intermediate_loss=intermediate_loss,
+        intermediate=intermediate, init=init, student_family=student_family, layer_map=mapping, intermediate_loss=intermediate_loss,
         granularity=granularity, k=k, temperature=temperature, stage1_fraction=stage1_fraction,
         stage1_weights=_parse_weights(stage1_weights, "--stage1-weights"),
         stage2_weights=_parse_weights(stage2_weights, "--stage2-weights"), one_stage=one_stage,

@@ -43,12 +43,6 @@ _SAMPLE_COUNT = 16
 _ARROW_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 
 
-def layer_map(teacher_layers: int, student_layers: int) -> list[int]:
-    """phi(i) = round_half_up(i * N / M) for i = 1..M: the last student layer maps to the last teacher layer."""
-    n, m = teacher_layers, student_layers
-    return [(2 * i * n + m) // (2 * m) for i in range(1, m + 1)]
-
-
 def hidden_column(layer: int) -> str:
     return f"hidden_{layer}"
 

@@ -57,7 +57,7 @@ class RunDir:
 
 # Settings added after runs were recorded, with the default that reproduces the behaviour before them: left out
 # at that default, so a run saved before the setting existed still compares equal (and is reused or resumed).
-_ADDED_AT_DEFAULT = {"keep": "best", "max_grad_norm": 1.0}
+_ADDED_AT_DEFAULT = {"keep": "best", "max_grad_norm": 1.0, "student_family": None}
 
 
 def comparable_settings(config: TrainConfig) -> dict[str, Any]:

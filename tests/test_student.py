@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
+from conftest import assert_refused
 from pipeline.errors import LrcError
-from pipeline.student import Projections, build_student, student_config
+from pipeline.student import Projections, build_student, init_shape, student_config
 
 # What a cache manifest holds about its teacher and task (the fields student_config reads).
 TEACHER = {"vocab_size": 30522, "max_position_embeddings": 128, "type_vocab_size": 2, "pad_token_id": 0}
@@ -133,14 +134,17 @@ def test_build_student_from_model_dir(tmp_path: Path) -> None:
     assert student.config.id2label == {0: "negative", 1: "positive"}
 
 
-def test_build_student_from_model_dir_with_other_depth(tmp_path: Path) -> None:
-    # the layer map and the projections are built for --layers: a model of another depth must not slip through
-    config = student_config(TEACHER, layers=2, hidden=16, heads=2, intermediate=32, task=SST2)
-    deeper = student_config(TEACHER, layers=3, hidden=16, heads=2, intermediate=32, task=SST2)
+def test_model_dir_decides_the_students_depth_and_width(tmp_path: Path) -> None:
+    # the layer map and the projections follow the checkpoint, not --layers/--hidden
+    deeper = student_config(TEACHER, layers=3, hidden=24, heads=2, intermediate=32, task=SST2)
     BertForSequenceClassification(deeper).save_pretrained(tmp_path / "deeper")
-    with pytest.raises(LrcError) as err:
-        build_student(config, str(tmp_path / "deeper"), None, [2, 4])
-    assert "\n" not in str(err.value) and "3" in str(err.value) and "--layers" in str(err.value)
+    assert init_shape(str(tmp_path / "deeper"), 2, 16) == (3, 24)
+    assert init_shape("random", 2, 16) == init_shape("teacher", 2, 16) == (2, 16)
+    config = student_config(TEACHER, layers=2, hidden=16, heads=2, intermediate=32, task=SST2)
+    student = build_student(config, str(tmp_path / "deeper"), None, [1, 2, 4])
+    assert student.config.num_hidden_layers == 3 and student.config.hidden_size == 24
+    assert_refused(lambda: init_shape(str(tmp_path / "deeper"), 2, 16, family="roberta"),
+                   "is a bert model", "--student-family is roberta")
 
 
 def test_build_student_from_model_dir_with_other_vocabulary(tmp_path: Path) -> None:
