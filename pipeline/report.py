@@ -21,7 +21,7 @@ LOSS_PLOT = "losses.png"
 DEV_PLOT = "dev_metric.png"
 REPORT = "report.md"
 # Keys of a step record that are not loss terms.
-_STEP_META = ("step", "epoch", "stage", "lr", "samples_per_s", "loss")
+_STEP_META = ("step", "epoch", "stage", "lr", "grad_norm", "samples_per_s", "loss")
 # The settings report.md lists, in this order.
 _KEY_SETTINGS = ("intermediate_loss", "granularity", "k", "perturb_eps", "stage1_fraction", "one_stage",
                  "learning_rate", "batch_size", "epochs", "max_steps", "init", "seed")

@@ -89,6 +89,10 @@ def test_evaluate_refuses_a_model_of_another_task(demo_run: dict, glue_dir: Path
     student = Path(demo_run["outcome"]["artifacts"]["student"])
     result = CliRunner().invoke(app, ["evaluate", str(student), "--task", "stsb", "--data-dir", str(glue_dir)])
     assert result.exit_code == 1
+    assert "was trained on sst2 (training_summary.json), not stsb" in result.output
+    result = CliRunner().invoke(app, ["evaluate", str(student), "--task", "stsb", "--data-dir", str(glue_dir),
+                                      "--allow-task-mismatch"])  # a deliberate transfer still needs the label count
+    assert result.exit_code == 1
     assert "predicts 2 labels but task stsb has 1" in result.output
 
 
