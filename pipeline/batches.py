@@ -93,7 +93,7 @@ class CacheDataset(Dataset):
             raise ValueError(f"negatives.sample gave shape {negative_ids.shape} for {len(rows)} rows, want (B, K)")
         for example, ids in zip(examples, negative_ids):
             # COS-NCE compares a negative with its anchor over their shared positions only (DESIGN §2),
-            # so tokens past the anchor's length are never used: cutting them shrinks negative_hidden ~1.7x (SST-2).
+            # so tokens past the anchor's length are never used: cutting them shrinks negative_hidden.
             n = len(example["input_ids"])
             example["negative_ids"] = ids  # (K,)
             example["negative_hidden"] = {j: [reader.hidden(int(r), j)[:n] for r in ids] for j in self.layers}
@@ -167,10 +167,10 @@ def _pad_hidden(per_layer: list[list[np.ndarray]], width: int) -> torch.Tensor:
 
 
 def _zeros(shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
-    """Zeros for a padded block. np.zeros (calloc: the kernel's zero pages) fills ~3x faster than
+    """Zeros for a padded block. np.zeros (calloc: the kernel's zero pages) fills faster than
     torch.zeros (malloc + memset) at these sizes. In a DataLoader worker the block is put in shared
-    memory from the start, as default_collate does, so handing it to the main process copies nothing
-    (1.0-4x the rows/s of 2 workers in noisy A/B runs here); a new segment reads as zeros (ftruncate)."""
+    memory from the start, as default_collate does, so handing it to the main process copies nothing;
+    a new segment reads as zeros (ftruncate). Measurements: docs/PERFORMANCE.md (data path)."""
     if get_worker_info() is None:
         return torch.from_numpy(np.zeros(shape, dtype))
     shared = _new_shared_storage(int(np.prod(shape)) * np.dtype(dtype).itemsize)

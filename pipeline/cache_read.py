@@ -169,8 +169,8 @@ class RowReader:
 
     `random_access` (MADV_RANDOM) defaults to on only for a split larger than half the RAM. An epoch
     touches every row, so when the split fits in the page cache the kernel's read-ahead is prefetch,
-    not waste (a cold epoch of a 412 MB cache: 4-6x the rows/s with read-ahead on); when it does not
-    fit, read-ahead pulls ~5x the bytes of each cold row and evicts them unused (DESIGN §6).
+    not waste; when it does not fit, read-ahead pulls several times the bytes of each cold row and
+    evicts them unused (DESIGN §6; measured in docs/PERFORMANCE.md).
     """
 
     def __init__(self, cache_dir: Path, info: dict[str, Any], layers: list[int], random_access: bool | None = None,

@@ -28,12 +28,12 @@ from pipeline.sampler import FORMAT, FORMAT_VERSION, is_negatives_file, manifest
 logger = logging.getLogger(__name__)
 
 _QUERY_BLOCK = 8192  # queries per FAISS call: bounds the (block, k) result arrays and paces the progress bar
-_EXACT_BLOCK = 64  # queries per numpy brute-force block: (64, N) float32 scores stay ~100 MB at N = 400k
+_EXACT_BLOCK = 64  # queries per numpy brute-force block: bounds the (64, N) float32 score block
 _HNSW_M = 32  # graph degree: recall >= 0.99 on clustered 768-d data at efSearch 128 (DESIGN §6)
 _HNSW_EF_SEARCH = 128
-# IVF: ~2 sqrt(n) lists, k-means on 64 points per list for 10 iterations, 8 lists probed. Measured on
-# 100k clustered rows (docs/PERFORMANCE.md): recall@16 1.000 at under half HNSW's CPU time; more lists
-# make k-means dearer than the scans they save, fewer make the scans dearer.
+# IVF: ~2 sqrt(n) lists, k-means on 64 points per list for 10 iterations, 8 lists probed: chosen on
+# clustered rows (docs/PERFORMANCE.md); more lists make k-means dearer than the scans they save, fewer
+# make the scans dearer.
 _IVF_LISTS_PER_SQRT_N = 2
 _IVF_TRAIN_PER_LIST = 64
 _IVF_NITER = 10
