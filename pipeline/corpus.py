@@ -8,7 +8,6 @@ written before corpus caches existed and is a task cache.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -22,6 +21,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from pipeline import cache
 from pipeline.config import CorpusConfig, DataConfig, ExtractConfig
 from pipeline.errors import LrcError
+from pipeline.tasks import read_table, readable
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,9 @@ def read_passages(config: CorpusConfig) -> list[str]:
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in TABLE_SUFFIXES:
-            texts = _read_table_column(path, suffix, config.text_column)
+            texts = _read_table_column(path, config.text_column)
         else:  # any other file is plain text, one passage per line
-            with path.open(encoding="utf-8") as f:
+            with path.open(encoding="utf-8") as f, readable(path):
                 texts = [line.rstrip("\n") for line in f]
     elif path.suffix.lower() in TABLE_SUFFIXES + TEXT_SUFFIXES or "/" in config.source and path.parent.is_dir():
         raise LrcError(f"corpus file not found: {path}: check the --corpus path")
@@ -77,32 +77,12 @@ def read_passages(config: CorpusConfig) -> list[str]:
     return passages
 
 
-def _read_table_column(path: Path, suffix: str, column: str) -> list[Any]:
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        names = pq.read_schema(path).names
-        _check_column(path, column, names)
-        return pq.read_table(path, columns=[column]).column(column).to_pylist()
-    if suffix in (".jsonl", ".json"):
-        values = []
-        with path.open(encoding="utf-8") as f:
-            for line_num, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise LrcError(f"{path}:{line_num}: not a JSON object per line ({exc.msg}): write JSON lines") from None
-                if not isinstance(record, dict) or column not in record:
-                    raise LrcError(f"{path}:{line_num}: no {column!r} field: pass --text-column naming the text field")
-                values.append(record[column])
-        return values
-    # .tsv with quoting off (sentences may start with a quote, as in GLUE); .csv is real CSV with quoting.
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if suffix == ".tsv" else csv.DictReader(f)
-        _check_column(path, column, reader.fieldnames or [])
-        return [row[column] for row in reader]
+def _read_table_column(path: Path, column: str) -> list[Any]:
+    """One column of a .csv/.tsv/.jsonl/.parquet corpus, read by the task loaders' reader (one set of rules
+    and one-line errors for every data file: quoting, encodings, over-long fields)."""
+    table = read_table(path)
+    _check_column(path, column, list(table))
+    return table[column]
 
 
 def _check_column(path: Path, column: str, names: list[str]) -> None:
@@ -140,9 +120,8 @@ def glue_sentences(data_dir: Path) -> list[str]:
     path = Path(data_dir) / folder / name
     if not path.is_file():
         raise LrcError(f"{path} not found: pass --data-dir pointing at a glue_data/ folder that has QNLI/test.tsv")
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
-            texts += [row[c] for c in columns]
+    table = read_table(path)  # GLUE's TSV rules: quoting off, BOM and header handled
+    texts += [text for row in zip(*(table[c] for c in columns)) for text in row]  # row order: question, sentence
     return list(dict.fromkeys(t.strip() for t in texts if t and t.strip()))
 
 

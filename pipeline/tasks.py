@@ -187,7 +187,7 @@ def _to_label(task: TaskSpec, value: Any, where: str) -> int | float:
 
 
 @contextlib.contextmanager
-def _readable(path: Path, reader: Any = None) -> Iterator[None]:
+def readable(path: Path, reader: Any = None) -> Iterator[None]:
     """Decoding and CSV errors of a data file as one line naming the file, the place and the fix."""
     try:
         yield
@@ -210,7 +210,7 @@ def _read_tsv(path: Path, header: bool, num_fields: int | None = None) -> tuple[
     # utf-8-sig strips MRPC's byte-order mark, which would otherwise glue itself to the first column name.
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        with _readable(path, reader):
+        with readable(path, reader):
             return _tsv_rows(path, reader, header, num_fields)
 
 
@@ -251,7 +251,7 @@ def _load_glue_tsv(task: TaskSpec, path: Path) -> Examples:
 # ---- explicit files (--train-file / --dev-file) ----------------------------------------------------
 
 
-def _read_table(path: Path) -> dict[str, list[Any]]:
+def read_table(path: Path) -> dict[str, list[Any]]:
     """Column name -> values for a .csv, .tsv, .jsonl/.json (JSON lines) or .parquet file."""
     if not path.is_file():
         raise LrcError(f"data file not found: {path}: check --train-file / --dev-file")
@@ -279,7 +279,7 @@ def _read_delimited(path: Path, suffix: str) -> dict[str, list[Any]]:
     # A .csv is a real CSV file: commas inside sentences come quoted, so default quote handling is right.
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
-        with _readable(path, reader):
+        with readable(path, reader):
             return _csv_columns(path, reader)
 
 
@@ -301,7 +301,7 @@ def _csv_columns(path: Path, reader: Any) -> dict[str, list[Any]]:
 
 def _read_json_lines(path: Path) -> dict[str, list[Any]]:
     records = []
-    with path.open(encoding="utf-8") as f, _readable(path):
+    with path.open(encoding="utf-8") as f, readable(path):
         for line_num, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -319,7 +319,7 @@ def _read_json_lines(path: Path) -> dict[str, list[Any]]:
 
 def _load_generic(task: TaskSpec, path: Path, data: DataConfig) -> Examples:
     """Each column flag overrides one default: the task's canonical text columns and "label"."""
-    table = _read_table(path)
+    table = read_table(path)
     text_col = data.text_column or task.text_columns[0]
     pair_col = data.text_pair_column or (task.text_columns[1] if len(task.text_columns) > 1 else None)
     label_col = data.label_column or "label"
