@@ -145,7 +145,7 @@ def test_read_passages_formats_and_errors(tmp_path: Path) -> None:
         assert read_passages(CorpusConfig(str(tmp_path / name), text_column="body")) == texts, name
     assert read_passages(CorpusConfig(str(tmp_path / "c.parquet"), text_column="body", max_passages=2)) == texts[:2]
     assert_refused(lambda: read_passages(CorpusConfig(str(tmp_path / "c.csv"))), "no column 'text'", "--text-column")
-    assert_refused(lambda: read_passages(CorpusConfig(str(tmp_path / "c.jsonl"))), "no 'text' field", "--text-column")
+    assert_refused(lambda: read_passages(CorpusConfig(str(tmp_path / "c.jsonl"))), "no column 'text'", "--text-column")
     assert_refused(lambda: read_passages(CorpusConfig(str(tmp_path / "missing.txt"))), "not found")
     (tmp_path / "blank.txt").write_text("\n  \n")
     assert_refused(lambda: read_passages(CorpusConfig(str(tmp_path / "blank.txt"))), "no non-blank passage")
