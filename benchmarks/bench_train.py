@@ -61,7 +61,8 @@ def training_parts(cache_dir: Path):
     from pipeline.cache_read import open_cache
     from pipeline.config import TrainConfig
     from pipeline.student import Projections, build_student, student_config
-    from pipeline.train import Model, resolve_layer_map
+    from pipeline.step import Model
+    from pipeline.train import resolve_layer_map
 
     cache = open_cache(cache_dir)
     config = TrainConfig(cache_dir=cache_dir, output_dir=cache_dir / "unused", device="cpu")  # library defaults
@@ -80,7 +81,7 @@ def training_parts(cache_dir: Path):
 def step(model, batch, config, params, optimizer, scheduler) -> None:
     """One training step exactly as train-student's loop does it (stage-two weights: every term computed)."""
     from pipeline.runtime import apply_update
-    from pipeline.train import train_step
+    from pipeline.step import train_step
 
     train_step(model, batch, (1.0, 1.0, 3.0), config, False, torch.device("cpu"))
     apply_update(params, optimizer, scheduler, config.max_grad_norm)

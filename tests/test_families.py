@@ -28,7 +28,8 @@ from pipeline.finetune import finetune_teacher
 from pipeline.negatives import build_negatives
 from pipeline.sampler import NegativeSampler
 from pipeline.student import Projections, build_student, layer_map, student_config
-from pipeline.train import Model, train_step, train_student
+from pipeline.step import Model, train_step
+from pipeline.train import train_student
 
 CPU = torch.device("cpu")
 _SHAPE = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,

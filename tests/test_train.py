@@ -28,10 +28,8 @@ from pipeline.extract import extract_teacher
 from pipeline.negatives import build_negatives
 from pipeline.sampler import NegativeSampler
 from pipeline.student import Projections, student_config
-from pipeline.train import (
-    Model, _setup, loss_terms, loss_weights, lr_at, resolve_layer_map, stage_at, train_step, train_student,
-    weighted_total,
-)
+from pipeline.step import Model, loss_terms, train_step, weighted_total
+from pipeline.train import _setup, loss_weights, lr_at, resolve_layer_map, stage_at, train_student
 
 CPU = torch.device("cpu")
 

@@ -8,7 +8,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -19,8 +18,9 @@ from pipeline.cache_read import open_cache
 from pipeline.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig
 from pipeline.extract import extract_teacher
 from pipeline.negatives import build_negatives
-from pipeline.runtime import apply_update, pick_device, predict_logits
-from pipeline.train import DevSet, _setup, epoch_batches, evaluate, loss_terms, train_or_reuse, train_student
+from pipeline.runtime import apply_update, predict_logits
+from pipeline.step import loss_terms
+from pipeline.train import DevSet, _setup, epoch_batches, evaluate, train_or_reuse, train_student
 from pipeline.metrics import compute_metrics
 from pipeline.tasks import get_task
 from transformers import AutoModelForSequenceClassification
