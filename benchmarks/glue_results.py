@@ -32,6 +32,7 @@ from pipeline.extract import extract_teacher
 from pipeline.finetune import finetune_teacher
 from pipeline.negatives import build_negatives
 from pipeline.runtime import setup_logging
+from pipeline.sampler import read_negatives
 from pipeline.tasks import get_task
 from pipeline.train import train_or_reuse
 
@@ -69,10 +70,21 @@ def prepare_task(task: str, args: argparse.Namespace) -> dict[str, Path]:
                                   layers=(2, 3, 4, 5, 6), max_length=args.max_length))
     for strategy in ("random", "hard"):
         out = paths["cache"] / f"negatives-{strategy}.arrow"
-        if not out.with_suffix(".json").is_file():
+        if not _usable_negatives(out, paths["cache"]):
+            out.unlink(missing_ok=True)  # ours to replace: this script named it
+            out.with_suffix(".json").unlink(missing_ok=True)
             build_negatives(NegativesConfig(cache_dir=paths["cache"], k=args.k, strategy=strategy, output=out))
         paths[f"negatives-{strategy}"] = out
     return paths
+
+
+def _usable_negatives(path: Path, cache_dir: Path) -> bool:
+    """A negatives file this lrc reads (format, checksum, ids) built from this very cache."""
+    try:
+        _, _, meta = read_negatives(path)
+    except LrcError:
+        return False
+    return meta["cache_fingerprint"] == read_manifest(cache_dir)["fingerprint"]
 
 
 def run_config(paths: dict[str, Path], shape: str, method: str, seed: int, args: argparse.Namespace) -> TrainConfig:
