@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from pipeline import cache
 from pipeline.config import CorpusConfig, DataConfig, ExtractConfig
 from pipeline.errors import LrcError
+from pipeline.runtime import from_pretrained, require_tokenizer
 from pipeline.tasks import read_table, readable
 
 log = logging.getLogger(__name__)
@@ -151,52 +151,38 @@ def windows(tokenizer: PreTrainedTokenizerBase, passages: list[str], max_length:
 # --------------------------------------------------------------------------- the corpus cache
 
 
-def load_encoder(source: str) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """The encoder without any task head (AutoModel drops one if the dir has it) and its tokenizer."""
+def load_encoder(source: str, trust_remote_code: bool = False) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """The encoder without any task head (AutoModel drops one if the dir has it) and its tokenizer, with the
+    checks every model dir gets: tokenizer files present, no code run unless asked, damage as one line."""
     if "/" in source and not Path(source).exists() and Path(source).parent.is_dir():
         raise LrcError(f"--teacher {source} does not exist: pass a model dir (any encoder; default: the bundled "
                        "all-MiniLM-L6-v2)")
-    try:
-        return AutoModel.from_pretrained(source), AutoTokenizer.from_pretrained(source)
-    except OSError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise LrcError(f"--teacher {source} did not load as an encoder ({reason}): pass a model dir") from None
+    require_tokenizer(Path(source), "--teacher")
+    model = from_pretrained(AutoModel.from_pretrained, source, "--teacher", trust_remote_code)
+    return model, from_pretrained(AutoTokenizer.from_pretrained, source, "--teacher", trust_remote_code)
 
 
 def extract_corpus(config: ExtractConfig) -> dict[str, Any]:
     """Encoder + unlabeled text -> corpus cache dir; resumes a killed run; returns the manifest."""
-    from pipeline.extract import (  # the task path's building blocks: same shards, same resume rules
-        _InputSpec, _hash_tokenizer, _hash_weights, extract_split, prepare_output_dir, resolve_layers,
-        save_teacher_weights, save_tokenizer,
-    )
+    from pipeline.extract import _hash_tokenizer, _hash_weights, resolve_layers, write_cache  # the task path's rules
     from pipeline.finetune import resolve_backbone
-    from pipeline.runtime import pick_device
 
     assert config.corpus is not None
     source = resolve_backbone(config.teacher_source)
-    model, tokenizer = load_encoder(source)
+    model, tokenizer = load_encoder(source, config.trust_remote_code)
     layers = resolve_layers(config, model.config.num_hidden_layers)
     passages = read_passages(config.corpus)
     ids, types, _ = windows(tokenizer, passages, config.max_length)
     weights = _hash_weights(Path(source)) if Path(source).is_dir() else f"hub:{source}"
     settings = corpus_settings(config, model, _hash_tokenizer(tokenizer), weights, layers, passages, len(ids))
-    out = config.output_dir
-    if prepare_output_dir(out, settings, config.overwrite):
-        log.info("corpus cache %s is already complete with these settings: nothing to do", out)
-        return cache.read_manifest(out)
-    save_tokenizer(tokenizer, out)
-    save_teacher_weights(model, out)
-
-    device = pick_device(config.device)
-    model.to(device).eval()
-    inputs = _InputSpec(tokenizer.pad_token_id or 0, "token_type_ids" in tokenizer.model_input_names)
-    started = time.perf_counter()
-    done = extract_split(model, config, device, inputs, "train", ids, types, None, layers, None)
-    elapsed = time.perf_counter() - started
-    manifest = cache.assemble_manifest(out, settings, {"teacher_path": source})
+    manifest, work = write_cache(model, tokenizer, config, settings, {"train": (ids, types, None)}, layers, None,
+                                 {"teacher_path": source})
+    if work is None:
+        return manifest
+    done, elapsed = work
     info = manifest["splits"]["train"]
     log.info("corpus cache written to %s: %d passages -> %d windows, %d tokens, %.1f MB; %d windows extracted in "
-             "%.0f s (%.1f windows/s)", out, len(passages), info["rows"], sum(map(len, ids)), info["bytes"] / 1e6,
+             "%.0f s (%.1f windows/s)", config.output_dir, len(passages), info["rows"], sum(map(len, ids)), info["bytes"] / 1e6,
              done, elapsed, done / max(elapsed, 1e-9))
     return manifest
 

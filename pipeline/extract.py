@@ -55,13 +55,38 @@ def extract_teacher(config: ExtractConfig) -> dict[str, Any]:
     else:
         log.warning("no --dev-file given with --train-file: the cache has no dev split to evaluate on")
     encoded = {split: encode(tokenizer, ex.text_a, ex.text_b, config.max_length) for split, ex in examples.items()}
-    require_layer_outputs(model, encoded["train"][0][0])  # COS-NCE needs (B, L, d') per layer: refuse now, not mid-run
-
     settings = build_settings(config, task, model, tokenizer, layers, examples)
+    splits = {split: (ids, types, examples[split]) for split, (ids, types) in encoded.items()}
+    extra = {"teacher_path": str(config.teacher.resolve()), "kind": "task"}
+    manifest, work = write_cache(model, tokenizer, config, settings, splits, layers, task, extra)
+    if work is None:
+        return manifest
+    rows_done, elapsed = work
+    train = manifest["splits"]["train"]
+    log.info(
+        "cache written to %s: %d train rows, %.1f KB/example, %.1f MB total; %d rows extracted in %.0f s (%.1f ex/s)",
+        config.output_dir, train["rows"], train["bytes"] / max(train["rows"], 1) / 1e3,
+        sum(s["bytes"] for s in manifest["splits"].values()) / 1e6, rows_done, elapsed, rows_done / max(elapsed, 1e-9),
+    )
+    return manifest
+
+
+def write_cache(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config: ExtractConfig, settings: dict[str, Any],
+    splits: dict[str, tuple[list[list[int]], list[list[int]], Examples | None]], layers: list[int],
+    task: TaskSpec | None, extra: dict[str, Any],
+) -> tuple[dict[str, Any], tuple[int, float] | None]:
+    """What every cache (task or corpus) does once its settings are known: refuse a model without one hidden
+    state per layer, create, resume or refuse the output dir, copy the tokenizer and weights in, run the
+    teacher over each split's missing shards and assemble the manifest. `splits`: name -> (ids, types,
+    examples or None for a corpus). Returns the manifest and (rows extracted now, seconds), or None for the
+    second when the cache was already complete."""
+    first_ids = next(iter(splits.values()))[0][0]
+    require_layer_outputs(model, first_ids)  # COS-NCE needs (B, L, d') per layer: refuse now, not mid-run
     out = config.output_dir
     if prepare_output_dir(out, settings, config.overwrite):
         log.info("cache %s is already complete with these settings: nothing to do", out)
-        return cache.read_manifest(out)
+        return cache.read_manifest(out), None
     save_tokenizer(tokenizer, out)
     save_teacher_weights(model, out)
 
@@ -70,18 +95,9 @@ def extract_teacher(config: ExtractConfig) -> dict[str, Any]:
     # Models without segment embeddings (MPNet, RoBERTa) reject token_type_ids; their pad id may not be 0.
     inputs = _InputSpec(tokenizer.pad_token_id or 0, "token_type_ids" in tokenizer.model_input_names)
     started, rows_done = time.perf_counter(), 0
-    for split, (ids, types) in encoded.items():
-        rows_done += extract_split(model, config, device, inputs, split, ids, types, examples[split], layers, task)
-    elapsed = time.perf_counter() - started
-
-    manifest = cache.assemble_manifest(out, settings, {"teacher_path": str(config.teacher.resolve()), "kind": "task"})
-    train = manifest["splits"]["train"]
-    log.info(
-        "cache written to %s: %d train rows, %.1f KB/example, %.1f MB total; %d rows extracted in %.0f s (%.1f ex/s)",
-        out, train["rows"], train["bytes"] / max(train["rows"], 1) / 1e3,
-        sum(s["bytes"] for s in manifest["splits"].values()) / 1e6, rows_done, elapsed, rows_done / max(elapsed, 1e-9),
-    )
-    return manifest
+    for split, (ids, types, examples) in splits.items():
+        rows_done += extract_split(model, config, device, inputs, split, ids, types, examples, layers, task)
+    return cache.assemble_manifest(out, settings, extra), (rows_done, time.perf_counter() - started)
 
 
 # --------------------------------------------------------------------------- teacher and inputs

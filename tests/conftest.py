@@ -127,3 +127,18 @@ class ArrowRows:
             "hidden": {int(k.removeprefix("hidden_")): np.asarray(v, np.float16) for k, v in raw.items()
                        if k.startswith("hidden_")},
         }
+
+
+@pytest.fixture(scope="module")
+def neg_cache(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the session cache (tiny teacher, layers [2, 4], 200 SST-2 rows) with negatives built (K = 2,
+    M = 16); one copy per test module, so a module may change it without touching another's."""
+    import shutil
+
+    from pipeline.config import NegativesConfig
+    from pipeline.negatives import build_negatives
+
+    out = tmp_path_factory.mktemp("neg-cache") / "sst2"
+    shutil.copytree(tiny_cache, out)
+    build_negatives(NegativesConfig(cache_dir=out, k=2))
+    return out

@@ -34,15 +34,6 @@ from pipeline.train import _setup, loss_weights, lr_at, resolve_layer_map, stage
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def neg_cache(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the session cache (tiny teacher, layers [2, 4], 200 SST-2 rows) with negatives built."""
-    out = tmp_path_factory.mktemp("train-cache") / "sst2"
-    shutil.copytree(tiny_cache, out)
-    build_negatives(NegativesConfig(cache_dir=out, k=2))
-    return out
-
-
 def tiny(cache: Path, out: Path, **kwargs) -> TrainConfig:
     """A 2 x 16 student on the tiny cache: a few steps run in about a second."""
     settings = dict(layers=2, hidden=16, heads=2, intermediate=32, k=2, max_steps=3, num_workers=0, device="cpu",

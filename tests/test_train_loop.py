@@ -5,7 +5,6 @@ evaluation without side effects, and the one reuse/resume/retrain policy."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from conftest import assert_refused, make_tiny_teacher
 from pipeline import losses
 from pipeline.cache_read import open_cache
-from pipeline.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig
+from pipeline.config import DataConfig, ExtractConfig, TrainConfig
 from pipeline.extract import extract_teacher
-from pipeline.negatives import build_negatives
 from pipeline.runtime import apply_update, predict_logits
 from pipeline.step import loss_terms
 from pipeline.train import DevSet, _setup, epoch_batches, evaluate, train_or_reuse, train_student
@@ -26,15 +24,6 @@ from pipeline.tasks import get_task
 from transformers import AutoModelForSequenceClassification
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def cache(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session cache (tiny 4-layer teacher, layers [2, 4] stored, 200 SST-2 rows) with negatives, M = 16."""
-    out = tmp_path_factory.mktemp("loop-cache") / "sst2"
-    shutil.copytree(tiny_cache, out)
-    build_negatives(NegativesConfig(cache_dir=out, k=2))
-    return out
 
 
 def tiny(cache: Path, out: Path, **kwargs) -> TrainConfig:
@@ -101,9 +90,10 @@ def _expected_intermediate(run, batch: dict, mapping: list[int]) -> torch.Tensor
 
 
 @pytest.mark.parametrize("mapping", [(4, 2), (4, 4), (2, 4)])
-def test_each_student_layer_learns_from_its_mapped_teacher_layer(cache: Path, tmp_path: Path, mapping: tuple) -> None:
+def test_each_student_layer_learns_from_its_mapped_teacher_layer(neg_cache: Path, tmp_path: Path,
+                                                                  mapping: tuple) -> None:
     """An out-of-order and a repeated map: matching layers by position would pair them differently."""
-    config = tiny(cache, tmp_path / "run", layer_map=mapping, perturb_eps=0.0)
+    config = tiny(neg_cache, tmp_path / "run", layer_map=mapping, perturb_eps=0.0)
     run = _setup(config)
     run.model.student.eval()  # no dropout: the loss and the hand computation see the same function
     batch = next(iter(epoch_batches(run, 0)))
@@ -127,8 +117,8 @@ def _negatives_by_row(run, epoch: int) -> dict[int, tuple[int, ...]]:
     return drawn
 
 
-def test_negatives_are_drawn_afresh_each_epoch_and_repeat_with_the_seed(cache: Path, tmp_path: Path) -> None:
-    run = _setup(tiny(cache, tmp_path / "run"))
+def test_negatives_are_drawn_afresh_each_epoch_and_repeat_with_the_seed(neg_cache: Path, tmp_path: Path) -> None:
+    run = _setup(tiny(neg_cache, tmp_path / "run"))
     first, second, first_again = (_negatives_by_row(run, e) for e in (0, 1, 0))
     assert len(first) == 200 and first == first_again
     changed = sum(first[row] != second[row] for row in first)
@@ -151,7 +141,7 @@ def test_apply_update_clips_the_global_norm() -> None:
         assert torch.equal(a.grad, torch.zeros(3))  # zeroed in place for the next step
 
 
-def test_train_student_clips_at_max_grad_norm(cache: Path, tmp_path: Path) -> None:
+def test_train_student_clips_at_max_grad_norm(neg_cache: Path, tmp_path: Path) -> None:
     norms: list[float] = []
 
     def record(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -160,10 +150,10 @@ def test_train_student_clips_at_max_grad_norm(cache: Path, tmp_path: Path) -> No
 
     handle = register_optimizer_step_pre_hook(record)  # every optimizer, including the one the run builds
     try:
-        train_student(tiny(cache, tmp_path / "clipped", max_grad_norm=1e-3))
+        train_student(tiny(neg_cache, tmp_path / "clipped", max_grad_norm=1e-3))
         clipped = list(norms)
         norms.clear()
-        train_student(tiny(cache, tmp_path / "free", max_grad_norm=0.0))
+        train_student(tiny(neg_cache, tmp_path / "free", max_grad_norm=0.0))
     finally:
         handle.remove()
     assert len(clipped) == 3 and max(clipped) <= 1e-3 * (1 + 1e-4), clipped
@@ -176,8 +166,8 @@ def test_train_student_clips_at_max_grad_norm(cache: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_evaluate_leaves_the_mode_and_runs_without_dropout(cache: Path, tmp_path: Path, training: bool) -> None:
-    config = tiny(cache, tmp_path / "run")
+def test_evaluate_leaves_the_mode_and_runs_without_dropout(neg_cache: Path, tmp_path: Path, training: bool) -> None:
+    config = tiny(neg_cache, tmp_path / "run")
     run = _setup(config)
     student = run.model.student.train(training)
     first = evaluate(student, run.dev, run.task, config, CPU, 0)
@@ -189,25 +179,25 @@ def test_evaluate_leaves_the_mode_and_runs_without_dropout(cache: Path, tmp_path
 # --------------------------------------------------------------------------- one reuse / resume / retrain policy
 
 
-def test_train_or_reuse(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_or_reuse(neg_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import pipeline.train as train
 
     calls: list[TrainConfig] = []
     real = train.train_student
     monkeypatch.setattr(train, "train_student", lambda c: calls.append(c) or real(c))
-    config = tiny(cache, tmp_path / "run", checkpoint_every=1)
+    config = tiny(neg_cache, tmp_path / "run", checkpoint_every=1)
 
     first, status = train_or_reuse(config)
     assert status == "done" and len(calls) == 1
     again, status = train_or_reuse(config)
     assert (status, again["best"], len(calls)) == ("reused", first["best"], 1)
 
-    assert_refused(lambda: train_or_reuse(tiny(cache, tmp_path / "run", seed=7, checkpoint_every=1)),
+    assert_refused(lambda: train_or_reuse(tiny(neg_cache, tmp_path / "run", seed=7, checkpoint_every=1)),
                    "holds a finished run with other settings", "differs in: seed", "--overwrite")
-    _, status = train_or_reuse(tiny(cache, tmp_path / "run", seed=7, checkpoint_every=1, overwrite=True))
+    _, status = train_or_reuse(tiny(neg_cache, tmp_path / "run", seed=7, checkpoint_every=1, overwrite=True))
     assert status == "done" and (calls[-1].seed, calls[-1].overwrite, calls[-1].resume) == (7, True, False)
 
     # A killed run (checkpoint, no summary) resumes instead of starting over.
     (tmp_path / "run" / "training_summary.json").unlink()
-    _, status = train_or_reuse(tiny(cache, tmp_path / "run", seed=7, checkpoint_every=1))
+    _, status = train_or_reuse(tiny(neg_cache, tmp_path / "run", seed=7, checkpoint_every=1))
     assert status == "done" and (calls[-1].resume, calls[-1].overwrite) == (True, False)
