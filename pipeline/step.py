@@ -46,8 +46,8 @@ def loss_terms(model: Model, batch: dict[str, torch.Tensor], config: TrainConfig
         for z, slot in zip(projected, model.teacher_slots):
             target = batch["teacher_hidden"][slot]  # (B, L, d')
             if config.intermediate_loss == "cos_nce":
-                per_layer.append(losses.cos_nce(z, target, mask, batch["negative_hidden"][slot],
-                                                batch["negative_mask"], config.granularity))
+                negatives, negatives_mask = _negatives(batch, slot, target)
+                per_layer.append(losses.cos_nce(z, target, mask, negatives, negatives_mask, config.granularity))
             else:
                 per_layer.append(losses.hidden_mse(z, target, mask))
         terms[config.intermediate_loss] = torch.stack(per_layer).sum()
@@ -56,6 +56,15 @@ def loss_terms(model: Model, batch: dict[str, torch.Tensor], config: TrainConfig
         terms["soft"] = losses.soft_loss(logits, batch["teacher_logits"], config.temperature, regression)
         terms["hard"] = losses.hard_loss(logits, batch["labels"], regression)
     return terms, captured["e"]
+
+
+def _negatives(batch: dict[str, torch.Tensor], slot: int, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slot's negatives (B, K, Ln, d') and their mask (B, K, Ln); with --k 0 the batch carries none, and
+    K = 0 leaves COS-NCE its positive term alone."""
+    if "negative_hidden" in batch:
+        return batch["negative_hidden"][slot], batch["negative_mask"]
+    b, length, width = target.shape
+    return target.new_zeros(b, 0, length, width), batch["attention_mask"].new_zeros(b, 0, length)
 
 
 def weighted_total(terms: dict[str, torch.Tensor], weights: tuple[float, float, float]) -> torch.Tensor:

@@ -263,11 +263,13 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
         while state.step < total_steps:
             for batch in epoch_batches(run, state.epoch, state.batch_in_epoch):
                 batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
-                check_batch_finite(batch, config.cache_dir)
                 weights = general.WEIGHTS if run.task is None else loss_weights(state.step, total_steps, config)
                 try:
                     terms = train_step(run.model, batch, weights, config, regression, run.device)
                 except FloatingPointError as err:
+                    # Any NaN/inf the batch read from the cache makes some loss term non-finite, so the batch is
+                    # inspected only then (not on every step): a damaged cache is named with its rows, else it diverged.
+                    check_batch_finite(batch, config.cache_dir)
                     raise LrcError(_diverged(run, err)) from None
                 lr = run.scheduler.get_last_lr()[0]  # the rate this step uses (the log reports it, not the next one's)
                 grad_norm = apply_update(run.params, run.optimizer, run.scheduler, config.max_grad_norm)

@@ -201,3 +201,25 @@ def test_train_or_reuse(neg_cache: Path, tmp_path: Path, monkeypatch: pytest.Mon
     (tmp_path / "run" / "training_summary.json").unlink()
     _, status = train_or_reuse(tiny(neg_cache, tmp_path / "run", seed=7, checkpoint_every=1))
     assert status == "done" and (calls[-1].resume, calls[-1].overwrite) == (True, False)
+
+
+# --------------------------------------------------------------------------- K = 0
+
+
+def test_cos_nce_without_negatives_is_its_positive_term(neg_cache: Path, tmp_path: Path) -> None:
+    """--k 0 ("no negatives") reads no negatives file and leaves COS-NCE g(z_T, z_S) alone, summed over layers."""
+    config = tiny(neg_cache, tmp_path / "run", k=0, perturb_eps=0.0)
+    run = _setup(config)
+    run.model.student.eval()
+    batch = next(iter(epoch_batches(run, 0)))
+    assert "negative_hidden" not in batch
+    with torch.no_grad():
+        terms, _ = loss_terms(run.model, batch, config, regression=False)
+        out = run.model.student(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                                attention_mask=batch["attention_mask"], output_hidden_states=True)
+        positive = sum(losses.angular_distance(  # flat: the real tokens of each layer as one vector
+            (run.model.projections.maps[i](out.hidden_states[i + 1]) * batch["attention_mask"][..., None]).flatten(1),
+            (batch["teacher_hidden"][i].float() * batch["attention_mask"][..., None]).flatten(1)).mean()
+            for i in range(2))
+    assert terms["cos_nce"].item() == pytest.approx(positive.item(), rel=1e-5)
+    assert train_student(tiny(neg_cache, tmp_path / "trained", k=0))["steps"] == 3
