@@ -62,19 +62,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     if config.general:
         paths |= general_stages(config, times)
         init = str(paths["general_student"])
-    with _stage("finetune-teacher", times):
-        teacher = finetune_teacher(FinetuneConfig(
-            data=data, output_dir=paths["teacher"], max_length=config.max_length, epochs=config.teacher_epochs,
-            learning_rate=config.teacher_lr, seed=config.seed, device=config.device, precision=config.precision,
-            overwrite=config.overwrite,
-        ))
-    with _stage("extract-teacher", times):
-        extract_teacher(ExtractConfig(
-            teacher=paths["teacher"], data=data, output_dir=paths["cache"], student_layers=config.student_layers,
-            max_length=config.max_length, device=config.device, precision=config.precision, overwrite=config.overwrite,
-        ))
-    with _stage("build-negatives", times):
-        build_negatives(NegativesConfig(cache_dir=paths["cache"], k=config.k, seed=config.seed))
+    teacher = task_stages(config, data, paths, times)
     train = TrainConfig(
         cache_dir=paths["cache"], output_dir=paths["student"], layers=config.student_layers,
         hidden=config.student_hidden, heads=config.student_heads, intermediate=config.student_intermediate,
@@ -94,6 +82,25 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     (work / f"{name}.json").write_text(json.dumps(outcome, indent=2, default=str) + "\n")
     (work / f"{name}.md").write_text(render(outcome))
     return outcome
+
+
+def task_stages(config: DemoConfig, data: DataConfig, paths: dict[str, Path], times: dict[str, float]) -> dict[str, Any]:
+    """Teacher -> task cache -> negatives at `paths` (teacher, cache), each reused when finished with these
+    settings; returns the teacher's info. benchmarks/short_budget.py starts its students from the same three."""
+    with _stage("finetune-teacher", times):
+        teacher = finetune_teacher(FinetuneConfig(
+            data=data, output_dir=paths["teacher"], max_length=config.max_length, epochs=config.teacher_epochs,
+            learning_rate=config.teacher_lr, seed=config.seed, device=config.device, precision=config.precision,
+            overwrite=config.overwrite,
+        ))
+    with _stage("extract-teacher", times):
+        extract_teacher(ExtractConfig(
+            teacher=paths["teacher"], data=data, output_dir=paths["cache"], student_layers=config.student_layers,
+            max_length=config.max_length, device=config.device, precision=config.precision, overwrite=config.overwrite,
+        ))
+    with _stage("build-negatives", times):
+        build_negatives(NegativesConfig(cache_dir=paths["cache"], k=config.k, seed=config.seed))
+    return teacher
 
 
 def general_stages(config: DemoConfig, times: dict[str, float]) -> dict[str, Path]:

@@ -153,7 +153,8 @@ def require_layer_outputs(model: PreTrainedModel, input_ids: list[int], role: st
     """One hidden state (B, L, d) per layer plus the embeddings, or COS-NCE has nothing to learn from."""
     ids = torch.tensor([input_ids], device=model.device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    states = model(**inputs, output_hidden_states=True).hidden_states
+    with torch.no_grad():  # a shape probe: no graph to keep
+        states = model(**inputs, output_hidden_states=True).hidden_states
     depth, width = model.config.num_hidden_layers, model.config.hidden_size
     shapes = None if states is None else [tuple(h.shape) for h in states]
     if shapes != [(1, len(input_ids), width)] * (depth + 1):
