@@ -171,6 +171,14 @@ def mean(ranks: Ranks, values: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return dict(zip(values, stacked / ranks.world_size))
 
 
+def wrap(module: torch.nn.Module, device: torch.device, find_unused: bool = False) -> torch.nn.Module:
+    """DistributedDataParallel over `module` (the same parameters; rank 0's values are broadcast once). Buffers
+    (position ids) never change in training, so they are not re-broadcast before every forward."""
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=find_unused,
+        forward_sync_buffers=False)
+
+
 def per_rank_batch(ranks: Ranks, batch_size: int) -> int:
     """--batch-size is the global batch of one optimizer step, split evenly over the ranks."""
     if batch_size % ranks.world_size:

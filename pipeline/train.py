@@ -213,11 +213,8 @@ def _setup(config: TrainConfig, ranks: distributed.Ranks = distributed.SINGLE) -
         torch.manual_seed(config.seed + ranks.rank)
     if ranks.distributed:
         # One DDP over student + projections. A corpus run leaves the classification head out of its loss:
-        # only then must DDP look for parameters without a gradient. Buffers (position ids) never change, so
-        # they are not broadcast on every forward.
-        model.synced = torch.nn.parallel.DistributedDataParallel(
-            Trainable(student, projections), device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=is_general, broadcast_buffers=False)
+        # only then must DDP look for parameters without a gradient (a graph walk per step).
+        model.synced = distributed.wrap(Trainable(student, projections), device, find_unused=is_general)
 
     dev = DevSet(cache) if "dev" in cache.manifest["splits"] else None
     teacher_dev = compute_metrics(task, dev.teacher_logits, dev.labels) if dev else None
