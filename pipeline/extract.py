@@ -111,10 +111,9 @@ def write_cache(
         rows_done += extract_split(model, config, device, inputs, split, ids, types, examples, layers, task, ranks)
     # Every rank's shards are on disk (with their sidecars) before rank 0 assembles the manifest from them.
     distributed.barrier(ranks)
-    if ranks.is_main:
-        cache.assemble_manifest(out, settings, extra)
+    manifest = cache.assemble_manifest(out, settings, extra) if ranks.is_main else None
     distributed.barrier(ranks)
-    return cache.read_manifest(out), (rows_done, time.perf_counter() - started)
+    return manifest or cache.read_manifest(out), (rows_done, time.perf_counter() - started)
 
 
 # --------------------------------------------------------------------------- teacher and inputs
