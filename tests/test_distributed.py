@@ -32,11 +32,20 @@ from pipeline.train import _setup, epoch_batches, loss_weights, train_student
 
 LAUNCH_TIMEOUT = 240  # a hang shows up as a timeout, not as a stuck test run
 
-# Runs the real CLI; on rank FAIL_RANK it fails at the FAIL_AT-th optimizer step (after step FAIL_AT - 1).
+# Runs the real CLI; on rank FAIL_RANK it fails at the FAIL_AT-th optimizer step (after step FAIL_AT - 1), and each
+# rank that assembles a manifest appends its rank to MANIFEST_WRITERS.
 ENTRY = '''
 import os, sys
+import pipeline.cache as cache
 import pipeline.train as train
 from pipeline.errors import LrcError
+assemble = cache.assemble_manifest
+def recorded(*args, **kwargs):
+    with open(os.environ["MANIFEST_WRITERS"], "a") as f:
+        f.write(os.environ["RANK"] + " ")
+    return assemble(*args, **kwargs)
+if "MANIFEST_WRITERS" in os.environ:
+    cache.assemble_manifest = recorded
 real, calls = train.apply_update, [0]
 def failing(*args, **kwargs):
     calls[0] += 1
@@ -106,13 +115,15 @@ def two_rank_run(work: dict[str, Path]) -> Path:
 
 
 def test_two_rank_extraction_writes_the_one_rank_cache(work: dict[str, Path]) -> None:
-    """Catches: ranks writing overlapping or rank-dependent shards, rank 0 assembling the manifest before the other
-    rank's shards are on disk (an incomplete-cache error or a short manifest), a rank re-extracting the other's rows."""
-    out = work["root"] / "cache2"
-    result = torchrun("-m", "cli", "extract-teacher", "--teacher", str(work["teacher"]), "--task", "sst2",
+    """Catches: ranks writing overlapping or rank-dependent shards, rank 1 (or both) writing the manifest, rank 0
+    assembling it before the other rank's shards are on disk (an incomplete-cache error), a rank's rows missing."""
+    out, writers = work["root"] / "cache2", work["root"] / "manifest-writers.txt"
+    result = torchrun(str(work["entry"]), "extract-teacher", "--teacher", str(work["teacher"]), "--task", "sst2",
                       "-o", str(out), "--train-file", str(work["train"]), "--dev-file", str(work["dev"]),
-                      "--student-layers", "2", "--shard-rows", "8", "--device", "cpu")
+                      "--student-layers", "2", "--shard-rows", "8", "--device", "cpu",
+                      env={"MANIFEST_WRITERS": str(writers)})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert writers.read_text().split() == ["0"]
     assert sum("cache:" in line for line in lines(result.stdout)) == 1  # the result line once (rank 0), not per rank
     one, two = open_cache(work["cache"], "full"), open_cache(out, "full")  # every shard against its sha256
     assert two.fingerprint == one.fingerprint
