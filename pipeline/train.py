@@ -209,7 +209,8 @@ def _setup(config: TrainConfig, ranks: distributed.Ranks = distributed.SINGLE) -
     if config.resume:
         state = checkpoint.load(run_dir, student, projections, optimizer, scheduler, ranks.rank, ranks.world_size)
         log.info("resumed from step %d (epoch %d, batch %d)", state.step, state.epoch, state.batch_in_epoch)
-    elif ranks.rank > 0:  # the same initial weights (DDP checks), then dropout masks of each rank's own
+    elif ranks.rank > 0:  # the same initial weights on every rank (DDP also broadcasts rank 0's), then each rank
+        # its own dropout masks
         torch.manual_seed(config.seed + ranks.rank)
     if ranks.distributed:
         # One DDP over student + projections. A corpus run leaves the classification head out of its loss:
@@ -257,13 +258,9 @@ def is_better(metrics: dict[str, float], best: dict[str, float] | None, metric: 
 def _evaluate_and_keep_best(run: Run) -> None:
     """Evaluate on the cached dev split; the best student so far is saved in HF format. Under torchrun rank 0
     evaluates (every rank holds the same weights) while the others wait."""
-    if not run.ranks.is_main:
-        distributed.barrier(run.ranks)
-        return
-    try:
-        _evaluate_on_main(run)
-    finally:
-        distributed.barrier(run.ranks)
+    if run.ranks.is_main:
+        _evaluate_on_main(run)  # a failure here ends rank 0, and the others' barrier with it (distributed.session)
+    distributed.barrier(run.ranks)
 
 
 def _evaluate_on_main(run: Run) -> None:
