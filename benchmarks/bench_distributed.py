@@ -77,7 +77,7 @@ def training(work: Path, cache: Path, batch_size: int) -> dict:
     for name, processes, threads in (("1 process x 2 threads", 1, 2), ("2 processes x 1 thread", 2, 1)):
         run = work / f"student-{processes}"
         wall, _ = cli(["train-student", "--cache", str(cache), "-o", str(run), "--epochs", "1", "--batch-size",
-                       str(batch_size), "--device", "cpu", "--k", "4", "--eval-batch-size", "256"], processes, threads)
+                       str(batch_size), "--device", "cpu", "--k", "4"], processes, threads)
         summary = json.loads((run / "training_summary.json").read_text())
         out[name] = {"command_s": round(wall, 1), "train_s": summary["train_seconds"], "steps": summary["steps"],
                      "samples_per_s": summary["samples_per_s"], "parameters": summary["parameters"]}
