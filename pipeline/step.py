@@ -32,12 +32,14 @@ class Model:
     synced: torch.nn.Module | None = None
 
 
-def forward(student: torch.nn.Module, projections: Projections | None, inputs: dict[str, torch.Tensor]
-            ) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
-    """The student's logits and its projected layer outputs M x (B, L, d') (None without projections)."""
+def forward(student: torch.nn.Module, projections: Projections | None, inputs: dict[str, torch.Tensor],
+            logits: bool = True) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
+    """The student's logits (None unless `logits`) and its projected layer outputs M x (B, L, d') (None without
+    projections). A corpus batch has no labels: its logits are left out, so DDP (find_unused_parameters) sees
+    the head as unused instead of waiting for gradients that never come."""
     output = student(**inputs, output_hidden_states=projections is not None)
     projected = projections(list(output.hidden_states[1:])) if projections is not None else None  # layers 1..M
-    return getattr(output, "logits", None), projected
+    return output.logits if logits else None, projected
 
 
 class Trainable(torch.nn.Module):
@@ -48,8 +50,9 @@ class Trainable(torch.nn.Module):
         super().__init__()
         self.student, self.projections = student, projections
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
-        return forward(self.student, self.projections, inputs)
+    def forward(self, inputs: dict[str, torch.Tensor], logits: bool = True
+                ) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
+        return forward(self.student, self.projections, inputs, logits)
 
 
 def loss_terms(model: Model, batch: dict[str, torch.Tensor], config: TrainConfig, regression: bool,
@@ -63,9 +66,9 @@ def loss_terms(model: Model, batch: dict[str, torch.Tensor], config: TrainConfig
     inputs = model_inputs(model.student, batch)
     with embedding_output(model.student, embeddings) as captured:
         if sync and model.synced is not None:
-            logits, projected = model.synced(inputs)
+            logits, projected = model.synced(inputs, "labels" in batch)
         else:
-            logits, projected = forward(model.student, model.projections, inputs)
+            logits, projected = forward(model.student, model.projections, inputs, "labels" in batch)
     terms: dict[str, torch.Tensor] = {}
     if projected is not None:
         mask = batch["attention_mask"]
