@@ -50,6 +50,14 @@ VerifyCacheOpt = typer.Option(
 )
 
 
+def _say(text: str) -> None:
+    """A command's result line: once, from rank 0, when torchrun runs several processes."""
+    from pipeline.distributed import from_env
+
+    if from_env().is_main:
+        typer.echo(text)
+
+
 def _disk_errno(err: BaseException) -> int | None:
     """The errno of a disk error: an OSError's, or the one pyarrow and safetensors (Rust) put in their text."""
     code = err.errno if isinstance(err, OSError) else None
@@ -64,6 +72,7 @@ def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pipeline.distributed import StoppedByPeer
         from pipeline.runtime import setup_logging
 
         setup_logging(bool(kwargs.get("verbose")))
@@ -71,6 +80,9 @@ def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except LrcError as err:
             typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+        except StoppedByPeer as err:  # under torchrun: the rank that failed first printed the one error line
+            typer.echo(f"stopped: {err}", err=True)
             raise typer.Exit(1) from None
         except Exception as err:  # noqa: BLE001 - only disk errors are handled, the rest re-raised
             code = _disk_errno(err)
@@ -233,7 +245,7 @@ def extract_teacher(
         hidden_dtype=hidden_dtype, device=device, precision=precision, overwrite=overwrite,
         allow_task_mismatch=allow_task_mismatch, trust_remote_code=trust_remote_code, corpus=source,
     ))
-    typer.echo(f"cache: {output_dir}  layers {manifest['layers']}  rows "
+    _say(f"cache: {output_dir}  layers {manifest['layers']}  rows "
                + ", ".join(f"{s}={v['rows']}" for s, v in manifest["splits"].items()))
 
 
@@ -317,7 +329,7 @@ def train_student(
     projection_init: str = typer.Option(T("projection_init"), help="Start of the COS-NCE / MSE projections W_i: auto (identity where student and teacher widths match, else random), identity or random."),
     epochs: float = typer.Option(T("epochs"), help="Training epochs (fractions allowed)."),
     max_steps: Optional[int] = typer.Option(None, help="Train exactly this many steps (overrides --epochs)."),
-    batch_size: int = typer.Option(T("batch_size"), help="Training batch size."),
+    batch_size: int = typer.Option(T("batch_size"), help="Training batch size: the global batch of one optimizer step. Under torchrun it is split evenly over the processes (each takes batch-size / WORLD_SIZE rows; it must divide evenly), so the same value trains the same way on any number of processes."),
     lr: float = typer.Option(T("learning_rate"), "--lr", help="Peak learning rate of AdamW."),
     weight_decay: float = typer.Option(T("weight_decay"), help="AdamW weight decay."),
     max_grad_norm: float = typer.Option(T("max_grad_norm"), help="Clip the global gradient norm (student and projections) to this before each step; 0 = no clipping."),
@@ -351,10 +363,10 @@ def train_student(
         overwrite=overwrite, verify_cache=verify_cache,
     ))
     if summary.get("kind") == "general":
-        typer.echo(f"general student: {output_dir}  (the last of {summary['steps']} steps; start task distillation "
+        _say(f"general student: {output_dir}  (the last of {summary['steps']} steps; start task distillation "
                    f"with --init {output_dir})")
         return
-    typer.echo(f"student: {output_dir}  {summary['kept']} dev {json.dumps(summary['best'])}  teacher dev {json.dumps(summary['teacher_dev'])}")
+    _say(f"student: {output_dir}  {summary['kept']} dev {json.dumps(summary['best'])}  teacher dev {json.dumps(summary['teacher_dev'])}")
 
 
 @app.command("evaluate")
@@ -445,7 +457,7 @@ def sweep(
     index, count = parse_shard(shard)
     table = run_sweep(SweepConfig(base=base_config, grid=parse_grid(set_, grid), output_dir=output_dir,
                                   shard_index=index, shard_count=count))
-    typer.echo(f"results: {table}")
+    _say(f"results: {table}")
 
 
 @app.command("report")

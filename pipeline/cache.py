@@ -221,12 +221,15 @@ def _sidecar(path: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and {"bytes", "sha256", "sample_sha256"} <= record.keys() else None
 
 
-def trusted_shards(cache_dir: Path, split: str) -> list[tuple[int, int, Path]]:
+def trusted_shards(cache_dir: Path, split: str, ranges: set[tuple[int, int]] | None = None) -> list[tuple[int, int, Path]]:
     """The present shards of a split that match their sidecar's sha256 (every byte read); any other
     shard (changed since it was written, or without a sidecar) is removed, so a resumed extraction
-    writes it again instead of blessing it into the manifest."""
+    writes it again instead of blessing it into the manifest. `ranges`: check only these (start, stop)
+    shards, the ones this rank owns, so ranks never hash or remove each other's files."""
     trusted = []
     for start, stop, path in present_shards(cache_dir, split):
+        if ranges is not None and (start, stop) not in ranges:
+            continue
         record = _sidecar(path)
         if record is not None and record["bytes"] == path.stat().st_size and record["sha256"] == sha256_file(path):
             trusted.append((start, stop, path))

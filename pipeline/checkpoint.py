@@ -196,9 +196,24 @@ def read_state(path: Path) -> dict[str, Any]:
                        "over with --overwrite") from None
 
 
+def rng_state() -> dict[str, Any]:
+    """This process's random generators (torch, numpy, Python, CUDA)."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
 def save(run: RunDir, state: TrainState, student: torch.nn.Module, projections: torch.nn.Module | None,
-         optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-    """Everything a resumed run needs to continue as if never stopped, written atomically."""
+         optimizer: torch.optim.Optimizer, scheduler: Any, rng_by_rank: list[dict[str, Any]] | None = None) -> None:
+    """Everything a resumed run needs to continue as if never stopped, written atomically. Under torchrun
+    rank 0 writes it with every rank's RNG state (`rng_by_rank`, in rank order)."""
     run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     payload = {
         "state": asdict(state),
@@ -206,15 +221,19 @@ def save(run: RunDir, state: TrainState, student: torch.nn.Module, projections: 
         "projections": projections.state_dict() if projections is not None else None,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "rng": rng_state(),
     }
+    if rng_by_rank is not None and len(rng_by_rank) > 1:
+        payload["rng_by_rank"] = rng_by_rank
     _remove_stale_temp_files(run)
     write_state(run.checkpoint_dir / STATE_FILE, payload)
 
 
 def load(run: RunDir, student: torch.nn.Module, projections: torch.nn.Module | None,
-         optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
+         optimizer: torch.optim.Optimizer, scheduler: Any, rank: int = 0, world_size: int = 1) -> TrainState:
+    """Restore a checkpoint into the run's objects; each rank takes its own RNG state. Resumed with another
+    number of processes, weights, optimizer and data order carry over (--batch-size is the global batch)
+    but dropout draws do not: every rank then starts from rank 0's generators, offset by its rank."""
     _remove_stale_temp_files(run)
     path = run.checkpoint_dir / STATE_FILE
     payload = read_state(path)
@@ -227,12 +246,15 @@ def load(run: RunDir, student: torch.nn.Module, projections: torch.nn.Module | N
     except (KeyError, RuntimeError, ValueError) as err:
         reason = " ".join(str(err).split())[:160]
         raise LrcError(f"checkpoint {path} does not fit this run ({reason}): start the run over with --overwrite") from None
-    rng = payload["rng"]
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    by_rank = payload.get("rng_by_rank") or [payload["rng"]]
+    if len(by_rank) == world_size:
+        _set_rng_state(by_rank[rank])
+    else:
+        log.warning("the checkpoint was written by %d process(es), this run has %d: dropout draws differ from an "
+                    "uninterrupted run", len(by_rank), world_size)
+        _set_rng_state(payload["rng"])
+        if rank > 0:
+            torch.manual_seed(int(torch.randint(2**31, ())) + rank)
     return TrainState(**payload["state"])
 
 

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from pipeline import cache
+from pipeline import cache, distributed
 from pipeline.config import ExtractConfig
 from pipeline.errors import LrcError
 from pipeline.families import require_layer_outputs
@@ -40,7 +40,14 @@ class _InputSpec:
 
 
 def extract_teacher(config: ExtractConfig) -> dict[str, Any]:
-    """Teacher + task data (or a corpus) -> cache dir; resumes a killed run; returns the manifest."""
+    """Teacher + task data (or a corpus) -> cache dir; resumes a killed run; returns the manifest.
+
+    Under torchrun each rank runs the teacher over its own whole shards (`write_cache`)."""
+    with distributed.session(config.device):
+        return _extract(config)
+
+
+def _extract(config: ExtractConfig) -> dict[str, Any]:
     if config.corpus is not None:  # unlabeled text for general distillation: pipeline/corpus.py
         from pipeline.corpus import extract_corpus
 
@@ -83,21 +90,30 @@ def write_cache(
     second when the cache was already complete."""
     first_ids = next(iter(splits.values()))[0][0]
     require_layer_outputs(model, first_ids)  # COS-NCE needs (B, L, d') per layer: refuse now, not mid-run
-    out = config.output_dir
-    if prepare_output_dir(out, settings, config.overwrite):
+    out, ranks = config.output_dir, distributed.current()
+    # Rank 0 alone creates, resumes or refuses the dir and copies the tokenizer and weights in; the others
+    # wait, then find the dir ready (or complete, with a manifest).
+    if ranks.is_main and prepare_output_dir(out, settings, config.overwrite):
         log.info("cache %s is already complete with these settings: nothing to do", out)
+    elif ranks.is_main:
+        save_tokenizer(tokenizer, out)
+        save_teacher_weights(model, out)
+    distributed.barrier(ranks)
+    if (out / cache.MANIFEST).is_file():
         return cache.read_manifest(out), None
-    save_tokenizer(tokenizer, out)
-    save_teacher_weights(model, out)
 
-    device = pick_device(config.device)
+    device = distributed.device_for(ranks, config.device)
     model.to(device).eval()
     # Models without segment embeddings (MPNet, RoBERTa) reject token_type_ids; their pad id may not be 0.
     inputs = _InputSpec(tokenizer.pad_token_id or 0, "token_type_ids" in tokenizer.model_input_names)
     started, rows_done = time.perf_counter(), 0
     for split, (ids, types, examples) in splits.items():
-        rows_done += extract_split(model, config, device, inputs, split, ids, types, examples, layers, task)
-    return cache.assemble_manifest(out, settings, extra), (rows_done, time.perf_counter() - started)
+        rows_done += extract_split(model, config, device, inputs, split, ids, types, examples, layers, task, ranks)
+    # Every rank's shards are on disk (with their sidecars) before rank 0 assembles the manifest from them.
+    distributed.barrier(ranks)
+    manifest = cache.assemble_manifest(out, settings, extra) if ranks.is_main else None
+    distributed.barrier(ranks)
+    return manifest or cache.read_manifest(out), (rows_done, time.perf_counter() - started)
 
 
 # --------------------------------------------------------------------------- teacher and inputs
@@ -237,19 +253,22 @@ def _save_dir_atomic(saveable: Any, final: Path) -> None:
 def extract_split(
     model: torch.nn.Module, config: ExtractConfig, device: torch.device, inputs: _InputSpec, split: str,
     ids: list[list[int]], types: list[list[int]], examples: Examples | None, layers: list[int], task: TaskSpec | None,
+    ranks: distributed.Ranks = distributed.SINGLE,
 ) -> int:
-    """Write every missing shard of a split; returns the number of rows extracted now.
+    """Write every missing shard of this rank's share of a split; returns the number of rows extracted now.
 
-    task None: a corpus split (unlabeled windows), written without labels and logits.
+    task None: a corpus split (unlabeled windows), written without labels and logits. Rank r of W owns the
+    shards r, r + W, ...: whole shards, so no two ranks ever write (or check) the same file, and the files
+    and bytes are those of one process (a shard's rows do not depend on who runs them).
     """
     with_hidden = split == "train"
     schema = cache.shard_schema(layers, model.config.hidden_size, task.num_labels if task else None,
                                 task is not None and task.is_regression, config.hidden_dtype, with_hidden)
     out, n = config.output_dir, len(ids)
-    done = {(start, stop) for start, stop, _ in cache.trusted_shards(out, split)}  # re-checks what a killed run left
-    todo = [(s, min(s + config.shard_rows, n)) for s in range(0, n, config.shard_rows)]
-    todo = [r for r in todo if r not in done]
-    if len(todo) < -(-n // config.shard_rows):
+    mine = [(s, min(s + config.shard_rows, n)) for s in range(0, n, config.shard_rows)][ranks.rank :: ranks.world_size]
+    done = {(start, stop) for start, stop, _ in cache.trusted_shards(out, split, set(mine))}  # what a killed run left
+    todo = [r for r in mine if r not in done]
+    if len(todo) < len(mine):
         log.info("%s: %d of %d shards already present, extracting the rest", split, len(done), len(done) + len(todo))
     labels = None if task is None or examples is None else \
         np.asarray(examples.labels, dtype=np.float32 if task.is_regression else np.int64)
@@ -267,7 +286,7 @@ def extract_split(
     # One writer thread encodes and writes shard i while the teacher runs shard i+1 (Arrow and file
     # I/O release the GIL); waiting on the previous write first bounds memory to two shards.
     with ThreadPoolExecutor(max_workers=1) as writer, \
-            tqdm(total=total, desc=f"extract {split}", unit="ex", dynamic_ncols=True) as bar:
+            tqdm(total=total, desc=f"extract {split}", unit="ex", dynamic_ncols=True, disable=not ranks.is_main) as bar:
         pending = None
         for start, stop in todo:
             shard = run_shard(model, config, device, inputs, ids[start:stop], types[start:stop], layers, with_hidden, bar,

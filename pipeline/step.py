@@ -27,20 +27,50 @@ class Model:
     student: torch.nn.Module
     projections: Projections | None
     teacher_slots: list[int]  # per student layer i (in order): the slot of teacher layer phi(i) in teacher_hidden
+    # Under torchrun: DistributedDataParallel over Trainable(student, projections), the same parameters. Only
+    # a pass whose backward updates the parameters runs through it (see train_step); None in one process.
+    synced: torch.nn.Module | None = None
+
+
+def forward(student: torch.nn.Module, projections: Projections | None, inputs: dict[str, torch.Tensor],
+            logits: bool = True) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
+    """The student's logits (None unless `logits`) and its projected layer outputs M x (B, L, d') (None without
+    projections). A corpus batch has no labels: its logits are left out, so DDP (find_unused_parameters) sees
+    the head as unused instead of waiting for gradients that never come."""
+    output = student(**inputs, output_hidden_states=projections is not None)
+    projected = projections(list(output.hidden_states[1:])) if projections is not None else None  # layers 1..M
+    return output.logits if logits else None, projected
+
+
+class Trainable(torch.nn.Module):
+    """The student and its projections as one module, so that one DistributedDataParallel covers every
+    trained parameter and all-reduces them in one backward."""
+
+    def __init__(self, student: torch.nn.Module, projections: Projections | None) -> None:
+        super().__init__()
+        self.student, self.projections = student, projections
+
+    def forward(self, inputs: dict[str, torch.Tensor], logits: bool = True
+                ) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
+        return forward(self.student, self.projections, inputs, logits)
 
 
 def loss_terms(model: Model, batch: dict[str, torch.Tensor], config: TrainConfig, regression: bool,
-               embeddings: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+               embeddings: torch.Tensor | None = None, sync: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Run the student and compute each loss term by name. With `embeddings`, the student's embedding
-    module does not run: the layers above it start from that tensor (the perturbed pass's e').
+    module does not run: the layers above it start from that tensor (the perturbed pass's e'). `sync`:
+    run through `model.synced` (DistributedDataParallel) when there is one.
 
     Returns the terms and the embedding output e the pass used, so the caller can take dL/de.
     """
+    inputs = model_inputs(model.student, batch)
     with embedding_output(model.student, embeddings) as captured:
-        output = model.student(**model_inputs(model.student, batch), output_hidden_states=model.projections is not None)
+        if sync and model.synced is not None:
+            logits, projected = model.synced(inputs, "labels" in batch)
+        else:
+            logits, projected = forward(model.student, model.projections, inputs, "labels" in batch)
     terms: dict[str, torch.Tensor] = {}
-    if model.projections is not None:
-        projected = model.projections(list(output.hidden_states[1:]))  # M x (B, L, d'), student layers 1..M
+    if projected is not None:
         mask = batch["attention_mask"]
         per_layer = []
         for z, slot in zip(projected, model.teacher_slots):
@@ -52,7 +82,7 @@ def loss_terms(model: Model, batch: dict[str, torch.Tensor], config: TrainConfig
                 per_layer.append(losses.hidden_mse(z, target, mask))
         terms[config.intermediate_loss] = torch.stack(per_layer).sum()
     if "labels" in batch:  # a corpus batch (general distillation) has no labels and no teacher logits
-        logits = output.logits.float()
+        logits = logits.float()
         terms["soft"] = losses.soft_loss(logits, batch["teacher_logits"], config.temperature, regression)
         terms["hard"] = losses.hard_loss(logits, batch["labels"], regression)
     return terms, captured["e"]
@@ -78,11 +108,23 @@ def weighted_total(terms: dict[str, torch.Tensor], weights: tuple[float, float, 
 
 def train_step(model: Model, batch: dict[str, torch.Tensor], weights: tuple[float, float, float],
                config: TrainConfig, regression: bool, device: torch.device) -> dict[str, torch.Tensor]:
-    """Forward, optional gradient perturbation of the embedding output, backward. No optimizer step."""
+    """Forward, optional gradient perturbation of the embedding output, backward. No optimizer step.
+
+    Under DistributedDataParallel only the pass whose backward updates the parameters runs through the
+    wrapper, so each step all-reduces the gradients exactly once. The perturbation's first pass runs on the
+    unwrapped modules: it takes dL/de with autograd.grad, which accumulates into no parameter and fires none
+    of DDP's gradient hooks, so no all-reduce starts. Had it gone through DDP's forward, the reducer would
+    be armed for a backward that never comes (with find_unused_parameters, as a corpus run needs, it even
+    marks unused parameters ready at once and starts their all-reduce); `no_sync()` would avoid arming it but
+    still pay DDP's forward bookkeeping for nothing. The unwrapped call holds the same parameters, so the
+    math is unchanged; each rank's gr is its own samples' (the normalisation is per sample, so it does not
+    depend on how the batch is split).
+    """
+    perturb = config.perturb_eps > 0
     with autocast(device, config.precision):
-        terms, embeddings = loss_terms(model, batch, config, regression)
+        terms, embeddings = loss_terms(model, batch, config, regression, sync=not perturb)
         total = weighted_total(terms, weights)
-        if config.perturb_eps > 0:
+        if perturb:
             # A non-finite term here would poison e' and every term of the second pass: name it now.
             _check_finite(terms)
             # gr = dL_total/de, no parameter update from this pass. Then only the layers above the embeddings
@@ -91,7 +133,7 @@ def train_step(model: Model, batch: dict[str, torch.Tensor], weights: tuple[floa
             (grad,) = torch.autograd.grad(total, embeddings)
             norm = grad.float().flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)  # (B, 1, 1) over l x d
             delta = (config.perturb_eps * grad.float() / norm).to(embeddings.dtype).detach()  # (B, L, d)
-            terms, _ = loss_terms(model, batch, config, regression, embeddings + delta)
+            terms, _ = loss_terms(model, batch, config, regression, embeddings + delta, sync=True)
             total = weighted_total(terms, weights)
     _check_finite(terms)
     total.backward()

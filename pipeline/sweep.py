@@ -36,6 +36,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import torch
 
+from pipeline import distributed
 from pipeline.cache_read import open_cache
 from pipeline.config import SweepConfig, TrainConfig, load_config_file
 from pipeline.errors import LrcError
@@ -274,7 +275,21 @@ def write_results(output_dir: Path, stem: str, keys: list[str], metric: str, row
 
 
 def run_sweep(config: SweepConfig) -> Path:
-    """Train (or reuse) this shard's points in grid order; returns the results CSV's path."""
+    """Train (or reuse) this shard's points in grid order; returns the results CSV's path.
+
+    Under torchrun rank r of W is shard r/W (each point trains in one process on that rank's device) and
+    rank 0 writes `results.csv`/`.md` over the whole grid once every rank has finished. The process group
+    only carries the finished rows (gloo, also on GPUs), and waits as long as the slowest rank trains."""
+    with distributed.session(config.base.device, gloo=True, timeout=distributed.SWEEP_TIMEOUT) as ranks:
+        if ranks.distributed:
+            if config.shard_count > 1:
+                raise LrcError(f"--shard {config.shard_index}/{config.shard_count} under torchrun: the ranks already "
+                               "split the grid (rank r runs shard r of WORLD_SIZE); drop --shard")
+            config = replace(config, shard_index=ranks.rank, shard_count=ranks.world_size)
+        return _run_shard(config, ranks)
+
+
+def _run_shard(config: SweepConfig, ranks: distributed.Ranks) -> Path:
     cache = open_cache(config.base.cache_dir)  # for the task's metric
     metric = get_task(cache.task["name"]).main_metric
     points = grid_points(config.grid)
@@ -300,6 +315,13 @@ def run_sweep(config: SweepConfig) -> Path:
             log.info("point %d/%d %s: dev %s %s", n, len(mine), rows[i]["status"], metric, _cell(rows[i]["dev"]))
     failed = [r for r in rows.values() if r["status"] == "failed"]
     log.info("sweep finished: %d points, %d failed; results in %s", len(mine), len(failed), config.output_dir / f"{stem}.md")
+    if ranks.distributed:  # every rank's rows to rank 0, which writes the one table of the whole grid
+        everyone = distributed.gather(ranks, rows)
+        if everyone is not None:
+            merged = {i: row for part in everyone for i, row in part.items()}
+            stem, title = "results", f"Sweep on {cache.task['name']}: {len(points)} points ({ranks.world_size} ranks)"
+            write_results(config.output_dir, stem, keys, metric, [merged[i] for i in sorted(merged)], title)
+            log.info("results of all %d ranks in %s", ranks.world_size, config.output_dir / f"{stem}.md")
     if mine and len(failed) == len(mine):  # nothing was trained: the command failed, whatever the table says
         raise LrcError(f"every point of the sweep failed ({len(failed)} of {len(mine)}; {failed[0]['run']}: "
                        f"{failed[0]['message']}): fix that and rerun; see {config.output_dir / f'{stem}.md'}")

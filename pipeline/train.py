@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from pipeline import checkpoint, general
+from pipeline import checkpoint, distributed, general
 from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader
 from pipeline.cache import read_manifest
 from pipeline.cache_read import Cache, open_cache
@@ -24,9 +24,9 @@ from pipeline.metrics import compute_metrics
 from pipeline.sampler import NegativeSampler
 from pipeline.report import write_report
 from pipeline.runtime import (
-    apply_update, check_finite_weights, from_pretrained, pick_device, predict_logits, seed_everything,
+    apply_update, check_finite_weights, from_pretrained, predict_logits, seed_everything,
 )
-from pipeline.step import Model, check_batch_finite, train_step
+from pipeline.step import Model, Trainable, check_batch_finite, train_step
 from pipeline.student import Projections, build_student, init_shape, layer_map, student_config
 from pipeline.tasks import get_task
 
@@ -134,7 +134,8 @@ class Run:
     dev: DevSet | None
     teacher_dev: dict[str, float] | None
     tokenizer: Any
-    logger: checkpoint.MetricsLog
+    logger: checkpoint.MetricsLog | None  # rank 0's; None on the other ranks
+    ranks: distributed.Ranks = distributed.SINGLE
     evaluated_at: int = -1
 
     @property
@@ -145,13 +146,21 @@ class Run:
         return 2 if self.device.type == "cuda" else 0
 
     def save(self) -> None:
-        checkpoint.save(self.dir, self.state, self.model.student, self.model.projections, self.optimizer, self.scheduler)
+        """Rank 0 writes the checkpoint with every rank's RNG state (ranks draw dropout masks of their own);
+        the others wait, so no rank runs ahead of a checkpoint it could be resumed from."""
+        rngs = distributed.gather(self.ranks, checkpoint.rng_state())
+        if self.ranks.is_main:
+            checkpoint.save(self.dir, self.state, self.model.student, self.model.projections, self.optimizer,
+                            self.scheduler, rngs)
+        distributed.barrier(self.ranks)
 
 
-def _setup(config: TrainConfig) -> Run:
+def _setup(config: TrainConfig, ranks: distributed.Ranks = distributed.SINGLE) -> Run:
     """Open the cache and negatives, build the student, data path and optimizer; resume if asked.
 
-    Nothing is written before every check has passed: a refused command leaves no run dir behind."""
+    Nothing is written before every check has passed: a refused command leaves no run dir behind. Under
+    torchrun every rank runs the checks; rank 0 alone then creates the run dir and its log."""
+    rank_batch = distributed.per_rank_batch(ranks, config.batch_size)
     run_dir = checkpoint.check_run_dir(config)
     cache = open_cache(config.cache_dir, config.verify_cache)
     is_general = cache.kind == "corpus"  # unlabeled text: general distillation (pipeline/general.py)
@@ -180,7 +189,7 @@ def _setup(config: TrainConfig) -> Run:
     carried = sorted(set(mapping)) if intermediate else []  # the teacher layers the batches carry, in slot order
     projections = Projections(width, cache.hidden_size, depth, identity) if intermediate else None
     model = Model(student, projections, [carried.index(j) for j in mapping] if intermediate else [])
-    device = pick_device(config.device)
+    device = distributed.device_for(ranks, config.device)
     student.to(device)
     params = list(student.parameters())
     if projections is not None:
@@ -188,25 +197,39 @@ def _setup(config: TrainConfig) -> Run:
         params += list(projections.parameters())
 
     dataset = CacheDataset(config.cache_dir, "train", carried, sampler)
-    batches = EpochBatchSampler(len(dataset), config.batch_size, config.seed)
+    # Every rank cuts the same shuffled order into batches of B / world and takes every world-th one, so one
+    # step covers the rows a single process's batch of B covers; the negatives are drawn per row (seed, epoch,
+    # row id), so they are the same whatever the world size.
+    batches = EpochBatchSampler(len(dataset), rank_batch, config.seed, rank=ranks.rank, world_size=ranks.world_size)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * len(batches)))
     # fused: one kernel over all tensors, several times faster than the per-tensor loop on CPU.
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps, config.warmup_ratio))
     state = checkpoint.TrainState()
     if config.resume:
-        state = checkpoint.load(run_dir, student, projections, optimizer, scheduler)
+        state = checkpoint.load(run_dir, student, projections, optimizer, scheduler, ranks.rank, ranks.world_size)
         log.info("resumed from step %d (epoch %d, batch %d)", state.step, state.epoch, state.batch_in_epoch)
+    elif ranks.rank > 0:  # the same initial weights on every rank (DDP also broadcasts rank 0's), then each rank
+        # its own dropout masks
+        torch.manual_seed(config.seed + ranks.rank)
+    if ranks.distributed:
+        # One DDP over student + projections. A corpus run leaves the classification head out of its loss:
+        # only then must DDP look for parameters without a gradient (a graph walk per step).
+        model.synced = distributed.wrap(Trainable(student, projections), device, find_unused=is_general)
 
     dev = DevSet(cache) if "dev" in cache.manifest["splits"] else None
     teacher_dev = compute_metrics(task, dev.teacher_logits, dev.labels) if dev else None
     log.info("training %d steps (%d per epoch), layer map %s, teacher dev %s", total_steps, len(batches), mapping,
              teacher_dev)
     tokenizer = _student_tokenizer(cache, student)
-    checkpoint.start_run_dir(config)
+    distributed.barrier(ranks)  # every rank has read the run dir (for --resume) before rank 0 replaces it
+    logger = None
+    if ranks.is_main:
+        checkpoint.start_run_dir(config)
+        logger = checkpoint.MetricsLog(run_dir, keep_until=state.step if config.resume else None)
+    distributed.barrier(ranks)
     return Run(config, cache, task, run_dir, mapping, model, params, optimizer, scheduler, dataset, batches, total_steps,
-               state, device, dev, teacher_dev, tokenizer,
-               checkpoint.MetricsLog(run_dir, keep_until=state.step if config.resume else None))
+               state, device, dev, teacher_dev, tokenizer, logger, ranks)
 
 
 def _student_tokenizer(cache: Cache, student: torch.nn.Module) -> Any:
@@ -233,7 +256,14 @@ def is_better(metrics: dict[str, float], best: dict[str, float] | None, metric: 
 
 
 def _evaluate_and_keep_best(run: Run) -> None:
-    """Evaluate on the cached dev split; the best student so far is saved in HF format."""
+    """Evaluate on the cached dev split; the best student so far is saved in HF format. Under torchrun rank 0
+    evaluates (every rank holds the same weights) while the others wait."""
+    if run.ranks.is_main:
+        _evaluate_on_main(run)  # a failure here ends rank 0, and the others' barrier with it (distributed.session)
+    distributed.barrier(run.ranks)
+
+
+def _evaluate_on_main(run: Run) -> None:
     state, metric = run.state, run.task.main_metric if run.task else None  # a corpus cache has no dev: returns next
     if run.dev is None or run.evaluated_at == state.step:  # e.g. eval_every landing on the last step
         return
@@ -250,15 +280,23 @@ def _evaluate_and_keep_best(run: Run) -> None:
 
 
 def train_student(config: TrainConfig) -> dict[str, Any]:
-    """Cache (+ negatives) -> the best student in Hugging Face format; returns the training summary."""
-    run = _setup(config)
+    """Cache (+ negatives) -> the best student in Hugging Face format; returns the training summary.
+
+    Under torchrun: DistributedDataParallel, --batch-size the global batch split evenly over the ranks."""
+    with distributed.session(config.device) as ranks:
+        return _train(config, ranks)
+
+
+def _train(config: TrainConfig, ranks: distributed.Ranks) -> dict[str, Any]:
+    run = _setup(config, ranks)
     state, total_steps = run.state, run.total_steps
     regression = run.task is not None and run.task.is_regression
 
     # ---- the loop: epochs of shuffled batches, resumable mid-epoch
     run.model.student.train()
     started, seen = time.perf_counter(), 0
-    bar = tqdm(total=total_steps, initial=state.step, desc="train-student", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=state.step, desc="train-student", unit="step", dynamic_ncols=True,
+               disable=not ranks.is_main)
     try:
         while state.step < total_steps:
             for batch in epoch_batches(run, state.epoch, state.batch_in_epoch):
@@ -275,16 +313,18 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
                 grad_norm = apply_update(run.params, run.optimizer, run.scheduler, config.max_grad_norm)
                 state.step += 1
                 state.batch_in_epoch += 1
-                seen += len(batch["row_ids"])
+                seen += len(batch["row_ids"]) * ranks.world_size  # the same count on every rank
                 bar.update(1)
 
                 # ---- logging, evaluation, checkpoints
                 if state.step % config.log_every == 0 or state.step == total_steps:
+                    terms = distributed.mean(ranks, terms)  # the whole batch's terms, as one process logs them
                     record = {k: round(float(v), 6) for k, v in terms.items()}
                     record |= {"step": state.step, "epoch": state.epoch, "lr": lr, "grad_norm": round(grad_norm, 6),
                                "stage": 1 if run.task is None else stage_at(state.step - 1, total_steps, config),
                                "samples_per_s": round(seen / (time.perf_counter() - started), 2)}
-                    run.logger.write(record)
+                    if run.logger is not None:
+                        run.logger.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", stage=record["stage"])
                 if config.eval_every and state.step % config.eval_every == 0:
                     _evaluate_and_keep_best(run)
@@ -301,14 +341,15 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
     if state.batch_in_epoch:  # stopped mid-epoch by max_steps: evaluate the final weights too
         _evaluate_and_keep_best(run)
         run.save()
-    if run.task is None:
-        general.save_encoder(run.dir, run.model.student, run.tokenizer)
-    elif run.dev is None:
-        checkpoint.save_student(run.dir, run.model.student, run.tokenizer)
-
     summary = _summary(run, seen, time.perf_counter() - started)
-    checkpoint.write_summary(run.dir, summary)
-    write_report(run.dir.output_dir)
+    if ranks.is_main:
+        if run.task is None:
+            general.save_encoder(run.dir, run.model.student, run.tokenizer)
+        elif run.dev is None:
+            checkpoint.save_student(run.dir, run.model.student, run.tokenizer)
+        checkpoint.write_summary(run.dir, summary)
+        write_report(run.dir.output_dir)
+    distributed.barrier(ranks)
     log.info("student written to %s: %s", run.dir.output_dir, f"{config.keep} dev {state.best}" if run.task else
              "the last student of general distillation (no dev split)")
     return summary

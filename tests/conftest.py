@@ -66,8 +66,10 @@ def write_tsv(path: Path, lines: list[str], header: str = "sentence\tlabel") -> 
     return path
 
 
-def make_tiny_teacher(path: Path, tokenizer_dir: Path, num_labels: int = 2, layers: int = 4, seed: int = 0) -> Path:
-    """A random BertForSequenceClassification (hidden 32) with the real bert-base-uncased vocabulary."""
+def make_tiny_teacher(path: Path, tokenizer_dir: Path, num_labels: int = 2, layers: int = 4, seed: int = 0,
+                      dropout: float = 0.1) -> Path:
+    """A random BertForSequenceClassification (hidden 32) with the real bert-base-uncased vocabulary; a
+    student built from its config inherits `dropout` (0 makes training deterministic)."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
@@ -75,6 +77,7 @@ def make_tiny_teacher(path: Path, tokenizer_dir: Path, num_labels: int = 2, laye
     config = BertConfig(
         vocab_size=30522, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
         intermediate_size=64, max_position_embeddings=128, num_labels=num_labels,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
     )
     if num_labels == 1:
         config.problem_type = "regression"

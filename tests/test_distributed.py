@@ -1,0 +1,264 @@
+"""Several processes under torchrun (pipeline/distributed.py): real `torch.distributed` processes (gloo, 2 ranks on
+the CPU) started by torchrun through the real CLI, checked against one process. Each test names the bug it catches.
+
+The torchrun launches dominate the time (each imports torch and transformers in three processes on a busy 2-core
+machine, ~30 s), so there are four: a 2-rank extraction, an uninterrupted 2-rank training, the same run failing on
+rank 1 mid-run, and its --resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from conftest import REPO, ArrowRows, make_tiny_teacher, sst2_lines, write_tsv
+from pipeline import distributed
+from pipeline.cache_read import open_cache
+from pipeline.checkpoint import read_state
+from pipeline.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig
+from pipeline.errors import LrcError
+from pipeline.extract import extract_teacher
+from pipeline.negatives import build_negatives
+from pipeline.step import Trainable, train_step
+from pipeline.train import _setup, epoch_batches, loss_weights, train_student
+
+LAUNCH_TIMEOUT = 240  # a hang shows up as a timeout, not as a stuck test run
+
+# Runs the real CLI; on rank FAIL_RANK it fails at the FAIL_AT-th optimizer step (after step FAIL_AT - 1), and each
+# rank that assembles a manifest appends its rank to MANIFEST_WRITERS.
+ENTRY = '''
+import os, sys
+import pipeline.cache as cache
+import pipeline.train as train
+from pipeline.errors import LrcError
+assemble = cache.assemble_manifest
+def recorded(*args, **kwargs):
+    with open(os.environ["MANIFEST_WRITERS"], "a") as f:
+        f.write(os.environ["RANK"] + " ")
+    return assemble(*args, **kwargs)
+if "MANIFEST_WRITERS" in os.environ:
+    cache.assemble_manifest = recorded
+real, calls = train.apply_update, [0]
+def failing(*args, **kwargs):
+    calls[0] += 1
+    if os.environ["RANK"] == os.environ.get("FAIL_RANK", "1") and str(calls[0]) == os.environ.get("FAIL_AT"):
+        raise LrcError("injected failure on this rank")
+    return real(*args, **kwargs)
+train.apply_update = failing
+from cli import app
+app(sys.argv[1:], prog_name="lrc")
+'''
+
+
+def torchrun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO),
+                   **(env or {})}
+    return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+
+
+def lines(text: str) -> list[str]:
+    return [line.strip() for line in re.split(r"[\r\n]+", text) if line.strip()]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path, glue_dir: Path) -> dict[str, Path]:
+    """A dropout-free tiny teacher (so training is deterministic), 64 SST-2 train and 16 dev rows, the 1-rank
+    cache of them (shards of 8) with negatives (K = 2), and the entry script."""
+    root = tmp_path_factory.mktemp("ddp")
+    teacher = make_tiny_teacher(root / "teacher", minilm_dir, layers=2, dropout=0.0)
+    train = write_tsv(root / "train.tsv", sst2_lines(glue_dir, "train", 300, 64))
+    dev = write_tsv(root / "dev.tsv", sst2_lines(glue_dir, "dev", 0, 16))
+    data = DataConfig(task="sst2", train_file=train, dev_file=dev)
+    extract_teacher(ExtractConfig(teacher=teacher, data=data, output_dir=root / "cache1", student_layers=2,
+                                  shard_rows=8, device="cpu"))
+    build_negatives(NegativesConfig(cache_dir=root / "cache1", k=2))
+    (root / "entry.py").write_text(ENTRY)
+    return {"root": root, "teacher": teacher, "train": train, "dev": dev, "cache": root / "cache1",
+            "entry": root / "entry.py"}
+
+
+def student_args(cache: Path, out: Path) -> list[str]:
+    # Perturbation on (the default eps 1.0), COS-NCE with K = 2 negatives, both stages (6 steps: 4 + 2).
+    return ["train-student", "--cache", str(cache), "-o", str(out), "--layers", "2", "--hidden", "16", "--heads", "2",
+            "--intermediate", "32", "--k", "2", "--max-steps", "6", "--batch-size", "8", "--device", "cpu",
+            "--checkpoint-every", "2", "--log-every", "1", "--keep", "last", "--warmup-ratio", "0"]
+
+
+def final_state(out: Path) -> dict[str, torch.Tensor]:
+    state = read_state(out / "checkpoint" / "state.safetensors")
+    return {**{f"student.{k}": v for k, v in state["student"].items()},
+            **{f"projections.{k}": v for k, v in state["projections"].items()}}
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(work: dict[str, Path]) -> Path:
+    """An uninterrupted 2-rank training through torchrun and the real CLI."""
+    out = work["root"] / "two-ranks"
+    result = torchrun(str(work["entry"]), *student_args(work["cache"], out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def test_two_rank_extraction_writes_the_one_rank_cache(work: dict[str, Path]) -> None:
+    """Catches: ranks writing overlapping or rank-dependent shards, rank 1 (or both) writing the manifest, rank 0
+    assembling it before the other rank's shards are on disk (an incomplete-cache error), a rank's rows missing."""
+    out, writers = work["root"] / "cache2", work["root"] / "manifest-writers.txt"
+    result = torchrun(str(work["entry"]), "extract-teacher", "--teacher", str(work["teacher"]), "--task", "sst2",
+                      "-o", str(out), "--train-file", str(work["train"]), "--dev-file", str(work["dev"]),
+                      "--student-layers", "2", "--shard-rows", "8", "--device", "cpu",
+                      env={"MANIFEST_WRITERS": str(writers)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert writers.read_text().split() == ["0"]
+    assert sum("cache:" in line for line in lines(result.stdout)) == 1  # the result line once (rank 0), not per rank
+    one, two = open_cache(work["cache"], "full"), open_cache(out, "full")  # every shard against its sha256
+    assert two.fingerprint == one.fingerprint
+    for split in ("train", "dev"):
+        assert [(s["file"], s["sha256"]) for s in two.manifest["splits"][split]["shards"]] == \
+               [(s["file"], s["sha256"]) for s in one.manifest["splits"][split]["shards"]]
+    rows_one, rows_two = ArrowRows(work["cache"], "train"), ArrowRows(out, "train")
+    for row in (0, 9, 63):  # rows of rank 0's and rank 1's shards
+        a, b = rows_one.example(row), rows_two.example(row)
+        assert a["row_id"] == b["row_id"] == row and (a["input_ids"] == b["input_ids"]).all()
+        assert (a["logits"] == b["logits"]).all() and all((a["hidden"][j] == b["hidden"][j]).all() for j in a["hidden"])
+    assert not list((out / "shards").glob(".*"))  # no temp file left by either rank
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_two_ranks_of_half_batches_train_as_one_rank_of_the_whole(work: dict[str, Path], two_rank_run: Path,
+                                                                  tmp_path: Path) -> None:
+    """--batch-size 8 on 2 ranks (4 rows each) ends with the parameters of --batch-size 8 on one rank, perturbation on.
+    Catches: the batch not split (each rank taking 8 rows), gradients summed instead of averaged, negatives drawn
+    per rank, a perturbation normalised over the batch instead of per sample, the two halves not covering the
+    one-rank batch, a second all-reduce (the perturbation's first pass) changing the update."""
+    one = tmp_path / "one-rank"
+    args = student_args(work["cache"], one)[1:]
+    config = TrainConfig(cache_dir=work["cache"], output_dir=one, layers=2, hidden=16, heads=2, intermediate=32, k=2,
+                         max_steps=6, batch_size=8, device="cpu", checkpoint_every=2, log_every=1, keep="last",
+                         warmup_ratio=0.0)
+    assert "--batch-size" in args and config.perturb_eps > 0
+    train_student(config)
+    a, b = final_state(one), final_state(two_rank_run)
+    assert a.keys() == b.keys()
+    start = read_state(two_rank_run / "checkpoint" / "state.safetensors")["state"]
+    assert start["step"] == 6
+    moved = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert moved < 2e-5, moved  # padding widths differ per half: float noise only
+    # The log holds the whole batch's loss (the mean over ranks), as one process logs it.
+    log1 = [json.loads(x) for x in (one / "train_log.jsonl").read_text().splitlines()]
+    log2 = [json.loads(x) for x in (two_rank_run / "train_log.jsonl").read_text().splitlines()]
+    losses1, losses2 = [r["loss"] for r in log1 if "loss" in r], [r["loss"] for r in log2 if "loss" in r]
+    assert losses2 == pytest.approx(losses1, abs=1e-4)
+
+
+def test_a_failing_rank_ends_the_run_with_one_error_and_resume_matches(work: dict[str, Path], two_rank_run: Path
+                                                                       ) -> None:
+    """Rank 1 fails at step 3 (after the step-2 checkpoint); torchrun then kills rank 0 mid-run. Catches: a hang
+    (the launch times out), several error lines or a traceback from lrc, rank 1 writing checkpoints, and a resume
+    that does not continue the same run (per-rank data order, optimizer, schedule)."""
+    out = work["root"] / "failed"
+    failed = torchrun(str(work["entry"]), *student_args(work["cache"], out), env={"FAIL_AT": "3"})
+    assert failed.returncode != 0
+    # One error line (a progress bar may share its terminal line); rank 0 either says it stopped or is killed first.
+    ours = [line[line.index("error: "):] for line in lines(failed.stderr) if "error: " in line]
+    assert ours == ["error: injected failure on this rank"], failed.stderr[-3000:]
+    assert all("stopped: rank 0 stopped because another rank failed" in line for line in lines(failed.stderr)
+               if "stopped:" in line)
+    assert "/pipeline/" not in failed.stderr and "cli.py" not in failed.stderr  # no lrc traceback (torchrun has its own)
+    assert read_state(out / "checkpoint" / "state.safetensors")["state"]["step"] == 2
+
+    resumed = torchrun(str(work["entry"]), *student_args(work["cache"], out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = final_state(two_rank_run), final_state(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- the perturbation under DDP (in-process)
+
+
+@pytest.fixture()
+def one_rank_group(tmp_path: Path):
+    """A real gloo process group of one rank in this process: DDP's reducer and hooks run as with many."""
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("eps", [1.0, 0.0])
+def test_a_perturbed_step_all_reduces_once_and_gives_the_plain_gradient(work: dict[str, Path], tmp_path: Path,
+                                                                         one_rank_group: None, eps: float) -> None:
+    """Catches: the perturbation's first pass running .backward() (its parameter gradients would be added and
+    all-reduced too), the second pass bypassing DDP (no all-reduce: ranks drift apart), or an all-reduce per pass."""
+    config = TrainConfig(cache_dir=work["cache"], output_dir=tmp_path / "run", layers=2, hidden=16, heads=2,
+                         intermediate=32, k=2, batch_size=8, device="cpu", perturb_eps=eps)
+    run = _setup(config)
+    batch = next(iter(epoch_batches(run, 0)))
+    weights = loss_weights(5, 6, config)  # stage two: every loss term
+    train_step(run.model, batch, weights, config, False, torch.device("cpu"))
+    plain = [p.grad.clone() for p in run.params]
+    for p in run.params:
+        p.grad = None
+
+    calls: list[int] = []
+
+    def count(state, bucket):  # the comm hook: one call per bucket per all-reduce round
+        calls.append(bucket.index())
+        fut = torch.futures.Future()
+        fut.set_result(bucket.buffer())
+        return fut
+
+    run.model.synced = distributed.wrap(Trainable(run.model.student, run.model.projections), torch.device("cpu"))
+    run.model.synced.register_comm_hook(None, count)
+    train_step(run.model, batch, weights, config, False, torch.device("cpu"))
+    buckets = len(set(calls))
+    assert buckets > 0 and len(calls) == buckets, calls  # every bucket exactly once: one all-reduce round
+    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(run.params, plain))
+
+
+# --------------------------------------------------------------------------- the policy, without processes
+
+
+def test_one_process_has_no_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches: a process group (and its rendezvous) created for plain single-process use."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with distributed.session("cpu") as ranks:
+        assert ranks == distributed.SINGLE and not dist.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.from_env() == distributed.SINGLE
+
+
+def test_global_batch_must_split_evenly() -> None:
+    assert distributed.per_rank_batch(distributed.Ranks(1, 4, 1), 16) == 4
+    with pytest.raises(LrcError, match="does not split evenly over 3 processes"):
+        distributed.per_rank_batch(distributed.Ranks(0, 3, 0), 16)
+
+
+def test_more_local_ranks_than_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(LrcError, match="local rank 1 has no GPU of its own"):
+        distributed.device_for(distributed.Ranks(1, 2, 1), "cuda")
+
+
+def test_world_size_without_rank_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(LrcError, match="RANK/LOCAL_RANK are missing"):
+        distributed.from_env()
