@@ -45,12 +45,13 @@ BASELINE = {"intermediate_loss": "none", "perturb_eps": 0.0}  # as benchmarks/gl
 ROWS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "LRC (two-stage)": ("random", {}),
     "LRC one-stage": ("random", {"one_stage": True}),
+    "LRC, stage one 0.5": ("random", {"stage1_fraction": 0.5}),
     "KD-only": ("random", BASELINE),
     "Hidden-MSE": ("random", {**BASELINE, "intermediate_loss": "hidden_mse"}),
     "Online loop (hidden MSE + soft KL)": ("random", None),
-    "LRC (two-stage), general init": ("general", {}),
     "LRC one-stage, general init": ("general", {"one_stage": True}),
     "KD-only, general init": ("general", BASELINE),
+    "LRC (two-stage), general init": ("general", {}),
     "Hidden-MSE, general init": ("general", {**BASELINE, "intermediate_loss": "hidden_mse"}),
 }
 
@@ -135,6 +136,8 @@ def main() -> None:
     parser.add_argument("--max-train-examples", type=int, default=4000)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--results", default="short_budget", help="name of the .json/.md results in --work-dir "
+                        "(a second process over other rows writes its own)")
     args = parser.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     rows = [r.strip() for r in args.rows.split(";")] if args.rows else [
@@ -151,7 +154,7 @@ def main() -> None:
                       subsample_seed=demo.seed)
     teacher = task_stages(demo, data, paths, {})["dev_metrics"]
     metric = get_task(demo.task).main_metric
-    out = args.work_dir / "short_budget.json"
+    out = args.work_dir / f"{args.results}.json"
     results = json.loads(out.read_text())["runs"] if out.is_file() else {}
     for seed in args.seeds:  # seed-major: every row gets a first seed before any gets a third
         for row in rows:
@@ -161,8 +164,8 @@ def main() -> None:
             log.info("%s, seed %d", row, seed)
             results[key] = online_loop(paths, demo, seed, args) if ROWS[row][1] is None else lrc_run(paths, row, seed, args)
             out.write_text(json.dumps({"teacher": teacher, "runs": results}, indent=2))
-            (args.work_dir / "short_budget.md").write_text(report(results, rows, teacher, metric, args))
-    log.info("done: %s", args.work_dir / "short_budget.md")
+            (args.work_dir / f"{args.results}.md").write_text(report(results, rows, teacher, metric, args))
+    log.info("done: %s", args.work_dir / f"{args.results}.md")
 
 
 if __name__ == "__main__":
