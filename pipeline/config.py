@@ -12,7 +12,7 @@ from pipeline.errors import LrcError
 DATA_DIR_ENV = "LRC_DATA_DIR"
 BUNDLED_BACKBONE = "bundled:all-MiniLM-L6-v2"
 BUNDLED_MPNET = "bundled:all-mpnet-base-v2"  # 12 x 768, the optional extra lrc[mpnet]
-HIDDEN_DTYPES = ("float16", "float32")  # Arrow has no bfloat16
+HIDDEN_DTYPES = ("float16", "float32", "int8")  # Arrow has no bfloat16; int8: pipeline/quant.py
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 CACHE_CHECKS = ("auto", "quick", "full")  # how much of a cache is hashed at open (pipeline/cache_read.py)
