@@ -287,3 +287,14 @@ def test_the_loader_delivers_int8_batches_in_the_sampler_order(int8_cache: Path)
     assert [b["row_ids"].tolist() for b in batches] == [x.tolist() for x in sampler.rank_batches()[1:]]
     last = batches[-1]  # 200 = 3 x 64 + 8: a short batch still has K = 2 others per anchor
     assert last["negative_hidden"].shape[:3] == (2, 8, 2) and last["teacher_hidden"].dtype == torch.float32
+
+
+def test_inspect_cache_names_the_scheme(int8_cache: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    result = CliRunner().invoke(app, ["inspect-cache", str(int8_cache), "--verify"])
+    assert result.exit_code == 0, result.output
+    assert "stored as int8" in result.stdout and "int8-symmetric-absmax" in result.stdout
+    assert "hidden_<layer>_scale" in result.stdout and "every shard matches its checksum" in result.stdout
