@@ -177,19 +177,30 @@ def gather_tokens(reader: RowReader, p: _Plan, column: str, out: np.ndarray) -> 
 def gather_hidden(reader: RowReader, p: _Plan, layers: list[int], out: np.ndarray, zeroed: bool,
                   scales: np.ndarray | None = None) -> None:
     """Hidden states of `layers` into `out` (N_layers, n, width, D) in the stored dtype; with `scales`
-    (N_layers, n, width) the int8 cache's per-token scales. Padding is zero (scale 0 too)."""
+    (N_layers, n, width) the int8 cache's per-token scales.
+
+    Padding: float values are zero there. int8 values there are left as they are (stale in a reused block):
+    their scale is 0, so they dequantise to zeros, and skipping the zeroing saves a pass over the padding,
+    which is most of a batch of SST-2-length rows (70% at batch 64)."""
     shards = reader.shard_views()
     for slot, j in enumerate(layers):
         flat = out[slot].reshape(-1, out.shape[-1])  # (n * width, D)
         for s, _, _, src, dst in p.per_shard:
-            flat[dst] = shards[s].hidden[j][1][src]
-        if not zeroed:
-            flat[p.pad] = 0
+            flat[dst] = _take(shards[s].hidden[j][1], src)
         if scales is not None:
             flat_scales = scales[slot].reshape(-1)
             for s, _, _, src, dst in p.per_shard:
-                flat_scales[dst] = shards[s].scales[j][src]
+                flat_scales[dst] = _take(shards[s].scales[j], src)
             flat_scales[p.pad] = 0
+        elif not zeroed:
+            flat[p.pad] = 0
+
+
+def _take(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    # mode="clip" skips take's bounds check and buffered copy (the plan's indices are in range by construction):
+    # about twice as fast as values[rows] on these (tokens, D) blocks.
+    out = np.empty((len(rows), *values.shape[1:]), values.dtype)
+    return np.take(values, rows, axis=0, out=out, mode="clip")
 
 
 def gather_rows_of(reader: RowReader, p: _Plan, field: str, out: np.ndarray) -> None:
