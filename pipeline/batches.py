@@ -93,8 +93,8 @@ class CacheDataset(Dataset):
         dtype when layers were read, with teacher_scales (N_layers, B, L) float32 for an int8 cache.
         Negatives from a file: negative_ids (B, K), negative_hidden (N_layers, B, K, Ln, D) (+ negative_scales),
         negative_mask (B, K, Ln), each negative cut to its anchor's length, so Ln <= L. In-batch negatives:
-        negative_ids (B, K) and negative_pos (B, K), their positions in this batch; `to_device` builds the
-        rest from the anchors, so no row is read twice.
+        negative_ids (B, K) and negative_pos (B, K), their positions in this batch (COS-NCE reads them from
+        teacher_hidden), so no row is read twice.
         """
         reader = self._rows()
         ids = np.asarray(rows, dtype=np.int64)
@@ -173,8 +173,9 @@ def collate(batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]) -> d
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The batch as the step reads it, on `device`: int8 hidden states dequantised there (in float32;
-    pipeline/quant.py), in-batch negatives built there from the anchors. So a GPU receives the int8
-    bytes and the anchors once, and the host never copies a negative."""
+    pipeline/quant.py), so a GPU receives the int8 bytes. In-batch negatives stay positions
+    (`negative_pos`): COS-NCE reads them from the anchors' teacher outputs (`losses.cos_nce`), so no
+    negative is ever copied, on the host or on the device."""
     moved = {}
     for key, value in batch.items():
         moved[key] = value.to(device, non_blocking=True)
@@ -184,12 +185,6 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
         scales = moved.pop(f"{prefix}_scales", None)
         if scales is not None:
             moved[f"{prefix}_hidden"] = quant.dequantize(moved[f"{prefix}_hidden"], scales)
-    positions = moved.pop("negative_pos", None)
-    if positions is not None:
-        anchor_mask = moved["attention_mask"]  # (B, L)
-        moved["negative_hidden"] = moved["teacher_hidden"][:, positions]  # (N_layers, B, K, L, D)
-        # A negative counts over the positions it shares with its anchor (as when gathered from the file).
-        moved["negative_mask"] = anchor_mask[positions] * anchor_mask[:, None, :]  # (B, K, L)
     return moved
 
 

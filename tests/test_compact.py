@@ -219,18 +219,22 @@ class SameIds:
 @pytest.mark.parametrize("which", ["fp16", "int8"])
 def test_in_batch_negatives_give_the_cos_nce_of_the_same_rows_read_from_the_cache(tiny_cache: Path, int8_cache: Path,
                                                                                    which: str) -> None:
-    """Catches a wrong position -> anchor mapping, and a negative mask not cut to the anchor's length."""
+    """Catches a wrong position -> anchor mapping (in the data path or in cos_nce's all-pairs gather), and
+    in-batch negatives compared over positions the anchor does not have."""
     cache = tiny_cache if which == "fp16" else int8_cache
     rows = [5, 70, 140, 199, 0, 33, 101, 150]
     in_batch = to_device(CacheDataset(cache, "train", [2, 4], InBatchNegatives(3, seed=1)).__getitems__(rows), CPU)
     ids = in_batch["negative_ids"].numpy()
     from_file = to_device(CacheDataset(cache, "train", [2, 4], SameIds(ids)).__getitems__(rows), CPU)
     np.testing.assert_array_equal(ids, np.array(rows)[InBatchNegatives(3, seed=1).positions(np.array(rows), 0)])
+    assert "negative_hidden" not in in_batch  # positions only: no negative is copied
     student = torch.randn(*in_batch["teacher_hidden"].shape[1:], generator=torch.Generator().manual_seed(0))
+    b, length, width = student.shape
+    empty, empty_mask = torch.zeros(b, 0, length, width), torch.zeros(b, 0, length, dtype=torch.long)
     for granularity in ("flat", "token", "cls"):
         for slot in (0, 1):
             a = losses.cos_nce(student, in_batch["teacher_hidden"][slot].float(), in_batch["attention_mask"],
-                               in_batch["negative_hidden"][slot], in_batch["negative_mask"], granularity)
+                               empty, empty_mask, granularity, in_batch["negative_pos"])
             b = losses.cos_nce(student, from_file["teacher_hidden"][slot].float(), from_file["attention_mask"],
                                from_file["negative_hidden"][slot], from_file["negative_mask"], granularity)
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -286,7 +290,7 @@ def test_the_loader_delivers_int8_batches_in_the_sampler_order(int8_cache: Path)
     batches = [to_device(b, CPU) for b in make_loader(dataset, sampler, num_workers=0, seed=1)]
     assert [b["row_ids"].tolist() for b in batches] == [x.tolist() for x in sampler.rank_batches()[1:]]
     last = batches[-1]  # 200 = 3 x 64 + 8: a short batch still has K = 2 others per anchor
-    assert last["negative_hidden"].shape[:3] == (2, 8, 2) and last["teacher_hidden"].dtype == torch.float32
+    assert last["negative_pos"].shape == (8, 2) and last["teacher_hidden"].dtype == torch.float32
 
 
 def test_inspect_cache_names_the_scheme(int8_cache: Path) -> None:
