@@ -264,7 +264,7 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
     try:
         while state.step < total_steps:
             for batch in epoch_batches(run, state.epoch, state.batch_in_epoch):
-                batch = to_device(batch, run.device)  # int8 dequantised and in-batch negatives built there
+                batch = to_device(batch, run.device)  # int8 hidden states are dequantised on the device
                 weights = general.WEIGHTS if run.task is None else loss_weights(state.step, total_steps, config)
                 try:
                     terms = train_step(run.model, batch, weights, config, regression, run.device)
