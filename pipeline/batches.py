@@ -1,7 +1,9 @@
 """The data path of `lrc train-student`: cached rows -> padded batches with their K negatives.
 
 Rows come from the memory-mapped shards (`cache_read.RowReader`), each DataLoader worker mapping them
-itself; the K negatives of a row are gathered by row id from the same split. Batch order is a pure
+itself, read and padded a whole batch at a time (`pipeline/gather.py`). The K negatives of a row are
+gathered by row id from the same split (negatives file), or are other anchors of the batch, passed as
+positions (in-batch). int8 caches travel as int8 + scales and are dequantised by `to_device`. Batch order is a pure
 function of (seed, epoch) and each rank takes its own share of the batches, so `--resume` continues
 mid-epoch with the same data and DistributedDataParallel needs only a rank and a world size.
 """
