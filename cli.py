@@ -212,7 +212,7 @@ def extract_teacher(
     max_length: int = typer.Option(X("max_length"), help="Truncate inputs to this many tokens."),
     batch_size: int = typer.Option(X("batch_size"), help="Teacher batch size."),
     shard_rows: int = typer.Option(X("shard_rows"), help="Rows per Arrow shard (the unit of resumption)."),
-    hidden_dtype: str = typer.Option(X("hidden_dtype"), help="Storage dtype of hidden states: float16 or float32."),
+    hidden_dtype: str = typer.Option(X("hidden_dtype"), help="Storage dtype of hidden states: float16, float32 or int8 (one scale per token per layer: half float16's bytes)."),
     overwrite: bool = typer.Option(X("overwrite"), help="Replace a cache already in --output-dir."),
     data_dir: Optional[Path] = DataDirOpt, train_file: Optional[Path] = TrainFileOpt, dev_file: Optional[Path] = DevFileOpt,
     text_column: Optional[str] = TextColOpt, text_pair_column: Optional[str] = PairColOpt,
@@ -310,6 +310,7 @@ def train_student(
     cache_dir: Path = typer.Option(..., "--cache", help="A cache dir written by `lrc extract-teacher`."),
     output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where the student (HF format), logs and checkpoints go."),
     negatives: Optional[Path] = typer.Option(None, help="Negatives file from `lrc build-negatives`; default <cache>/negatives.arrow."),
+    negatives_source: str = typer.Option(T("negatives_source"), help="file: K of each row's candidates in the negatives file (random/hard/mixed, the paper's setup); in-batch: K of the other anchors of the same batch (uniform, no file, no extra rows read; needs --batch-size > --k)."),
     layers: int = typer.Option(T("layers"), help="Student layers (M)."),
     hidden: int = typer.Option(T("hidden"), help="Student hidden size."),
     heads: int = typer.Option(T("heads"), help="Student attention heads (must divide --hidden)."),
@@ -351,7 +352,7 @@ def train_student(
 
     mapping, _ = _parse_layers(layer_map) if layer_map else (None, False)
     summary = run(TrainConfig(
-        cache_dir=cache_dir, output_dir=output_dir, negatives=negatives, layers=layers, hidden=hidden, heads=heads,
+        cache_dir=cache_dir, output_dir=output_dir, negatives=negatives, negatives_source=negatives_source, layers=layers, hidden=hidden, heads=heads,
         intermediate=intermediate, init=init, student_family=student_family, layer_map=mapping, intermediate_loss=intermediate_loss,
         granularity=granularity, k=k, temperature=temperature, stage1_fraction=stage1_fraction,
         stage1_weights=_parse_weights(stage1_weights, "--stage1-weights"),

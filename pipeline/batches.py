@@ -1,7 +1,9 @@
 """The data path of `lrc train-student`: cached rows -> padded batches with their K negatives.
 
 Rows come from the memory-mapped shards (`cache_read.RowReader`), each DataLoader worker mapping them
-itself; the K negatives of a row are gathered by row id from the same split. Batch order is a pure
+itself, read and padded a whole batch at a time (`pipeline/gather.py`). The K negatives of a row are
+gathered by row id from the same split (negatives file), or are other anchors of the batch, passed as
+positions (in-batch). int8 caches travel as int8 + scales and are dequantised by `to_device`. Batch order is a pure
 function of (seed, epoch) and each rank takes its own share of the batches, so `--resume` continues
 mid-epoch with the same data and DistributedDataParallel needs only a rank and a world size.
 """
@@ -15,8 +17,9 @@ from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from pipeline import gather, quant
 from pipeline.cache import read_manifest
 from pipeline.cache_read import RowReader, verify_shards
 from pipeline.errors import LrcError
@@ -25,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 class NegativeSource(Protocol):
-    """What the dataset needs of `sampler.NegativeSampler`."""
+    """What the dataset needs of a negatives source: `sampler.NegativeSampler` (the FAISS file) or
+    `sampler.InBatchNegatives` (which also has `in_batch = True` and `positions(row_ids, epoch)`)."""
 
     def sample(self, row_ids: np.ndarray, epoch: int) -> np.ndarray: ...  # (B,) -> (B, K) int64 row ids
 
@@ -61,6 +65,7 @@ class CacheDataset(Dataset):
         self._info = info
         self._reader: RowReader | None = None
         self._reader_pid = -1
+        self._pool = gather.BufferPool(pin=torch.cuda.is_available())
 
     def set_epoch(self, epoch: int) -> None:
         """Negatives are drawn with `negatives.sample(..., epoch)`; call before creating the loader's iterator."""
@@ -71,7 +76,7 @@ class CacheDataset(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         # Workers started by spawn get a pickled dataset: never the mapped tables, they map their own.
-        return {**self.__dict__, "_reader": None, "_reader_pid": -1}
+        return {**self.__dict__, "_reader": None, "_reader_pid": -1, "_pool": gather.BufferPool()}
 
     def _rows(self) -> RowReader:
         # Keyed by pid so a worker forked after the parent opened the shards still maps them itself.
@@ -79,119 +84,110 @@ class CacheDataset(Dataset):
             self._reader, self._reader_pid = RowReader(self.cache_dir, self._info, self.layers, split=self.split), os.getpid()
         return self._reader
 
-    def __getitem__(self, row: int) -> dict[str, Any]:
-        return self.__getitems__([row])[0]
+    def __getitem__(self, row: int) -> dict[str, torch.Tensor]:
+        return self.__getitems__([row])
 
-    def __getitems__(self, rows: list[int]) -> list[dict[str, Any]]:
-        """A batch of rows (the DataLoader calls this with a whole batch): one negatives draw per batch."""
+    def __getitems__(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        """A whole batch, read and padded at once (the DataLoader calls this with a batch's rows); `collate` passes it on.
+
+        input_ids, token_type_ids, attention_mask (B, L) long; labels (B,) long or float and teacher_logits
+        (B, C) float32 (task caches only); row_ids (B,) long; teacher_hidden (N_layers, B, L, D) in the stored
+        dtype when layers were read, with teacher_scales (N_layers, B, L) float32 for an int8 cache.
+        Negatives from a file: negative_ids (B, K), negative_hidden (N_layers, B, K, Ln, D) (+ negative_scales),
+        negative_mask (B, K, Ln), each negative cut to its anchor's length, so Ln <= L. In-batch negatives:
+        negative_ids (B, K) and negative_pos (B, K), their positions in this batch (COS-NCE reads them from
+        teacher_hidden), so no row is read twice.
+        """
         reader = self._rows()
-        examples = [reader.example(int(r)) for r in rows]
-        if self.negatives is None:
-            return examples
-        negative_ids = np.asarray(self.negatives.sample(np.asarray(rows, dtype=np.int64), self.epoch), np.int64)
-        if negative_ids.ndim != 2 or len(negative_ids) != len(rows):
-            raise ValueError(f"negatives.sample gave shape {negative_ids.shape} for {len(rows)} rows, want (B, K)")
-        for example, ids in zip(examples, negative_ids):
-            # COS-NCE compares a negative with its anchor over their shared positions only (DESIGN §2),
-            # so tokens past the anchor's length are never used: cutting them shrinks negative_hidden.
-            n = len(example["input_ids"])
-            example["negative_ids"] = ids  # (K,)
-            example["negative_hidden"] = {j: [reader.hidden(int(r), j)[:n] for r in ids] for j in self.layers}
-        return examples
+        ids = np.asarray(rows, dtype=np.int64)
+        p = gather.plan(reader, ids)
+        b, width = len(ids), p.width
+        batch = {"row_ids": torch.from_numpy(ids.copy())}
+        for column in ("input_ids", "token_type_ids"):
+            values, tensor, _ = self._pool.take(column, (b, width), np.int64)
+            gather.gather_tokens(reader, p, column, values)
+            batch[column] = tensor
+        mask, mask_tensor, _ = self._pool.take("attention_mask", (b, width), np.int64)
+        np.less(np.arange(width)[None, :], p.lengths[:, None], out=mask, casting="unsafe")
+        batch["attention_mask"] = mask_tensor
+        shard = reader.shard_views()[0]
+        if shard.labels is not None and shard.logits is not None:  # rows of a corpus cache have no label and no logits
+            labels = np.empty(b, np.float32 if shard.labels.dtype.kind == "f" else np.int64)
+            logits = np.empty((b, shard.logits.shape[1]), np.float32)
+            gather.gather_rows_of(reader, p, "labels", labels)
+            gather.gather_rows_of(reader, p, "logits", logits)
+            batch |= {"labels": torch.from_numpy(labels), "teacher_logits": torch.from_numpy(logits)}
+        if self.layers:
+            batch |= self._hidden(reader, p, "teacher", b)
+        if self.negatives is not None:
+            batch |= self._negatives(reader, ids, p)
+        return batch
+
+    def _hidden(self, reader: RowReader, p: gather._Plan, prefix: str, n: int,
+                shape: tuple[int, ...] | None = None) -> dict[str, torch.Tensor]:
+        """{prefix}_hidden (N_layers, n, width, D) and, for an int8 cache, {prefix}_scales (N_layers, n, width)."""
+        first = reader.shard_views()[0].hidden[self.layers[0]][1]
+        lead = (len(self.layers), n, p.width)
+        values, tensor, zeroed = self._pool.take(f"{prefix}_hidden", (*lead, first.shape[1]), first.dtype)
+        scales, scale_tensor = None, None
+        if reader.quantized:
+            scales, scale_tensor, _ = self._pool.take(f"{prefix}_scales", lead, np.float32)
+        gather.gather_hidden(reader, p, self.layers, values, zeroed, scales)
+        view = shape or lead
+        out = {f"{prefix}_hidden": tensor.view(*view, first.shape[1])}
+        if scale_tensor is not None:
+            out[f"{prefix}_scales"] = scale_tensor.view(*view)
+        return out
+
+    def _negatives(self, reader: RowReader, ids: np.ndarray, anchors: gather._Plan) -> dict[str, torch.Tensor]:
+        """One draw of K negatives per anchor for the whole batch (see __getitems__ for what comes back)."""
+        if getattr(self.negatives, "in_batch", False):
+            positions = self.negatives.positions(ids, self.epoch)  # (B, K') indices into this batch
+            if positions.shape[1] == 0:  # a batch of one row has no other anchor: COS-NCE keeps its positive term
+                return {}
+            return {"negative_ids": torch.from_numpy(ids[positions]), "negative_pos": torch.from_numpy(positions)}
+        negative_ids = np.asarray(self.negatives.sample(ids, self.epoch), np.int64)
+        if negative_ids.ndim != 2 or len(negative_ids) != len(ids):
+            raise ValueError(f"negatives.sample gave shape {negative_ids.shape} for {len(ids)} rows, want (B, K)")
+        b, k = negative_ids.shape
+        # COS-NCE compares a negative with its anchor over their shared positions only (DESIGN §2), so tokens
+        # past the anchor's length are never used: cutting them shrinks negative_hidden.
+        p = gather.plan(reader, negative_ids.reshape(-1), np.repeat(anchors.lengths, k))
+        out = {"negative_ids": torch.from_numpy(negative_ids)}
+        out |= self._hidden(reader, p, "negative", b * k, (len(self.layers), b, k, p.width))
+        mask = np.arange(p.width)[None, :] < p.lengths[:, None]  # (B*K, Ln)
+        out["negative_mask"] = torch.from_numpy(mask.reshape(b, k, p.width).astype(np.int64))
+        return out
 
 
-# --------------------------------------------------------------------------- padding
+# --------------------------------------------------------------------------- to the step
 
 
-def collate(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Right-pad a list of rows into tensors; hidden states keep their stored dtype (fp16 by default).
-
-    input_ids, token_type_ids, attention_mask (B, L) long; labels (B,) long or float and teacher_logits
-    (B, C) float32 (task caches only); row_ids (B,) long; teacher_hidden (N_layers, B, L, D) when layers were read;
-    negative_ids (B, K), negative_hidden (N_layers, B, K, Ln, D), negative_mask (B, K, Ln) with negatives;
-    each negative is cut to its anchor's length, so Ln <= L.
-    """
-    lengths = np.array([len(e["input_ids"]) for e in examples], dtype=np.int64)  # (B,)
-    width = int(lengths.max())
-    mask = np.arange(width)[None, :] < lengths[:, None]  # (B, L)
-    batch = {
-        "input_ids": torch.from_numpy(_pad_tokens([e["input_ids"] for e in examples], width)),
-        "token_type_ids": torch.from_numpy(_pad_tokens([e["token_type_ids"] for e in examples], width)),
-        "attention_mask": torch.from_numpy(mask.astype(np.int64)),
-        "row_ids": torch.tensor([e["row_id"] for e in examples], dtype=torch.long),
-    }
-    if "label" in examples[0]:  # rows of a corpus cache have no label and no logits
-        labels = np.array([e["label"] for e in examples])
-        batch["labels"] = torch.from_numpy(labels.astype(np.float32 if labels.dtype.kind == "f" else np.int64))
-        batch["teacher_logits"] = torch.from_numpy(np.stack([e["logits"] for e in examples]).astype(np.float32))
-    layers = list(examples[0]["hidden"])
-    if layers:
-        per_layer = [[e["hidden"][j] for e in examples] for j in layers]  # N_layers x B arrays (len, D)
-        batch["teacher_hidden"] = _pad_hidden(per_layer, width)  # (N_layers, B, L, D)
-    if "negative_ids" in examples[0]:
-        batch |= _pad_negatives(examples, layers)
+def collate(batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The DataLoader's collate_fn: `CacheDataset.__getitems__` already made the batch (a list holding one
+    batch, e.g. `[dataset[i]]`, is that batch)."""
+    if isinstance(batch, list):
+        if len(batch) != 1:
+            raise ValueError(f"collate takes one batch from CacheDataset.__getitems__, got a list of {len(batch)}")
+        return batch[0]
     return batch
 
 
-def _pad_negatives(examples: list[dict[str, Any]], layers: list[int]) -> dict[str, torch.Tensor]:
-    """negative_ids (B, K), negative_hidden (N_layers, B, K, Ln, D), negative_mask (B, K, Ln)."""
-    negative_ids = np.stack([e["negative_ids"] for e in examples])  # (B, K)
-    b, k = negative_ids.shape
-    lengths = np.array([[len(h) for h in e["negative_hidden"][layers[0]]] for e in examples], np.int64)  # (B, K)
-    width = int(lengths.max())
-    per_layer = [[h for e in examples for h in e["negative_hidden"][j]] for j in layers]  # N_layers x (B*K)
-    hidden = _pad_hidden(per_layer, width)  # (N_layers, B*K, Ln, D)
-    return {
-        "negative_ids": torch.from_numpy(negative_ids),
-        "negative_hidden": hidden.view(len(layers), b, k, width, hidden.shape[-1]),
-        "negative_mask": torch.from_numpy((np.arange(width)[None, None, :] < lengths[:, :, None]).astype(np.int64)),
-    }
-
-
-def _pad_tokens(rows: list[np.ndarray], width: int) -> np.ndarray:
-    out = np.zeros((len(rows), width), dtype=np.int64)  # (B, L); padding id 0 (the mask marks it)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = row
-    return out
-
-
-def _pad_hidden(per_layer: list[list[np.ndarray]], width: int) -> torch.Tensor:
-    """N_layers lists of n arrays (len_i, D) -> (N_layers, n, width, D), zeros after each row's tokens."""
-    first = per_layer[0][0]
-    out = _zeros((len(per_layer), len(per_layer[0]), width, first.shape[1]), first.dtype)
-    values = out.numpy()  # a view: numpy slice assignment is the cheapest copy here
-    for layer, rows in enumerate(per_layer):
-        for i, row in enumerate(rows):
-            values[layer, i, : len(row)] = row
-    return out
-
-
-def _zeros(shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
-    """Zeros for a padded block. np.zeros (calloc: the kernel's zero pages) fills faster than
-    torch.zeros (malloc + memset) at these sizes. In a DataLoader worker the block is put in shared
-    memory from the start, as default_collate does, so handing it to the main process copies nothing;
-    a new segment reads as zeros (ftruncate). Measurements: docs/PERFORMANCE.md (data path)."""
-    if get_worker_info() is None:
-        return torch.from_numpy(np.zeros(shape, dtype))
-    shared = _new_shared_storage(int(np.prod(shape)) * np.dtype(dtype).itemsize)
-    if shared is None:  # the DataLoader moves the block to shared memory when it sends it: one copy more
-        return torch.from_numpy(np.zeros(shape, dtype))
-    return torch.empty(0, dtype=torch.from_numpy(np.empty(0, dtype)).dtype).set_(shared).view(shape)
-
-
-# A private torch API (what default_collate itself uses in workers): looked up once, never required.
-_NEW_SHARED = getattr(torch.UntypedStorage, "_new_shared", None)
-
-
-def _new_shared_storage(nbytes: int) -> torch.UntypedStorage | None:
-    """A zero-filled shared-memory storage from `_NEW_SHARED`, or None: a torch without it, or whose
-    version of it fails, costs one copy per batch, not a crash (tests/test_batches.py runs both paths)."""
-    if _NEW_SHARED is None:
-        return None
-    try:
-        return _NEW_SHARED(nbytes)
-    except (RuntimeError, TypeError):
-        return None
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch as the step reads it, on `device`: int8 hidden states dequantised there (in float32;
+    pipeline/quant.py), so a GPU receives the int8 bytes. In-batch negatives stay positions
+    (`negative_pos`): COS-NCE reads them from the anchors' teacher outputs (`losses.cos_nce`), so no
+    negative is ever copied, on the host or on the device."""
+    moved = {}
+    for key, value in batch.items():
+        moved[key] = value.to(device, non_blocking=True)
+        if device.type == "cuda":
+            gather.record_copy(value)  # the pool waits for this copy before it writes the block again
+    for prefix in ("teacher", "negative"):
+        scales = moved.pop(f"{prefix}_scales", None)
+        if scales is not None:
+            moved[f"{prefix}_hidden"] = quant.dequantize(moved[f"{prefix}_hidden"], scales)
+    return moved
 
 
 # --------------------------------------------------------------------------- order

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from pipeline import __version__
 from pipeline.errors import LrcError
+from pipeline.quant import INT8, scale_column
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,9 @@ _SHARD_RE = re.compile(r"^(?P<split>[a-z_]+)-(?P<start>\d{9})-(?P<stop>\d{9})\.a
 _SAMPLE_EDGE = 64 << 10
 _SAMPLE_BLOCK = 4 << 10
 _SAMPLE_COUNT = 16
-_ARROW_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+_ARROW_DTYPES = {"float16": pa.float16(), "float32": pa.float32(), "int8": pa.int8()}
+# The pooled vector (one per example, for the negatives index) stays a float: int8 caches keep it in float16.
+_POOLED_DTYPES = {"float16": pa.float16(), "float32": pa.float32(), "int8": pa.float16()}
 
 
 def hidden_column(layer: int) -> str:
@@ -131,8 +134,11 @@ def shard_schema(
                    pa.field("logits", pa.list_(pa.float32(), num_labels))]
     if with_hidden:
         # (tokens, d') per example: a list of fixed-size rows keeps the shape readable by any Arrow tool.
-        fields += [pa.field(hidden_column(j), pa.list_(pa.list_(dtype, hidden_size))) for j in layers]
-        fields.append(pa.field("pooled", pa.list_(dtype, hidden_size)))
+        for j in layers:
+            fields.append(pa.field(hidden_column(j), pa.list_(pa.list_(dtype, hidden_size))))
+            if hidden_dtype == INT8:  # (tokens,) float32: each token's absmax / 127 (pipeline/quant.py)
+                fields.append(pa.field(scale_column(j), pa.list_(pa.float32())))
+        fields.append(pa.field("pooled", pa.list_(_POOLED_DTYPES[hidden_dtype], hidden_size)))
     return pa.schema(fields, metadata={"lrc.format": FORMAT, "lrc.format_version": str(FORMAT_VERSION)})
 
 
@@ -145,6 +151,7 @@ def make_record_batch(
     logits: np.ndarray | None,  # (n, C)
     hidden: dict[int, np.ndarray] | None = None,  # layer -> (sum len_i, d') rows in row order
     pooled: np.ndarray | None = None,  # (n, d')
+    scales: dict[int, np.ndarray] | None = None,  # layer -> (sum len_i,) float32, with int8 `hidden`
 ) -> pa.RecordBatch:
     lengths = np.fromiter((len(x) for x in input_ids), dtype=np.int64, count=len(input_ids))
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
@@ -167,6 +174,8 @@ def make_record_batch(
             width = rows.shape[1]
             token_rows = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), width)
             columns.append(pa.ListArray.from_arrays(offsets, token_rows))
+            if scales is not None:
+                columns.append(pa.ListArray.from_arrays(offsets, pa.array(scales[layer].astype(np.float32, copy=False))))
         columns.append(pa.FixedSizeListArray.from_arrays(pa.array(pooled.reshape(-1)), pooled.shape[1]))
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 

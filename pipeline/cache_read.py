@@ -27,6 +27,7 @@ from pipeline.cache import (
     TEACHER_WEIGHTS_DIR, TOKENIZER_DIR, hidden_column, read_manifest, sample_sha256, sha256_file, shard_path,
 )
 from pipeline.errors import LrcError
+from pipeline.quant import scale_column
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,7 @@ class _ShardViews:
     labels: np.ndarray | None  # (n,) int64 or float32; None in a corpus cache
     logits: np.ndarray | None  # (n, C) float32; None in a corpus cache
     hidden: dict[int, tuple[np.ndarray, np.ndarray]]  # layer -> (n+1,) int32, (tokens, d')
+    scales: dict[int, np.ndarray]  # int8 caches: layer -> (tokens,) float32 (same offsets as hidden); else empty
     pooled: np.ndarray | None  # (n, d') when asked for
 
 
@@ -202,6 +204,9 @@ class RowReader:
             "token_type_ids": _slice(shard.token_type_ids, i),
             "hidden": {j: _slice(shard.hidden[j], i) for j in self.layers},
         }
+        if shard.scales:  # int8: (tokens,) float32 per layer; x = q * scale (pipeline/quant.py)
+            offsets = shard.hidden[self.layers[0]][0]
+            out["scales"] = {j: shard.scales[j][offsets[i] : offsets[i + 1]] for j in self.layers}
         if shard.labels is not None and shard.logits is not None:  # a corpus cache has neither
             out |= {"label": shard.labels[i], "logits": shard.logits[i]}
         if shard.pooled is not None:
@@ -209,9 +214,33 @@ class RowReader:
         return out
 
     def hidden(self, row: int, layer: int) -> np.ndarray:
-        """(tokens, d') hidden states of one row and layer, in the stored dtype."""
+        """(tokens, d') hidden states of one row and layer, in the stored dtype (int8: see `scales`)."""
         shard, i = self._locate(row)
         return _slice(shard.hidden[layer], i)
+
+    def scales(self, row: int, layer: int) -> np.ndarray:
+        """(tokens,) float32 scales of one row and layer of an int8 cache."""
+        shard, i = self._locate(row)
+        return _slice((shard.hidden[layer][0], shard.scales[layer]), i)
+
+    def dequantized(self, row: int, layer: int) -> np.ndarray:
+        """(tokens, d') float32 hidden states whatever the storage (a reference path: tools, tests)."""
+        values = self.hidden(row, layer)
+        if self.quantized:
+            return values.astype(np.float32) * self.scales(row, layer)[:, None]
+        return values.astype(np.float32)
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self._shards) and bool(self._shards[0].scales)
+
+    def shard_views(self) -> list[_ShardViews]:
+        """Per shard (in row order) its numpy views: for batch gathers (`pipeline/gather.py`)."""
+        return self._shards
+
+    @property
+    def shard_starts(self) -> np.ndarray:
+        return self._starts
 
 
 def _shard_views(start: int, table: pa.Table, layers: list[int], pooled: bool) -> _ShardViews:
@@ -224,6 +253,8 @@ def _shard_views(start: int, table: pa.Table, layers: list[int], pooled: bool) -
         labels=_one_chunk(table.column("label")).to_numpy() if labelled else None,
         logits=logits.flatten().to_numpy().reshape(len(logits), logits.type.list_size) if logits is not None else None,
         hidden={j: _list_views(table.column(hidden_column(j))) for j in layers},
+        scales={j: _one_chunk(table.column(scale_column(j))).values.to_numpy() for j in layers
+                if scale_column(j) in table.column_names},
         pooled=_fixed_rows(table.column("pooled")) if pooled else None,
     )
 
@@ -313,6 +344,11 @@ def describe(cache: Cache) -> str:
         f"max length   {m['max_length']} tokens",
     ]
     bytes_per_value = np.dtype(m["hidden_dtype"]).itemsize
+    if m.get("hidden_quant"):  # int8: name the scheme, and compare the size with what float16 would take
+        q = m["hidden_quant"]
+        lines.append(f"quantised    {q['scheme']}: {q['scale']} ({q['scale_dtype']} column {q['scale_column']}); "
+                     f"pooled vectors {q['pooled_dtype']}")
+        bytes_per_value = 2
     for name, info in m["splits"].items():
         split = cache.split(name)
         tokens = int(np.sum(split.column("input_ids").combine_chunks().value_lengths().to_numpy()))
@@ -322,7 +358,9 @@ def describe(cache: Cache) -> str:
         lines.append(("splits       " if name == next(iter(m["splits"])) else "             ") + line)
         if info["hidden"]:
             ideal = tokens * len(layers) * width * bytes_per_value
-            lines.append(f"             size vs tokens x layers x d' x {bytes_per_value}: {info['bytes'] / max(ideal, 1):.3f}x")
+            what = " (float16)" if m.get("hidden_quant") else ""
+            lines.append(f"             size vs tokens x layers x d' x {bytes_per_value}{what}: "
+                         f"{info['bytes'] / max(ideal, 1):.3f}x")
     total = sum(info["bytes"] for info in m["splits"].values())
     lines += [f"total        {total / 1e6:.1f} MB", f"fingerprint  {cache.fingerprint}"]
     return "\n".join(lines)

@@ -12,7 +12,7 @@ from pipeline.errors import LrcError
 DATA_DIR_ENV = "LRC_DATA_DIR"
 BUNDLED_BACKBONE = "bundled:all-MiniLM-L6-v2"
 BUNDLED_MPNET = "bundled:all-mpnet-base-v2"  # 12 x 768, the optional extra lrc[mpnet]
-HIDDEN_DTYPES = ("float16", "float32")  # Arrow has no bfloat16
+HIDDEN_DTYPES = ("float16", "float32", "int8")  # Arrow has no bfloat16; int8: pipeline/quant.py
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 CACHE_CHECKS = ("auto", "quick", "full")  # how much of a cache is hashed at open (pipeline/cache_read.py)
@@ -229,6 +229,9 @@ GRANULARITIES = ("flat", "token", "cls")
 INTERMEDIATE_LOSSES = ("cos_nce", "hidden_mse", "none")
 PROJECTION_INITS = ("auto", "identity", "random")
 KEEP_CHOICES = ("best", "last")
+# file: K of each row's M candidates in negatives.arrow (random, hard or mixed; the paper's setup); in-batch: K
+# of the other anchors of the same batch (uniform random negatives with no file and no extra rows read).
+NEGATIVE_SOURCES = ("file", "in-batch")
 
 
 @dataclass(frozen=True)
@@ -242,6 +245,7 @@ class TrainConfig:
     cache_dir: Path
     output_dir: Path
     negatives: Path | None = None  # None = <cache_dir>/negatives.arrow
+    negatives_source: str = "file"  # file | in-batch (NEGATIVE_SOURCES)
     # student shape (the paper's 4 x 312) and initialisation
     layers: int = 4
     hidden: int = 312
@@ -300,6 +304,11 @@ class TrainConfig:
         _require(self.projection_init in PROJECTION_INITS,
                  f"unknown --projection-init {self.projection_init!r}: choose one of {', '.join(PROJECTION_INITS)}")
         _require(self.k >= 0, f"--k must be >= 0, got {self.k}")
+        _require(self.negatives_source in NEGATIVE_SOURCES,
+                 f"unknown --negatives-source {self.negatives_source!r}: choose one of {', '.join(NEGATIVE_SOURCES)}")
+        _require(self.negatives_source != "in-batch" or not self.uses_negatives or self.batch_size > self.k,
+                 f"--negatives-source in-batch draws K={self.k} negatives from the other anchors of a batch: "
+                 f"--batch-size {self.batch_size} must be > --k")
         _require(self.keep in KEEP_CHOICES, f"unknown --keep {self.keep!r}: choose one of {', '.join(KEEP_CHOICES)}")
         _require(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
         _require(0 <= self.stage1_fraction < 1, f"--stage1-fraction must be in [0, 1), got {self.stage1_fraction}")

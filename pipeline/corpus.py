@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from pipeline import cache
+from pipeline import cache, quant
 from pipeline.config import CorpusConfig, DataConfig, ExtractConfig
 from pipeline.errors import LrcError
 from pipeline.runtime import from_pretrained, require_tokenizer
@@ -210,6 +210,7 @@ def corpus_settings(config: ExtractConfig, model: torch.nn.Module, tokenizer_sha
         "layers": layers,
         "hidden_size": model.config.hidden_size,
         "hidden_dtype": config.hidden_dtype,
+        **quant.settings_entry(config.hidden_dtype),
         "pooled": {"layer": model.config.num_hidden_layers, "definition": cache.POOLED_DEFINITION},
         "precision": config.precision,
         "shard_rows": config.shard_rows,

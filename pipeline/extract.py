@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from pipeline import cache, distributed
+from pipeline import cache, distributed, quant
 from pipeline.config import ExtractConfig
 from pipeline.errors import LrcError
 from pipeline.families import require_layer_outputs
@@ -27,8 +27,9 @@ from pipeline.tasks import Examples, TaskSpec, get_task, load_examples
 
 log = logging.getLogger(__name__)
 
-_NP_DTYPES = {"float16": np.float16, "float32": np.float32}
-_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+_NP_DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.int8}
+_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}  # int8: quant.quantize
+_POOLED_NP = {"float16": np.float16, "float32": np.float32, "int8": np.float16}  # as cache._POOLED_DTYPES
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ def build_settings(
         "layers": layers,
         "hidden_size": model.config.hidden_size,
         "hidden_dtype": config.hidden_dtype,
+        **quant.settings_entry(config.hidden_dtype),
         "pooled": {"layer": model.config.num_hidden_layers, "definition": cache.POOLED_DEFINITION},
         "precision": config.precision,
         "shard_rows": config.shard_rows,
@@ -279,7 +281,7 @@ def extract_split(
             schema, np.arange(start, stop), [np.asarray(x) for x in ids[start:stop]],
             [np.asarray(x) for x in types[start:stop]], labels[start:stop] if labels is not None else None,
             shard.get("logits"),
-            shard.get("hidden"), shard.get("pooled"),
+            shard.get("hidden"), shard.get("pooled"), shard.get("scales"),
         )
         cache.write_shard(out, split, start, stop, batch)
 
@@ -309,10 +311,11 @@ def run_shard(
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     width, last = model.config.hidden_size, model.config.num_hidden_layers
-    dtype, tdtype = _NP_DTYPES[config.hidden_dtype], _TORCH_DTYPES[config.hidden_dtype]
+    dtype, quantized = _NP_DTYPES[config.hidden_dtype], config.hidden_dtype == quant.INT8
     logits = np.empty((len(ids), model.config.num_labels), np.float32) if with_logits else None  # an encoder has none
     hidden = {j: np.empty((offsets[-1], width), dtype) for j in layers} if with_hidden else None
-    pooled = np.empty((len(ids), width), dtype) if with_hidden else None
+    scales = {j: np.empty(offsets[-1], np.float32) for j in layers} if with_hidden and quantized else None
+    pooled = np.empty((len(ids), width), _POOLED_NP[config.hidden_dtype]) if with_hidden else None
     order = np.argsort(-lengths, kind="stable")
     for b in range(0, len(order), config.batch_size):
         rows = order[b : b + config.batch_size]
@@ -326,13 +329,20 @@ def run_shard(
             real = mask.bool()  # (B, L); padding is on the right, so real tokens come out in row order
             dest = _token_destinations(offsets[rows], lengths[rows])
             for j in layers:
-                hidden[j][dest] = output.hidden_states[j][real].to(tdtype).cpu().numpy()  # (T, d')
+                states = output.hidden_states[j][real]  # (T, d')
+                if scales is not None:  # quantised on the device: a quarter of the float32 bytes cross to the host
+                    q, s = quant.quantize(states)
+                    hidden[j][dest], scales[j][dest] = q.cpu().numpy(), s.cpu().numpy()
+                else:
+                    hidden[j][dest] = states.to(_TORCH_DTYPES[config.hidden_dtype]).cpu().numpy()
             top = output.hidden_states[last].float() * real.unsqueeze(-1)  # (B, L, d')
-            pooled[rows] = (top.sum(1) / real.sum(1, keepdim=True)).cpu().numpy().astype(dtype)  # (B, d')
+            pooled[rows] = (top.sum(1) / real.sum(1, keepdim=True)).cpu().numpy().astype(pooled.dtype)  # (B, d')
         bar.update(len(rows))
     result: dict[str, Any] = {"logits": logits} if logits is not None else {}
     if with_hidden:
         result |= {"hidden": hidden, "pooled": pooled}
+    if scales is not None:
+        result["scales"] = scales
     return result
 
 
@@ -345,7 +355,9 @@ def check_finite_outputs(shard: dict[str, Any], lengths: list[int], split: str, 
         found = (start + np.flatnonzero(bad_rows)).tolist()
         return f"{split} row(s) {', '.join(map(str, found[:5]))}{' ...' if len(found) > 5 else ''} ({len(found)} in all)"
 
-    outputs = [shard.get("logits"), shard.get("pooled"), *(shard.get("hidden") or {}).values()]
+    # int8 values are always finite: a non-finite teacher output shows in its token's scale (absmax / 127).
+    floats = shard.get("scales") or shard.get("hidden") or {}
+    outputs = [shard.get("logits"), shard.get("pooled"), *floats.values()]
     if all(all_finite(v) for v in outputs if v is not None):  # a corpus shard has no logits
         return
     teacher = config.teacher_source
@@ -354,8 +366,8 @@ def check_finite_outputs(shard: dict[str, Any], lengths: list[int], split: str, 
         raise LrcError(f"teacher {teacher} gives non-finite logits for {rows(bad)}: its activations overflow "
                        f"in --precision {config.precision}; use --precision fp32, or check the teacher with `lrc evaluate`")
     offsets = np.cumsum([0, *lengths])
-    for layer, values in (shard.get("hidden") or {}).items():
-        bad_tokens = np.flatnonzero(~np.isfinite(values).all(axis=1))
+    for layer, values in floats.items():
+        bad_tokens = np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
         if bad_tokens.size:
             bad = np.zeros(len(lengths), bool)
             bad[np.searchsorted(offsets, bad_tokens, side="right") - 1] = True

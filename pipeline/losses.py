@@ -53,34 +53,47 @@ def cos_nce(
     negatives: Tensor,
     negatives_mask: Tensor,
     granularity: str = "flat",
+    negative_pos: Tensor | None = None,
 ) -> Tensor:
     """L = g(z_T, z_S) + 1/(2K) * sum_k [2 - (g(n_k, z_S) - g(z_T, z_S))], averaged over the batch.
 
     `student` is already projected to the teacher width. A negative is compared with the anchor over
     the positions both have (the first min(len_anchor, len_neg) tokens); with K = 0 only the positive
-    term g(z_T, z_S) remains.
+    term g(z_T, z_S) remains. In-batch negatives: `negative_pos` (B, K) names, per anchor, the other
+    anchors of the batch whose teacher outputs are its negatives (then `negatives` is ignored and may be
+    empty): the same loss, computed without building the (B, K, L, D) block.
     """
     if granularity not in GRANULARITIES:
         raise LrcError(f"unknown COS-NCE granularity {granularity!r}: use one of {', '.join(GRANULARITIES)}")
     _check_shapes(student, teacher, mask, negatives, negatives_mask)
     z_s, z_t = _zero_padding(student, mask), _zero_padding(teacher, mask)  # (B, L, D)
-    neg = _zero_padding(negatives, negatives_mask)  # (B, K, Ln, D)
-    m, neg_m = mask.float(), negatives_mask.float()  # (B, L), (B, K, Ln)
+    m = mask.float()  # (B, L)
 
     # Positive: teacher and student share the anchor's padding.
     s_sq = z_s.pow(2).sum(-1)  # (B, L)
     pos_dot = (z_s * z_t).sum(-1)  # (B, L)
     g_pos = 1.0 - _masked_cosine(pos_dot, s_sq, z_t.pow(2).sum(-1), m, granularity)  # (B,)
 
-    # Negatives: keep the P = min(L, Ln) leading positions; the product of the two masks then
-    # keeps exactly the first min(len_anchor, len_neg) tokens, so missing positions never count.
-    p = min(z_s.shape[1], neg.shape[2])
-    neg, shared = neg[:, :, :p], m[:, None, :p] * neg_m[:, :, :p]  # (B, K, P, D), (B, K, P)
-    neg_dot = torch.einsum("bpd,bkpd->bkp", z_s[:, :p], neg)  # (B, K, P)
-    s_sq_shared = s_sq[:, None, :p].expand_as(neg_dot)  # (B, K, P)
-    g_neg = 1.0 - _masked_cosine(neg_dot, s_sq_shared, neg.pow(2).sum(-1), shared, granularity)  # (B, K)
+    if negative_pos is None:
+        # Negatives: keep the P = min(L, Ln) leading positions; the product of the two masks then
+        # keeps exactly the first min(len_anchor, len_neg) tokens, so missing positions never count.
+        neg = _zero_padding(negatives, negatives_mask)  # (B, K, Ln, D)
+        p = min(z_s.shape[1], neg.shape[2])
+        neg, shared = neg[:, :, :p], m[:, None, :p] * negatives_mask[:, :, :p].float()  # (B, K, P, D), (B, K, P)
+        neg_dot = torch.einsum("bpd,bkpd->bkp", z_s[:, :p], neg)  # (B, K, P)
+        neg_sq = neg.pow(2).sum(-1)  # (B, K, P)
+        s_sq_shared = s_sq[:, None, :p].expand_as(neg_dot)  # (B, K, P)
+    else:
+        # In-batch: every anchor's student against every anchor's teacher, (B, B, L) dots (B^2 L D flops,
+        # small next to the step), then each anchor's K columns. Both share the batch's padding width L.
+        pick = negative_pos[:, :, None].expand(-1, -1, z_s.shape[1])  # (B, K, L)
+        neg_dot = torch.einsum("bpd,cpd->bcp", z_s, z_t).gather(1, pick)  # (B, K, L)
+        neg_sq = z_t.pow(2).sum(-1)[negative_pos]  # (B, K, L)
+        shared = m[:, None, :] * m[negative_pos]  # (B, K, L)
+        s_sq_shared = s_sq[:, None, :].expand_as(neg_dot)  # (B, K, L)
+    g_neg = 1.0 - _masked_cosine(neg_dot, s_sq_shared, neg_sq, shared, granularity)  # (B, K)
 
-    k = neg.shape[1]
+    k = neg_dot.shape[1]
     brackets = 2.0 - (g_neg - g_pos[:, None])  # (B, K), each in [0, 4]
     contrast = brackets.sum(1) / (2 * k) if k > 0 else torch.zeros_like(g_pos)  # (B,)
     return (g_pos + contrast).mean()  # ()

@@ -174,3 +174,36 @@ class NegativeSampler:
                            "was it built from this cache? rebuild it with `lrc build-negatives`")
         pick = np.argsort(draw_keys(self.seed, epoch, row_ids, self.num_candidates), axis=1)[:, : self.k]
         return np.take_along_axis(self.candidates[row_ids], pick, 1)
+
+
+class InBatchNegatives:
+    """K negatives per anchor drawn uniformly from the OTHER anchors of its batch (DESIGN §3): the anchors of a
+    shuffled batch are a uniform sample of the split, so this is the paper's `random` strategy without a
+    negatives file and without reading any row twice.
+
+    The draw is a function of (seed, epoch, the batch's row ids) alone, and the batch is a function of
+    (seed, epoch, step), so a resumed run draws the same negatives. An anchor is never its own negative;
+    the K are distinct anchors. A batch of B rows offers B - 1 others: with B - 1 < K (only a short last
+    batch: `TrainConfig` refuses --batch-size <= --k) each anchor gets all B - 1 others (K' = B - 1, which
+    COS-NCE's 1/(2K) normalises), and a batch of one row gets none (the positive term alone).
+    """
+
+    in_batch = True
+
+    def __init__(self, k: int, seed: int) -> None:
+        if k <= 0:
+            raise LrcError(f"in-batch negatives need K > 0, got {k}")
+        self.k, self.seed = k, seed
+
+    def positions(self, row_ids: np.ndarray, epoch: int) -> np.ndarray:
+        """(B,) row ids -> (B, min(K, B - 1)) int64 positions in the batch, never the anchor's own."""
+        row_ids = np.asarray(row_ids, dtype=np.int64)
+        b = len(row_ids)
+        keys = draw_keys(self.seed, epoch, row_ids, b)  # (B, B): row i's random order over the batch positions
+        keys[np.arange(b), np.arange(b)] = np.iinfo(np.uint64).max  # the anchor itself sorts last, never picked
+        return np.argsort(keys, axis=1, kind="stable")[:, : min(self.k, b - 1)].astype(np.int64)
+
+    def sample(self, row_ids: np.ndarray, epoch: int) -> np.ndarray:
+        """(B,) row ids -> (B, K') negative row ids (the NegativeSource protocol)."""
+        row_ids = np.asarray(row_ids, dtype=np.int64)
+        return row_ids[self.positions(row_ids, epoch)]

@@ -77,7 +77,8 @@ def loss_terms(model: Model, batch: dict[str, torch.Tensor], config: TrainConfig
             target = batch["teacher_hidden"][slot]  # (B, L, d')
             if config.intermediate_loss == "cos_nce":
                 negatives, negatives_mask = _negatives(batch, slot, target)
-                per_layer.append(losses.cos_nce(z, target, mask, negatives, negatives_mask, config.granularity))
+                per_layer.append(losses.cos_nce(z, target, mask, negatives, negatives_mask, config.granularity,
+                                                batch.get("negative_pos")))  # in-batch negatives: positions
             else:
                 per_layer.append(losses.hidden_mse(z, target, mask))
         terms[config.intermediate_loss] = torch.stack(per_layer).sum()

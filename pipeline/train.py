@@ -14,14 +14,14 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from pipeline import checkpoint, distributed, general
-from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader
+from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader, to_device
 from pipeline.cache import read_manifest
 from pipeline.cache_read import Cache, open_cache
 from pipeline.config import TrainConfig
 from pipeline.errors import LrcError
 from pipeline.families import reads_segments
 from pipeline.metrics import compute_metrics
-from pipeline.sampler import NegativeSampler
+from pipeline.sampler import InBatchNegatives, NegativeSampler
 from pipeline.report import write_report
 from pipeline.runtime import (
     apply_update, check_finite_weights, from_pretrained, predict_logits, seed_everything,
@@ -170,7 +170,15 @@ def _setup(config: TrainConfig, ranks: distributed.Ranks = distributed.SINGLE) -
     depth, width = init_shape(config.init, config.layers, config.hidden, config.student_family)
     mapping = resolve_layer_map(config, cache, depth)
     sampler = None
-    if config.uses_negatives:
+    if config.uses_negatives and config.negatives_source == "in-batch":
+        # Under torchrun each rank draws from its own share of the batch (no all-gather of teacher states), so
+        # the negatives, unlike a file's, depend on the world size; that share must still offer K others.
+        if rank_batch <= config.k:
+            raise LrcError(f"--negatives-source in-batch draws K={config.k} negatives from the other anchors of each "
+                           f"rank's batch, here {rank_batch} rows ({config.batch_size} over {ranks.world_size} ranks): "
+                           f"raise --batch-size above {config.k * ranks.world_size}, lower --k, or use --negatives-source file")
+        sampler = InBatchNegatives(config.k, config.seed)
+    elif config.uses_negatives:
         if not config.negatives_path.is_file():
             raise LrcError(f"no negatives file at {config.negatives_path}: run `lrc build-negatives --cache "
                            f"{config.cache_dir}` first, or pass --k 0 to train without negatives")
@@ -300,7 +308,7 @@ def _train(config: TrainConfig, ranks: distributed.Ranks) -> dict[str, Any]:
     try:
         while state.step < total_steps:
             for batch in epoch_batches(run, state.epoch, state.batch_in_epoch):
-                batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+                batch = to_device(batch, run.device)  # int8 hidden states are dequantised on the device
                 weights = general.WEIGHTS if run.task is None else loss_weights(state.step, total_steps, config)
                 try:
                     terms = train_step(run.model, batch, weights, config, regression, run.device)

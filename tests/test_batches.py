@@ -310,7 +310,7 @@ def test_workers_without_the_private_shared_memory_api_give_the_same_batches(tin
     sampler = EpochBatchSampler(len(dataset), 16, seed=5)
     want = list(make_loader(dataset, sampler, num_workers=0, seed=1))
     with_api = list(make_loader(dataset, sampler, num_workers=1, seed=1))
-    from pipeline import batches
+    from pipeline import gather as batches  # the shared-memory blocks are made in pipeline/gather.py
 
     def broken(nbytes: int) -> None:
         raise TypeError("a future torch's signature")
