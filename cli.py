@@ -404,7 +404,7 @@ def evaluate(
 @_friendly
 def demo(
     task: str = typer.Option(D("task"), "--task", help="GLUE task to run the demo on."),
-    work_dir: Path = typer.Option(Path("data/demo"), help="Where the teacher, cache, negatives and student go."),
+    work_dir: Path = typer.Option(D("work_dir"), help="Where the teacher, cache, negatives and student go."),
     max_train_examples: int = typer.Option(D("max_train_examples"), help="Subsample the train split to this many rows so the demo fits in minutes on 2 CPU cores; 0 = all rows."),
     max_length: int = typer.Option(D("max_length"), help="Truncate inputs to this many tokens."),
     teacher_epochs: float = typer.Option(D("teacher_epochs"), help="Epochs of teacher fine-tuning."),
@@ -414,7 +414,7 @@ def demo(
     k: int = typer.Option(D("k"), "--k", help="Negatives per example."),
     seed: int = typer.Option(D("seed"), help="Random seed of every stage."),
     overwrite: bool = typer.Option(D("overwrite"), help="Redo every stage, replacing what --work-dir holds (without it: artifacts made with the same settings are reused, others refused)."),
-    general: bool = typer.Option(D("general"), "--general", help="First distil the bundled backbone on unlabeled text (general distillation), then start the task student from it."),
+    general: bool = typer.Option(D("general"), "--general/--no-general", help="First distil the bundled backbone on unlabeled text (general distillation), then start the task student from it (the paper's recipe; --no-general starts it from random weights and saves about 10 minutes)."),
     corpus: Optional[Path] = typer.Option(D("corpus"), help="--general: unlabeled text file (one passage per line); default: the GLUE train sentences in --data-dir and QNLI test."),
     general_max_passages: int = typer.Option(D("general_max_passages"), help="--general: passages of the corpus to use (a seeded subset of the GLUE sentences, or the first N of --corpus); 0 = all."),
     general_epochs: float = typer.Option(D("general_epochs"), help="--general: epochs of general distillation."),

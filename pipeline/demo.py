@@ -1,7 +1,8 @@
 """`lrc demo`: fine-tune a teacher, cache it, build negatives, train a student, compare the two.
 
-`--general` first distils the bundled backbone (pre-trained, not fine-tuned) on unlabeled text into a
-general student of the student's shape, and starts the task student from it (the paper's recipe).
+By default (`--general`) it first distils the bundled backbone (pre-trained, not fine-tuned) on unlabeled
+text into a general student of the student's shape, and starts the task student from it (the paper's
+recipe); `--no-general` starts the task student from random weights.
 
 Each stage reuses what an earlier run left in the work dir when its settings match, so a
 second `lrc demo` finishes in seconds; an artifact made with other settings is refused, and

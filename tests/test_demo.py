@@ -28,7 +28,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory, glue_dir: Path, minilm_di
     config = DemoConfig(
         task="sst2", data_dir=glue_dir, work_dir=tmp_path_factory.mktemp("demo"), max_train_examples=160,
         max_length=32, teacher_epochs=1, student_epochs=1, student_layers=2, student_hidden=64, student_heads=4,
-        student_intermediate=128, k=2, device="cpu",
+        student_intermediate=128, k=2, device="cpu", general=False,  # tests/test_general.py runs --general
     )
     return {"config": config, "outcome": run_demo(config)}
 
