@@ -387,8 +387,8 @@ class EvaluateConfig:
 class DemoConfig:
     """`lrc demo`: the whole pipeline on one GLUE task with the bundled MiniLM backbone.
 
-    The defaults are the best recipe measured for the paper's 4 x 312 student that fits in about 15 minutes
-    on a 2-core CPU (docs/RESULTS.md, "Short budget"): general distillation of the pre-trained backbone on
+    The defaults are the best recipe measured for the paper's 4 x 312 student that fits in under half an
+    hour on a 2-core CPU (docs/RESULTS.md, "Short budget"): general distillation of the pre-trained backbone on
     unlabeled GLUE sentences, then task distillation from that general student (its two stages). The train
     split is subsampled to `max_train_examples` rows (None = all) and the teacher gets one epoch.
     """
