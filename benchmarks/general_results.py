@@ -9,9 +9,13 @@
    KD-only and hidden-MSE. Every run keeps its LAST checkpoint (--keep last): the dev split that the table
    reports never chooses a checkpoint.
 
-Finished runs are reused, killed ones resumed. Results: <work-dir>/general_results.md and .json.
+Finished runs are reused, killed ones resumed. Results: <work-dir>/<--results>.md and .json.
 
     python benchmarks/general_results.py --work-dir data/general --tasks cola,sst2,mrpc,stsb --seeds 42,43,44
+
+On a machine with spare cores, split the work into processes that write different --results names
+(one that only trains the general students, `--tasks ""`; one that only prepares the tasks, `--rows ""`;
+then one per seed), and render them into one table with `--merge NAME,NAME,...`.
 """
 
 from __future__ import annotations
@@ -98,22 +102,42 @@ def task_config(paths: dict[str, Path], row: str, seed: int, students: dict[str,
 
 def report(stats: dict[str, Any], results: list[dict[str, Any]], teachers: dict[str, dict[str, float]],
            rows: list[str], tasks: list[str], args: argparse.Namespace) -> str:
-    lines = [f"# General distillation ({', '.join(tasks)})", "",
-             f"Corpus {stats['corpus']}: {stats['passages']} passages -> {stats['windows']} windows of <= "
-             f"{args.max_length} tokens, corpus cache {stats['cache_mb']} MB (extraction in this run: "
-             f"{stats['extract_seconds_this_run']} s; 0 when reused).", ""]
-    for loss in args.general_losses:
-        g = stats[f"general_{loss}"]
-        curve = ", ".join(f"{step}: {value:.4f}" for step, value in g["curve"])
-        lines += [f"General student ({loss}, {STUDENT}): {g['steps']} steps, {g['train_seconds']} s, "
-                  f"{g['samples_per_s']} samples/s; {loss} by step: {curve}", ""]
+    lines = [f"# General distillation ({', '.join(tasks)})", ""]
+    if "corpus" in stats:
+        lines += [f"Corpus {stats['corpus']}: {stats['passages']} passages -> {stats['windows']} windows of <= "
+                  f"{args.max_length} tokens, corpus cache {stats['cache_mb']} MB (extraction in this run: "
+                  f"{stats['extract_seconds_this_run']} s; 0 when reused).", ""]
+    for key, g in stats.items():
+        if key.startswith("general_"):
+            curve = ", ".join(f"{step}: {value:.4f}" for step, value in g["curve"])
+            lines += [f"General student ({key[8:]}, {STUDENT}): {g['steps']} steps, {g['train_seconds']} s, "
+                      f"{g['samples_per_s']} samples/s; {key[8:]} by step: {curve}", ""]
+    seeds = sorted({r["seed"] for r in results})
     lines += [f"Task students {SHAPE}; each run keeps its LAST checkpoint (dev never chooses one). Seeds "
-              f"{args.seeds}; budget: {args.student_steps or f'{args.student_epochs} epochs'} "
+              f"{seeds}; budget: {args.student_steps or f'{args.student_epochs} epochs'} "
               f"{'steps' if args.student_steps else ''} at lr {args.student_lr}, {args.max_train_examples} train rows.",
               "", glue_results.table(results, teachers, SHAPE, rows, tasks), "",
               "| task | row | seed | train s |", "|---|---|---|---|"]
     lines += [f"| {r['task']} | {r['method']} | {r['seed']} | {r['train_seconds']:.0f} |" for r in results]
     return "\n".join(lines) + "\n"
+
+
+def merge(names: list[str], args: argparse.Namespace) -> None:
+    """Render the results of several processes (each its own --results name) into one table."""
+    stats: dict[str, Any] = {}
+    teachers: dict[str, dict[str, float]] = {}
+    results: list[dict[str, Any]] = []
+    for name in names:
+        part = json.loads((args.work_dir / f"{name}.json").read_text())
+        stats.update(part["general"])
+        teachers.update(part["teachers"])
+        results += part["runs"]
+    tasks = [t for t in args.tasks.split(",") if t in teachers]
+    rows = [r for r in ROWS if any(x["method"] == r for x in results)]
+    (args.work_dir / f"{args.results}.md").write_text(report(stats, results, teachers, rows, tasks, args))
+    (args.work_dir / f"{args.results}.json").write_text(
+        json.dumps({"general": stats, "teachers": teachers, "runs": results}, indent=2))
+    log.info("merged %s into %s", names, args.work_dir / f"{args.results}.md")
 
 
 def main() -> None:
@@ -126,9 +150,9 @@ def main() -> None:
     parser.add_argument("--general-epochs", type=float, default=1.0)
     parser.add_argument("--general-steps", type=int, default=None, help="overrides --general-epochs")
     parser.add_argument("--general-lr", type=float, default=3e-4)
-    parser.add_argument("--tasks", default="cola,sst2,mrpc,stsb")
+    parser.add_argument("--tasks", default="cola,sst2,mrpc,stsb", help="'' = only the general stage")
     parser.add_argument("--rows", default=";".join(r for r in ROWS if "hidden-MSE general" not in r),
-                        help=f"';'-separated subset of: {'; '.join(ROWS)}")
+                        help=f"';'-separated subset of: {'; '.join(ROWS)} ('' = only prepare the tasks)")
     parser.add_argument("--seeds", default="42")
     parser.add_argument("--max-train-examples", type=int, default=4000, help="seeded subsample of each train split")
     parser.add_argument("--max-length", type=int, default=64)
@@ -138,37 +162,47 @@ def main() -> None:
     parser.add_argument("--student-steps", type=int, default=None, help="overrides --student-epochs")
     parser.add_argument("--student-lr", type=float, default=3e-4)
     parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--results", default="general_results", help="name of the .json/.md results in --work-dir")
+    parser.add_argument("--merge", default="", help="comma-separated --results names to render as one table "
+                                                    "under --results (trains nothing)")
     args = parser.parse_args()
     args.max_passages = args.max_passages or None
     args.max_train_examples = args.max_train_examples or None
-    args.general_losses = args.general_losses.split(",")
+    args.general_losses = [x for x in args.general_losses.split(",") if x]
     args.seeds = [int(s) for s in args.seeds.split(",")]
     rows = [r.strip() for r in args.rows.split(";") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         parser.error(f"unknown --rows {unknown}: choose from {'; '.join(ROWS)}")
+    missing = {ROWS[r][0] for r in rows} - {None, *args.general_losses}
+    if missing:
+        parser.error(f"--rows need general students of {sorted(missing)}: add them to --general-losses")
     setup_logging()
+    if args.merge:
+        merge(args.merge.split(","), args)
+        return
     started = time.perf_counter()
-
-    students, stats = general_stage(args)
+    tasks = [t for t in args.tasks.split(",") if t]
+    students, stats = general_stage(args) if tasks == [] or any(ROWS[r][0] for r in rows) else ({}, {})
     log.info("general stage done: %s; %.0f min so far", stats, (time.perf_counter() - started) / 60)
-    tasks, teachers, results = args.tasks.split(","), {}, []
+    teachers, results = {}, []
+    out = args.work_dir / f"{args.results}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"general": stats, "teachers": teachers, "runs": results}, indent=2))
     for task in tasks:
         paths = glue_results.prepare_task(task, args)  # args.work_dir/<task>: shared with glue_results.py
         teachers[task] = json.loads((paths["teacher"] / "teacher_info.json").read_text())["dev_metrics"]
+        out.write_text(json.dumps({"general": stats, "teachers": teachers, "runs": results}, indent=2))
         for row in rows:
-            if ROWS[row][0] is not None and ROWS[row][0] not in students:
-                raise SystemExit(f"row {row!r} needs --general-losses to include {ROWS[row][0]}")
             for seed in args.seeds:
                 config = task_config(paths, row, seed, students, args)
                 log.info("%s, %s, seed %d; %.0f min so far", task, row, seed, (time.perf_counter() - started) / 60)
                 summary, _ = train_or_reuse(config)  # reused when finished, resumed when killed
                 results.append({"task": task, "shape": SHAPE, "method": row, "seed": seed, "best": summary["best"],
                                 "train_seconds": summary["train_seconds"]})
-                (args.work_dir / "general_results.json").write_text(
-                    json.dumps({"general": stats, "teachers": teachers, "runs": results}, indent=2))
-    (args.work_dir / "general_results.md").write_text(report(stats, results, teachers, rows, tasks, args))
-    log.info("done in %.0f min: %s", (time.perf_counter() - started) / 60, args.work_dir / "general_results.md")
+                out.write_text(json.dumps({"general": stats, "teachers": teachers, "runs": results}, indent=2))
+    (args.work_dir / f"{args.results}.md").write_text(report(stats, results, teachers, rows, tasks, args))
+    log.info("done in %.0f min: %s", (time.perf_counter() - started) / 60, args.work_dir / f"{args.results}.md")
 
 
 if __name__ == "__main__":

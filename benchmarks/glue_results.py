@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -117,7 +118,10 @@ def table(results: list[dict[str, Any]], teachers: dict[str, dict[str, float]], 
                 continue
             means = [sum(r[m] for r in runs) / len(runs) for m in names[t]]
             scores.append(means[0])
-            cells.append(" / ".join(f"{v:.4f}" for v in means) + (f" (n={len(runs)})" if len(runs) > 1 else ""))
+            text = [f"{v:.4f}" for v in means]
+            if len(runs) > 1:  # the sample sd of the main metric over seeds: the noise a reader needs
+                text[0] += f" ± {statistics.stdev(r[names[t][0]] for r in runs):.4f}"
+            cells.append(" / ".join(text) + (f" (n={len(runs)})" if len(runs) > 1 else ""))
         if not scores:
             continue
         average = sum(scores) / len(scores) if len(scores) == len(tasks) else None

@@ -1,8 +1,9 @@
 """Cached rows -> padded arrays, one batch at a time (the data path of `pipeline/batches.py`).
 
-Per batch and per (shard, column) one fancy-index copy, never a Python loop over rows: the rows of a
+Per batch and per (shard, column) one fancy-index copy, never a Python loop over tokens: the rows of a
 shard are contiguous token ranges of its values, so the flat source and destination token positions of
-a whole batch are two `np.repeat` + `arange` expressions (`_token_ranges`). Padded blocks come from a
+a whole batch are two `np.repeat` + `arange` expressions (`_token_ranges`). Wide hidden-state rows
+(`SLICE_BYTES`) are copied one slice per row instead, which writes each token once. Padded blocks come from a
 `BufferPool` and are reused across batches when nothing holds the previous one any more, so the
 allocator sees the same few blocks every step instead of a new size per batch (variable-length
 batches fragment glibc's heap: DESIGN §6, docs/PERFORMANCE.md).
@@ -129,11 +130,23 @@ def _token_ranges(begins: np.ndarray, lengths: np.ndarray, out_rows: np.ndarray,
 
 
 @dataclass
+class _Part:
+    """The rows of one set that live in one shard."""
+
+    shard: int
+    out_rows: np.ndarray  # (m,) their positions in the set
+    local: np.ndarray  # (m,) their row numbers in the shard
+    begins: np.ndarray  # (m,) first token of each in the shard's token columns
+    lengths: np.ndarray  # (m,) tokens taken (after any cut)
+    src: np.ndarray  # every token taken, as flat positions in the shard's token columns
+    dst: np.ndarray  # ... and where each goes in the row-major (n, width) block
+
+
+@dataclass
 class _Plan:
     """Where one set of rows' tokens come from (per shard) and go (row-major (n, width) positions)."""
 
-    per_shard: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]  # (shard, out rows, rows in
-    # the shard, src tokens, dst tokens)
+    parts: list[_Part]
     lengths: np.ndarray  # (n,) tokens taken per row (after any cut)
     width: int
     pad: np.ndarray  # flat positions past each row's length: zeroed in a reused block
@@ -158,19 +171,19 @@ def plan(reader: RowReader, rows: np.ndarray, cut: np.ndarray | None = None) -> 
     if cut is not None:
         lengths = np.minimum(lengths, cut)
     width = int(lengths.max()) if len(rows) else 0
-    per_shard = []
+    parts = []
     for s, out_rows, local in groups:
         src, dst = _token_ranges(begins[out_rows], lengths[out_rows], out_rows, width)
-        per_shard.append((s, out_rows, local, src, dst))
+        parts.append(_Part(s, out_rows, local, begins[out_rows], lengths[out_rows], src, dst))
     mask = np.arange(width)[None, :] < lengths[:, None]  # (n, width)
-    return _Plan(per_shard, lengths, width, np.flatnonzero(~mask.ravel()))
+    return _Plan(parts, lengths, width, np.flatnonzero(~mask.ravel()))
 
 
 def gather_tokens(reader: RowReader, p: _Plan, column: str, out: np.ndarray) -> None:
     """input_ids or token_type_ids into `out` (n, width), padding 0 (the mask marks it)."""
     flat = out.reshape(-1)
-    for s, _, _, src, dst in p.per_shard:
-        flat[dst] = getattr(reader.shard_views()[s], column)[1][src]
+    for part in p.parts:
+        flat[part.dst] = getattr(reader.shard_views()[part.shard], column)[1][part.src]
     flat[p.pad] = 0
 
 
@@ -185,15 +198,33 @@ def gather_hidden(reader: RowReader, p: _Plan, layers: list[int], out: np.ndarra
     shards = reader.shard_views()
     for slot, j in enumerate(layers):
         flat = out[slot].reshape(-1, out.shape[-1])  # (n * width, D)
-        for s, _, _, src, dst in p.per_shard:
-            flat[dst] = _take(shards[s].hidden[j][1], src)
+        for part in p.parts:
+            values = shards[part.shard].hidden[j][1]
+            if part.src.size * values.shape[1] * values.itemsize >= SLICE_BYTES * part.out_rows.size:
+                _copy_rows(values, part, out[slot])
+            else:
+                flat[part.dst] = _take(values, part.src)
         if scales is not None:
             flat_scales = scales[slot].reshape(-1)
-            for s, _, _, src, dst in p.per_shard:
-                flat_scales[dst] = _take(shards[s].scales[j], src)
+            for part in p.parts:
+                flat_scales[part.dst] = _take(shards[part.shard].scales[j], part.src)
             flat_scales[p.pad] = 0
         elif not zeroed:
             flat[p.pad] = 0
+
+
+# Bytes per row (tokens x D x itemsize, on average over the rows of a shard) from which one slice copy per
+# row beats the fancy-index gather. The gather copies every token twice (into a temporary, then scattered
+# into the padded block); a slice copy writes it once but costs a Python call per row. Measured on the
+# 2-core EPYC (benchmarks/bench_gather.py, docs/PERFORMANCE.md): slices are 2x faster for 768 float16
+# SST-2-length rows (20 KB) and 3.7x for pairs (48 KB), about even near 10 KB, slower at 3-5 KB.
+SLICE_BYTES = 8192
+
+
+def _copy_rows(values: np.ndarray, part: _Part, out: np.ndarray) -> None:
+    """Each row's contiguous token range into its row of `out` (n, width, D): one memcpy per row."""
+    for row, begin, length in zip(part.out_rows.tolist(), part.begins.tolist(), part.lengths.tolist()):
+        out[row, :length] = values[begin:begin + length]
 
 
 def _take(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -205,5 +236,5 @@ def _take(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 def gather_rows_of(reader: RowReader, p: _Plan, field: str, out: np.ndarray) -> None:
     """A per-row field ("labels", "logits") into `out` (n, ...)."""
-    for s, out_rows, local, _, _ in p.per_shard:
-        out[out_rows] = getattr(reader.shard_views()[s], field)[local]
+    for part in p.parts:
+        out[part.out_rows] = getattr(reader.shard_views()[part.shard], field)[part.local]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import assert_refused
-from pipeline import checkpoint, losses, quant
+from pipeline import checkpoint, gather, losses, quant
 from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader, to_device
 from pipeline.cache_read import RowReader, describe, open_cache
 from pipeline.config import DataConfig, ExtractConfig, TrainConfig
@@ -145,11 +145,14 @@ def assert_matches_naive(batch: dict[str, torch.Tensor], want: dict[str, np.ndar
         np.testing.assert_array_equal(actual, value, err_msg=key)
 
 
+@pytest.mark.parametrize("path", ["gather", "slices"])
 @pytest.mark.parametrize("which", ["fp16", "int8"])
 def test_vectorised_batches_equal_the_naive_collate_with_reused_buffers(tiny_cache: Path, int8_cache: Path,
-                                                                         which: str) -> None:
+                                                                         which: str, path: str, monkeypatch) -> None:
     """Catches: a token range off by one, rows from the wrong shard, padding left stale in a reused block,
-    scales not following their tokens, negatives not cut to the anchor's length."""
+    scales not following their tokens, negatives not cut to the anchor's length; on both copy paths
+    (the fancy-index gather of narrow rows, one slice per row for wide ones)."""
+    monkeypatch.setattr(gather, "SLICE_BYTES", 0 if path == "slices" else 1 << 40)
     cache = tiny_cache if which == "fp16" else int8_cache
     dataset = CacheDataset(cache, "train", [2, 4], FixedNegatives())
     reader = RowReader(cache, json.loads((cache / "manifest.json").read_text())["splits"]["train"], [2, 4])
