@@ -1,9 +1,9 @@
 """The two copy paths of pipeline/gather.py side by side, to place its SLICE_BYTES threshold.
 
-One batch's hidden states of one layer (64 anchors + 256 negatives = 320 rows) copied into a padded
-(320, width, D) block from a synthetic shard of 20,000 rows: by the fancy-index gather (`_take` into a
-temporary, then scattered) and by one slice copy per row (`_copy_rows`), for several row sizes. Best of
-7 rounds of 20 batches each, so a busy machine inflates both alike.
+One batch's hidden states of one layer (64 anchors + 256 negatives = 320 rows) copied into a reused
+padded (320, width, D) block from a synthetic shard of 20,000 rows: by the fancy-index gather (`_take`
+into a temporary, then scattered) and by one slice copy per row (`_copy_rows`), for several row sizes.
+Best of 7 rounds of 20 batches each, so a busy machine inflates both alike.
 
     python benchmarks/bench_gather.py
 """

@@ -92,7 +92,8 @@ class CacheDataset(Dataset):
 
         input_ids, token_type_ids, attention_mask (B, L) long; labels (B,) long or float and teacher_logits
         (B, C) float32 (task caches only); row_ids (B,) long; teacher_hidden (N_layers, B, L, D) in the stored
-        dtype when layers were read, with teacher_scales (N_layers, B, L) float32 for an int8 cache.
+        dtype when layers were read, with teacher_scales (N_layers, B, L) float32 for an int8 cache. Hidden
+        states past a row's length are unspecified (see `gather.gather_hidden`): read them through the masks.
         Negatives from a file: negative_ids (B, K), negative_hidden (N_layers, B, K, Ln, D) (+ negative_scales),
         negative_mask (B, K, Ln), each negative cut to its anchor's length, so Ln <= L. In-batch negatives:
         negative_ids (B, K) and negative_pos (B, K), their positions in this batch (COS-NCE reads them from
@@ -104,10 +105,10 @@ class CacheDataset(Dataset):
         b, width = len(ids), p.width
         batch = {"row_ids": torch.from_numpy(ids.copy())}
         for column in ("input_ids", "token_type_ids"):
-            values, tensor, _ = self._pool.take(column, (b, width), np.int64)
+            values, tensor = self._pool.take(column, (b, width), np.int64)
             gather.gather_tokens(reader, p, column, values)
             batch[column] = tensor
-        mask, mask_tensor, _ = self._pool.take("attention_mask", (b, width), np.int64)
+        mask, mask_tensor = self._pool.take("attention_mask", (b, width), np.int64)
         np.less(np.arange(width)[None, :], p.lengths[:, None], out=mask, casting="unsafe")
         batch["attention_mask"] = mask_tensor
         shard = reader.shard_views()[0]
@@ -128,11 +129,11 @@ class CacheDataset(Dataset):
         """{prefix}_hidden (N_layers, n, width, D) and, for an int8 cache, {prefix}_scales (N_layers, n, width)."""
         first = reader.shard_views()[0].hidden[self.layers[0]][1]
         lead = (len(self.layers), n, p.width)
-        values, tensor, zeroed = self._pool.take(f"{prefix}_hidden", (*lead, first.shape[1]), first.dtype)
+        values, tensor = self._pool.take(f"{prefix}_hidden", (*lead, first.shape[1]), first.dtype)
         scales, scale_tensor = None, None
         if reader.quantized:
-            scales, scale_tensor, _ = self._pool.take(f"{prefix}_scales", lead, np.float32)
-        gather.gather_hidden(reader, p, self.layers, values, zeroed, scales)
+            scales, scale_tensor = self._pool.take(f"{prefix}_scales", lead, np.float32)
+        gather.gather_hidden(reader, p, self.layers, values, scales)
         view = shape or lead
         out = {f"{prefix}_hidden": tensor.view(*view, first.shape[1])}
         if scale_tensor is not None:

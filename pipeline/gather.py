@@ -48,12 +48,13 @@ class BufferPool:
         self._slots: dict[str, list[_Slot]] = {}
         self.slots_per_name, self.pin = slots_per_name, pin
 
-    def take(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, torch.Tensor, bool]:
-        """(numpy view, tensor, zeroed) of a C-contiguous block; `zeroed` False means stale contents."""
+    def take(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, torch.Tensor]:
+        """(numpy view, tensor) of a C-contiguous block holding stale contents: the caller writes every
+        position it hands on (hidden-state padding aside: `gather_hidden`)."""
         dtype = np.dtype(dtype)
         if get_worker_info() is not None:
             tensor = fresh_zeros(shape, dtype)
-            return tensor.numpy(), tensor, True
+            return tensor.numpy(), tensor
         nbytes = int(np.prod(shape)) * dtype.itemsize
         slots = self._slots.setdefault(name, [])
         slot = next((s for s in slots if s.handed is None or s.handed() is None), None)
@@ -62,15 +63,13 @@ class BufferPool:
             slots.append(slot)
         if slot is None:  # every block is still held: an ordinary allocation, not pooled
             tensor = torch.from_numpy(np.zeros(shape, dtype))
-            return tensor.numpy(), tensor, True
-        zeroed = False
+            return tensor.numpy(), tensor
         if slot.storage.numel() < nbytes:  # grow by a quarter more than asked, so slow growth does not reallocate often
             slot.storage = torch.zeros(nbytes + nbytes // 4, dtype=torch.uint8, pin_memory=self.pin)
-            zeroed = True
         _wait_for_copy(slot.storage)
         tensor = torch.empty(0, dtype=_TORCH_OF[dtype]).set_(slot.storage.untyped_storage(), 0, shape)
         slot.handed = weakref.ref(tensor)
-        return tensor.numpy(), tensor, zeroed
+        return tensor.numpy(), tensor
 
 
 def fresh_zeros(shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
@@ -149,7 +148,7 @@ class _Plan:
     parts: list[_Part]
     lengths: np.ndarray  # (n,) tokens taken per row (after any cut)
     width: int
-    pad: np.ndarray  # flat positions past each row's length: zeroed in a reused block
+    pad: np.ndarray  # flat positions past each row's length
 
 
 def plan(reader: RowReader, rows: np.ndarray, cut: np.ndarray | None = None) -> _Plan:
@@ -187,33 +186,33 @@ def gather_tokens(reader: RowReader, p: _Plan, column: str, out: np.ndarray) -> 
     flat[p.pad] = 0
 
 
-def gather_hidden(reader: RowReader, p: _Plan, layers: list[int], out: np.ndarray, zeroed: bool,
+def gather_hidden(reader: RowReader, p: _Plan, layers: list[int], out: np.ndarray,
                   scales: np.ndarray | None = None) -> None:
     """Hidden states of `layers` into `out` (N_layers, n, width, D) in the stored dtype; with `scales`
     (N_layers, n, width) the int8 cache's per-token scales.
 
-    Padding: float values are zero there. int8 values there are left as they are (stale in a reused block):
-    their scale is 0, so they dequantise to zeros, and skipping the zeroing saves a pass over the padding,
-    which is most of a batch of SST-2-length rows (70% at batch 64)."""
+    Padding positions of `out` are left as they are: stale values of an earlier batch in a reused block
+    (finite: every batch is checked by `step.check_batch_finite`). Every loss reads hidden states through
+    the masks (`losses._zero_padding`; tests/test_losses.py feeds them garbage padding), and zeroing the
+    padding by fancy index cost as much as copying the tokens: padding is most of a batch of
+    SST-2-length rows, 70% at batch 64. int8 scales are zeroed there, so dequantised padding is zeros."""
     shards = reader.shard_views()
+    wide = int(p.lengths.sum()) * out.shape[-1] * out.itemsize >= SLICE_BYTES * max(len(p.lengths), 1)
     for slot, j in enumerate(layers):
         flat = out[slot].reshape(-1, out.shape[-1])  # (n * width, D)
         for part in p.parts:
-            values = shards[part.shard].hidden[j][1]
-            if part.src.size * values.shape[1] * values.itemsize >= SLICE_BYTES * part.out_rows.size:
-                _copy_rows(values, part, out[slot])
+            if wide:
+                _copy_rows(shards[part.shard].hidden[j][1], part, out[slot])
             else:
-                flat[part.dst] = _take(values, part.src)
+                flat[part.dst] = _take(shards[part.shard].hidden[j][1], part.src)
         if scales is not None:
             flat_scales = scales[slot].reshape(-1)
             for part in p.parts:
                 flat_scales[part.dst] = _take(shards[part.shard].scales[j], part.src)
             flat_scales[p.pad] = 0
-        elif not zeroed:
-            flat[p.pad] = 0
 
 
-# Bytes per row (tokens x D x itemsize, on average over the rows of a shard) from which one slice copy per
+# Bytes per row (tokens x D x itemsize, on average over the rows of a batch) from which one slice copy per
 # row beats the fancy-index gather. The gather copies every token twice (into a temporary, then scattered
 # into the padded block); a slice copy writes it once but costs a Python call per row. Measured on the
 # 2-core EPYC (benchmarks/bench_gather.py, docs/PERFORMANCE.md): slices are 2x faster for 768 float16
