@@ -112,6 +112,8 @@ def report(stats: dict[str, Any], results: list[dict[str, Any]], teachers: dict[
             curve = ", ".join(f"{step}: {value:.4f}" for step, value in g["curve"])
             lines += [f"General student ({key[8:]}, {STUDENT}): {g['steps']} steps, {g['train_seconds']} s, "
                       f"{g['samples_per_s']} samples/s; {key[8:]} by step: {curve}", ""]
+    if not tasks:  # the general stage alone
+        return "\n".join(lines) + "\n"
     seeds = sorted({r["seed"] for r in results})
     lines += [f"Task students {SHAPE}; each run keeps its LAST checkpoint (dev never chooses one). Seeds "
               f"{seeds}; budget: {args.student_steps or f'{args.student_epochs} epochs'} "
