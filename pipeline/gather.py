@@ -216,7 +216,7 @@ def gather_hidden(reader: RowReader, p: _Plan, layers: list[int], out: np.ndarra
 # row beats the fancy-index gather. The gather copies every token twice (into a temporary, then scattered
 # into the padded block); a slice copy writes it once but costs a Python call per row. Measured on the
 # 2-core EPYC (benchmarks/bench_gather.py, docs/PERFORMANCE.md): slices are 2x faster for 768 float16
-# SST-2-length rows (20 KB) and 3.7x for pairs (48 KB), about even near 10 KB, slower at 3-5 KB.
+# SST-2-length rows (20 KB) and 3-3.7x for pairs (48 KB), about even near 10 KB, slower at 3-5 KB.
 SLICE_BYTES = 8192
 
 
