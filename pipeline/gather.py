@@ -191,11 +191,11 @@ def gather_hidden(reader: RowReader, p: _Plan, layers: list[int], out: np.ndarra
     """Hidden states of `layers` into `out` (N_layers, n, width, D) in the stored dtype; with `scales`
     (N_layers, n, width) the int8 cache's per-token scales.
 
-    Padding positions of `out` are left as they are: stale values of an earlier batch in a reused block
-    (finite: every batch is checked by `step.check_batch_finite`). Every loss reads hidden states through
-    the masks (`losses._zero_padding`; tests/test_losses.py feeds them garbage padding), and zeroing the
-    padding by fancy index cost as much as copying the tokens: padding is most of a batch of
-    SST-2-length rows, 70% at batch 64. int8 scales are zeroed there, so dequantised padding is zeros."""
+    Padding positions of `out` are left as they are: stale values of an earlier batch in a reused block.
+    Every reader masks them: the losses through `losses._zero_padding` (a `torch.where`, so not even a
+    NaN there leaks; tests/test_losses.py feeds them garbage padding), `step.check_batch_finite` by the
+    masks. Zeroing the padding by fancy index cost as much as copying the tokens: padding is most of a
+    batch of SST-2-length rows, 70% at batch 64. int8 scales are zeroed there, so dequantised padding is zeros."""
     shards = reader.shard_views()
     wide = int(p.lengths.sum()) * out.shape[-1] * out.itemsize >= SLICE_BYTES * max(len(p.lengths), 1)
     for slot, j in enumerate(layers):

@@ -160,9 +160,12 @@ def check_batch_finite(batch: dict[str, torch.Tensor], cache_dir: Path) -> None:
         if value is None or not value.is_floating_point() or all_finite(value):
             continue
         bad = ~torch.isfinite(value)
+        # Hidden-state padding holds stale values of earlier batches (gather.gather_hidden): only real tokens count.
         if key == "teacher_hidden":
+            bad &= batch["attention_mask"].bool()[None, :, :, None]
             rows = batch["row_ids"][bad.flatten(2).any(2).any(0)]  # (N_layers, B, ...) -> (B,)
         elif key == "negative_hidden":
+            bad &= batch["negative_mask"].bool()[None, :, :, :, None]
             rows = batch["negative_ids"][bad.flatten(3).any(3).any(0)]  # (N_layers, B, K, ...) -> (B, K)
         else:
             rows = batch["row_ids"][bad.reshape(len(bad), -1).any(1)]
