@@ -75,7 +75,7 @@ def general_stage(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, 
         config = TrainConfig(
             cache_dir=cache_dir, output_dir=work / f"general-{loss}", **STUDENT, intermediate_loss=loss, k=args.k,
             epochs=args.general_epochs, max_steps=args.general_steps, learning_rate=args.general_lr,
-            seed=args.seeds[0], num_workers=0, checkpoint_every=500)
+            seed=args.general_seed, num_workers=0, checkpoint_every=500)
         summary, _ = train_or_reuse(config)  # a corpus cache: general distillation
         records = [r for r in _log(config.output_dir) if loss in r]
         points = records[:: max(1, len(records) // 10)] + records[-1:]  # about ten points and the last
@@ -152,6 +152,7 @@ def main() -> None:
     parser.add_argument("--general-epochs", type=float, default=1.0)
     parser.add_argument("--general-steps", type=int, default=None, help="overrides --general-epochs")
     parser.add_argument("--general-lr", type=float, default=3e-4)
+    parser.add_argument("--general-seed", type=int, default=42, help="one general student serves every task seed")
     parser.add_argument("--tasks", default="cola,sst2,mrpc,stsb", help="'' = only the general stage")
     parser.add_argument("--rows", default=";".join(r for r in ROWS if "hidden-MSE general" not in r),
                         help=f"';'-separated subset of: {'; '.join(ROWS)} ('' = only prepare the tasks)")
