@@ -327,7 +327,7 @@ def train_student(
     stage2_weights: str = typer.Option(_weights_text(T("stage2_weights")), help="alpha:beta:gamma in stage two."),
     one_stage: bool = typer.Option(T("one_stage"), "--one-stage", help="Train all steps with the stage-two weights (ablation)."),
     perturb_eps: float = typer.Option(T("perturb_eps"), help="Gradient perturbation size on the embedding output; 0 = off."),
-    projection_init: str = typer.Option(T("projection_init"), help="Start of the COS-NCE / MSE projections W_i: auto (identity where student and teacher widths match, else random), identity or random."),
+    projection_init: str = typer.Option(T("projection_init"), help="Start of the COS-NCE / MSE projections W_i: auto (identity where student and teacher widths match; else the W_i a general student in --init saved, when they map the same teacher layers; else random), identity or random."),
     epochs: float = typer.Option(T("epochs"), help="Training epochs (fractions allowed)."),
     max_steps: Optional[int] = typer.Option(None, help="Train exactly this many steps (overrides --epochs)."),
     batch_size: int = typer.Option(T("batch_size"), help="Training batch size: the global batch of one optimizer step. Under torchrun it is split evenly over the processes (each takes batch-size / WORLD_SIZE rows; it must divide evenly), so the same value trains the same way on any number of processes."),

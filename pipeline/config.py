@@ -264,7 +264,7 @@ class TrainConfig:
     stage2_weights: tuple[float, float, float] = (1.0, 1.0, 3.0)
     one_stage: bool = False
     perturb_eps: float = 1.0  # 0 turns gradient perturbation off
-    projection_init: str = "auto"  # W_i start: identity where the widths match (auto), identity, or random
+    projection_init: str = "auto"  # W_i start: identity where the widths match, else a general --init's (auto); identity; random
     # optimisation
     epochs: float = 3.0
     max_steps: int | None = None  # stop after this many steps (the schedule still spans them)

@@ -17,6 +17,7 @@ import torch
 from pipeline import checkpoint
 from pipeline.config import TrainConfig
 from pipeline.errors import LrcError
+from pipeline.student import PROJECTIONS_FILE, save_projections
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,17 @@ def check_config(config: TrainConfig, cache_dir: Path) -> None:
              "and saved as an encoder for `train-student --init`", cache_dir, config.intermediate_loss)
 
 
-def save_encoder(run_dir: checkpoint.RunDir, student: torch.nn.Module, tokenizer: Any) -> None:
-    """The student's encoder without its unused head, in the base model's format (e.g. BertModel)."""
+def save_encoder(run_dir: checkpoint.RunDir, student: torch.nn.Module, tokenizer: Any,
+                 projections: torch.nn.Module, layer_map: list[int]) -> None:
+    """The student's encoder without its unused head, in the base model's format (e.g. BertModel), and
+    its W_i (`student.PROJECTIONS_FILE`), which a task run started from it keeps."""
     encoder = student.base_model
     # The training head's label settings mean nothing for the encoder: leave a task loader its defaults.
     encoder.config.problem_type = None
     encoder.config.id2label = {0: "LABEL_0", 1: "LABEL_1"}
     encoder.config.label2id = {"LABEL_0": 0, "LABEL_1": 1}
     checkpoint.save_student(run_dir, encoder, tokenizer)
+    save_projections(projections, layer_map, run_dir.output_dir / PROJECTIONS_FILE)
     log.info("general student (encoder, config, tokenizer) written to %s: start task distillation with "
              "`lrc train-student --init %s`", run_dir.output_dir, run_dir.output_dir)
 

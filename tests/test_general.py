@@ -18,7 +18,7 @@ from pipeline.config import NegativesConfig, TrainConfig
 from pipeline.checkpoint import STATE_FILE, read_state
 from pipeline.general import train_general
 from pipeline.negatives import build_negatives
-from pipeline.student import build_student, student_config
+from pipeline.student import PROJECTIONS_FILE, build_student, student_config
 from pipeline.train import train_student
 from test_corpus import corpus_cache, encoder  # noqa: F401  (module fixtures: a corpus cache of a tiny encoder)
 
@@ -204,3 +204,24 @@ def test_demo_general_runs_the_whole_recipe_and_reuses_it(tmp_path: Path, glue_d
     before = weights.stat().st_mtime_ns
     again = run_demo(config)  # every stage reused: the general student is not retrained
     assert weights.stat().st_mtime_ns == before and again["student_summary"] == outcome["student_summary"]
+
+
+def test_a_task_run_keeps_the_general_students_projections(general_student: Path, task_cache: Path,
+                                                           tmp_path: Path) -> None:
+    """Catches: W_i not saved with the encoder, saved but not loaded (the task run refitting a random map),
+    loaded under --projection-init random, or loaded for other teacher layers than they were trained on."""
+    saved = load_file(general_student / PROJECTIONS_FILE)
+    final = read_state(general_student / "checkpoint" / STATE_FILE)["projections"]
+    assert saved.keys() == final.keys() and len(saved) == 2
+    for key in saved:  # the W_i of the last general step
+        torch.testing.assert_close(saved[key], final[key], rtol=0, atol=0)
+
+    def start(name: str, **kwargs) -> dict[str, torch.Tensor]:
+        config = tiny(task_cache, tmp_path / name, init=str(general_student), **kwargs)
+        return train_module._setup(config).model.projections.state_dict()
+
+    kept = start("auto")
+    assert all(torch.equal(kept[key], saved[key]) for key in saved)
+    for name, kwargs in {"random": dict(projection_init="random"), "other-layers": dict(layer_map=(4, 4))}.items():
+        got = start(name, **kwargs)
+        assert not any(torch.equal(got[key], saved[key]) for key in saved), name
