@@ -17,7 +17,6 @@ import torch
 from pipeline import checkpoint
 from pipeline.config import TrainConfig
 from pipeline.errors import LrcError
-from pipeline.student import PROJECTIONS_FILE, save_projections
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +25,10 @@ log = logging.getLogger(__name__)
 HEAD: dict[str, Any] = {"labels": None, "num_labels": 1, "is_regression": True}
 # L_total = L_intermediate throughout: no soft or hard loss exists without labels and logits.
 WEIGHTS = (1.0, 0.0, 0.0)
+# The general student's W_i, saved beside its encoder: they were trained with its layers against the
+# pre-trained teacher's, so a task run that starts from it keeps them instead of a random map (with a
+# random W_i the first hundred COS-NCE steps refit the map and pull the general layers towards it).
+PROJECTIONS_FILE = "projections.safetensors"
 
 
 def check_config(config: TrainConfig, cache_dir: Path) -> None:
@@ -41,16 +44,36 @@ def check_config(config: TrainConfig, cache_dir: Path) -> None:
 def save_encoder(run_dir: checkpoint.RunDir, student: torch.nn.Module, tokenizer: Any,
                  projections: torch.nn.Module, layer_map: list[int]) -> None:
     """The student's encoder without its unused head, in the base model's format (e.g. BertModel), and
-    its W_i (`student.PROJECTIONS_FILE`), which a task run started from it keeps."""
+    its W_i (`PROJECTIONS_FILE`, with the teacher layers they map), which a task run started from it keeps."""
     encoder = student.base_model
     # The training head's label settings mean nothing for the encoder: leave a task loader its defaults.
     encoder.config.problem_type = None
     encoder.config.id2label = {0: "LABEL_0", 1: "LABEL_1"}
     encoder.config.label2id = {"LABEL_0": 0, "LABEL_1": 1}
     checkpoint.save_student(run_dir, encoder, tokenizer)
-    save_projections(projections, layer_map, run_dir.output_dir / PROJECTIONS_FILE)
+    checkpoint.write_state(run_dir.output_dir / PROJECTIONS_FILE,
+                           {"projections": projections.state_dict(), "layer_map": list(layer_map)})
     log.info("general student (encoder, config, tokenizer) written to %s: start task distillation with "
              "`lrc train-student --init %s`", run_dir.output_dir, run_dir.output_dir)
+
+
+def load_projections(init: str, projections: torch.nn.Module, layer_map: list[int]) -> None:
+    """W_i of the general student `init` into `projections` when it saved them for the same teacher layers
+    and shapes (the teacher itself may differ: a task teacher fine-tuned from the general one is the case
+    this is for). Anything else leaves them as they are, with a log line saying why."""
+    path = Path(init) / PROJECTIONS_FILE
+    if not path.is_file():  # random, teacher, or a general student saved before W_i were
+        return
+    saved = checkpoint.read_state(path)
+    weights, own = saved["projections"], projections.state_dict()
+    if saved["layer_map"] != layer_map or weights.keys() != own.keys() or any(weights[k].shape != v.shape
+                                                                              for k, v in own.items()):
+        log.info("%s holds W_i for teacher layers %s, this run maps %s with W_i of %s: they start at random",
+                 path, saved["layer_map"], layer_map, tuple(next(iter(own.values())).shape))
+        return
+    projections.load_state_dict(weights)
+    log.info("W_i start from the general student's (%s, teacher layers %s); --projection-init random to "
+             "start them at random", path, layer_map)
 
 
 def train_general(config: TrainConfig) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -199,39 +198,3 @@ class Projections(nn.Module):
     def forward(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         return [w(h) for w, h in zip(self.maps, hidden)]  # each (B, L, d')
 
-
-# A general student's W_i, saved beside its encoder: they were trained with its layers against the
-# pre-trained teacher's, so a task run that starts from it keeps them instead of a random map (with a
-# random W_i the first hundreds of COS-NCE steps refit the map and pull the general layers towards it).
-PROJECTIONS_FILE = "projections.safetensors"
-
-
-def save_projections(projections: Projections, layer_map: list[int], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in projections.state_dict().items()}
-    save_file(tensors, str(path), metadata={"layer_map": json.dumps(layer_map)})
-
-
-def load_general_projections(init: str, projections: Projections, layer_map: list[int]) -> bool:
-    """W_i of the general student `init` into `projections` when it saved them for the same teacher layers
-    and shapes (the teacher itself may differ: a task teacher fine-tuned from the general one is the case
-    this is for); whether it did. Anything else leaves them as they are, with a log line saying why."""
-    from safetensors import safe_open
-
-    path = Path(init) / PROJECTIONS_FILE
-    if init in ("random", "teacher") or not path.is_file():
-        return False
-    with safe_open(str(path), framework="pt") as f:
-        saved = {k: f.get_tensor(k) for k in f.keys()}
-        saved_map = json.loads((f.metadata() or {}).get("layer_map", "null"))
-    own = projections.state_dict()
-    if saved_map != layer_map or saved.keys() != own.keys() or any(saved[k].shape != own[k].shape for k in own):
-        log.info("%s holds projections for teacher layers %s (%s), this run maps %s (%s): W_i start at random",
-                 path, saved_map, tuple(next(iter(saved.values())).shape) if saved else "none", layer_map,
-                 tuple(next(iter(own.values())).shape))
-        return False
-    projections.load_state_dict(saved)
-    log.info("W_i start from the general student's (%s, teacher layers %s); --projection-init random to "
-             "start them at random", path, layer_map)
-    return True

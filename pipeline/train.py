@@ -27,7 +27,7 @@ from pipeline.runtime import (
     apply_update, check_finite_weights, from_pretrained, predict_logits, seed_everything,
 )
 from pipeline.step import Model, Trainable, check_batch_finite, train_step
-from pipeline.student import Projections, build_student, init_shape, layer_map, load_general_projections, student_config
+from pipeline.student import Projections, build_student, init_shape, layer_map, student_config
 from pipeline.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def _setup(config: TrainConfig, ranks: distributed.Ranks = distributed.SINGLE) -
     carried = sorted(set(mapping)) if intermediate else []  # the teacher layers the batches carry, in slot order
     projections = Projections(width, cache.hidden_size, depth, identity) if intermediate else None
     if projections is not None and config.projection_init == "auto" and not identity:
-        load_general_projections(config.init, projections, mapping)  # from a general student, when it fits
+        general.load_projections(config.init, projections, mapping)  # from a general student, when it fits
     model = Model(student, projections, [carried.index(j) for j in mapping] if intermediate else [])
     device = distributed.device_for(ranks, config.device)
     student.to(device)

@@ -16,9 +16,9 @@ from pipeline import train as train_module
 from pipeline.cache_read import open_cache
 from pipeline.config import NegativesConfig, TrainConfig
 from pipeline.checkpoint import STATE_FILE, read_state
-from pipeline.general import train_general
+from pipeline.general import PROJECTIONS_FILE, train_general
 from pipeline.negatives import build_negatives
-from pipeline.student import PROJECTIONS_FILE, build_student, student_config
+from pipeline.student import build_student, student_config
 from pipeline.train import train_student
 from test_corpus import corpus_cache, encoder  # noqa: F401  (module fixtures: a corpus cache of a tiny encoder)
 
@@ -210,7 +210,7 @@ def test_a_task_run_keeps_the_general_students_projections(general_student: Path
                                                            tmp_path: Path) -> None:
     """Catches: W_i not saved with the encoder, saved but not loaded (the task run refitting a random map),
     loaded under --projection-init random, or loaded for other teacher layers than they were trained on."""
-    saved = load_file(general_student / PROJECTIONS_FILE)
+    saved = read_state(general_student / PROJECTIONS_FILE)["projections"]
     final = read_state(general_student / "checkpoint" / STATE_FILE)["projections"]
     assert saved.keys() == final.keys() and len(saved) == 2
     for key in saved:  # the W_i of the last general step
