@@ -97,7 +97,7 @@ def task_config(paths: dict[str, Path], row: str, seed: int, students: dict[str,
     slug = f"{SHAPE}-{row}-seed{seed}".replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
     init = "random" if general is None else str(students[general])
     return replace(config, output_dir=paths["cache"].parent / "general-runs" / slug, init=init, keep="last",
-                   max_steps=args.student_steps)
+                   max_steps=args.student_steps, projection_init=args.projection_init)
 
 
 def report(stats: dict[str, Any], results: list[dict[str, Any]], teachers: dict[str, dict[str, float]],
@@ -165,6 +165,9 @@ def main() -> None:
     parser.add_argument("--student-steps", type=int, default=None, help="overrides --student-epochs")
     parser.add_argument("--student-lr", type=float, default=3e-4)
     parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--projection-init", default=TrainConfig.projection_init,
+                        help="W_i start of the task students; 'random' ignores the W_i a general student saved "
+                             "(the seed-42 table in docs/RESULTS.md predates saved W_i, so it was random)")
     parser.add_argument("--results", default="general_results", help="name of the .json/.md results in --work-dir")
     parser.add_argument("--merge", default="", help="comma-separated --results names to render as one table "
                                                     "under --results (trains nothing)")
