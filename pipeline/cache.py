@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from pipeline import __version__
 from pipeline.errors import LrcError
-from pipeline.quant import INT8, scale_column
+from pipeline.quant import INT8, scale_column, settings_entry
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,21 @@ _POOLED_DTYPES = {"float16": pa.float16(), "float32": pa.float32(), "int8": pa.f
 
 def hidden_column(layer: int) -> str:
     return f"hidden_{layer}"
+
+
+def storage_settings(config: Any, model_config: Any, layers: list[int]) -> dict[str, Any]:
+    """The settings that say how a cache stores the teacher's states, the same for task and corpus caches;
+    `config` is the ExtractConfig, `model_config` the teacher's."""
+    return {
+        "max_length": config.max_length,
+        "layers": layers,
+        "hidden_size": model_config.hidden_size,
+        "hidden_dtype": config.hidden_dtype,
+        **settings_entry(config.hidden_dtype),
+        "pooled": {"layer": model_config.num_hidden_layers, "definition": POOLED_DEFINITION},
+        "precision": config.precision,
+        "shard_rows": config.shard_rows,
+    }
 
 
 def shard_name(split: str, start: int, stop: int) -> str:

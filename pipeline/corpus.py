@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from pipeline import cache, quant
+from pipeline import cache
 from pipeline.config import CorpusConfig, DataConfig, ExtractConfig
 from pipeline.errors import LrcError
 from pipeline.runtime import from_pretrained, require_tokenizer
@@ -206,14 +206,7 @@ def corpus_settings(config: ExtractConfig, model: torch.nn.Module, tokenizer_sha
                    "dataset_split": config.corpus.dataset_split, "max_passages": config.corpus.max_passages,
                    "passages": len(passages), "windows": rows, "sha256": digest.hexdigest(),
                    "windowing": "consecutive max_length token windows of each passage, special tokens added per window"},
-        "max_length": config.max_length,
-        "layers": layers,
-        "hidden_size": model.config.hidden_size,
-        "hidden_dtype": config.hidden_dtype,
-        **quant.settings_entry(config.hidden_dtype),
-        "pooled": {"layer": model.config.num_hidden_layers, "definition": cache.POOLED_DEFINITION},
-        "precision": config.precision,
-        "shard_rows": config.shard_rows,
+        **cache.storage_settings(config, model.config, layers),
         "splits": {"train": {"rows": rows, "hidden": True}},
     }
     return json.loads(json.dumps(settings))  # compared with the JSON copy on resume: normalise now

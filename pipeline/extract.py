@@ -21,7 +21,7 @@ from pipeline import cache, distributed, quant
 from pipeline.config import ExtractConfig
 from pipeline.errors import LrcError
 from pipeline.families import require_layer_outputs
-from pipeline.runtime import all_finite, autocast, encode, load_classifier, pad_batch, pick_device
+from pipeline.runtime import all_finite, autocast, encode, load_classifier, pad_batch
 from pipeline.student import layer_map
 from pipeline.tasks import Examples, TaskSpec, get_task, load_examples
 
@@ -186,14 +186,7 @@ def build_settings(
                  "num_labels": task.num_labels, "is_regression": task.is_regression, "metric": task.metric},
         "data": {k: str(v) if isinstance(v, Path) else v for k, v in data.items() if k != "data_dir"}
         | {f"{split}_sha256": _hash_examples(ex) for split, ex in examples.items()},
-        "max_length": config.max_length,
-        "layers": layers,
-        "hidden_size": model.config.hidden_size,
-        "hidden_dtype": config.hidden_dtype,
-        **quant.settings_entry(config.hidden_dtype),
-        "pooled": {"layer": model.config.num_hidden_layers, "definition": cache.POOLED_DEFINITION},
-        "precision": config.precision,
-        "shard_rows": config.shard_rows,
+        **cache.storage_settings(config, model.config, layers),
         "splits": {split: {"rows": len(ex), "hidden": split == "train"} for split, ex in examples.items()},
     }
     # Compared with the copy read back from settings.json: normalise through JSON now, or the
