@@ -35,6 +35,7 @@ from pipeline.config import CorpusConfig, DataConfig, ExtractConfig, NegativesCo
 from pipeline.extract import extract_teacher
 from pipeline.negatives import build_negatives
 from pipeline.runtime import setup_logging
+from pipeline.tasks import get_task
 from pipeline.train import train_or_reuse
 
 log = logging.getLogger("general_results")
@@ -133,8 +134,9 @@ def report(stats: dict[str, Any], results: list[dict[str, Any]], teachers: dict[
               f"{seeds}; budget: {args.student_steps or f'{args.student_epochs} epochs'} "
               f"{'steps' if args.student_steps else ''} at lr {args.student_lr}, {args.max_train_examples} train rows.",
               "", glue_results.table(results, teachers, SHAPE, rows, tasks), "",
-              "| task | row | seed | train s |", "|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['method']} | {r['seed']} | {r['train_seconds']:.0f} |" for r in results]
+              "| task | row | seed | dev (main metric) | train s |", "|---|---|---|---:|---:|"]
+    lines += [f"| {r['task']} | {r['method']} | {r['seed']} | {r['best'][get_task(r['task']).main_metric]:.4f} | "
+              f"{r['train_seconds']:.0f} |" for r in sorted(results, key=lambda r: (r['task'], r['method'], r['seed']))]
     return "\n".join(lines) + "\n"
 
 
