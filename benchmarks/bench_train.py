@@ -8,8 +8,9 @@ gradient perturbation on) and AdamW update, in its own process so peak memory is
               (inputs come from memory, so b gets no data-path cost at all)
   c  compute: the student step alone on batches collated beforehand and held in memory
 Teachers: a BERT-base-shaped 12 x 768 random model, and the real all-MiniLM-L6-v2 (random head).
-Rows are real SST-2 train sentences. Variants alternate (a, b, c, a, b, c) with a GEMM probe before
-and after. Time per epoch is extrapolated from the measured step time to the full SST-2 train split.
+Rows are real SST-2 train sentences (--task mrpc: MRPC pairs, about 4x the tokens). Variants alternate
+(a, b, c, a, b, c) with a GEMM probe before and after. Time per epoch is extrapolated from the measured
+step time to the task's full train split.
 
     python benchmarks/bench_train.py --steps 30 --repeats 2
 """
