@@ -31,7 +31,7 @@ from typing import Any
 
 import glue_results
 from make_corpus import write_corpus
-from pipeline.config import CorpusConfig, DataConfig, ExtractConfig, NegativesConfig, TrainConfig
+from pipeline.config import CorpusConfig, ExtractConfig, NegativesConfig, TrainConfig
 from pipeline.extract import extract_teacher
 from pipeline.negatives import build_negatives
 from pipeline.runtime import setup_logging
@@ -89,20 +89,6 @@ def general_stage(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, 
 
 def _log(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-
-
-def requantized(paths: dict[str, Path], task: str, args: argparse.Namespace) -> dict[str, Path]:
-    """The task's cache extracted again from the same teacher and rows with --hidden-dtype, and its random
-    negatives (the same draws: they depend on the seed and the row count only), in <work-dir>/<task>-<dtype>,
-    so its runs land beside it and never reuse the float16 runs."""
-    cache = args.work_dir / f"{task}-{args.hidden_dtype}" / "cache"
-    data = DataConfig(task=task, data_dir=args.data_dir, max_train_examples=args.max_train_examples)
-    extract_teacher(ExtractConfig(teacher=paths["teacher"], data=data, output_dir=cache, layers=(2, 3, 4, 5, 6),
-                                  max_length=args.max_length, hidden_dtype=args.hidden_dtype))
-    negatives = cache / "negatives-random.arrow"
-    if not negatives.is_file():
-        build_negatives(NegativesConfig(cache_dir=cache, k=args.k, strategy="random", output=negatives))
-    return {"teacher": paths["teacher"], "cache": cache, "negatives-random": negatives}  # every row uses random
 
 
 def task_config(paths: dict[str, Path], row: str, seed: int, students: dict[str, Path],
@@ -183,7 +169,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--hidden-dtype", default="float16",
                         help="task caches' storage; int8 re-extracts each task's cache from the same teacher "
-                             "into <work-dir>/<task>-int8, with its own random negatives")
+                             "into <work-dir>/<task>-int8, with its own negatives")
     parser.add_argument("--projection-init", default=TrainConfig.projection_init,
                         help="W_i start of the task students; 'random' ignores the W_i a general student saved "
                              "(the seed-42 table in docs/RESULTS.md predates saved W_i, so it was random)")
@@ -215,9 +201,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"general": stats, "teachers": teachers, "runs": results}, indent=2))
     for task in tasks:
-        paths = glue_results.prepare_task(task, args)  # args.work_dir/<task>: shared with glue_results.py
-        if args.hidden_dtype != "float16":
-            paths = requantized(paths, task, args)
+        paths = glue_results.prepare_task(task, args, args.hidden_dtype)  # shared with glue_results.py
         teachers[task] = json.loads((paths["teacher"] / "teacher_info.json").read_text())["dev_metrics"]
         out.write_text(json.dumps({"general": stats, "teachers": teachers, "runs": results}, indent=2))
         for row in rows:

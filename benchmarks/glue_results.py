@@ -59,16 +59,19 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-def prepare_task(task: str, args: argparse.Namespace) -> dict[str, Path]:
-    """Teacher, cache and both negatives files of one task (each reused when already there)."""
+def prepare_task(task: str, args: argparse.Namespace, hidden_dtype: str = "float16") -> dict[str, Path]:
+    """Teacher, cache and both negatives files of one task (each reused when already there). Another
+    `hidden_dtype` gets its own dir, <work-dir>/<task>-<dtype>/cache, from the same teacher and rows, so
+    runs placed beside a cache never mix storages."""
     work = args.work_dir / task
     data = DataConfig(task=task, data_dir=args.data_dir, max_train_examples=args.max_train_examples)
-    paths = {"teacher": work / "teacher", "cache": work / "cache"}
+    cache_dir = work if hidden_dtype == "float16" else args.work_dir / f"{task}-{hidden_dtype}"
+    paths = {"teacher": work / "teacher", "cache": cache_dir / "cache"}
     finetune_teacher(FinetuneConfig(data=data, output_dir=paths["teacher"], max_length=args.max_length,
                                     epochs=args.teacher_epochs.get(task, args.teacher_epochs["default"]),
                                     learning_rate=args.teacher_lr))
     extract_teacher(ExtractConfig(teacher=paths["teacher"], data=data, output_dir=paths["cache"],
-                                  layers=(2, 3, 4, 5, 6), max_length=args.max_length))
+                                  layers=(2, 3, 4, 5, 6), max_length=args.max_length, hidden_dtype=hidden_dtype))
     for strategy in ("random", "hard"):
         out = paths["cache"] / f"negatives-{strategy}.arrow"
         if not _usable_negatives(out, paths["cache"]):
