@@ -36,6 +36,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def describe_device(device: torch.device) -> str:
+    """What ran a stage, for its summary: `cpu` or `cuda:0 (NVIDIA H200)`."""
+    if device.type == "cuda":
+        return f"{device.type}:{device.index or 0} ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -24,7 +24,7 @@ from pipeline.metrics import compute_metrics
 from pipeline.sampler import InBatchNegatives, NegativeSampler
 from pipeline.report import write_report
 from pipeline.runtime import (
-    apply_update, check_finite_weights, from_pretrained, predict_logits, seed_everything,
+    apply_update, check_finite_weights, describe_device, from_pretrained, predict_logits, seed_everything,
 )
 from pipeline.step import Model, Trainable, check_batch_finite, train_step
 from pipeline.student import Projections, build_student, init_shape, layer_map, student_config
@@ -374,6 +374,7 @@ def _summary(run: Run, seen: int, elapsed: float) -> dict[str, Any]:
         "steps": run.state.step, "epochs": run.state.epoch, "train_seconds": round(elapsed, 1),
         "samples_per_s": round(seen / max(elapsed, 1e-9), 2),
         "layer_map": run.layer_map,
+        "device": describe_device(run.device), "world_size": run.ranks.world_size,
         "parameters": sum(p.numel() for p in run.model.student.parameters()),
         "cache_fingerprint": run.cache.fingerprint,
         "config": json.loads(json.dumps(run.config.__dict__, default=str)),
