@@ -12,9 +12,8 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import faiss
 import numpy as np
 from tqdm import tqdm
 
@@ -24,6 +23,9 @@ from pipeline.cache_read import open_cache
 from pipeline.config import NegativesConfig
 from pipeline.errors import LrcError
 from pipeline.sampler import FORMAT, FORMAT_VERSION, is_negatives_file, manifest_path, write_negatives
+
+if TYPE_CHECKING:
+    import faiss
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +188,10 @@ def _hard_pool(
 
 
 def _build_index(kind: str, x_db: np.ndarray, seed: int) -> faiss.Index:
+    # Imported here, the one place an index is built: random negatives need none, so importing this stage
+    # (and every test or benchmark that builds random negatives) does not load FAISS and its OpenMP runtime.
+    import faiss
+
     d = x_db.shape[1]
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
