@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
+from pipeline import outdir
 from pipeline.config import TrainConfig
 from pipeline.errors import LrcError
 
@@ -81,6 +82,8 @@ def check_run_dir(config: TrainConfig) -> RunDir:
     """
     run = RunDir(config.output_dir)
     out, saved = config.output_dir, config.output_dir / RUN_CONFIG
+    init = Path(config.init) if config.init not in ("random", "teacher") else None
+    outdir.refuse_nested(out, {"cache": config.cache_dir, "negatives file": config.negatives, "--init model": init})
     if config.resume:
         if not (run.checkpoint_dir / STATE_FILE).is_file():
             legacy = (run.checkpoint_dir / LEGACY_STATE_FILE).is_file()
@@ -94,11 +97,8 @@ def check_run_dir(config: TrainConfig) -> RunDir:
             raise LrcError(f"--resume: the checkpoint in {out} was made with other settings (differs in: "
                            f"{', '.join(changed)}): resume with the same settings, or start over with --overwrite")
         return run
-    if out.exists() and any(out.iterdir()):
-        if not saved.is_file():
-            raise LrcError(f"output dir {out} is not empty and holds no lrc training run: choose a new --output-dir")
-        if not config.overwrite:
-            raise LrcError(f"output dir {out} holds a training run: pass --resume to continue it or --overwrite to start over")
+    if outdir.check(out, "run", config.overwrite) and not config.overwrite:
+        raise LrcError(f"output dir {out} holds a training run: pass --resume to continue it or --overwrite to start over")
     return run
 
 
@@ -108,8 +108,8 @@ def start_run_dir(config: TrainConfig) -> None:
     if config.resume:
         return
     if out.exists() and any(out.iterdir()):
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        outdir.clear(out, "run")  # only what a run writes: check_run_dir refused anything else
+    outdir.mark(out, "run")
     _write_text_atomic(out / RUN_CONFIG, json.dumps(comparable_settings(config), indent=2, sort_keys=True) + "\n")
 
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline import outdir
 from pipeline.config import (
     BUNDLED_BACKBONE, CorpusConfig, DataConfig, DemoConfig, EvaluateConfig, ExtractConfig, FinetuneConfig, NegativesConfig, TrainConfig,
 )
@@ -46,6 +47,13 @@ def _stage(name: str, times: dict[str, float]) -> Iterator[None]:
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Run every stage; return (and write to <work_dir>/demo_results.json) times, metrics and ratios."""
+    outdir.check(config.work_dir, "demo", overwrite=False, option="--work-dir", adopt=True)
+    with outdir.lock(config.work_dir, "demo"):
+        outdir.mark(config.work_dir, "demo")
+        return _run(config)
+
+
+def _run(config: DemoConfig) -> dict[str, Any]:
     task = get_task(config.task)
     resolve_backbone(BUNDLED_BACKBONE)  # fail now, in one line, if the backbone package is missing
     data = DataConfig(task=task.name, data_dir=config.data_dir, max_train_examples=config.max_train_examples,

@@ -25,12 +25,16 @@ log = logging.getLogger(__name__)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
+WRITTEN_BY = "lrc evaluate"  # in every results file, so a rerun may replace its own and nothing else
+
+
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Results of `model_dir` (and of `compare`, with ratios) as a dict; also written to `output`."""
     task = get_task(config.data.task)
     if config.output is not None:
-        check_output_file(config.output)
-    results: dict[str, Any] = {"task": task.name, "model": evaluate_model(config.model_dir, task, config)}
+        check_output_file(config.output, [config.model_dir, config.compare])
+    results: dict[str, Any] = {"written_by": WRITTEN_BY, "task": task.name,
+                               "model": evaluate_model(config.model_dir, task, config)}
     if config.compare is not None:
         other = evaluate_model(config.compare, task, config)
         results["compare"] = other
@@ -40,12 +44,23 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     return results
 
 
-def check_output_file(output: Path) -> None:
-    """Fail before the work, not after it, when --output cannot be written as a file."""
+def check_output_file(output: Path, models: list[Path | None]) -> None:
+    """Fail before the work, not after it, when --output cannot be written as a file, or would replace a file
+    that an earlier `lrc evaluate` did not write, or lies inside a model dir being evaluated."""
     if output.is_dir():
         raise LrcError(f"--output {output} is a directory: name a file, e.g. {output / 'results.json'}")
     if not output.parent.is_dir():
         raise LrcError(f"--output {output}: its folder {output.parent} does not exist: create it or name another file")
+    for model in models:
+        if model is not None and Path(model).resolve() in output.resolve().parents:
+            raise LrcError(f"--output {output} is inside the model dir {model}: write the results outside it")
+    if output.exists():
+        try:
+            ours = json.loads(output.read_text(encoding="utf-8")).get("written_by") == WRITTEN_BY
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise LrcError(f"--output {output} exists and was not written by lrc evaluate: name a new file")
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:

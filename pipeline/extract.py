@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from pipeline import cache, distributed, quant
+from pipeline import cache, distributed, outdir, quant
 from pipeline.config import ExtractConfig
 from pipeline.errors import LrcError
 from pipeline.families import require_layer_outputs
@@ -44,7 +44,7 @@ def extract_teacher(config: ExtractConfig) -> dict[str, Any]:
     """Teacher + task data (or a corpus) -> cache dir; resumes a killed run; returns the manifest.
 
     Under torchrun each rank runs the teacher over its own whole shards (`write_cache`)."""
-    with distributed.session(config.device):
+    with distributed.session(config.device) as ranks, outdir.lock(config.output_dir, "extract-teacher", ranks.is_main):
         return _extract(config)
 
 
@@ -92,6 +92,7 @@ def write_cache(
     first_ids = next(iter(splits.values()))[0][0]
     require_layer_outputs(model, first_ids)  # COS-NCE needs (B, L, d') per layer: refuse now, not mid-run
     out, ranks = config.output_dir, distributed.current()
+    outdir.refuse_nested(out, {"teacher dir": config.teacher})
     # Rank 0 alone creates, resumes or refuses the dir and copies the tokenizer and weights in; the others
     # wait, then find the dir ready (or complete, with a manifest).
     if ranks.is_main and prepare_output_dir(out, settings, config.overwrite):
@@ -196,12 +197,9 @@ def build_settings(
 
 def prepare_output_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> bool:
     """Create, resume or refuse the output dir; True when it already holds the finished cache."""
-    is_cache = (out / cache.SETTINGS).is_file() or (out / cache.MANIFEST).is_file()
-    if out.exists() and any(out.iterdir()) and not is_cache:
-        raise LrcError(f"output dir {out} is not empty and holds no lrc cache: choose a new or empty --output-dir")
+    is_cache = outdir.check(out, "cache", overwrite)  # refuses a dir that is not an lrc cache
     if is_cache and overwrite:
-        log.info("--overwrite: removing the cache in %s", out)
-        shutil.rmtree(out)
+        outdir.clear(out, "cache")
     elif is_cache:
         previous = json.loads((out / cache.SETTINGS).read_text()) if (out / cache.SETTINGS).is_file() else {}
         changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
@@ -214,7 +212,7 @@ def prepare_output_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> 
             return True
         cache.remove_temp_files(out)
         log.info("resuming the unfinished cache in %s", out)
-    out.mkdir(parents=True, exist_ok=True)
+    outdir.mark(out, "cache")
     cache.write_json_atomic(out / cache.SETTINGS, settings)
     return False
 

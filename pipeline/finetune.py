@@ -17,7 +17,7 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
-from pipeline import backbones
+from pipeline import backbones, outdir
 from pipeline.config import BUNDLED_BACKBONE, BUNDLED_MPNET, FinetuneConfig
 from pipeline.errors import LrcError
 from pipeline.families import check_loading_report, require_classifier_family
@@ -41,17 +41,23 @@ def resolve_backbone(backbone: str) -> str:
 
 def finetune_teacher(config: FinetuneConfig) -> dict[str, Any]:
     """Backbone + task -> teacher dir (model, tokenizer, teacher_info.json); returns the info."""
+    with outdir.lock(config.output_dir, "finetune-teacher"):
+        return _finetune(config)
+
+
+def _finetune(config: FinetuneConfig) -> dict[str, Any]:
     task = get_task(config.data.task)
     settings = _settings(config)
     out = config.output_dir
-    if (out / TEACHER_INFO).is_file() and not config.overwrite:
+    held = outdir.check(out, "teacher", config.overwrite)  # refuses a dir that is not an lrc teacher
+    local = Path(config.backbone)
+    outdir.refuse_nested(out, {"backbone": local if local.exists() else None})
+    if held and not config.overwrite:
         info = json.loads((out / TEACHER_INFO).read_text())
         if info.get("settings") == settings:
             log.info("teacher %s already fine-tuned with these settings (dev %s): reusing it", out, info["dev_metrics"])
             return info
         raise LrcError(f"output dir {out} holds a teacher fine-tuned with other settings: use a new --output-dir or --overwrite")
-    if out.exists() and any(out.iterdir()) and not (out / TEACHER_INFO).is_file():
-        raise LrcError(f"output dir {out} is not empty and holds no lrc teacher: choose a new or empty --output-dir")
 
     seed_everything(config.seed)
     backbone = resolve_backbone(config.backbone)
@@ -100,8 +106,10 @@ def finetune_teacher(config: FinetuneConfig) -> dict[str, Any]:
             "settings": settings,
         }
         (tmp / TEACHER_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
+        outdir.mark(tmp, "teacher")
+        if out.exists():  # empty, or an lrc teacher that --overwrite replaces (outdir.check above)
+            outdir.clear(out, "teacher")
+            out.rmdir()
         tmp.rename(out)  # the teacher dir appears only once it is complete
     except BaseException:  # a diverged run, a full disk, Ctrl-C: no half-written teacher is left behind
         shutil.rmtree(tmp, ignore_errors=True)

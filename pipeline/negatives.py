@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import __version__
+from pipeline import __version__, outdir
 from pipeline.cache import write_json_atomic
 from pipeline.cache_read import open_cache
 from pipeline.config import NegativesConfig
@@ -373,6 +373,11 @@ def check_outputs(out: Path) -> None:
 
 def build_negatives(config: NegativesConfig) -> Path:
     """`lrc build-negatives`: read the cache's train split, find candidates, write the Arrow file and manifest."""
+    with outdir.lock(config.output_path, "build-negatives"):
+        return _build(config)
+
+
+def _build(config: NegativesConfig) -> Path:
     start = time.perf_counter()
     check_outputs(config.output_path)
     cache = open_cache(config.cache_dir, config.verify_cache)

@@ -36,7 +36,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import torch
 
-from pipeline import distributed
+from pipeline import distributed, outdir
 from pipeline.cache_read import open_cache
 from pipeline.config import SweepConfig, TrainConfig, load_config_file
 from pipeline.errors import LrcError
@@ -286,7 +286,8 @@ def run_sweep(config: SweepConfig) -> Path:
                 raise LrcError(f"--shard {config.shard_index}/{config.shard_count} under torchrun: the ranks already "
                                "split the grid (rank r runs shard r of WORLD_SIZE); drop --shard")
             config = replace(config, shard_index=ranks.rank, shard_count=ranks.world_size)
-        return _run_shard(config, ranks)
+        with outdir.lock(config.output_dir, "sweep", ranks.is_main):
+            return _run_shard(config, ranks)
 
 
 def _run_shard(config: SweepConfig, ranks: distributed.Ranks) -> Path:
@@ -299,7 +300,10 @@ def _run_shard(config: SweepConfig, ranks: distributed.Ranks) -> Path:
     stem = f"results-shard-{config.shard_index}-of-{config.shard_count}" if sharded else "results"
     title = f"Sweep on {cache.task['name']}: {len(points)} points" + (
         f", shard {config.shard_index}/{config.shard_count} ({len(mine)} points)" if sharded else "")
-    config.output_dir.mkdir(parents=True, exist_ok=True)
+    # the results tables and run dirs go only into a sweep's own dir, never into a cache or a user's folder
+    outdir.refuse_nested(config.output_dir, {"cache": config.base.cache_dir})
+    outdir.check(config.output_dir, "sweep", overwrite=False, adopt=True)
+    outdir.mark(config.output_dir, "sweep")
     varying = [k for k, values in config.grid if len(values) > 1] or keys  # the slug names what differs
     names = {i: run_name(i, {k: points[i][k] for k in varying}) for i in mine}
     rows = {i: _row(names[i], points[i], "pending") for i in mine}

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from pipeline import checkpoint, distributed, general
+from pipeline import checkpoint, distributed, general, outdir
 from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader, to_device
 from pipeline.cache import read_manifest
 from pipeline.cache_read import Cache, open_cache
@@ -293,7 +293,7 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
     """Cache (+ negatives) -> the best student in Hugging Face format; returns the training summary.
 
     Under torchrun: DistributedDataParallel, --batch-size the global batch split evenly over the ranks."""
-    with distributed.session(config.device) as ranks:
+    with distributed.session(config.device) as ranks, outdir.lock(config.output_dir, "train-student", ranks.is_main):
         return _train(config, ranks)
 
 
