@@ -1,4 +1,4 @@
-"""The cache: the contract between the stages (DESIGN §3). Schema, writing, checksums, manifest.
+"""The cache: the contract between the stages (docs/DESIGN.md §3). Schema, writing, checksums, manifest.
 
 A cache directory holds `settings.json` (written first: what the run promised to produce),
 `shards/<split>-<start>-<stop>.arrow` (Arrow IPC stream files, one row per example, written

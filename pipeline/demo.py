@@ -30,7 +30,7 @@ from pipeline.evaluate import evaluate, format_table
 from pipeline.extract import extract_teacher
 from pipeline.finetune import finetune_teacher, resolve_backbone
 from pipeline.negatives import build_negatives
-from pipeline.tasks import get_task, load_examples
+from pipeline.tasks import TaskSpec, get_task, load_examples
 from pipeline.train import train_or_reuse
 
 log = logging.getLogger(__name__)
@@ -47,18 +47,19 @@ def _stage(name: str, times: dict[str, float]) -> Iterator[None]:
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Run every stage; return (and write to <work_dir>/demo_results.json) times, metrics and ratios."""
+    # Fail now, in one line and before the work dir exists, if the backbone package or the task data is missing.
+    task = get_task(config.task)
+    resolve_backbone(BUNDLED_BACKBONE)
+    data = DataConfig(task=task.name, data_dir=config.data_dir, max_train_examples=config.max_train_examples,
+                      subsample_seed=config.seed)
+    load_examples(data, "dev")
     outdir.check(config.work_dir, "demo", overwrite=False, option="--work-dir", adopt=True)
     with outdir.lock(config.work_dir, "demo"):
         outdir.mark(config.work_dir, "demo")
-        return _run(config)
+        return _run(config, task, data)
 
 
-def _run(config: DemoConfig) -> dict[str, Any]:
-    task = get_task(config.task)
-    resolve_backbone(BUNDLED_BACKBONE)  # fail now, in one line, if the backbone package is missing
-    data = DataConfig(task=task.name, data_dir=config.data_dir, max_train_examples=config.max_train_examples,
-                      subsample_seed=config.seed)
-    load_examples(data, "dev")  # fail now if the task data is missing, before any training
+def _run(config: DemoConfig, task: TaskSpec, data: DataConfig) -> dict[str, Any]:
     work = config.work_dir
     paths = {"teacher": work / f"teacher-{task.name}", "cache": work / f"cache-{task.name}",
              "student": work / f"student-{task.name}{'-general' if config.general else ''}"}

@@ -1,4 +1,4 @@
-"""Stage one: run the teacher once over a task and write the cache (DESIGN §3)."""
+"""Stage one: run the teacher once over a task and write the cache (docs/DESIGN.md §3)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class Family:
     """Where a family keeps its parts (paths under the base model, e.g. `model.bert`) and how it reads ids."""
 
-    embeddings: str  # the module whose output is e (DESIGN §2); ELECTRA may project it up to the width after
+    embeddings: str  # the module whose output is e (docs/DESIGN.md §2); ELECTRA may project it up to the width after
     layers: str  # the ModuleList of transformer layers
     head: tuple[str, ...]  # pooler and classifier modules: new on a fresh task, never part of the encoder
     segments: bool  # the forward takes token_type_ids

@@ -1,4 +1,4 @@
-"""8-bit hidden states (DESIGN §3, `--hidden-dtype int8`): symmetric absmax quantisation, one scale per
+"""8-bit hidden states (docs/DESIGN.md §3, `--hidden-dtype int8`): symmetric absmax quantisation, one scale per
 token per layer.
 
 A token vector x (d' values) is stored as q = round(x / s) in [-127, 127] (int8) with s = max|x| / 127

@@ -1,4 +1,4 @@
-"""Stage two: train the student from the cache (DESIGN §2). The teacher is never loaded or run."""
+"""Stage two: train the student from the cache (docs/DESIGN.md §2). The teacher is never loaded or run."""
 
 from __future__ import annotations
 
@@ -254,7 +254,7 @@ def _student_tokenizer(cache: Cache, student: torch.nn.Module) -> Any:
 
 def epoch_batches(run: Run, epoch: int, skip_batches: int = 0) -> Any:
     """The batches of one epoch: its shuffled order (minus the first `skip_batches` when resuming) and its
-    own draw of negatives (DESIGN §3: K of the M candidates drawn afresh each epoch)."""
+    own draw of negatives (docs/DESIGN.md §3: K of the M candidates drawn afresh each epoch)."""
     run.dataset.set_epoch(epoch)
     run.batches.set_epoch(epoch, skip_batches=skip_batches)
     return make_loader(run.dataset, run.batches, run.workers, seed=run.config.seed + epoch)
