@@ -54,7 +54,3 @@ def settings_entry(hidden_dtype: str) -> dict[str, Any]:
     nothing, so their settings stay those of caches written before int8 existed."""
     return {"hidden_quant": SCHEME} if hidden_dtype == INT8 else {}
 
-
-def is_quantized(manifest: dict[str, Any]) -> bool:
-    """Whether a cache stores int8 hidden states; manifests written before int8 existed hold floats."""
-    return manifest.get("hidden_dtype") == INT8
