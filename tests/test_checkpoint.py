@@ -70,7 +70,7 @@ def test_a_planted_pickle_never_runs(tmp_path: Path) -> None:
     torch.save({"state": _Planted(marker)}, run.checkpoint_dir / checkpoint.LEGACY_STATE_FILE)
     from pipeline.config import TrainConfig
 
-    config = TrainConfig(cache_dir=tmp_path, output_dir=run.output_dir, resume=True)
+    config = TrainConfig(cache_dir=tmp_path / "cache", output_dir=run.output_dir, resume=True)
     assert_refused(lambda: checkpoint.check_run_dir(config), "pickle", "never loaded", "--overwrite")
     assert not marker.exists()
 
