@@ -269,3 +269,25 @@ def test_inspect_cache_verify_covers_the_tokenizer_weights_and_manifest(tiny_cac
     assert_one_line_error(lrc("inspect-cache", str(c), "--verify"), "does not match its fingerprint")
     (c / "manifest.json").write_text(json.dumps(manifest))
     assert lrc("inspect-cache", str(c), "--verify").exit_code == 0
+
+
+def test_an_existing_file_as_the_output_is_one_line(tiny_cache: Path, tiny_teacher: Path, glue_dir: Path,
+                                                    tmp_path: Path) -> None:
+    """Every command that writes a dir refuses a file there before any work, in one line, and leaves it as it was."""
+    c = tmp_path / "cache"
+    shutil.copytree(tiny_cache, c)
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    data = ["--task", "sst2", "--data-dir", str(glue_dir), "--max-train-examples", "8"]
+    for args in (["finetune-teacher", *data, "-o", str(taken), "--device", "cpu"],
+                 ["extract-teacher", "--teacher", str(tiny_teacher), *data, "-o", str(taken), "--device", "cpu"],
+                 ["train-student", "--cache", str(c), "-o", str(taken), "--k", "0", "--device", "cpu"],
+                 ["train-student", "--cache", str(c), "-o", str(taken), "--k", "0", "--device", "cpu", "--resume"],
+                 ["sweep", "--cache", str(c), "-o", str(taken), "--set", "k=0"],
+                 ["demo", "--data-dir", str(glue_dir), "--work-dir", str(taken)]):
+        assert_one_line_error(lrc(*args), str(taken))
+        assert taken.read_text() == "mine", args[0]
+        # a file where a parent dir of the output belongs: an OSError (ENOTDIR) traceback from mkdir
+        inside = str(taken / "sub")
+        assert_one_line_error(lrc(*[inside if a == str(taken) else a for a in args]), str(taken))
+        assert taken.read_text() == "mine", args[0]
