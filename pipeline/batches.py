@@ -117,6 +117,8 @@ class CacheDataset(Dataset):
             logits = np.empty((b, shard.logits.shape[1]), np.float32)
             gather.gather_rows_of(reader, p, "labels", labels)
             gather.gather_rows_of(reader, p, "logits", logits)
+            if labels.dtype.kind == "i":
+                self._check_labels(labels, logits.shape[1], ids)
             batch |= {"labels": torch.from_numpy(labels), "teacher_logits": torch.from_numpy(logits)}
         if self.layers:
             batch |= self._hidden(reader, p, "teacher", b, ids)
@@ -142,6 +144,17 @@ class CacheDataset(Dataset):
         if scale_tensor is not None:
             out[f"{prefix}_scales"] = scale_tensor.view(*view)
         return out
+
+    def _check_labels(self, labels: np.ndarray, num_labels: int, row_ids: np.ndarray) -> None:
+        """Class ids index the teacher's logits: one outside [0, C) would end the step in an IndexError traceback
+        from the cross-entropy (a device-side assert on a GPU). Data loading refuses such labels, so only a damaged
+        or foreign cache holds one."""
+        bad = (labels < 0) | (labels >= num_labels)
+        if bad.any():
+            rows = row_ids[bad].tolist()
+            raise LrcError(f"cache {self.cache_dir} holds labels outside 0..{num_labels - 1} for {self.split} row(s) "
+                           f"{', '.join(map(str, rows[:5]))}{' ...' if len(rows) > 5 else ''}: the cache is damaged; "
+                           "re-extract it with `lrc extract-teacher --overwrite`")
 
     def _check_scales(self, scales: np.ndarray, row_ids: np.ndarray) -> None:
         """An int8 scale is max|x| / 127: finite and >= 0. A negative one flips the sign of every value of its token

@@ -388,6 +388,11 @@ def describe(cache: Cache) -> str:
             what = " (float16)" if m.get("hidden_quant") else ""
             lines.append(f"             size vs tokens x layers x d' x {bytes_per_value}{what}: "
                          f"{info['bytes'] / max(ideal, 1):.3f}x")
+    files = m["files"]
+    if files:  # the tokenizer and teacher weights, checksummed like the shards
+        tops = sorted({rel.split("/")[0] for rel in files})
+        lines.append(f"files        {len(files)} in {', '.join(tops)}, "
+                     f"{sum(e['bytes'] for e in files.values()) / 1e6:.1f} MB")
     total = sum(info["bytes"] for info in m["splits"].values())
     lines += [f"total        {total / 1e6:.1f} MB", f"fingerprint  {cache.fingerprint}"]
     return "\n".join(lines)

@@ -108,6 +108,8 @@ def plan(config: DemoConfig) -> Plan:
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Run every stage; return (and write to <work_dir>/demo_results.json) times, metrics and ratios."""
     stages = plan(config)  # every stage's settings checked before anything is written
+    resolve_backbone(BUNDLED_BACKBONE)  # fail now, in one line, if the backbone package is missing
+    load_examples(stages.finetune.data, "dev")  # fail now if the task data is missing, before any dir or training
     outdir.check(config.work_dir, "demo", overwrite=False, option="--work-dir", adopt=True)
     with outdir.lock(config.work_dir, "demo"):
         outdir.mark(config.work_dir, "demo")
@@ -116,8 +118,6 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
 def _run(config: DemoConfig, stages: Plan) -> dict[str, Any]:
     task = get_task(config.task)
-    resolve_backbone(BUNDLED_BACKBONE)  # fail now, in one line, if the backbone package is missing
-    load_examples(stages.finetune.data, "dev")  # fail now if the task data is missing, before any training
     work, paths = config.work_dir, dict(stages.paths)
     subsample = f"a seeded subset of {config.max_train_examples} rows" if config.max_train_examples else "all rows"
     log.info("lrc demo on %s: train split = %s (--max-train-examples), artifacts under %s", task.name, subsample, work)

@@ -725,3 +725,45 @@ def test_a_run_dir_copied_elsewhere_resumes_on_copied_inputs(neg_cache: Path, tm
     shutil.rmtree(tmp_path / "a")
     summary = train_student(tiny(moved_cache, moved_run, max_steps=4, resume=True))
     assert summary["steps"] == 4 and [r["step"] for r in read_log(moved_run) if "eval" not in r] == [1, 2, 3, 4]
+
+
+def test_a_checkpoint_without_recorded_inputs_keeps_the_path_rule(neg_cache: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint written before inputs were recorded cannot be compared by content: it resumes only on the
+    paths it recorded, as it was written to."""
+    c, out = tmp_path / "cache", tmp_path / "run"
+    shutil.copytree(neg_cache, c)
+    _killed_at_step_3(tiny(c, out, max_steps=4), monkeypatch)
+    path = out / "checkpoint" / checkpoint.STATE_FILE
+    payload = checkpoint.read_state(path)
+    del payload["inputs"]
+    checkpoint.write_state(path, payload)
+    assert checkpoint.recorded_inputs(path) is None
+    moved = tmp_path / "cache-copy"
+    shutil.copytree(c, moved)
+    refused(tiny(moved, out, max_steps=4, resume=True), "records no input fingerprints", "cache_dir", "--overwrite")
+    assert train_student(tiny(c, out, max_steps=4, resume=True))["steps"] == 4
+
+
+def test_a_label_outside_the_tasks_classes_in_the_cache_is_one_line(neg_cache: Path, tmp_path: Path) -> None:
+    """Data loading refuses such labels, so only a damaged cache holds one (checksums made to match here): the
+    cross-entropy used to end in an IndexError traceback ("Target 7 is out of bounds")."""
+    import pyarrow as pa
+
+    from pipeline import cache as cache_mod
+
+    c = tmp_path / "cache"
+    shutil.copytree(neg_cache, c)
+    manifest = json.loads((c / "manifest.json").read_text())
+    entry = manifest["splits"]["train"]["shards"][0]
+    with pa.memory_map(str(c / entry["file"])) as source:
+        table = pa.ipc.open_stream(source).read_all().combine_chunks()
+    labels = table.column("label").to_numpy().copy()
+    labels[3] = 7
+    index = table.schema.get_field_index("label")
+    table = table.set_column(index, table.schema.field(index), pa.array(labels))
+    cache_mod.write_shard(c, "train", entry["start"], entry["stop"], table.to_batches()[0])
+    cache_mod.assemble_manifest(c, json.loads((c / "settings.json").read_text()),
+                                {k: manifest[k] for k in ("teacher_path", "kind")})
+    refused(tiny(c, tmp_path / "run", k=0, max_steps=13, batch_size=16), "labels outside 0..1", "train row(s) 3",
+            "re-extract")
