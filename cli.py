@@ -253,7 +253,7 @@ def extract_teacher(
 @_friendly
 def inspect_cache(
     cache_dir: Path = typer.Argument(..., help="A cache dir written by `lrc extract-teacher`."),
-    verify: bool = typer.Option(False, "--verify", help="Also check every shard's sha256 (reads every byte)."),
+    verify: bool = typer.Option(False, "--verify", help="Also check the sha256 of every shard and every other file the manifest records (reads every byte)."),
     config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
     """Print what a cache holds (teacher, task, rows, layers, sizes); --verify checks every checksum."""
@@ -262,7 +262,8 @@ def inspect_cache(
     cache = open_cache(cache_dir, check="full" if verify else "quick")
     typer.echo(describe(cache))
     if verify:
-        typer.echo("verify: every shard matches its checksum")
+        typer.echo("verify: every shard matches its checksum, and so does every other file the manifest records "
+                   "(tokenizer, teacher weights); the manifest matches its fingerprint")
 
 
 @app.command("build-negatives")

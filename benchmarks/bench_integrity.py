@@ -74,7 +74,8 @@ def build(root: Path, gigabytes: float, shard_rows: int) -> tuple[Path, dict[str
         cache.write_shard(out, "train", s * shard_rows, (s + 1) * shard_rows, batch)
         times["write_shard (hash while writing + sidecar)"].append(time.perf_counter() - start)
     settings = {"splits": {"train": {"rows": shards * shard_rows, "hidden": True}}, "layers": list(range(1, LAYERS + 1)),
-                "hidden_size": WIDTH, "hidden_dtype": "float16"}
+                "hidden_size": WIDTH, "hidden_dtype": "float16", "max_length": 128, "task": None,
+                "teacher": {"config": {}, "weights_sha256": "", "num_layers": LAYERS, "hidden_size": WIDTH}}
     cache.assemble_manifest(out, settings, {})
     return out, times
 

@@ -31,7 +31,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from pipeline import losses
 from pipeline.cache_read import open_cache
 from pipeline.config import DataConfig, DemoConfig, TrainConfig
-from pipeline.demo import task_stages
+from pipeline.demo import plan, task_stages
 from pipeline.metrics import compute_metrics
 from pipeline.runtime import encode, pad_batch, predict_logits, seed_everything, setup_logging
 from pipeline.student import Projections, build_student, layer_map, student_config
@@ -149,10 +149,9 @@ def main() -> None:
         parser.error("the general rows need --general-student DIR")
     setup_logging()
     demo = DemoConfig(data_dir=args.data_dir, work_dir=args.work_dir, max_train_examples=args.max_train_examples)
-    paths = {"teacher": args.work_dir / f"teacher-{demo.task}", "cache": args.work_dir / f"cache-{demo.task}"}
-    data = DataConfig(task=demo.task, data_dir=demo.data_dir, max_train_examples=demo.max_train_examples,
-                      subsample_seed=demo.seed)
-    teacher = task_stages(demo, data, paths, {})["dev_metrics"]
+    stages = plan(demo)
+    paths = {"teacher": stages.paths["teacher"], "cache": stages.paths["cache"]}
+    teacher = task_stages(stages, {})["dev_metrics"]
     metric = get_task(demo.task).main_metric
     out = args.work_dir / f"{args.results}.json"
     results = json.loads(out.read_text())["runs"] if out.is_file() else {}

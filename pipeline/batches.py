@@ -117,16 +117,19 @@ class CacheDataset(Dataset):
             logits = np.empty((b, shard.logits.shape[1]), np.float32)
             gather.gather_rows_of(reader, p, "labels", labels)
             gather.gather_rows_of(reader, p, "logits", logits)
+            if labels.dtype.kind == "i":
+                self._check_labels(labels, logits.shape[1], ids)
             batch |= {"labels": torch.from_numpy(labels), "teacher_logits": torch.from_numpy(logits)}
         if self.layers:
-            batch |= self._hidden(reader, p, "teacher", b)
+            batch |= self._hidden(reader, p, "teacher", b, ids)
         if self.negatives is not None:
             batch |= self._negatives(reader, ids, p)
         return batch
 
-    def _hidden(self, reader: RowReader, p: gather._Plan, prefix: str, n: int,
+    def _hidden(self, reader: RowReader, p: gather._Plan, prefix: str, n: int, row_ids: np.ndarray,
                 shape: tuple[int, ...] | None = None) -> dict[str, torch.Tensor]:
-        """{prefix}_hidden (N_layers, n, width, D) and, for an int8 cache, {prefix}_scales (N_layers, n, width)."""
+        """{prefix}_hidden (N_layers, n, width, D) and, for an int8 cache, {prefix}_scales (N_layers, n, width);
+        `row_ids` (n,): the rows read, to name them when their scales are refused."""
         first = reader.shard_views()[0].hidden[self.layers[0]][1]
         lead = (len(self.layers), n, p.width)
         values, tensor = self._pool.take(f"{prefix}_hidden", (*lead, first.shape[1]), first.dtype)
@@ -134,11 +137,36 @@ class CacheDataset(Dataset):
         if reader.quantized:
             scales, scale_tensor = self._pool.take(f"{prefix}_scales", lead, np.float32)
         gather.gather_hidden(reader, p, self.layers, values, scales)
+        if scales is not None:
+            self._check_scales(scales, row_ids)
         view = shape or lead
         out = {f"{prefix}_hidden": tensor.view(*view, first.shape[1])}
         if scale_tensor is not None:
             out[f"{prefix}_scales"] = scale_tensor.view(*view)
         return out
+
+    def _check_labels(self, labels: np.ndarray, num_labels: int, row_ids: np.ndarray) -> None:
+        """Class ids index the teacher's logits: one outside [0, C) would end the step in an IndexError traceback
+        from the cross-entropy (a device-side assert on a GPU). Data loading refuses such labels, so only a damaged
+        or foreign cache holds one."""
+        bad = (labels < 0) | (labels >= num_labels)
+        if bad.any():
+            rows = row_ids[bad].tolist()
+            raise LrcError(f"cache {self.cache_dir} holds labels outside 0..{num_labels - 1} for {self.split} row(s) "
+                           f"{', '.join(map(str, rows[:5]))}{' ...' if len(rows) > 5 else ''}: the cache is damaged; "
+                           "re-extract it with `lrc extract-teacher --overwrite`")
+
+    def _check_scales(self, scales: np.ndarray, row_ids: np.ndarray) -> None:
+        """An int8 scale is max|x| / 127: finite and >= 0. A negative one flips the sign of every value of its token
+        and trains silently on the wrong target, so it is refused here, on the host, where it costs one pass over
+        (N_layers, n, width) floats (a thousandth of the hidden states' bytes) and no device sync."""
+        good = (scales >= 0) & (scales <= np.finfo(np.float32).max)  # NaN fails both comparisons
+        if good.all():
+            return
+        bad = np.unique(row_ids[np.flatnonzero(~good.all(axis=(0, 2)))]).tolist()
+        raise LrcError(f"cache {self.cache_dir} holds negative or non-finite int8 scales for {self.split} row(s) "
+                       f"{', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''}: the cache is damaged; "
+                       "re-extract it with `lrc extract-teacher --overwrite`")
 
     def _negatives(self, reader: RowReader, ids: np.ndarray, anchors: gather._Plan) -> dict[str, torch.Tensor]:
         """One draw of K negatives per anchor for the whole batch (see __getitems__ for what comes back)."""
@@ -155,7 +183,7 @@ class CacheDataset(Dataset):
         # past the anchor's length are never used: cutting them shrinks negative_hidden.
         p = gather.plan(reader, negative_ids.reshape(-1), np.repeat(anchors.lengths, k))
         out = {"negative_ids": torch.from_numpy(negative_ids)}
-        out |= self._hidden(reader, p, "negative", b * k, (len(self.layers), b, k, p.width))
+        out |= self._hidden(reader, p, "negative", b * k, negative_ids.reshape(-1), (len(self.layers), b, k, p.width))
         mask = np.arange(p.width)[None, :] < p.lengths[:, None]  # (B*K, Ln)
         out["negative_mask"] = torch.from_numpy(mask.reshape(b, k, p.width).astype(np.int64))
         return out

@@ -2,9 +2,15 @@
 
 A cache directory holds `settings.json` (written first: what the run promised to produce),
 `shards/<split>-<start>-<stop>.arrow` (Arrow IPC stream files, one row per example, written
-atomically, each with a `.sha256.json` sidecar written before it), `tokenizer/` and, last,
-`manifest.json` assembled from the shards present. A cache without `manifest.json` is incomplete
+atomically, each with a `.sha256.json` sidecar written before it), `tokenizer/`, `teacher_weights/` and,
+last, `manifest.json` assembled from the shards present. A cache without `manifest.json` is incomplete
 and no later stage trusts it. Reading a complete cache: `pipeline/cache_read.py`.
+
+Everything a later stage reads is covered by a checksum in the manifest: each shard in its split's
+entries, every other file (`CONTENT_PATHS`) in `files`. The fingerprint is the sha256 of the manifest's
+own content (all of it but the fingerprint), so it covers those checksums, the settings and the task, and
+it is recomputed wherever a manifest is read: a hand edit of any of them is refused, and a cache with other
+content never shares a fingerprint with this one (negatives files and checkpoints record it).
 """
 
 from __future__ import annotations
@@ -27,12 +33,19 @@ from pipeline.quant import INT8, scale_column, settings_entry
 log = logging.getLogger(__name__)
 
 FORMAT = "lrc-cache"
-FORMAT_VERSION = 1
+# 2: every file later stages read is checksummed (`files`) and the fingerprint is the hash of the manifest's
+# content, recomputed where it is read. A version-1 cache is refused with the fix (re-extract): its fingerprint
+# covered neither the tokenizer, the teacher weights nor the task, so it cannot be checked the same way.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 SETTINGS = "settings.json"
 SHARD_DIR = "shards"
 TOKENIZER_DIR = "tokenizer"
 TEACHER_WEIGHTS_DIR = "teacher_weights"  # for `--init teacher`; read, never run, by train-student
+# Besides the shards, every file under these paths (a file or a dir) is read by a later stage (the tokenizer by
+# train-student, the teacher weights by `--init teacher`): each is checksummed in the manifest's `files` and so
+# covered by the fingerprint. A new file that later stages read (e.g. importance scores) is added here.
+CONTENT_PATHS = (TOKENIZER_DIR, TEACHER_WEIGHTS_DIR)
 POOLED_DEFINITION = "mean over real tokens of the last teacher layer's hidden states, computed in float32"
 SIDECAR_SUFFIX = ".sha256.json"  # <shard stem>.sha256.json: the shard's size and hashes, written before it
 _SHARD_RE = re.compile(r"^(?P<split>[a-z_]+)-(?P<start>\d{9})-(?P<stop>\d{9})\.arrow$")
@@ -265,9 +278,31 @@ def trusted_shards(cache_dir: Path, split: str, ranges: set[tuple[int, int]] | N
     return trusted
 
 
+def content_files(cache_dir: Path) -> list[str]:
+    """Relative paths (with `/`) of the files under CONTENT_PATHS that exist in `cache_dir`, sorted."""
+    found = []
+    for name in CONTENT_PATHS:
+        top = Path(cache_dir) / name
+        paths = [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file()) if top.is_dir() else []
+        found += [p.relative_to(cache_dir).as_posix() for p in paths]
+    return sorted(found)
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """Size, sha256 and sampled sha256 of one file: what the manifest records of it, checked at each level."""
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path), "sample_sha256": sample_sha256(path)}
+
+
+def manifest_fingerprint(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's content except the fingerprint itself (canonical JSON: sorted keys)."""
+    content = {k: v for k, v in manifest.items() if k != "fingerprint"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 def assemble_manifest(cache_dir: Path, settings: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """Check that each split's shards tile its rows, record their checksums (from the sidecars written
-    with them, or checked by `trusted_shards` on resume), and write manifest.json last."""
+    with them, or checked by `trusted_shards` on resume) and those of every other file later stages read,
+    fingerprint the whole, and write manifest.json last."""
     splits: dict[str, Any] = {}
     for split, info in settings["splits"].items():
         shards, expected_start = [], 0
@@ -290,19 +325,17 @@ def assemble_manifest(cache_dir: Path, settings: dict[str, Any], extra: dict[str
                 f"{info['rows']}; rerun `lrc extract-teacher` with the same settings to finish it"
             )
         splits[split] = {**info, "bytes": sum(s["bytes"] for s in shards), "shards": shards}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for split in sorted(splits):
-        for shard in splits[split]["shards"]:
-            digest.update(shard["sha256"].encode())
     manifest = {
+        "kind": "task",  # a caller that names no kind writes a task cache, as manifests before kinds existed
         **settings,
         **extra,
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "lrc_version": __version__,
         "splits": splits,
-        "fingerprint": digest.hexdigest(),
+        "files": {rel: file_record(Path(cache_dir) / rel) for rel in content_files(cache_dir)},
     }
+    manifest["fingerprint"] = manifest_fingerprint(manifest)
     write_json_atomic(cache_dir / MANIFEST, manifest)
     return manifest
 
@@ -338,12 +371,76 @@ def read_manifest(cache_dir: Path) -> dict[str, Any]:
             "re-extract it with `lrc extract-teacher --overwrite`"
         )
     try:
+        _check_schema(manifest)
         for split, info in manifest["splits"].items():
             _check_tiling(cache_dir, split, info)
+        for rel in manifest["files"]:
+            content_path(cache_dir, rel)
     except (KeyError, TypeError, AttributeError, ValueError) as err:
         raise LrcError(f"{cache_dir / MANIFEST} is malformed ({type(err).__name__}: {err}): re-extract the cache "
                        "with `lrc extract-teacher --overwrite`") from None
+    if manifest_fingerprint(manifest) != manifest["fingerprint"]:
+        raise LrcError(f"{cache_dir / MANIFEST} does not match its fingerprint: it was edited or damaged after "
+                       "extraction (its task, settings or checksums are no longer those the cache was written with): "
+                       "re-extract the cache with `lrc extract-teacher --overwrite`")
     return manifest
+
+
+# What every stage reads from a manifest, with its type: a manifest missing one, or holding another type, is
+# refused in one line at open instead of failing with a KeyError or TypeError wherever it is first used.
+_NONE = type(None)
+_SCHEMA: dict[str, tuple[type, ...]] = {
+    "format": (str,), "format_version": (int,), "lrc_version": (str,), "fingerprint": (str,), "kind": (str,),
+    "teacher": (dict,), "task": (dict, _NONE), "layers": (list,), "hidden_size": (int,), "hidden_dtype": (str,),
+    "max_length": (int,), "splits": (dict,), "files": (dict,),
+}
+_TEACHER_SCHEMA = {"config": (dict,), "weights_sha256": (str,), "num_layers": (int,), "hidden_size": (int,)}
+_TASK_SCHEMA = {"name": (str,), "labels": (list, _NONE), "num_labels": (int,), "is_regression": (bool,), "metric": (str,)}
+_SPLIT_SCHEMA = {"rows": (int,), "hidden": (bool,), "bytes": (int,), "shards": (list,)}
+_SHARD_SCHEMA = {"file": (str,), "start": (int,), "stop": (int,), "bytes": (int,), "sha256": (str,), "sample_sha256": (str,)}
+_FILE_SCHEMA = {"bytes": (int,), "sha256": (str,), "sample_sha256": (str,)}
+
+
+def _check_keys(where: str, value: Any, schema: dict[str, tuple[type, ...]]) -> None:
+    if not isinstance(value, dict):
+        raise TypeError(f"{where} is a {type(value).__name__}, not a mapping")
+    for key, types in schema.items():
+        if key not in value:
+            raise KeyError(f"{where} has no {key!r}")
+        # bool is an int to Python, never to a manifest: a count of True rows is damage, not data
+        if not isinstance(value[key], types) or (isinstance(value[key], bool) and bool not in types):
+            raise TypeError(f"{where}[{key!r}] is a {type(value[key]).__name__}, not "
+                            f"{' or '.join(t.__name__ for t in types)}")
+
+
+def _check_schema(manifest: dict[str, Any]) -> None:
+    """Every key the stages read is there with its type (see _SCHEMA); raises KeyError or TypeError."""
+    _check_keys("the manifest", manifest, _SCHEMA)
+    _check_keys("teacher", manifest["teacher"], _TEACHER_SCHEMA)
+    if manifest["task"] is not None:
+        _check_keys("task", manifest["task"], _TASK_SCHEMA)
+    if not all(isinstance(j, int) and not isinstance(j, bool) for j in manifest["layers"]):
+        raise TypeError(f"layers {manifest['layers']!r} are not all integers")
+    if manifest["hidden_dtype"] not in _ARROW_DTYPES:
+        raise ValueError(f"hidden_dtype {manifest['hidden_dtype']!r} is not one of {', '.join(_ARROW_DTYPES)}")
+    for split, info in manifest["splits"].items():
+        _check_keys(f"split {split!r}", info, _SPLIT_SCHEMA)
+        for i, entry in enumerate(info["shards"]):
+            _check_keys(f"split {split!r} shard {i}", entry, _SHARD_SCHEMA)
+    for rel, entry in manifest["files"].items():
+        _check_keys(f"file {rel!r}", entry, _FILE_SCHEMA)
+
+
+def content_path(cache_dir: Path, rel: str) -> Path:
+    """The file a manifest `files` entry names, confined to CONTENT_PATHS inside the cache (the manifest is data
+    from disk: an absolute path, a `..` or any other file must never be opened or hashed)."""
+    parts = str(rel).split("/")
+    if (not parts or parts[0] not in CONTENT_PATHS or any(p in ("", ".", "..") for p in parts)
+            or Path(str(rel)).is_absolute() or "\\" in str(rel)):
+        raise LrcError(f"{Path(cache_dir) / MANIFEST} names {rel!r} as a cache file: only files under "
+                       f"{', '.join(CONTENT_PATHS)} inside the cache are accepted (the manifest was edited or "
+                       "corrupted): re-extract the cache with `lrc extract-teacher --overwrite`")
+    return Path(cache_dir).joinpath(*parts)
 
 
 def _check_tiling(cache_dir: Path, split: str, info: dict[str, Any]) -> None:

@@ -1,6 +1,8 @@
 """Reading a complete cache (docs/DESIGN.md §3): open and check it, whole columns, and the one row reader.
 
-How much of a cache is checked when it is opened (`open_cache(check=...)`; numbers in docs/RELIABILITY.md):
+How much of a cache is checked when it is opened (`open_cache(check=...)`; numbers in docs/RELIABILITY.md). The
+same levels apply to the shards and to every other file the manifest records (`files`: tokenizer, teacher
+weights); the manifest itself is checked against its fingerprint whenever it is read (`cache.read_manifest`):
 - `size`: every shard exists with its recorded byte size (a stat per shard).
 - `quick`: also the sha256 of each shard's size, first and last 64 KiB and 16 sampled blocks, against
   the manifest: catches truncation, a damaged header or footer and large-scale damage, in a few reads
@@ -24,7 +26,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.cache import (
-    TEACHER_WEIGHTS_DIR, TOKENIZER_DIR, hidden_column, read_manifest, sample_sha256, sha256_file, shard_path,
+    CONTENT_PATHS, TEACHER_WEIGHTS_DIR, TOKENIZER_DIR, content_files, content_path, hidden_column, read_manifest,
+    sample_sha256, sha256_file, shard_path,
 )
 from pipeline.errors import LrcError
 from pipeline.quant import scale_column
@@ -49,9 +52,12 @@ def resolve_check(check: str, total_bytes: int) -> str:
 
 
 def verify_shards(cache_dir: Path, manifest: dict[str, Any], check: str) -> None:
-    """Every shard exists with its recorded size, and (`quick`, `full`) its recorded hash."""
-    total = sum(info["bytes"] for info in manifest["splits"].values())
+    """Every shard and every other recorded file exists with its recorded size, and (`quick`, `full`) its
+    recorded hash; no file the manifest does not record sits among the tokenizer or teacher weights."""
+    total = sum(info["bytes"] for info in manifest["splits"].values()) + \
+        sum(entry["bytes"] for entry in manifest["files"].values())
     check = resolve_check(check, total)
+    verify_files(cache_dir, manifest, check)
     unsampled = 0
     for split, info in manifest["splits"].items():
         for entry in info["shards"]:
@@ -72,6 +78,27 @@ def verify_shards(cache_dir: Path, manifest: dict[str, Any], check: str) -> None
         log.warning("%d shard(s) of %s have no sampled checksum (an older cache): only their sizes were checked; "
                     "`lrc inspect-cache --verify` checks every byte", unsampled, cache_dir)
     log.debug("cache %s: %s check of %.1f MB passed", cache_dir, check, total / 1e6)
+
+
+def verify_files(cache_dir: Path, manifest: dict[str, Any], check: str) -> None:
+    """The files besides the shards (CONTENT_PATHS) at a resolved check level. A file added by hand (e.g. an
+    added_tokens.json that changes what the tokenizer does) is refused too: the loaders read whatever is there."""
+    recorded = manifest["files"]
+    extra = sorted(set(content_files(cache_dir)) - set(recorded))
+    if extra:
+        raise LrcError(f"cache {cache_dir} holds {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''} in "
+                       f"{' or '.join(CONTENT_PATHS)}, which its manifest does not record (added or changed by hand "
+                       f"since extraction): {_REEXTRACT}")
+    for rel, entry in recorded.items():
+        path = content_path(cache_dir, rel)
+        if not path.is_file():
+            raise LrcError(f"cache {cache_dir} is missing {rel}: {_REEXTRACT}")
+        if path.stat().st_size != entry["bytes"]:
+            raise LrcError(f"{path} has {path.stat().st_size} bytes, manifest says {entry['bytes']}: {_REEXTRACT}")
+        if (check == "full" and sha256_file(path) != entry["sha256"]) or \
+                (check == "quick" and sample_sha256(path) != entry["sample_sha256"]):
+            raise LrcError(f"{path} does not match its {'sampled ' if check == 'quick' else ''}checksum in the "
+                           f"manifest (changed since extraction): {_REEXTRACT}")
 
 
 def _open_table(path: Path, random_access: bool = False) -> pa.Table:
@@ -361,6 +388,11 @@ def describe(cache: Cache) -> str:
             what = " (float16)" if m.get("hidden_quant") else ""
             lines.append(f"             size vs tokens x layers x d' x {bytes_per_value}{what}: "
                          f"{info['bytes'] / max(ideal, 1):.3f}x")
+    files = m["files"]
+    if files:  # the tokenizer and teacher weights, checksummed like the shards
+        tops = sorted({rel.split("/")[0] for rel in files})
+        lines.append(f"files        {len(files)} in {', '.join(tops)}, "
+                     f"{sum(e['bytes'] for e in files.values()) / 1e6:.1f} MB")
     total = sum(info["bytes"] for info in m["splits"].values())
     lines += [f"total        {total / 1e6:.1f} MB", f"fingerprint  {cache.fingerprint}"]
     return "\n".join(lines)

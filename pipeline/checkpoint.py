@@ -24,6 +24,7 @@ from safetensors.torch import safe_open, save_file
 from pipeline import outdir
 from pipeline.config import TrainConfig
 from pipeline.errors import LrcError
+from pipeline.sampler import recorded_sha256
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,10 @@ def check_run_dir(config: TrainConfig) -> RunDir:
             raise LrcError(f"--resume: the checkpoint in {out} is a pickle (state.pt) from an older lrc, which is never "
                            "loaded (unpickling can run code): start over with --overwrite" if legacy else
                            f"--resume: no checkpoint in {out}; start the run without --resume (add --overwrite to replace the dir)")
-        previous = _read_json(saved, "start over with --overwrite")
-        current = comparable_settings(config)
+        # Where the run dir and its inputs live is not compared (a run dir copied to another machine resumes):
+        # the inputs themselves are, by content, once they are open (`check_inputs`).
+        previous = _portable(_read_json(saved, "start over with --overwrite"))
+        current = _portable(comparable_settings(config))
         changed = sorted(k for k in current.keys() | previous.keys() if current.get(k) != previous.get(k))
         if changed:
             raise LrcError(f"--resume: the checkpoint in {out} was made with other settings (differs in: "
@@ -121,6 +124,50 @@ def _write_text_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def run_inputs(cache_fingerprint: str, negatives_sha256: str | None) -> dict[str, str | None]:
+    """What a run trains from, by content: recorded in every checkpoint and compared on resume."""
+    return {"cache_fingerprint": cache_fingerprint, "negatives_sha256": negatives_sha256}
+
+
+def recorded_inputs(path: Path) -> dict[str, Any] | None:
+    """The inputs a checkpoint file records, read from its JSON header alone (no tensor is loaded); None for a
+    checkpoint written before they were recorded."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            tree = json.loads((f.metadata() or {})[_STATE_KEY])
+        entries = dict((k, v) for k, v in tree["__dict__"])
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
+        reason = " ".join(str(err).split())[:160] or type(err).__name__
+        raise LrcError(f"checkpoint {path} is unreadable ({reason}): it was cut short or damaged; start the run "
+                       "over with --overwrite") from None
+    return _decode(entries["inputs"], {}) if "inputs" in entries else None
+
+
+def check_inputs(run: RunDir, config: TrainConfig, inputs: dict[str, str | None]) -> None:
+    """--resume continues only on the inputs the checkpoint was trained on: the same cache fingerprint and the
+    same negatives content, wherever they now live. A checkpoint from before inputs were recorded falls back to
+    the rule it was written under: the same paths."""
+    path = run.checkpoint_dir / STATE_FILE
+    recorded = recorded_inputs(path)
+    fix = "resume with the inputs it was trained on, or start over with --overwrite"
+    if recorded is None:
+        saved = _read_json(config.output_dir / RUN_CONFIG, "start over with --overwrite")
+        current = comparable_settings(config)
+        moved = [k for k in ("cache_dir", "negatives") if saved.get(k) != current.get(k)]
+        if moved:
+            raise LrcError(f"--resume: the checkpoint in {config.output_dir} records no input fingerprints (an older "
+                           f"lrc) and {', '.join(moved)} differ(s) from the recorded path(s): {fix}")
+        return
+    what = {"cache_fingerprint": ("the cache", f"--cache {config.cache_dir}", "re-extracted or another cache"),
+            "negatives_sha256": ("the negatives file", f"{config.negatives_path}", "rebuilt or another file")}
+    for key, (name, now, why) in what.items():
+        before, after = recorded.get(key), inputs.get(key)
+        if before != after:
+            raise LrcError(f"--resume: the checkpoint in {config.output_dir} was trained on {name} with "
+                           f"{key.split('_')[-1]} {str(before)[:12]}, but {now} has {str(after)[:12]} ({why} since): "
+                           f"{fix}")
 
 
 def _remove_stale_temp_files(run: RunDir) -> None:
@@ -211,9 +258,11 @@ def _set_rng_state(rng: dict[str, Any]) -> None:
 
 
 def save(run: RunDir, state: TrainState, student: torch.nn.Module, projections: torch.nn.Module | None,
-         optimizer: torch.optim.Optimizer, scheduler: Any, rng_by_rank: list[dict[str, Any]] | None = None) -> None:
-    """Everything a resumed run needs to continue as if never stopped, written atomically. Under torchrun
-    rank 0 writes it with every rank's RNG state (`rng_by_rank`, in rank order)."""
+         optimizer: torch.optim.Optimizer, scheduler: Any, rng_by_rank: list[dict[str, Any]] | None = None,
+         inputs: dict[str, str | None] | None = None) -> None:
+    """Everything a resumed run needs to continue as if never stopped, written atomically, with the `inputs`
+    (`run_inputs`) it trained on. Under torchrun rank 0 writes it with every rank's RNG state (`rng_by_rank`,
+    in rank order)."""
     run.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     payload = {
         "state": asdict(state),
@@ -223,6 +272,8 @@ def save(run: RunDir, state: TrainState, student: torch.nn.Module, projections: 
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(),
     }
+    if inputs is not None:
+        payload["inputs"] = inputs
     if rng_by_rank is not None and len(rng_by_rank) > 1:
         payload["rng_by_rank"] = rng_by_rank
     _remove_stale_temp_files(run)
@@ -319,9 +370,10 @@ def _step_of(line: str) -> float:
 
 
 def _portable(settings: dict[str, Any]) -> dict[str, Any]:
-    """Settings that make two runs the same run, minus where the run dir and the cache live, so a run dir
-    copied in from another machine is recognised (the cache is compared by its fingerprint instead)."""
-    return {k: v for k, v in settings.items() if k not in ("output_dir", "cache_dir")}
+    """Settings that make two runs the same run, minus where the run dir, the cache and the negatives file
+    live, so a run dir copied in from another machine is recognised (the inputs are compared by content
+    instead: the cache's fingerprint, the negatives file's sha256)."""
+    return {k: v for k, v in settings.items() if k not in ("output_dir", "cache_dir", "negatives")}
 
 
 @dataclass(frozen=True)
@@ -335,7 +387,8 @@ class PreviousRun:
 
 
 def previous_run(config: TrainConfig, fingerprint: str) -> PreviousRun:
-    """Inspect config.output_dir for a run of the same settings on the cache with this fingerprint."""
+    """Inspect config.output_dir for a run of the same settings on the cache with this fingerprint and on the
+    negatives file it names (by content). An unfinished run's inputs are compared when it resumes."""
     out = config.output_dir
     if not out.is_dir() or not any(out.iterdir()):
         return PreviousRun("empty", [], None, False)
@@ -349,4 +402,9 @@ def previous_run(config: TrainConfig, fingerprint: str) -> PreviousRun:
     summary = _read_json(out / SUMMARY, "remove the dir or pass --overwrite")
     if summary["cache_fingerprint"] != fingerprint:
         changed.append("the cache (re-extracted since)")
+    negatives = recorded_sha256(config.negatives_path) if config.uses_negatives and config.negatives_source == "file" \
+        else None
+    # summaries written before the negatives hash was recorded have none: their runs compare by cache alone
+    if summary.get("negatives_sha256", negatives) != negatives:
+        changed.append("the negatives file (rebuilt since)")
     return PreviousRun("finished", changed, summary, False)

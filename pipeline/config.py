@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 from pathlib import Path
 
@@ -41,6 +43,41 @@ def _require(condition: bool, message: str) -> None:
         raise LrcError(message)
 
 
+# One policy for every number a user gives: checked here, when the config is built, so a bad value is refused
+# before any stage starts work (and before any dir is created). NaN fails every comparison and inf is refused
+# explicitly, so no non-finite value gets through a range check.
+
+
+def _whole(flag: str, value: Any, minimum: int = 1, maximum: int | None = None) -> None:
+    """An integer option (a count, a size, a length, a step interval) in [minimum, maximum]."""
+    _require(isinstance(value, int) and not isinstance(value, bool), f"{flag} must be a whole number, got {value!r}")
+    top = f" and <= {maximum}" if maximum is not None else ""
+    _require(value >= minimum and (maximum is None or value <= maximum), f"{flag} must be >= {minimum}{top}, got {value}")
+
+
+def _real(flag: str, value: Any, low: float = 0.0, high: float = math.inf, low_open: bool = True,
+          high_open: bool = True) -> None:
+    """A finite number in the interval from low to high (open ends exclude the bound)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        upper = "inf" if high == math.inf else f"{high:g}"
+        raise LrcError(f"{flag} must be a finite number in {left}{low:g}, {upper}{right}, got {value!r}")
+
+
+def _seed(flag: str, value: Any) -> None:
+    _whole(flag, value, 0, 2**32 - 1)  # numpy's seed range; torch and random accept it too
+
+
+def _weights(flag: str, value: Any) -> None:
+    """alpha:beta:gamma loss weights: three finite numbers >= 0, not all zero (the step would learn nothing)."""
+    _require(isinstance(value, (tuple, list)) and len(value) == 3, f"{flag} must be alpha:beta:gamma, got {value!r}")
+    for w in value:
+        _real(flag, w, 0.0, low_open=False)
+    _require(any(w > 0 for w in value), f"{flag} {':'.join(f'{w:g}' for w in value)} are all 0: nothing would be trained")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where a task's examples come from: a glue_data/ root, the hub, or explicit files."""
@@ -57,10 +94,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.task), "no task given: pass --task (e.g. --task sst2)")
-        _require(
-            self.max_train_examples is None or self.max_train_examples > 0,
-            f"--max-train-examples must be positive, got {self.max_train_examples}",
-        )
+        if self.max_train_examples is not None:
+            _whole("--max-train-examples", self.max_train_examples)
+        _seed("--subsample-seed", self.subsample_seed)
         _require(
             self.text_pair_column is None or self.text_column is not None,
             "--text-pair-column needs --text-column too",
@@ -89,12 +125,15 @@ class FinetuneConfig:
     trust_remote_code: bool = False  # run Python shipped in the backbone dir: only for code you have read
 
     def __post_init__(self) -> None:
-        _require(self.max_length >= 8, f"--max-length must be >= 8, got {self.max_length}")
-        _require(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
-        _require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
-        _require(self.learning_rate > 0, f"--lr must be positive, got {self.learning_rate}")
-        _require(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
-        _require(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        _whole("--max-length", self.max_length, 8)
+        _real("--epochs", self.epochs)
+        _whole("--batch-size", self.batch_size)
+        _whole("--eval-batch-size", self.eval_batch_size)
+        _real("--lr", self.learning_rate)
+        _real("--weight-decay", self.weight_decay, low_open=False)
+        _real("--max-grad-norm", self.max_grad_norm, low_open=False)  # 0 = no clipping
+        _real("--warmup-ratio", self.warmup_ratio, 0.0, 1.0, low_open=False)
+        _seed("--seed", self.seed)
         _require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
         _require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
 
@@ -117,8 +156,8 @@ class CorpusConfig:
     def __post_init__(self) -> None:
         _require(bool(str(self.source).strip()), "--corpus is empty: pass a text file or a dataset name")
         _require(bool(self.text_column), "--text-column is empty: name the column that holds the passages")
-        _require(self.max_passages is None or self.max_passages > 0,
-                 f"--max-passages must be positive, got {self.max_passages}")
+        if self.max_passages is not None:
+            _whole("--max-passages", self.max_passages)
 
 
 @dataclass(frozen=True)
@@ -153,18 +192,18 @@ class ExtractConfig:
                  "pass either --task (a task cache) or --corpus (a corpus cache for general distillation), not both")
         _require(self.teacher is not None or self.corpus is not None,
                  "no --teacher given: pass a fine-tuned model dir (see `lrc finetune-teacher`)")
-        _require(self.student_layers > 0, f"--student-layers must be positive, got {self.student_layers}")
+        _whole("--student-layers", self.student_layers)
         _require(
-            self.layers is None or (len(self.layers) > 0 and all(j >= 1 for j in self.layers)),
+            self.layers is None or (len(self.layers) > 0 and all(isinstance(j, int) and j >= 1 for j in self.layers)),
             f"--layers must be 1-based teacher layer indices, got {self.layers}",
         )
         _require(
             self.layers is None or len(set(self.layers)) == len(self.layers),
             f"--layers has a repeated layer: {self.layers}",
         )
-        _require(self.max_length >= 8, f"--max-length must be >= 8, got {self.max_length}")
-        _require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
-        _require(self.shard_rows > 0, f"--shard-rows must be positive, got {self.shard_rows}")
+        _whole("--max-length", self.max_length, 8)
+        _whole("--batch-size", self.batch_size)
+        _whole("--shard-rows", self.shard_rows)
         _require(
             self.hidden_dtype in HIDDEN_DTYPES,
             f"--hidden-dtype must be one of {HIDDEN_DTYPES}, got {self.hidden_dtype!r}",
@@ -200,11 +239,18 @@ class NegativesConfig:
     verify_cache: str = "auto"  # shard hashes checked at open: auto, quick or full (pipeline/cache_read.py)
 
     def __post_init__(self) -> None:
-        _require(self.k > 0, f"--k must be positive, got {self.k}")
+        _whole("--k", self.k)
+        if self.candidates is not None:
+            _whole("--candidates", self.candidates)
         _require(
             self.candidates is None or self.candidates >= self.k,
             f"--candidates (M={self.candidates}) must be >= --k ({self.k})",
         )
+        if self.hard_pool is not None:
+            _whole("--hard-pool", self.hard_pool)
+        _whole("exact_max_rows", self.exact_max_rows, 0)
+        _whole("recall_sample", self.recall_sample, 0)
+        _seed("--seed", self.seed)
         _require(
             self.strategy in NEGATIVE_STRATEGIES,
             f"unknown --strategy {self.strategy!r}: choose one of {', '.join(NEGATIVE_STRATEGIES)}",
@@ -213,7 +259,7 @@ class NegativesConfig:
             self.index in INDEX_TYPES,
             f"unknown --index {self.index!r}: choose one of {', '.join(INDEX_TYPES)}",
         )
-        _require(self.regression_margin >= 0, "--regression-margin must be >= 0")
+        _real("--regression-margin", self.regression_margin, low_open=False)
         _require(self.verify_cache in CACHE_CHECKS, f"--verify-cache must be one of {CACHE_CHECKS}, got {self.verify_cache!r}")
 
     @property
@@ -292,8 +338,9 @@ class TrainConfig:
     verify_cache: str = "auto"  # shard hashes checked at open: auto, quick or full (pipeline/cache_read.py)
 
     def __post_init__(self) -> None:
-        _require(self.layers > 0 and self.hidden > 0 and self.heads > 0 and self.intermediate > 0,
-                 "student --layers, --hidden, --heads and --intermediate must be positive")
+        for flag, value in (("--layers", self.layers), ("--hidden", self.hidden), ("--heads", self.heads),
+                            ("--intermediate", self.intermediate)):
+            _whole(flag, value)
         _require(self.hidden % self.heads == 0,
                  f"student --hidden {self.hidden} is not divisible by --heads {self.heads}: pick sizes where hidden % heads == 0")
         # With --init DIR the checkpoint decides the depth; train-student checks the map against it.
@@ -305,24 +352,36 @@ class TrainConfig:
                  f"unknown --granularity {self.granularity!r}: choose one of {', '.join(GRANULARITIES)}")
         _require(self.projection_init in PROJECTION_INITS,
                  f"unknown --projection-init {self.projection_init!r}: choose one of {', '.join(PROJECTION_INITS)}")
-        _require(self.k >= 0, f"--k must be >= 0, got {self.k}")
+        _whole("--k", self.k, 0)  # 0 = no negatives
         _require(self.negatives_source in NEGATIVE_SOURCES,
                  f"unknown --negatives-source {self.negatives_source!r}: choose one of {', '.join(NEGATIVE_SOURCES)}")
         _require(self.negatives_source != "in-batch" or not self.uses_negatives or self.batch_size > self.k,
                  f"--negatives-source in-batch draws K={self.k} negatives from the other anchors of a batch: "
                  f"--batch-size {self.batch_size} must be > --k")
         _require(self.keep in KEEP_CHOICES, f"unknown --keep {self.keep!r}: choose one of {', '.join(KEEP_CHOICES)}")
-        _require(self.temperature > 0, f"--temperature must be positive, got {self.temperature}")
-        _require(0 <= self.stage1_fraction < 1, f"--stage1-fraction must be in [0, 1), got {self.stage1_fraction}")
-        _require(self.perturb_eps >= 0, f"--perturb-eps must be >= 0, got {self.perturb_eps}")
-        _require(self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
-        _require(self.max_steps is None or self.max_steps > 0, f"--max-steps must be positive, got {self.max_steps}")
-        _require(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
-        _require(self.learning_rate > 0, f"--lr must be positive, got {self.learning_rate}")
-        _require(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}")
-        _require(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        _require(self.checkpoint_every > 0, "--checkpoint-every must be positive")
-        _require(self.num_workers is None or self.num_workers >= 0, "--num-workers must be >= 0")
+        _require(self.layer_map is None or all(isinstance(j, int) and j >= 1 for j in self.layer_map),
+                 f"--layer-map must be 1-based teacher layer indices, got {self.layer_map}")
+        _real("--temperature", self.temperature)
+        _real("--stage1-fraction", self.stage1_fraction, 0.0, 1.0, low_open=False)
+        _weights("--stage1-weights", self.stage1_weights)
+        _weights("--stage2-weights", self.stage2_weights)
+        _real("--perturb-eps", self.perturb_eps, low_open=False)  # 0 = no perturbation
+        _real("--epochs", self.epochs)
+        if self.max_steps is not None:
+            _whole("--max-steps", self.max_steps)
+        _whole("--batch-size", self.batch_size)
+        _whole("--eval-batch-size", self.eval_batch_size)
+        _real("--lr", self.learning_rate)
+        _real("--weight-decay", self.weight_decay, low_open=False)
+        _real("--max-grad-norm", self.max_grad_norm, low_open=False)  # 0 = no clipping
+        _real("--warmup-ratio", self.warmup_ratio, 0.0, 1.0, low_open=False)
+        _seed("--seed", self.seed)
+        if self.eval_every is not None:
+            _whole("--eval-every", self.eval_every)
+        _whole("--checkpoint-every", self.checkpoint_every)
+        _whole("--log-every", self.log_every)
+        if self.num_workers is not None:
+            _whole("--num-workers", self.num_workers, 0)
         _require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
         _require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         _require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other: pick one")
@@ -358,6 +417,18 @@ class SweepConfig:
             _require(len(values) > 0, f"sweep key {key!r} has an empty value list: give at least one value")
         _require(self.shard_count > 0 and 0 <= self.shard_index < self.shard_count,
                  f"--shard {self.shard_index}/{self.shard_count} is not valid: use I/N with 0 <= I < N")
+        # Every point of the whole grid (every shard's) is a valid train-student config, or the sweep is refused
+        # before its first point trains: a bad value found hours into a sweep would cost every point before it.
+        keys = [key for key, _ in self.grid]
+        for combo in itertools.product(*(values for _, values in self.grid)):
+            point = dict(zip(keys, combo))
+            try:
+                replace(self.base, **point)
+            except LrcError as err:
+                shown = ", ".join(f"{k}={v}" for k, v in point.items())
+                raise LrcError(f"sweep point ({shown}) is refused: {err}") from None
+            except TypeError as err:  # a key that is not a TrainConfig field (parse_grid names them first)
+                raise LrcError(f"sweep point ({point}) is refused: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -379,8 +450,11 @@ class EvaluateConfig:
     trust_remote_code: bool = False  # run Python shipped in the model dir: only for code you have read
 
     def __post_init__(self) -> None:
-        _require(self.batch_size > 0 and self.seq_length > 1, "--batch-size and --seq-length must be positive")
-        _require(self.timing_batches > 0, "--timing-batches must be positive")
+        _whole("--max-length", self.max_length, 8)
+        _whole("--eval-batch-size", self.eval_batch_size)
+        _whole("--batch-size", self.batch_size)
+        _whole("--seq-length", self.seq_length, 2)
+        _whole("--timing-batches", self.timing_batches)
         _require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
         _require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
 
@@ -425,12 +499,19 @@ class DemoConfig:
     general_lr: float = 3e-4
 
     def __post_init__(self) -> None:
+        # The demo's own fields; what each stage makes of them is checked by building every stage's config
+        # before the first stage runs (pipeline/demo.py: plan).
         _require(self.max_train_examples is None or self.max_train_examples > 0,
                  "--max-train-examples must be positive (or 0 for the whole train split)")
         _require(self.general_max_passages is None or self.general_max_passages > 0,
                  "--general-max-passages must be positive (or 0 for the whole corpus)")
-        _require(self.general_epochs > 0 and self.general_lr > 0, "--general-epochs and --general-lr must be positive")
-        _require(self.teacher_epochs > 0 and self.student_epochs > 0, "--teacher-epochs and --student-epochs must be positive")
+        _whole("--max-length", self.max_length, 8)
+        for flag, value in (("--teacher-epochs", self.teacher_epochs), ("--teacher-lr", self.teacher_lr),
+                            ("--student-epochs", self.student_epochs), ("--student-lr", self.student_lr),
+                            ("--general-epochs", self.general_epochs), ("--general-lr", self.general_lr)):
+            _real(flag, value)
+        _whole("--k", self.k, 0)  # 0 = no negatives (no build-negatives stage)
+        _seed("--seed", self.seed)
         _require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
         _require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
 

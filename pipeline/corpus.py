@@ -20,7 +20,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from pipeline import cache
 from pipeline.config import CorpusConfig, DataConfig, ExtractConfig
 from pipeline.errors import LrcError
-from pipeline.runtime import from_pretrained, require_tokenizer
+from pipeline.runtime import check_vocabulary, from_pretrained, require_tokenizer
 from pipeline.tasks import read_table, readable
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,9 @@ def load_encoder(source: str, trust_remote_code: bool = False) -> tuple[torch.nn
                        "all-MiniLM-L6-v2)")
     require_tokenizer(Path(source), "--teacher")
     model = from_pretrained(AutoModel.from_pretrained, source, "--teacher", trust_remote_code)
-    return model, from_pretrained(AutoTokenizer.from_pretrained, source, "--teacher", trust_remote_code)
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, source, "--teacher", trust_remote_code)
+    check_vocabulary(model, tokenizer, f"--teacher {source}")
+    return model, tokenizer
 
 
 def extract_corpus(config: ExtractConfig) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,7 +31,7 @@ from pipeline.evaluate import evaluate, format_table
 from pipeline.extract import extract_teacher
 from pipeline.finetune import finetune_teacher, resolve_backbone
 from pipeline.negatives import build_negatives
-from pipeline.tasks import TaskSpec, get_task, load_examples
+from pipeline.tasks import get_task, load_examples
 from pipeline.train import train_or_reuse
 
 log = logging.getLogger(__name__)
@@ -45,45 +46,90 @@ def _stage(name: str, times: dict[str, float]) -> Iterator[None]:
     log.info("==== %s done in %.1f s", name, times[name])
 
 
-def run_demo(config: DemoConfig) -> dict[str, Any]:
-    """Run every stage; return (and write to <work_dir>/demo_results.json) times, metrics and ratios."""
-    # Fail now, in one line and before the work dir exists, if the backbone package or the task data is missing.
+@dataclass(frozen=True)
+class Plan:
+    """Every stage's config, built (and so validated) before the first stage runs: a value only a late stage
+    refuses (e.g. `--k 0` for build-negatives) is found in seconds, not after fine-tuning and extraction."""
+
+    paths: dict[str, Path]
+    finetune: FinetuneConfig
+    extract: ExtractConfig
+    negatives: NegativesConfig | None  # None with --k 0: the student trains without negatives
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    corpus_extract: ExtractConfig | None = None  # --general: the corpus cache, its negatives, the general student
+    corpus_negatives: NegativesConfig | None = None
+    general_train: TrainConfig | None = None
+
+
+def plan(config: DemoConfig) -> Plan:
+    """The demo's stages as configs, with the paths they write under the work dir; writes nothing."""
     task = get_task(config.task)
-    resolve_backbone(BUNDLED_BACKBONE)
     data = DataConfig(task=task.name, data_dir=config.data_dir, max_train_examples=config.max_train_examples,
                       subsample_seed=config.seed)
-    load_examples(data, "dev")
-    outdir.check(config.work_dir, "demo", overwrite=False, option="--work-dir", adopt=True)
-    with outdir.lock(config.work_dir, "demo"):
-        outdir.mark(config.work_dir, "demo")
-        return _run(config, task, data)
-
-
-def _run(config: DemoConfig, task: TaskSpec, data: DataConfig) -> dict[str, Any]:
     work = config.work_dir
     paths = {"teacher": work / f"teacher-{task.name}", "cache": work / f"cache-{task.name}",
              "student": work / f"student-{task.name}{'-general' if config.general else ''}"}
     paths["negatives"] = paths["cache"] / "negatives.arrow"
+    run = dict(device=config.device, precision=config.precision, overwrite=config.overwrite)
+    student = dict(layers=config.student_layers, hidden=config.student_hidden, heads=config.student_heads,
+                   intermediate=config.student_intermediate, k=config.k, seed=config.seed, **run)
+    general: dict[str, Any] = {}
+    if config.general:
+        paths |= {"corpus_cache": work / "cache-corpus", "general_student": work / "general-student",
+                  "corpus": config.corpus if config.corpus is not None else glue_corpus_path(config)}
+        general = dict(
+            corpus_extract=ExtractConfig(
+                teacher=None, data=None, output_dir=paths["corpus_cache"], student_layers=config.student_layers,
+                max_length=config.max_length, corpus=CorpusConfig(
+                    source=str(paths["corpus"]),
+                    max_passages=config.general_max_passages if config.corpus is not None else None), **run),
+            corpus_negatives=NegativesConfig(cache_dir=paths["corpus_cache"], k=config.k, seed=config.seed)
+            if config.k > 0 else None,
+            general_train=TrainConfig(cache_dir=paths["corpus_cache"], output_dir=paths["general_student"],
+                                      epochs=config.general_epochs, learning_rate=config.general_lr, **student),
+        )
+    return Plan(
+        paths=paths,
+        finetune=FinetuneConfig(data=data, output_dir=paths["teacher"], max_length=config.max_length,
+                                epochs=config.teacher_epochs, learning_rate=config.teacher_lr, seed=config.seed, **run),
+        extract=ExtractConfig(teacher=paths["teacher"], data=data, output_dir=paths["cache"],
+                              student_layers=config.student_layers, max_length=config.max_length, **run),
+        negatives=NegativesConfig(cache_dir=paths["cache"], k=config.k, seed=config.seed) if config.k > 0 else None,
+        train=TrainConfig(cache_dir=paths["cache"], output_dir=paths["student"],
+                          init=str(paths["general_student"]) if config.general else "random",
+                          epochs=config.student_epochs, learning_rate=config.student_lr, **student),
+        evaluate=EvaluateConfig(model_dir=paths["student"], data=data, compare=paths["teacher"],
+                                max_length=config.max_length, device=config.device),
+        **general,
+    )
+
+
+def run_demo(config: DemoConfig) -> dict[str, Any]:
+    """Run every stage; return (and write to <work_dir>/demo_results.json) times, metrics and ratios."""
+    stages = plan(config)  # every stage's settings checked before anything is written
+    resolve_backbone(BUNDLED_BACKBONE)  # fail now, in one line, if the backbone package is missing
+    load_examples(stages.finetune.data, "dev")  # fail now if the task data is missing, before any dir or training
+    outdir.check(config.work_dir, "demo", overwrite=False, option="--work-dir", adopt=True)
+    with outdir.lock(config.work_dir, "demo"):
+        outdir.mark(config.work_dir, "demo")
+        return _run(config, stages)
+
+
+def _run(config: DemoConfig, stages: Plan) -> dict[str, Any]:
+    task = get_task(config.task)
+    work, paths = config.work_dir, dict(stages.paths)
     subsample = f"a seeded subset of {config.max_train_examples} rows" if config.max_train_examples else "all rows"
     log.info("lrc demo on %s: train split = %s (--max-train-examples), artifacts under %s", task.name, subsample, work)
 
     times: dict[str, float] = {}
-    init = "random"
     if config.general:
-        paths |= general_stages(config, times)
-        init = str(paths["general_student"])
-    teacher = task_stages(config, data, paths, times)
-    train = TrainConfig(
-        cache_dir=paths["cache"], output_dir=paths["student"], layers=config.student_layers,
-        hidden=config.student_hidden, heads=config.student_heads, intermediate=config.student_intermediate,
-        init=init, k=config.k, epochs=config.student_epochs, learning_rate=config.student_lr, seed=config.seed,
-        device=config.device, precision=config.precision, overwrite=config.overwrite,
-    )
+        general_stages(config, stages, times)
+    teacher = task_stages(stages, times)
     with _stage("train-student", times):
-        summary, _ = train_or_reuse(train)
+        summary, _ = train_or_reuse(stages.train)
     with _stage("evaluate", times):
-        results = evaluate(EvaluateConfig(model_dir=paths["student"], data=data, compare=paths["teacher"],
-                                          max_length=config.max_length, device=config.device))
+        results = evaluate(stages.evaluate)
 
     outcome = {"task": task.name, "stage_seconds": times, "total_seconds": round(sum(times.values()), 1),
                "teacher_info": teacher, "student_summary": summary, "evaluation": results,
@@ -94,52 +140,38 @@ def _run(config: DemoConfig, task: TaskSpec, data: DataConfig) -> dict[str, Any]
     return outcome
 
 
-def task_stages(config: DemoConfig, data: DataConfig, paths: dict[str, Path], times: dict[str, float]) -> dict[str, Any]:
-    """Teacher -> task cache -> negatives at `paths` (teacher, cache), each reused when finished with these
-    settings; returns the teacher's info. benchmarks/short_budget.py starts its students from the same three."""
+def task_stages(stages: Plan, times: dict[str, float]) -> dict[str, Any]:
+    """Teacher -> task cache -> negatives, each reused when finished with these settings; returns the teacher's
+    info. benchmarks/short_budget.py starts its students from the same three."""
     with _stage("finetune-teacher", times):
-        teacher = finetune_teacher(FinetuneConfig(
-            data=data, output_dir=paths["teacher"], max_length=config.max_length, epochs=config.teacher_epochs,
-            learning_rate=config.teacher_lr, seed=config.seed, device=config.device, precision=config.precision,
-            overwrite=config.overwrite,
-        ))
+        teacher = finetune_teacher(stages.finetune)
     with _stage("extract-teacher", times):
-        extract_teacher(ExtractConfig(
-            teacher=paths["teacher"], data=data, output_dir=paths["cache"], student_layers=config.student_layers,
-            max_length=config.max_length, device=config.device, precision=config.precision, overwrite=config.overwrite,
-        ))
-    with _stage("build-negatives", times):
-        build_negatives(NegativesConfig(cache_dir=paths["cache"], k=config.k, seed=config.seed))
+        extract_teacher(stages.extract)
+    if stages.negatives is not None:
+        with _stage("build-negatives", times):
+            build_negatives(stages.negatives)
     return teacher
 
 
-def general_stages(config: DemoConfig, times: dict[str, float]) -> dict[str, Path]:
+def general_stages(config: DemoConfig, stages: Plan, times: dict[str, float]) -> None:
     """Corpus -> corpus cache -> negatives -> general student; each reused when finished with these settings.
     Task-independent, so every task's --general demo in one work dir shares them."""
-    work = config.work_dir
-    paths = {"corpus_cache": work / "cache-corpus", "general_student": work / "general-student"}
+    assert stages.corpus_extract is not None and stages.general_train is not None
     with _stage("make-corpus", times):
-        corpus = config.corpus if config.corpus is not None else glue_corpus_file(config)
-    paths["corpus"] = corpus
+        if config.corpus is None:
+            glue_corpus_file(config)
     with _stage("extract-corpus", times):
-        extract_teacher(ExtractConfig(
-            teacher=None, data=None, output_dir=paths["corpus_cache"], student_layers=config.student_layers,
-            max_length=config.max_length, device=config.device, precision=config.precision,
-            corpus=CorpusConfig(source=str(corpus),
-                                max_passages=config.general_max_passages if config.corpus is not None else None),
-            overwrite=config.overwrite,
-        ))
-    with _stage("build-negatives-corpus", times):
-        build_negatives(NegativesConfig(cache_dir=paths["corpus_cache"], k=config.k, seed=config.seed))
-    train = TrainConfig(
-        cache_dir=paths["corpus_cache"], output_dir=paths["general_student"], layers=config.student_layers,
-        hidden=config.student_hidden, heads=config.student_heads, intermediate=config.student_intermediate,
-        k=config.k, epochs=config.general_epochs, learning_rate=config.general_lr, seed=config.seed,
-        device=config.device, precision=config.precision, overwrite=config.overwrite,
-    )
+        extract_teacher(stages.corpus_extract)
+    if stages.corpus_negatives is not None:
+        with _stage("build-negatives-corpus", times):
+            build_negatives(stages.corpus_negatives)
     with _stage("train-general-student", times):
-        train_or_reuse(train)  # the corpus cache built above: general distillation
-    return paths
+        train_or_reuse(stages.general_train)  # the corpus cache built above: general distillation
+
+
+def glue_corpus_path(config: DemoConfig) -> Path:
+    """Where `glue_corpus_file` writes the GLUE sentences for these settings."""
+    return config.work_dir / f"corpus-glue-{config.general_max_passages or 'all'}-seed{config.seed}.txt"
 
 
 def glue_corpus_file(config: DemoConfig) -> Path:
@@ -148,7 +180,7 @@ def glue_corpus_file(config: DemoConfig) -> Path:
         raise LrcError("--general needs unlabeled text: pass --data-dir (or set LRC_DATA_DIR) to a glue_data/ folder, "
                        "or --corpus FILE")
     size = config.general_max_passages
-    path = config.work_dir / f"corpus-glue-{size or 'all'}-seed{config.seed}.txt"
+    path = glue_corpus_path(config)
     if path.is_file():
         return path
     sentences = glue_sentences(config.data_dir)

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 # run is declared broken. LRC_DIST_TIMEOUT_S overrides it (seconds); a sweep waits for its slowest rank instead.
 TIMEOUT = datetime.timedelta(minutes=30)
 SWEEP_TIMEOUT = datetime.timedelta(days=7)
+# How long a rank waits for the others to join at the start. Ranks started together (torchrun) meet within
+# seconds; a rank that waits minutes was started by hand or its peers never came, so it is told so after
+# RENDEZVOUS_TIMEOUT instead of after the collective timeout. LRC_DIST_RENDEZVOUS_TIMEOUT_S overrides it.
+RENDEZVOUS_TIMEOUT = datetime.timedelta(minutes=3)
 _FAILED_KEY = "lrc/failed"
 
 
@@ -88,9 +92,35 @@ def device_for(ranks: Ranks, name: str) -> torch.device:
     return torch.device("cuda", ranks.local_rank)
 
 
-def _timeout(default: datetime.timedelta) -> datetime.timedelta:
-    value = os.environ.get("LRC_DIST_TIMEOUT_S")
-    return datetime.timedelta(seconds=float(value)) if value else default
+def _timeout(default: datetime.timedelta, variable: str = "LRC_DIST_TIMEOUT_S") -> datetime.timedelta:
+    value = os.environ.get(variable)
+    try:
+        seconds = float(value) if value else default.total_seconds()
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise LrcError(f"{variable}={value!r} is not a positive number of seconds: fix or unset it")
+    return datetime.timedelta(seconds=seconds)
+
+
+def _rendezvous(ranks: Ranks) -> Any:
+    """The store every rank meets at (MASTER_ADDR:MASTER_PORT, torchrun's agent store when there is one), or a
+    one-line LrcError: WORLD_SIZE set by hand without an address, or peers that never join."""
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise LrcError(f"WORLD_SIZE={ranks.world_size} is set but {' and '.join(missing)} "
+                       f"{'is' if len(missing) == 1 else 'are'} not (no address to meet the other ranks at): start several "
+                       "processes with `torchrun --nproc_per_node N -m cli ...`, or unset WORLD_SIZE to run one")
+    wait = _timeout(RENDEZVOUS_TIMEOUT, "LRC_DIST_RENDEZVOUS_TIMEOUT_S")
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    try:
+        store, _, _ = next(dist.rendezvous("env://", rank=ranks.rank, world_size=ranks.world_size, timeout=wait))
+    except (RuntimeError, ValueError, OSError) as err:  # DistStoreError (a RuntimeError) on timeout, bad address
+        reason = " ".join(str(err).split())[:160]
+        raise LrcError(f"rank {ranks.rank} of WORLD_SIZE {ranks.world_size} could not meet the other ranks at "
+                       f"{where} within {wait.total_seconds():g} s ({reason}): start all of them together with "
+                       "torchrun, or unset WORLD_SIZE to run one process") from None
+    return store
 
 
 @contextlib.contextmanager
@@ -109,7 +139,9 @@ def session(device: str, gloo: bool = False, timeout: datetime.timedelta = TIMEO
             _active = outer
         return
     on_cuda = device_for(ranks, device).type == "cuda"
-    dist.init_process_group("gloo" if gloo or not on_cuda else "nccl", timeout=_timeout(timeout))
+    store = _rendezvous(ranks)
+    dist.init_process_group("gloo" if gloo or not on_cuda else "nccl", store=store, rank=ranks.rank,
+                            world_size=ranks.world_size, timeout=_timeout(timeout))
     _active = ranks
     if not ranks.is_main:  # one copy of each progress message: rank 0's
         logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))

@@ -154,6 +154,15 @@ def refuse_nested(output: Path, inputs: dict[str, Path | None], option: str = "-
 # --------------------------------------------------------------------------- one writer
 
 
+def _require_folders(path: Path) -> None:
+    """Every existing ancestor of an output is a directory: a file there would make mkdir fail with a bare
+    FileExistsError (or NotADirectoryError) instead of a line naming it."""
+    for parent in Path(path).absolute().parents:
+        if parent.exists() and not parent.is_dir():
+            raise LrcError(f"{path}: {parent} is a file, not a directory: choose an output path whose folders are "
+                           "directories")
+
+
 def lock_path(path: Path) -> Path:
     return path.parent / f".{path.name}.lrc-lock"
 
@@ -186,6 +195,7 @@ def lock(path: Path, command: str, enabled: bool = True) -> Iterator[None]:
         yield
         return
     file = lock_path(path)
+    _require_folders(path)
     file.parent.mkdir(parents=True, exist_ok=True)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "since": time.time(),
           "proc_start": _start_time(os.getpid())}

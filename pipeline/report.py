@@ -31,11 +31,34 @@ _KEY_SETTINGS = ("intermediate_loss", "granularity", "k", "perturb_eps", "stage1
 
 
 def read_log(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(step records, eval records) of train_log.jsonl, in file order; empty lists when there is no log."""
+    """(step records, eval records) of train_log.jsonl, in file order; empty lists when there is no log.
+
+    The log is appended line by line, so a kill or a full disk can cut its last line short: that line is
+    left out with a warning (a resumed run drops it the same way). A bad line anywhere else is damage, not
+    an interrupted write: one-line LrcError naming it."""
     path = run_dir / METRICS_LOG
     if not path.is_file():
         return [], []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise LrcError(f"{path} is unreadable ({type(err).__name__}): rerun the training with --overwrite") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            ok = isinstance(record, dict) and isinstance(record.get("step"), (int, float))
+        except ValueError:
+            ok = False
+        if ok:
+            records.append(record)
+        elif number == len(lines):
+            log.warning("%s:%d is cut short (a write was interrupted): left out of the report", path, number)
+        else:
+            raise LrcError(f"{path}:{number} is not a log record ({line[:60]!r}): the log was damaged or edited; "
+                           "remove that line or rerun the training with --overwrite")
     return [r for r in records if "eval" not in r], [r for r in records if "eval" in r]
 
 
@@ -212,7 +235,13 @@ def write_report(run_dir: Path) -> Path:
     if not summary_path.is_file():
         raise LrcError(f"no {SUMMARY} in {run_dir}: the run has not finished; finish it with "
                        f"`lrc train-student --resume` before writing its report")
-    summary = json.loads(summary_path.read_text())
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        if not isinstance(summary, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        raise LrcError(f"{summary_path} is unreadable ({' '.join(str(err).split())[:120]}): it was cut short or "
+                       "edited; rerun the training with --overwrite") from None
     steps, evals = read_log(run_dir)
     all_records = sorted(steps + evals, key=lambda r: r["step"])  # stable: keeps file order within a step
     plot_losses(steps, summary["task"], run_dir / LOSS_PLOT)

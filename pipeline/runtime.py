@@ -144,7 +144,21 @@ def load_classifier(model_dir: Path, num_labels: int, task_name: str, role: str,
                        f"{num_labels}: {fixes['labels']}")
     model = from_pretrained(AutoModelForSequenceClassification.from_pretrained, model_dir, role, trust_remote_code)
     check_finite_weights(model, f"{role} {model_dir}")
-    return model, from_pretrained(AutoTokenizer.from_pretrained, model_dir, role, trust_remote_code)
+    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, model_dir, role, trust_remote_code)
+    check_vocabulary(model, tokenizer, f"{role} {model_dir}")
+    return model, tokenizer
+
+
+def check_vocabulary(model: torch.nn.Module, tokenizer: Any, source: str) -> None:
+    """Every id the tokenizer can produce has a row in the model's input embeddings. A larger tokenizer (another
+    model's, or one with added tokens the embeddings were never resized for) fails in the first batch that meets
+    such a token, with an IndexError deep in the embedding, or on a GPU with a device-side assert."""
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise LrcError(f"{source}: its tokenizer has {len(tokenizer)} tokens but the model's input embeddings hold "
+                       f"{rows}: use the tokenizer the model was trained with, or resize the embeddings to the "
+                       "tokenizer (model.resize_token_embeddings(len(tokenizer))) and save both")
 
 
 def from_pretrained(loader: Callable[..., Any], path: str | Path, role: str, trust_remote_code: bool,

@@ -96,7 +96,17 @@ def read_negatives(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     if not np.array_equal(table.column("row_id").to_numpy(), np.arange(n)):
         raise LrcError(f"{path} is corrupt (row ids are not 0..{n - 1}): {rebuild}")
     check_candidates(path, ids)
-    return ids, scores, meta
+    return ids, scores, meta | {"sha256": recorded}
+
+
+def recorded_sha256(path: Path) -> str | None:
+    """The content hash a negatives file records, from its schema alone (nothing else read or checked): to tell
+    whether a finished run used this file; None when it is no readable negatives file."""
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            return pa.ipc.open_file(source).schema.metadata[_HASH_KEY].decode()
+    except (pa.ArrowException, OSError, KeyError, TypeError, ValueError, AttributeError):
+        return None
 
 
 def check_candidates(path: Path, ids: np.ndarray) -> None:

@@ -7,8 +7,10 @@ Only `train_student` is called, so the teacher is never loaded: a sweep costs st
 Resuming follows `train.train_or_reuse`, the policy demo and the benchmarks use too: a point whose run
 dir holds a finished run with the same settings is reused, an unfinished one resumes from its
 checkpoint, so rerunning a killed sweep continues where it stopped. A run with other settings (or on a
-re-extracted cache) is reported as a failed point; `--overwrite` retrains every point. A failing point (LrcError, out of memory) is
-recorded with its message and the sweep goes on; a rerun tries it again. `results.csv` and
+re-extracted cache) is reported as a failed point; `--overwrite` retrains every point. Every point of the grid is
+checked as a train-student config when the SweepConfig is built, so a bad value is refused before the first point
+trains. A point that fails while running (LrcError, out of memory) is recorded with its message and the sweep goes
+on; the sweep then exits with an error naming it, and a rerun tries it again. `results.csv` and
 `results.md` are rewritten after every point (pending points included), so partial results survive.
 
 Spreading a sweep over several machines: give each machine the same cache (a copy is fine; the same
@@ -326,7 +328,9 @@ def _run_shard(config: SweepConfig, ranks: distributed.Ranks) -> Path:
             stem, title = "results", f"Sweep on {cache.task['name']}: {len(points)} points ({ranks.world_size} ranks)"
             write_results(config.output_dir, stem, keys, metric, [merged[i] for i in sorted(merged)], title)
             log.info("results of all %d ranks in %s", ranks.world_size, config.output_dir / f"{stem}.md")
-    if mine and len(failed) == len(mine):  # nothing was trained: the command failed, whatever the table says
-        raise LrcError(f"every point of the sweep failed ({len(failed)} of {len(mine)}; {failed[0]['run']}: "
-                       f"{failed[0]['message']}): fix that and rerun; see {config.output_dir / f'{stem}.md'}")
+    if failed:  # the command failed, whatever else trained: a script must not read a partial grid as a whole one
+        which = "every point" if len(failed) == len(mine) else f"{len(failed)} of {len(mine)} points"
+        raise LrcError(f"{which} of the sweep failed ({len(failed)} of {len(mine)}; {failed[0]['run']}: "
+                       f"{failed[0]['message']}): fix that and rerun (finished points are reused); see "
+                       f"{config.output_dir / f'{stem}.md'}")
     return config.output_dir / f"{stem}.csv"

@@ -48,6 +48,11 @@ class TaskSpec:
     def main_metric(self) -> str:
         return _MAIN_METRIC[self.metric]
 
+    @property
+    def score_range(self) -> tuple[float, float] | None:
+        """The closed range a regression task's scores lie in (its annotation scale), or None."""
+        return _SCORE_RANGES.get(self.name)
+
 
 def _spec(name: str, glue_dir: str, text: tuple[str, ...], labels: tuple[str, ...] | None, metric: str,
           dev_file: str = "dev.tsv", hf_config: str | None = None, hf_dev_split: str = "validation") -> TaskSpec:
@@ -70,6 +75,8 @@ TASKS: dict[str, TaskSpec] = {
     "rte": _spec("rte", "RTE", _PAIR, _NLI2, "accuracy"),
     "wnli": _spec("wnli", "WNLI", _PAIR, _BINARY, "accuracy"),
 }
+# A score outside its task's scale is a wrong column or a rescaled file, not data: refused at load.
+_SCORE_RANGES = {"stsb": (0.0, 5.0)}  # STS-B similarity, 0 (unrelated) to 5 (equivalent)
 # Spellings people use (GLUE folder names, HF split names) -> canonical key, compared without - _ or spaces.
 _ALIASES = {re.sub(r"[-_ ]", "", key): key for key in TASKS} | {
     "mnlimatched": "mnli",
@@ -165,6 +172,10 @@ def _to_label(task: TaskSpec, value: Any, where: str) -> int | float:
             raise LrcError(f"{where}: score {value!r} is not a number: {task.name} needs a float label") from None
         if not math.isfinite(score):  # float() accepts "nan" and "inf"; either would poison every loss
             raise LrcError(f"{where}: score {value!r} is not a finite number: fix or remove that example")
+        low, high = task.score_range or (-math.inf, math.inf)
+        if not low <= score <= high:
+            raise LrcError(f"{where}: score {value!r} is outside {task.name}'s range [{low:g}, {high:g}]: fix the "
+                           "file or pass the right --task / --label-column")
         return score
     if isinstance(value, str) and value.strip() in task.labels:
         return task.labels.index(value.strip())

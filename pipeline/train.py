@@ -135,6 +135,7 @@ class Run:
     teacher_dev: dict[str, float] | None
     tokenizer: Any
     logger: checkpoint.MetricsLog | None  # rank 0's; None on the other ranks
+    inputs: dict[str, str | None]  # checkpoint.run_inputs: what this run trains from, by content
     ranks: distributed.Ranks = distributed.SINGLE
     evaluated_at: int = -1
 
@@ -151,7 +152,7 @@ class Run:
         rngs = distributed.gather(self.ranks, checkpoint.rng_state())
         if self.ranks.is_main:
             checkpoint.save(self.dir, self.state, self.model.student, self.model.projections, self.optimizer,
-                            self.scheduler, rngs)
+                            self.scheduler, rngs, self.inputs)
         distributed.barrier(self.ranks)
 
 
@@ -187,6 +188,9 @@ def _setup(config: TrainConfig, ranks: distributed.Ranks = distributed.SINGLE) -
         raise LrcError(f"--projection-init identity needs the student width (--hidden {width}) to equal the "
                        f"teacher width ({cache.hidden_size}): use --projection-init auto or random")
     identity = config.projection_init != "random" and width == cache.hidden_size
+    inputs = checkpoint.run_inputs(cache.fingerprint, sampler.meta["sha256"] if isinstance(sampler, NegativeSampler) else None)
+    if config.resume:  # before any model is built: a resume on other inputs is refused in one line
+        checkpoint.check_inputs(run_dir, config, inputs)
     seed_everything(config.seed)
 
     shape = student_config(cache.manifest["teacher"]["config"], config.layers, config.hidden, config.heads,
@@ -239,7 +243,7 @@ def _setup(config: TrainConfig, ranks: distributed.Ranks = distributed.SINGLE) -
         logger = checkpoint.MetricsLog(run_dir, keep_until=state.step if config.resume else None)
     distributed.barrier(ranks)
     return Run(config, cache, task, run_dir, mapping, model, params, optimizer, scheduler, dataset, batches, total_steps,
-               state, device, dev, teacher_dev, tokenizer, logger, ranks)
+               state, device, dev, teacher_dev, tokenizer, logger, inputs, ranks)
 
 
 def _student_tokenizer(cache: Cache, student: torch.nn.Module) -> Any:
@@ -377,6 +381,7 @@ def _summary(run: Run, seen: int, elapsed: float) -> dict[str, Any]:
         "device": describe_device(run.device), "world_size": run.ranks.world_size,
         "parameters": sum(p.numel() for p in run.model.student.parameters()),
         "cache_fingerprint": run.cache.fingerprint,
+        "negatives_sha256": run.inputs["negatives_sha256"],
         "config": json.loads(json.dumps(run.config.__dict__, default=str)),
     }
 

@@ -373,7 +373,9 @@ def _synthetic_cache(out: Path, rows: int, tokens: int, width: int) -> Path:
         {1: rng.standard_normal((rows * tokens, width)).astype(np.float16)},
         rng.standard_normal((rows, width)).astype(np.float16))
     cache.write_shard(out, "train", 0, rows, batch)
-    settings = {"splits": {"train": {"rows": rows, "hidden": True}}, "layers": [1], "hidden_size": width}
+    settings = {"splits": {"train": {"rows": rows, "hidden": True}}, "layers": [1], "hidden_size": width,
+                "hidden_dtype": "float16", "max_length": tokens, "task": None,
+                "teacher": {"config": {}, "weights_sha256": "", "num_layers": 1, "hidden_size": width}}
     cache.assemble_manifest(out, settings, {})
     return out / "shards" / cache.shard_name("train", 0, rows)
 
@@ -394,3 +396,73 @@ def test_quick_check_samples_a_large_shard_and_full_reads_it_all(tmp_path: Path)
     assert_refused(lambda: open_cache(tmp_path / "c", check="quick"), "sampled checksum")
     # `auto` hashes every byte of a cache that fits in half the RAM, samples a larger one
     assert resolve_check("auto", 1 << 20) == "full" and resolve_check("auto", 1 << 60) == "quick"
+
+
+# ---------------------------------------------------------------- every file a later stage reads is covered
+
+
+def _edit_manifest(c: Path, change) -> None:
+    manifest = json.loads((c / "manifest.json").read_text())
+    change(manifest)
+    (c / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_hand_edited_manifest_is_caught_by_its_fingerprint(small_cache: Path, tmp_path: Path) -> None:
+    """The fingerprint used to cover the settings and shard hashes but was never recomputed: a manifest whose task
+    was changed from sst2 to cola opened and trained as cola."""
+    c = _copy(small_cache, tmp_path / "c")
+    manifest = json.loads((c / "manifest.json").read_text())
+    assert manifest["fingerprint"] == cache.manifest_fingerprint(manifest) and manifest["files"]
+    _edit_manifest(c, lambda m: m["task"].update(name="cola", metric="mcc"))
+    assert_refused(lambda: open_cache(c, check="size"), "manifest.json does not match its fingerprint", "re-extract")
+    _edit_manifest(c, lambda m: m["task"].update(name="sst2", metric="accuracy"))
+    open_cache(c, check="full")  # the edit undone: the same content, the same fingerprint
+    weights = f"{cache.TEACHER_WEIGHTS_DIR}/model.safetensors"
+    _edit_manifest(c, lambda m: m["files"][weights].update(sha256="0" * 64))  # a checksum "fixed" by hand
+    assert_refused(lambda: open_cache(c, check="size"), "does not match its fingerprint")
+
+
+@pytest.mark.parametrize("where", ["tokenizer", "teacher_weights"])
+def test_tokenizer_and_teacher_weights_are_checksummed(small_cache: Path, tmp_path: Path, where: str) -> None:
+    """Only the shards were checked: a changed tokenizer or teacher weight trained (and was saved with the student)
+    silently."""
+    c = _copy(small_cache, tmp_path / "c")
+    manifest = json.loads((c / "manifest.json").read_text())
+    name = "tokenizer.json" if where == "tokenizer" else "model.safetensors"
+    path = c / where / name
+    assert f"{where}/{name}" in manifest["files"]
+    original = path.read_bytes()
+    data = bytearray(original)
+    data[len(data) // 2] ^= 0x01  # same size, one bit in the middle: only a full hash sees it
+    path.write_bytes(bytes(data))
+    open_cache(c, check="size")
+    assert_refused(lambda: open_cache(c, check="full"), f"{where}/{name}", "does not match its checksum")
+    assert_refused(lambda: open_cache(c, check="auto"), "does not match its checksum")  # a small cache: full
+    path.write_bytes(original + b" ")  # another size: every level sees it
+    assert_refused(lambda: open_cache(c, check="size"), f"{where}/{name}", "bytes, manifest says")
+    path.write_bytes(original)
+    (c / where / "added_tokens.json").write_text('{"[NEW]": 30522}')  # a file the loaders would read too
+    assert_refused(lambda: open_cache(c, check="size"), "added_tokens.json", "does not record")
+    (c / where / "added_tokens.json").unlink()
+    path.unlink()
+    assert_refused(lambda: open_cache(c, check="size"), f"is missing {where}/{name}")
+
+
+def test_a_manifest_with_missing_keys_or_wrong_types_is_one_line(small_cache: Path, tmp_path: Path) -> None:
+    """A missing key or a string where a number belongs used to surface as a KeyError or TypeError traceback
+    wherever a stage first read it; the fingerprint made to match, the schema check still names the key."""
+    c = _copy(small_cache, tmp_path / "c")
+    original = json.loads((c / "manifest.json").read_text())
+    for change, needle in [(lambda m: m.pop("layers"), "no 'layers'"),
+                           (lambda m: m.update(hidden_size="32"), "['hidden_size'] is a str"),
+                           (lambda m: m["teacher"].pop("num_layers"), "teacher has no 'num_layers'"),
+                           (lambda m: m["splits"]["train"].update(rows=True), "['rows'] is a bool"),
+                           (lambda m: m["splits"]["dev"]["shards"][0].pop("sha256"), "shard 0 has no 'sha256'"),
+                           (lambda m: m.update(files=[]), "['files'] is a list"),
+                           (lambda m: m["files"].update({"../../etc/passwd": m["files"]["tokenizer/tokenizer.json"]}),
+                            "'../../etc/passwd' as a cache file")]:
+        edited = json.loads(json.dumps(original))
+        change(edited)
+        edited["fingerprint"] = cache.manifest_fingerprint(edited)
+        (c / "manifest.json").write_text(json.dumps(edited))
+        assert_refused(lambda: open_cache(c, check="size"), needle)

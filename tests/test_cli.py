@@ -245,3 +245,49 @@ def test_sweep_takes_a_config_file_like_every_command(tmp_path: Path) -> None:
     config.write_text('learning-rate = 0.1\n')  # a train-student setting: it belongs in --base or --set
     result = lrc("sweep", "--config", str(config))
     assert result.exit_code == 2 and "unknown option(s) learning_rate" in result.output and "set" in result.output
+
+
+def test_inspect_cache_verify_covers_the_tokenizer_weights_and_manifest(tiny_cache: Path, tmp_path: Path) -> None:
+    """--verify hashed the shards only: a changed teacher weight, tokenizer file or task passed it."""
+    c = tmp_path / "c"
+    shutil.copytree(tiny_cache, c)
+    weights = c / "teacher_weights" / "model.safetensors"
+    original = weights.read_bytes()
+    data = bytearray(original)
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    assert_one_line_error(lrc("inspect-cache", str(c), "--verify"), "teacher_weights/model.safetensors",
+                          "does not match its checksum")
+    weights.write_bytes(original)
+    vocab = c / "tokenizer" / "tokenizer.json"
+    vocab.write_text(vocab.read_text().replace('"[UNK]"', '"[UNKNOWN]"', 1))
+    assert_one_line_error(lrc("inspect-cache", str(c)), "tokenizer/tokenizer.json", "manifest says")
+    shutil.rmtree(c / "tokenizer")
+    shutil.copytree(tiny_cache / "tokenizer", c / "tokenizer")
+    manifest = json.loads((c / "manifest.json").read_text())
+    (c / "manifest.json").write_text(json.dumps(manifest | {"task": manifest["task"] | {"name": "cola"}}))
+    assert_one_line_error(lrc("inspect-cache", str(c), "--verify"), "does not match its fingerprint")
+    (c / "manifest.json").write_text(json.dumps(manifest))
+    assert lrc("inspect-cache", str(c), "--verify").exit_code == 0
+
+
+def test_an_existing_file_as_the_output_is_one_line(tiny_cache: Path, tiny_teacher: Path, glue_dir: Path,
+                                                    tmp_path: Path) -> None:
+    """Every command that writes a dir refuses a file there before any work, in one line, and leaves it as it was."""
+    c = tmp_path / "cache"
+    shutil.copytree(tiny_cache, c)
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    data = ["--task", "sst2", "--data-dir", str(glue_dir), "--max-train-examples", "8"]
+    for args in (["finetune-teacher", *data, "-o", str(taken), "--device", "cpu"],
+                 ["extract-teacher", "--teacher", str(tiny_teacher), *data, "-o", str(taken), "--device", "cpu"],
+                 ["train-student", "--cache", str(c), "-o", str(taken), "--k", "0", "--device", "cpu"],
+                 ["train-student", "--cache", str(c), "-o", str(taken), "--k", "0", "--device", "cpu", "--resume"],
+                 ["sweep", "--cache", str(c), "-o", str(taken), "--set", "k=0"],
+                 ["demo", "--data-dir", str(glue_dir), "--work-dir", str(taken)]):
+        assert_one_line_error(lrc(*args), str(taken))
+        assert taken.read_text() == "mine", args[0]
+        # a file where a parent dir of the output belongs: an OSError (ENOTDIR) traceback from mkdir
+        inside = str(taken / "sub")
+        assert_one_line_error(lrc(*[inside if a == str(taken) else a for a in args]), str(taken))
+        assert taken.read_text() == "mine", args[0]

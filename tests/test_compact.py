@@ -322,3 +322,34 @@ def test_in_batch_under_torchrun_needs_k_others_in_each_ranks_share(tiny_cache: 
                          layers=2, hidden=32, heads=2, intermediate=64)
     assert_refused(lambda: _setup(config, distributed.Ranks(rank=0, world_size=2)), "here 4 rows (8 over 2 ranks)")
     assert not (tmp_path / "o").exists()
+
+
+def test_negative_or_non_finite_int8_scales_are_refused_by_row(int8_cache: Path, tmp_path: Path) -> None:
+    """A negative scale flips its token's sign and used to train silently (a NaN one only showed as a NaN loss):
+    the batch that reads it is refused, naming the cache, the rows and the fix."""
+    import shutil
+
+    import pyarrow as pa
+
+    from pipeline import cache as cache_mod
+
+    for bad in (-0.5, float("inf")):
+        c = tmp_path / f"cache-{bad}"
+        shutil.copytree(int8_cache, c)
+        manifest = json.loads((c / "manifest.json").read_text())
+        entry = manifest["splits"]["train"]["shards"][1]
+        with pa.memory_map(str(c / entry["file"])) as source:
+            table = pa.ipc.open_stream(source).read_all().combine_chunks()
+        name = quant.scale_column(2)
+        column = table.column(name).chunk(0)
+        values = column.values.to_numpy().copy()
+        row = 5  # the shard's sixth row: its first token gets the bad scale
+        values[column.offsets.to_numpy()[row]] = bad
+        index = table.schema.get_field_index(name)
+        table = table.set_column(index, table.schema.field(index), pa.ListArray.from_arrays(column.offsets, pa.array(values)))
+        cache_mod.write_shard(c, "train", entry["start"], entry["stop"], table.to_batches()[0])  # checksums match
+        extra = {k: manifest[k] for k in ("teacher_path", "kind")}
+        cache_mod.assemble_manifest(c, json.loads((c / "settings.json").read_text()), extra)
+        out = tmp_path / f"run-{bad}"
+        assert_refused(lambda: train_student(_tiny(c, out, max_steps=13, negatives_source="file", k=0)),
+                       "negative or non-finite int8 scales", f"train row(s) {entry['start'] + row}", "re-extract")

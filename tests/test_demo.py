@@ -150,3 +150,28 @@ def test_config_file_with_an_unknown_option_is_refused(tmp_path: Path, tiny_cach
     result = CliRunner().invoke(app, ["inspect-cache", str(tiny_cache), "--config", str(tmp_path / "bad.toml")])
     assert result.exit_code == 2
     assert "verfy" in result.output and "verify" in result.output
+
+
+def test_demo_settings_every_stage_refuses_are_found_before_any_stage(tmp_path: Path, glue_dir: Path) -> None:
+    """A value only train-student refuses (6 heads do not divide the student's hidden 64) used to be
+    found after fine-tuning and extraction; every stage's config is now built before the first stage runs."""
+    work = tmp_path / "w"
+    bad = DemoConfig(data_dir=glue_dir, work_dir=work, student_hidden=64, student_heads=6, device="cpu")
+    with pytest.raises(LrcError, match="not divisible by --heads 6"):
+        run_demo(bad)
+    assert not work.exists()
+    result = CliRunner().invoke(app, ["demo", "--data-dir", str(glue_dir), "--work-dir", str(work), "--student-lr", "inf"])
+    assert result.exit_code == 1 and result.output.strip().startswith("error: --student-lr") and not work.exists()
+
+
+def test_demo_with_k_0_plans_no_negatives_stage(tmp_path: Path, glue_dir: Path) -> None:
+    """--k 0 (no negatives, as train-student reads it) used to reach build-negatives, which refused it after the
+    teacher had been fine-tuned and extracted; the plan now trains without negatives."""
+    from pipeline.demo import plan
+
+    stages = plan(DemoConfig(data_dir=glue_dir, work_dir=tmp_path / "w", k=0))
+    assert stages.negatives is None and stages.corpus_negatives is None
+    assert stages.train.k == 0 and not stages.train.uses_negatives and stages.general_train.k == 0
+    assert not (tmp_path / "w").exists()  # planning writes nothing
+    stages = plan(DemoConfig(data_dir=glue_dir, work_dir=tmp_path / "w", k=2, general=False))
+    assert stages.negatives.k == 2 and stages.corpus_negatives is None and stages.train.init == "random"

@@ -262,3 +262,27 @@ def test_world_size_without_rank_is_refused(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(LrcError, match="RANK/LOCAL_RANK are missing"):
         distributed.from_env()
+
+
+def test_world_size_without_a_rendezvous_is_one_line_and_does_not_wait_half_an_hour(tmp_path: Path) -> None:
+    """WORLD_SIZE set by hand in one process: without MASTER_ADDR init_process_group raised a ValueError
+    traceback; with an address but no peers the rank waited the collective timeout (30 minutes) before a
+    DistStoreError traceback. Now: one line at once, or after the rendezvous timeout (a few minutes by default)."""
+    import socket
+
+    assert distributed.RENDEZVOUS_TIMEOUT.total_seconds() <= 5 * 60
+    with socket.socket() as s:  # a free port nobody else joins at
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
+    command = [sys.executable, "-m", "cli", "train-student", "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "o"),
+               "--device", "cpu"]
+    for extra, needles in (({}, ["WORLD_SIZE=2 is set but MASTER_ADDR and MASTER_PORT are not", "torchrun"]),
+                           ({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "LRC_DIST_RENDEZVOUS_TIMEOUT_S": "2"},
+                            [f"could not meet the other ranks at 127.0.0.1:{port} within 2 s", "unset WORLD_SIZE"])):
+        env = {**base, "WORLD_SIZE": "2", "RANK": "0", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", **extra}
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+        errors = [line for line in lines(done.stderr) if line.startswith("error:")]
+        assert done.returncode == 1 and "Traceback" not in done.stderr and len(errors) == 1, done.stderr[-2000:]
+        assert all(n in errors[0] for n in needles), errors[0]
+    assert not (tmp_path / "o").exists()

@@ -256,3 +256,26 @@ def test_all_finite_reads_exponent_bits_right() -> None:
             poisoned[4, 5] = bad
             assert not all_finite(poisoned) and not all_finite(torch.from_numpy(poisoned))
             assert not all_finite(poisoned[:, 1::2])  # a strided view holding it
+
+
+def test_a_tokenizer_larger_than_the_embeddings_is_one_line(tmp_path: Path, minilm_dir: Path,
+                                                            files: dict[str, Path]) -> None:
+    """A model whose embeddings hold 1000 rows beside the 30522-token bert-base tokenizer: the first batch used to
+    end in an IndexError traceback ("index out of range in self") mid-extraction."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from pipeline.config import FinetuneConfig
+    from pipeline.finetune import finetune_teacher
+
+    small = tmp_path / "small-vocab"
+    BertForSequenceClassification(BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=64, num_labels=2)).save_pretrained(small)
+    AutoTokenizer.from_pretrained(minilm_dir).save_pretrained(small)
+    out = tmp_path / "out"
+    for call in (lambda: extract_teacher(_extract(small, files, out)), lambda: evaluate(_evaluate(small, files)),
+                 lambda: finetune_teacher(FinetuneConfig(data=DataConfig(task="sst2", train_file=files["train"],
+                                                                         dev_file=files["dev"]),
+                                                         output_dir=tmp_path / "teacher", backbone=str(small),
+                                                         device="cpu"))):
+        assert_refused(call, str(small), "30522 tokens", "embeddings hold 1000", "resize_token_embeddings")
+    assert not out.exists() and not (tmp_path / "teacher").exists()

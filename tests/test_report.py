@@ -111,3 +111,31 @@ def test_unfinished_run_is_refused(tmp_path: Path) -> None:
     with pytest.raises(LrcError, match="training_summary.json") as err:
         write_report(tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_a_log_cut_short_is_reported_on_and_a_damaged_one_is_one_line(run_dir: Path, tmp_path: Path) -> None:
+    """A run killed (or out of disk) mid-append leaves half a JSON line: `lrc report` used to end in a
+    JSONDecodeError traceback."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    log_path = run / "train_log.jsonl"
+    whole = log_path.read_text()
+    log_path.write_text(whole + '{"step": 5, "loss": 0.12')  # the last line cut short
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    steps, _ = read_log(run)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    lines = whole.splitlines()
+    log_path.write_text("\n".join([lines[0], '{"step": 2, "lo', *lines[1:]]) + "\n")  # damage mid-file
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.strip().startswith("error:") and "train_log.jsonl:2" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    log_path.write_text(whole)
+    (run / "training_summary.json").write_text('{"task": "sst2", ')
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 1 and "training_summary.json is unreadable" in result.stderr

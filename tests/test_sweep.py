@@ -212,7 +212,8 @@ def test_finished_point_with_other_settings_is_not_reused(swept: Path, orphan_ca
 
     summary_path = out / rows[0]["run"] / "training_summary.json"  # as if the cache was re-extracted since
     summary_path.write_text(json.dumps(json.loads(summary_path.read_text()) | {"cache_fingerprint": "0" * 64}))
-    run_sweep(SweepConfig(base=base_config(orphan_cache), grid=LR_GRID, output_dir=out))
+    with pytest.raises(LrcError, match="1 of 2 points of the sweep failed"):  # any failed point fails the command
+        run_sweep(SweepConfig(base=base_config(orphan_cache), grid=LR_GRID, output_dir=out))
     assert counter.calls == []
     rows = read_csv(out / "results.csv")
     assert [r["status"] for r in rows] == ["failed", "reused"] and "re-extracted" in rows[0]["message"]
@@ -263,16 +264,33 @@ def test_shards_assemble_and_a_killed_point_resumes(swept: Path, orphan_cache: P
 
 
 def test_failing_point_is_recorded_and_the_sweep_goes_on(orphan_cache: Path, tmp_path: Path) -> None:
-    grid = (("heads", (3, 2)),)  # hidden 32 is not divisible by 3 heads
-    run_sweep(SweepConfig(base=base_config(orphan_cache, max_steps=2), grid=grid, output_dir=tmp_path))
-    rows = read_csv(tmp_path / "results.csv")
-    assert [(r["heads"], r["status"]) for r in rows] == [("3", "failed"), ("2", "done")]
-    assert "not divisible by --heads 3" in rows[0]["message"] and rows[0]["dev_accuracy"] == ""
-    assert rows[1]["dev_accuracy"] != ""
-    assert "failed: student --hidden 32 is not divisible" in (tmp_path / "results.md").read_text()
+    """A point that fails while running is recorded, the others train, and the command then fails (it used to
+    exit 0 unless every point failed); the failed point leaves no stub run dir."""
+    grid = (("layer_map", ((1, 3), (2, 4))),)  # the cache stores teacher layers [2, 4]: point 0 fails when it runs
+    out = tmp_path / "one-failed"
+    with pytest.raises(LrcError, match=r"1 of 2 points of the sweep failed \(1 of 2; run-000-layer_map=1-3: the student maps"):
+        run_sweep(SweepConfig(base=base_config(orphan_cache, max_steps=2), grid=grid, output_dir=out))
+    rows = read_csv(out / "results.csv")
+    assert [(r["layer_map"], r["status"]) for r in rows] == [("1:3", "failed"), ("2:4", "done")]
+    assert "cache stores [2, 4]" in rows[0]["message"] and rows[0]["dev_accuracy"] == ""
+    assert rows[1]["dev_accuracy"] != "" and not (out / rows[0]["run"]).exists()
+    assert "failed: the student maps to teacher layers [1, 3]" in (out / "results.md").read_text()
 
-    out = tmp_path / "all-failed"  # no point trains: the command fails (it used to exit 0), the table lists each
-    with pytest.raises(LrcError, match=r"every point of the sweep failed \(2 of 2; run-000-heads=3: student --hidden 32"):
-        run_sweep(SweepConfig(base=base_config(orphan_cache), grid=(("heads", (3, 5)),), output_dir=out))
+    out = tmp_path / "all-failed"  # no point trains: the table lists each
+    with pytest.raises(LrcError, match=r"every point of the sweep failed \(2 of 2; run-000-layer_map=1-3: the student"):
+        run_sweep(SweepConfig(base=base_config(orphan_cache), grid=(("layer_map", ((1, 3), (1, 2))),), output_dir=out))
     table = (out / "results.md").read_text()
     assert "0 done, 0 reused, 2 failed, 0 pending" in table and "****" not in table
+
+
+def test_a_grid_with_a_bad_value_is_refused_before_the_first_point(orphan_cache: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """hidden 32 is not divisible by 3 heads: the point used to fail only when its turn came, after the points
+    before it had trained; now the grid is refused whole, nothing trains and no sweep dir is written."""
+    counter = CountingTrain(monkeypatch)
+    out = tmp_path / "refused"
+    assert_refused(lambda: run_sweep(SweepConfig(base=base_config(orphan_cache), grid=(("heads", (2, 3)),),
+                                                 output_dir=out)), "heads=3", "not divisible by --heads 3")
+    assert_refused(lambda: SweepConfig(base=base_config(orphan_cache), grid=(("learning_rate", (1e-4, float("nan"))),),
+                                       output_dir=out), "learning_rate=nan", "--lr")
+    assert counter.calls == [] and not out.exists()

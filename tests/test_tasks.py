@@ -366,6 +366,17 @@ def test_error_non_finite_scores(tmp_path: Path) -> None:
         _load(None, "stsb", "train", train_file=path)
 
 
+def test_error_scores_outside_the_tasks_range(tmp_path: Path) -> None:
+    """STS-B scores lie in [0, 5]: a 0..100 rescaled file or a wrong column used to train silently."""
+    for score in ("5.5", "-1", "37"):
+        path = _write(tmp_path / "s.jsonl", ['{"sentence1": "a", "sentence2": "b", "label": 0}',
+                                             '{"sentence1": "a", "sentence2": "b", "label": 5.0}',
+                                             f'{{"sentence1": "a", "sentence2": "b", "label": {score}}}'])
+        with pytest.raises(LrcError, match=rf"row 2: score {score}(\.0)? is outside stsb's range \[0, 5\]") as err:
+            _load(None, "stsb", "train", train_file=path)
+        assert "\n" not in str(err.value)
+
+
 def test_error_not_utf8_and_oversized_csv_field(tmp_path: Path) -> None:
     latin = tmp_path / "latin.tsv"
     latin.write_bytes("sentence\tlabel\nun film très beau\t1\n".encode("latin-1"))

@@ -667,3 +667,103 @@ def test_a_diverged_run_without_a_checkpoint_does_not_point_at_one(neg_cache: Pa
     message = refused(tiny(out=out, cache=neg_cache, checkpoint_every=50), "soft", "step 0", "no checkpoint was written",
                       "--overwrite", "lower --lr")
     assert str(out / "checkpoint") not in message and not (out / "checkpoint").exists()
+
+
+# --------------------------------------------------------------------------- resume means the same inputs
+
+
+def _killed_at_step_3(config: TrainConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train until step 3 fails (a kill after the step-2 checkpoint), in this process."""
+    import pipeline.train as train_module
+
+    step, calls = train_module.train_step, []
+
+    def crash(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_student(config)
+    monkeypatch.setattr(train_module, "train_step", step)
+    assert final_state(config.output_dir)["state"]["step"] == 2
+
+
+def test_resume_refuses_a_re_extracted_cache_or_rebuilt_negatives(neg_cache: Path, tiny_teacher: Path, glue_dir: Path,
+                                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same paths with other contents used to resume silently, mixing two trainings in one student."""
+    c = tmp_path / "cache"
+    shutil.copytree(neg_cache, c)
+    with_negatives, without = tmp_path / "run-k2", tmp_path / "run-k0"
+    _killed_at_step_3(tiny(c, with_negatives, max_steps=4), monkeypatch)
+    _killed_at_step_3(tiny(c, without, max_steps=4, k=0), monkeypatch)
+    recorded = checkpoint.recorded_inputs(with_negatives / "checkpoint" / checkpoint.STATE_FILE)
+    assert recorded["cache_fingerprint"] == open_cache(c).fingerprint and len(recorded["negatives_sha256"]) == 64
+
+    build_negatives(NegativesConfig(cache_dir=c, k=2, seed=1))  # rebuilt in place: other candidates, same path
+    refused(tiny(c, with_negatives, max_steps=4, resume=True), "the negatives file", "sha256", "rebuilt or another file",
+            "--overwrite")
+    data = DataConfig(task="sst2", data_dir=glue_dir, max_train_examples=180)  # re-extracted in place: other rows
+    extract_teacher(ExtractConfig(teacher=tiny_teacher, data=data, output_dir=c, student_layers=2, shard_rows=64,
+                                  overwrite=True))
+    refused(tiny(c, without, max_steps=4, k=0, resume=True), "the cache", "fingerprint", "re-extracted or another cache")
+    assert final_state(without)["state"]["step"] == 2  # the refused resume wrote nothing
+
+
+def test_a_run_dir_copied_elsewhere_resumes_on_copied_inputs(neg_cache: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recorded output and cache paths used to block this ("differs in: cache_dir, output_dir"): the inputs
+    are now compared by content, wherever they live."""
+    first, out = tmp_path / "a" / "cache", tmp_path / "a" / "run"
+    shutil.copytree(neg_cache, first)
+    _killed_at_step_3(tiny(first, out, max_steps=4), monkeypatch)
+    moved_cache, moved_run = tmp_path / "b" / "cache-copy", tmp_path / "b" / "run-copy"
+    shutil.copytree(first, moved_cache)
+    shutil.copytree(out, moved_run)
+    shutil.rmtree(tmp_path / "a")
+    summary = train_student(tiny(moved_cache, moved_run, max_steps=4, resume=True))
+    assert summary["steps"] == 4 and [r["step"] for r in read_log(moved_run) if "eval" not in r] == [1, 2, 3, 4]
+
+
+def test_a_checkpoint_without_recorded_inputs_keeps_the_path_rule(neg_cache: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint written before inputs were recorded cannot be compared by content: it resumes only on the
+    paths it recorded, as it was written to."""
+    c, out = tmp_path / "cache", tmp_path / "run"
+    shutil.copytree(neg_cache, c)
+    _killed_at_step_3(tiny(c, out, max_steps=4), monkeypatch)
+    path = out / "checkpoint" / checkpoint.STATE_FILE
+    payload = checkpoint.read_state(path)
+    del payload["inputs"]
+    checkpoint.write_state(path, payload)
+    assert checkpoint.recorded_inputs(path) is None
+    moved = tmp_path / "cache-copy"
+    shutil.copytree(c, moved)
+    refused(tiny(moved, out, max_steps=4, resume=True), "records no input fingerprints", "cache_dir", "--overwrite")
+    assert train_student(tiny(c, out, max_steps=4, resume=True))["steps"] == 4
+
+
+def test_a_label_outside_the_tasks_classes_in_the_cache_is_one_line(neg_cache: Path, tmp_path: Path) -> None:
+    """Data loading refuses such labels, so only a damaged cache holds one (checksums made to match here): the
+    cross-entropy used to end in an IndexError traceback ("Target 7 is out of bounds")."""
+    import pyarrow as pa
+
+    from pipeline import cache as cache_mod
+
+    c = tmp_path / "cache"
+    shutil.copytree(neg_cache, c)
+    manifest = json.loads((c / "manifest.json").read_text())
+    entry = manifest["splits"]["train"]["shards"][0]
+    with pa.memory_map(str(c / entry["file"])) as source:
+        table = pa.ipc.open_stream(source).read_all().combine_chunks()
+    labels = table.column("label").to_numpy().copy()
+    labels[3] = 7
+    index = table.schema.get_field_index("label")
+    table = table.set_column(index, table.schema.field(index), pa.array(labels))
+    cache_mod.write_shard(c, "train", entry["start"], entry["stop"], table.to_batches()[0])
+    cache_mod.assemble_manifest(c, json.loads((c / "settings.json").read_text()),
+                                {k: manifest[k] for k in ("teacher_path", "kind")})
+    refused(tiny(c, tmp_path / "run", k=0, max_steps=13, batch_size=16), "labels outside 0..1", "train row(s) 3",
+            "re-extract")
