@@ -50,11 +50,15 @@ def read_export_info(model_dir: Path) -> dict[str, Any]:
     return info if isinstance(info, dict) else {}
 
 
-def session(path: Path, threads: int | None = None) -> Any:
+def session(path: Path, threads: int | None = None, profile_prefix: str | None = None) -> Any:
     """An onnxruntime CPU session. `threads` defaults to torch's intra-op threads, so a PyTorch model and its
-    export timed side by side use the same cores (onnxruntime would otherwise take every physical core)."""
+    export timed side by side use the same cores (onnxruntime would otherwise take every physical core).
+    `profile_prefix`: record every node's time (onnxruntime's profiler; `end_profiling()` names the file)."""
     ort = require_onnxruntime()
     options = ort.SessionOptions()
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
