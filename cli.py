@@ -14,14 +14,14 @@ from typing import Any, Callable, Optional
 import typer
 
 from pipeline.config import (
-    DATA_DIR_ENV, CorpusConfig, DataConfig, DemoConfig, EvaluateConfig, ExtractConfig, FinetuneConfig, NegativesConfig,
-    SweepConfig, TrainConfig, default_of, load_config_file,
+    DATA_DIR_ENV, EXPORT_FORMATS, QUANTIZE, CorpusConfig, DataConfig, DemoConfig, EvaluateConfig, ExportConfig,
+    ExtractConfig, FinetuneConfig, NegativesConfig, SweepConfig, TrainConfig, default_of, load_config_file,
 )
 from pipeline.errors import LrcError
 
 # Every default below is read from the config dataclasses (one source): F("epochs") is FinetuneConfig's.
-F, X, N, T, E, D = (functools.partial(default_of, c) for c in (FinetuneConfig, ExtractConfig, NegativesConfig,
-                                                               TrainConfig, EvaluateConfig, DemoConfig))
+F, X, N, T, E, D, O = (functools.partial(default_of, c) for c in (FinetuneConfig, ExtractConfig, NegativesConfig,
+                                                                  TrainConfig, EvaluateConfig, DemoConfig, ExportConfig))
 
 app = typer.Typer(
     help="LRC-BERT distillation as an offline pipeline: run the teacher once, cache its features, "
@@ -374,13 +374,14 @@ def train_student(
 @app.command("evaluate")
 @_friendly
 def evaluate(
-    model_dir: Path = typer.Argument(..., help="A teacher or student dir (HF format, with a classification head)."),
+    model_dir: Path = typer.Argument(..., help="A teacher or student dir (HF format, with a classification head), or an `lrc export` dir."),
     task: str = TaskOpt,
-    compare: Optional[Path] = typer.Option(None, help="A second model dir (e.g. the teacher) to put side by side, with ratios."),
+    compare: Optional[Path] = typer.Option(None, help="A second model dir (e.g. the teacher) to put side by side, with ratios; latencies are timed interleaved on the same inputs."),
     max_length: int = typer.Option(E("max_length"), help="Truncate dev inputs to this many tokens."),
     batch_size: int = typer.Option(E("batch_size"), help="Batch size of the latency/throughput measurement."),
+    also_batch_sizes: str = typer.Option(",".join(map(str, E("also_batch_sizes"))), help="Also time the latency at these batch sizes (comma-separated; empty: none)."),
     seq_length: int = typer.Option(E("seq_length"), help="Sequence length of the latency/throughput measurement."),
-    timing_batches: int = typer.Option(E("timing_batches"), help="Timed batches (after 2 warm-up batches); the median is reported."),
+    timing_batches: int = typer.Option(E("timing_batches"), help="Timed batches per batch size (after 2 warm-up batches); the median is reported."),
     output: Optional[Path] = typer.Option(None, help="Also write the results as JSON to this file."),
     data_dir: Optional[Path] = DataDirOpt,
     dev_file: Optional[Path] = typer.Option(None, help="Evaluate on this file (.csv, .tsv, .jsonl, .parquet) instead of the dev split."),
@@ -395,10 +396,42 @@ def evaluate(
     data = _data(task, data_dir, None, dev_file, text_column, text_pair_column, label_column, None, 0)
     results = run(EvaluateConfig(
         model_dir=model_dir, data=data, compare=compare, max_length=max_length, batch_size=batch_size,
+        also_batch_sizes=_parse_batch_sizes(also_batch_sizes),
         seq_length=seq_length, timing_batches=timing_batches, device=device, precision=precision, output=output,
         allow_task_mismatch=allow_task_mismatch, trust_remote_code=trust_remote_code,
     ))
     typer.echo(format_table(results))
+
+
+def _parse_batch_sizes(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise LrcError(f"--also-batch-sizes must be comma-separated integers like 1 or 1,8; got {value!r}") from None
+
+
+@app.command("export")
+@_friendly
+def export(
+    source: Path = typer.Argument(..., help="A train-student output dir (or a teacher dir) with a classification head."),
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where the exported model dir is written."),
+    fmt: str = typer.Option(O("format"), "--format", help=f"Export format: {', '.join(EXPORT_FORMATS)}."),
+    quantize: str = typer.Option(O("quantize"), help=f"{' or '.join(QUANTIZE)}: int8 = dynamic int8 weights of "
+                                 f"{'/'.join(O('quantize_ops'))} (onnxruntime), activations quantised per batch."),
+    opset: int = typer.Option(O("opset"), help="ONNX opset of the graph."),
+    tolerance: float = typer.Option(O("tolerance"), help="Largest |logit difference| to PyTorch the float32 graph "
+                                    "may show on a check batch; a larger one refuses the export."),
+    overwrite: bool = typer.Option(O("overwrite"), help="Replace an export already in --output-dir."),
+    config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
+) -> None:
+    """Export a student to ONNX (needs `pip install "lrc[onnx]"`); `lrc evaluate` then takes the output dir."""
+    from pipeline.export import export_model
+
+    info = export_model(ExportConfig(source=source, output_dir=output_dir, format=fmt, quantize=quantize,
+                                     opset=opset, tolerance=tolerance, overwrite=overwrite))
+    typer.echo(f"export: {output_dir}  {info['quantize']}  {info['model_bytes'] / 1e6:.1f} MB (source "
+               f"{info['source_bytes'] / 1e6:.1f} MB)  max logit diff {info['max_abs_logit_diff']:.2g}  "
+               f"{info['export_seconds']} s")
 
 
 @app.command("demo")

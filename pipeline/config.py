@@ -441,6 +441,7 @@ class EvaluateConfig:
     max_length: int = 128
     eval_batch_size: int = 128
     batch_size: int = 32  # latency/throughput are measured on batches of this shape
+    also_batch_sizes: tuple[int, ...] = (1,)  # latency also timed at these (1: one request at a time)
     seq_length: int = 128
     timing_batches: int = 10
     device: str = "auto"
@@ -455,8 +456,39 @@ class EvaluateConfig:
         _whole("--batch-size", self.batch_size)
         _whole("--seq-length", self.seq_length, 2)
         _whole("--timing-batches", self.timing_batches)
+        for size in self.also_batch_sizes:
+            _whole("--also-batch-sizes", size)
         _require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
         _require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+EXPORT_FORMATS = ("onnx",)
+QUANTIZE = ("none", "int8")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`lrc export`: a student (or teacher) dir -> an ONNX model dir, optionally with int8 weights."""
+
+    source: Path
+    output_dir: Path
+    format: str = "onnx"
+    quantize: str = "none"
+    # 17: LayerNormalization is one op from 17 on, and onnxruntime releases of the last years all run it.
+    opset: int = 17
+    # Dynamic int8 quantises the weights of these ops; activations are quantised per batch at run time. The
+    # word embeddings (a Gather) stay float32: their rows are looked up, not multiplied, and cost no time.
+    quantize_ops: tuple[str, ...] = ("MatMul", "Gemm")
+    # The export is checked against the PyTorch model on random ids of a shape other than the traced one:
+    # logits must agree within this (float32: differences are rounding, ~1e-5; a wrong graph is off by >0.01).
+    tolerance: float = 1e-3
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.format in EXPORT_FORMATS, f"--format must be one of {EXPORT_FORMATS}, got {self.format!r}")
+        _require(self.quantize in QUANTIZE, f"--quantize must be one of {QUANTIZE}, got {self.quantize!r}")
+        _require(14 <= self.opset <= 20, f"--opset must be in 14..20 (what the exporter and onnxruntime share), got {self.opset}")
+        _require(self.tolerance > 0, f"--tolerance must be positive, got {self.tolerance}")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ class Family:
     positions_after_pad: bool  # position ids start at pad_token_id + 1 (RoBERTa-style), not at 0
     intermediate: str  # config field of the FFN width
     widths: tuple[str, ...]  # config fields that follow the model width (--hidden)
+    onnx: bool = True  # `lrc export` gives a graph whose logits match PyTorch's (tests/test_export.py)
 
 
 FAMILIES: dict[str, Family] = {

@@ -58,6 +58,7 @@ KINDS: dict[str, Kind] = {
                 ("train_config.json", "training_summary.json", "train_log.jsonl", "report.md", "losses.png",
                  "dev_metric.png", "checkpoint", "tensorboard", "projections.safetensors", *_MODEL_FILES)),
     "sweep": Kind("sweep", ("results.csv",), ("results.csv", "results.md", "results-shard-*", "run-*")),
+    "export": Kind("model export", ("export_info.json",), ("export_info.json", "model.onnx", *_MODEL_FILES)),
     "demo": Kind("demo dir", ("demo_results.json", "demo_general_results.json"),
                  ("demo_results.*", "demo_general_results.*", "teacher-*", "cache-*", "student-*", "general-student",
                   "corpus-glue-*.txt")),
