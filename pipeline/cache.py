@@ -35,6 +35,7 @@ TOKENIZER_DIR = "tokenizer"
 TEACHER_WEIGHTS_DIR = "teacher_weights"  # for `--init teacher`; read, never run, by train-student
 POOLED_DEFINITION = "mean over real tokens of the last teacher layer's hidden states, computed in float32"
 SIDECAR_SUFFIX = ".sha256.json"  # <shard stem>.sha256.json: the shard's size and hashes, written before it
+IMPORTANCE_SUFFIX = ".importance.npz"  # <shard stem>.importance.npz: its importance sums (pipeline/importance.py)
 _SHARD_RE = re.compile(r"^(?P<split>[a-z_]+)-(?P<start>\d{9})-(?P<stop>\d{9})\.arrow$")
 # The quick check reads the first and last 64 KiB (Arrow schema and batch metadata, the end-of-stream
 # marker) and 16 blocks of 4 KiB spread over the body: a few reads per shard whatever its size.
@@ -232,9 +233,10 @@ def remove_temp_files(cache_dir: Path) -> None:
     shard_dir = cache_dir / SHARD_DIR
     for tmp in shard_dir.glob(".*.tmp-*") if shard_dir.is_dir() else []:
         tmp.unlink()
-    for sidecar in shard_dir.glob(f"*{SIDECAR_SUFFIX}") if shard_dir.is_dir() else []:
-        if not sidecar.with_name(sidecar.name.removesuffix(SIDECAR_SUFFIX) + ".arrow").is_file():
-            sidecar.unlink()
+    for suffix in (SIDECAR_SUFFIX, IMPORTANCE_SUFFIX):
+        for sidecar in shard_dir.glob(f"*{suffix}") if shard_dir.is_dir() else []:
+            if not sidecar.with_name(sidecar.name.removesuffix(suffix) + ".arrow").is_file():
+                sidecar.unlink()
 
 
 def _sidecar(path: Path) -> dict[str, Any] | None:
@@ -262,12 +264,15 @@ def trusted_shards(cache_dir: Path, split: str, ranges: set[tuple[int, int]] | N
                     "none" if record is None else "corrupted or changed since it was written")
         path.unlink()
         sidecar_path(path).unlink(missing_ok=True)
+        path.with_name(path.name.removesuffix(".arrow") + IMPORTANCE_SUFFIX).unlink(missing_ok=True)
     return trusted
 
 
-def assemble_manifest(cache_dir: Path, settings: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def assemble_manifest(cache_dir: Path, settings: dict[str, Any], extra: dict[str, Any],
+                      importance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Check that each split's shards tile its rows, record their checksums (from the sidecars written
-    with them, or checked by `trusted_shards` on resume), and write manifest.json last."""
+    with them, or checked by `trusted_shards` on resume), and write manifest.json last. `importance`: the
+    entry of the cache's importance scores (pipeline/importance.py), checksummed and in the fingerprint."""
     splits: dict[str, Any] = {}
     for split, info in settings["splits"].items():
         shards, expected_start = [], 0
@@ -294,6 +299,8 @@ def assemble_manifest(cache_dir: Path, settings: dict[str, Any], extra: dict[str
     for split in sorted(splits):
         for shard in splits[split]["shards"]:
             digest.update(shard["sha256"].encode())
+    if importance is not None:
+        digest.update(importance["sha256"].encode())
     manifest = {
         **settings,
         **extra,
@@ -303,6 +310,8 @@ def assemble_manifest(cache_dir: Path, settings: dict[str, Any], extra: dict[str
         "splits": splits,
         "fingerprint": digest.hexdigest(),
     }
+    if importance is not None:
+        manifest["importance"] = importance
     write_json_atomic(cache_dir / MANIFEST, manifest)
     return manifest
 
