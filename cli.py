@@ -316,7 +316,8 @@ def train_student(
     hidden: int = typer.Option(T("hidden"), help="Student hidden size."),
     heads: int = typer.Option(T("heads"), help="Student attention heads (must divide --hidden)."),
     intermediate: int = typer.Option(T("intermediate"), help="Student FFN size."),
-    init: str = typer.Option(T("init"), help="random, teacher (copy embeddings + mapped layers; needs --hidden = teacher width) or a model dir (its depth and width are the student's)."),
+    init: str = typer.Option(T("init"), help="random, teacher (the teacher cut to the student: embeddings and the mapped layers, at --hidden/--heads/--intermediate no larger than the teacher's, keeping the channels, heads, head dims and FFN neurons --init-selection picks) or a model dir (its depth and width are the student's)."),
+    init_selection: str = typer.Option(T("init_selection"), help="What a narrower --init teacher keeps: activation (the highest importance scores extract-teacher recorded over the train rows: mean |h| per residual channel, |activation| per FFN neuron, |q_d k_d| and |v_d| per head dim; evenly spaced where the cache has none) or uniform (evenly spaced). One channel set serves the whole residual stream; Q is rescaled so the kept dims give the teacher's attention scores."),
     student_family: Optional[str] = typer.Option(T("student_family"), help="Student family (bert, roberta, deberta-v2, electra, mpnet, distilbert) when it should differ from the teacher's; it must read the teacher's token ids (same vocabulary; segment embeddings if the teacher reads segments)."),
     layer_map: Optional[str] = typer.Option(None, help="Teacher layer per student layer, e.g. 2,3,5,6; default round_half_up(i*N/M)."),
     intermediate_loss: str = typer.Option(T("intermediate_loss"), help="cos_nce (LRC-BERT), hidden_mse (TinyBERT-style baseline) or none (KD-only)."),
@@ -328,7 +329,7 @@ def train_student(
     stage2_weights: str = typer.Option(_weights_text(T("stage2_weights")), help="alpha:beta:gamma in stage two."),
     one_stage: bool = typer.Option(T("one_stage"), "--one-stage", help="Train all steps with the stage-two weights (ablation)."),
     perturb_eps: float = typer.Option(T("perturb_eps"), help="Gradient perturbation size on the embedding output; 0 = off."),
-    projection_init: str = typer.Option(T("projection_init"), help="Start of the COS-NCE / MSE projections W_i: auto (identity where student and teacher widths match; else the W_i a general student in --init saved, when they map the same teacher layers; else random), identity or random."),
+    projection_init: str = typer.Option(T("projection_init"), help="Start of the COS-NCE / MSE projections W_i: auto (identity where student and teacher widths match; for a narrower --init teacher, each kept channel mapped back to its teacher channel; else the W_i a general student in --init saved, when they map the same teacher layers; else random), identity or random."),
     epochs: float = typer.Option(T("epochs"), help="Training epochs (fractions allowed)."),
     max_steps: Optional[int] = typer.Option(None, help="Train exactly this many steps (overrides --epochs)."),
     batch_size: int = typer.Option(T("batch_size"), help="Training batch size: the global batch of one optimizer step. Under torchrun it is split evenly over the processes (each takes batch-size / WORLD_SIZE rows; it must divide evenly), so the same value trains the same way on any number of processes."),
@@ -354,7 +355,7 @@ def train_student(
     mapping, _ = _parse_layers(layer_map) if layer_map else (None, False)
     summary = run(TrainConfig(
         cache_dir=cache_dir, output_dir=output_dir, negatives=negatives, negatives_source=negatives_source, layers=layers, hidden=hidden, heads=heads,
-        intermediate=intermediate, init=init, student_family=student_family, layer_map=mapping, intermediate_loss=intermediate_loss,
+        intermediate=intermediate, init=init, init_selection=init_selection, student_family=student_family, layer_map=mapping, intermediate_loss=intermediate_loss,
         granularity=granularity, k=k, temperature=temperature, stage1_fraction=stage1_fraction,
         stage1_weights=_parse_weights(stage1_weights, "--stage1-weights"),
         stage2_weights=_parse_weights(stage2_weights, "--stage2-weights"), one_stage=one_stage,

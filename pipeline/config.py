@@ -274,6 +274,7 @@ class NegativesConfig:
 GRANULARITIES = ("flat", "token", "cls")
 INTERMEDIATE_LOSSES = ("cos_nce", "hidden_mse", "none")
 PROJECTION_INITS = ("auto", "identity", "random")
+INIT_SELECTIONS = ("activation", "uniform")  # pipeline/select.py
 KEEP_CHOICES = ("best", "last")
 # file: K of each row's M candidates in negatives.arrow (random, hard or mixed; the paper's setup); in-batch: K
 # of the other anchors of the same batch (uniform random negatives with no file and no extra rows read).
@@ -298,6 +299,10 @@ class TrainConfig:
     heads: int = 12
     intermediate: int = 1200
     init: str = "random"  # random | teacher | a model dir
+    # Which teacher channels, heads, head dims and FFN neurons a narrower --init teacher keeps: activation (the
+    # highest importance scores stage one recorded; evenly spaced where the cache has none) or uniform (evenly
+    # spaced). A teacher-width student keeps every channel either way.
+    init_selection: str = "activation"
     student_family: str | None = None  # e.g. bert; None = the teacher's family (pipeline/families.py lists them)
     layer_map: tuple[int, ...] | None = None  # teacher layer per student layer; None = round_half_up(i * N / M)
     # losses and schedule
@@ -310,7 +315,9 @@ class TrainConfig:
     stage2_weights: tuple[float, float, float] = (1.0, 1.0, 3.0)
     one_stage: bool = False
     perturb_eps: float = 1.0  # 0 turns gradient perturbation off
-    projection_init: str = "auto"  # W_i start: identity where the widths match, else a general --init's (auto); identity; random
+    # W_i start (auto): identity where the widths match; the kept channels scattered back to the teacher's for a
+    # narrower --init teacher; else a general --init's. Or identity, or random.
+    projection_init: str = "auto"
     # optimisation
     epochs: float = 3.0
     max_steps: int | None = None  # stop after this many steps (the schedule still spans them)
@@ -350,6 +357,8 @@ class TrainConfig:
                  f"unknown --intermediate-loss {self.intermediate_loss!r}: choose one of {', '.join(INTERMEDIATE_LOSSES)}")
         _require(self.granularity in GRANULARITIES,
                  f"unknown --granularity {self.granularity!r}: choose one of {', '.join(GRANULARITIES)}")
+        _require(self.init_selection in INIT_SELECTIONS,
+                 f"unknown --init-selection {self.init_selection!r}: choose one of {', '.join(INIT_SELECTIONS)}")
         _require(self.projection_init in PROJECTION_INITS,
                  f"unknown --projection-init {self.projection_init!r}: choose one of {', '.join(PROJECTION_INITS)}")
         _whole("--k", self.k, 0)  # 0 = no negatives

@@ -52,7 +52,8 @@ class Kind:
 KINDS: dict[str, Kind] = {
     "teacher": Kind("teacher", ("teacher_info.json",), ("teacher_info.json", *_MODEL_FILES)),
     "cache": Kind("cache", ("settings.json", "manifest.json"),
-                  ("settings.json", "manifest.json", "shards", "tokenizer", "teacher_weights", "negatives*.arrow",
+                  ("settings.json", "manifest.json", "shards", "tokenizer", "teacher_weights", "importance.npz",
+                   "negatives*.arrow",
                    "negatives*.json")),
     "run": Kind("training run", ("train_config.json",),
                 ("train_config.json", "training_summary.json", "train_log.jsonl", "report.md", "losses.png",
