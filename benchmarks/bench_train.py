@@ -197,7 +197,11 @@ def cpu_tensor_peak(work, persistent: list[torch.Tensor], teacher: list[torch.Te
     held += sum(t.grad.numel() * t.grad.element_size() for t in persistent if getattr(t, "grad", None) is not None)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         work()
-    deltas = sorted((e.time_range.start, e.cpu_memory_usage) for e in prof.events() if e.name == "[memory]")
+    # An op's event carries the bytes it allocated net of what it freed (children included); a free outside any
+    # op (a tensor whose last reference goes) is a top-level `[memory]` event. So the running sum over the
+    # top-level events, in time order, is the live-byte curve at op granularity (a temporary allocated and
+    # freed inside one op is not seen). `[memory]` events alone miss every allocation an op makes.
+    deltas = sorted((e.time_range.start, e.cpu_memory_usage) for e in prof.events() if e.cpu_parent is None)
     running = peak = 0
     for _, delta in deltas:
         running += delta
