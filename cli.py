@@ -423,7 +423,7 @@ def export(
     overwrite: bool = typer.Option(O("overwrite"), help="Replace an export already in --output-dir."),
     config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
-    """Export a student to ONNX (needs `pip install "lrc[onnx]"`); `lrc evaluate` then takes the output dir."""
+    """Export a student to ONNX (needs onnx and onnxruntime: pip install "lrc\\[onnx]"); `lrc evaluate` then takes the output dir."""
     from pipeline.export import export_model
 
     info = export_model(ExportConfig(source=source, output_dir=output_dir, format=fmt, quantize=quantize,
