@@ -229,9 +229,11 @@ def _quantize_int8(fp32: Path, int8: Path, ops: tuple[str, ...]) -> dict[str, in
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    # The quantiser logs a line per tensor to the root logger, and advises "pre-processing" (shape inference
+    # and graph optimisation) that onnxruntime does anyway when it loads the model: errors only.
     root = logging.getLogger()
     level = root.level
-    root.setLevel(max(level, logging.WARNING))  # the quantiser logs a line per tensor to the root logger
+    root.setLevel(max(level, logging.ERROR))
     try:
         quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, op_types_to_quantize=list(ops))
     finally:
