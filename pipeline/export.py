@@ -229,8 +229,9 @@ def _quantize_int8(fp32: Path, int8: Path, ops: tuple[str, ...]) -> dict[str, in
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # The quantiser logs a line per tensor to the root logger, and advises "pre-processing" (shape inference
-    # and graph optimisation) that onnxruntime does anyway when it loads the model: errors only.
+    # The quantiser logs a line per tensor to the root logger, and advises "pre-processing" (shape inference and
+    # graph optimisation first): without it every weight MatMul/Gemm is quantised already (26 nodes in a 4-layer
+    # BERT: 6 per layer, pooler, classifier; export_info.json counts them). Errors only.
     root = logging.getLogger()
     level = root.level
     root.setLevel(max(level, logging.ERROR))
