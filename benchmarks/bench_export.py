@@ -47,7 +47,10 @@ def big_teacher(num_labels: int) -> Loaded:
     """all-mpnet-base-v2 (12 x 768) with a fresh classification head, for latency and size only."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    import transformers
+
     path = Path(resolve_backbone(BUNDLED_MPNET))
+    transformers.logging.set_verbosity_error()  # its load report lists the fresh head as MISSING: expected here
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return Loaded(path, model, tokenizer, torch.device("cpu"), "token_type_ids" in tokenizer.model_input_names,
