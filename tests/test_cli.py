@@ -208,8 +208,9 @@ CLI_ONLY = {"config", "verbose", "verify", "grid", "set_", "shard", "base", "dat
 
 
 def _as_field_value(value, default):
-    if isinstance(default, tuple) and isinstance(value, str):  # alpha:beta:gamma
-        return tuple(float(x) for x in value.split(":"))
+    if isinstance(default, tuple) and isinstance(value, str):  # alpha:beta:gamma, or a comma-separated list
+        parts = value.split(":") if ":" in value else value.split(",")
+        return tuple(type(default[0])(x) for x in parts) if default else ()
     return value
 
 

@@ -118,6 +118,14 @@ def test_int8_stays_close_and_keeps_the_label_of_almost_every_sentence(tmp_path:
     assert np.abs(reference - quantized).max() <= INT8_TOL * scale
     agree = (reference.argmax(1) == quantized.argmax(1)).mean()
     assert agree >= 0.9, agree
+    # The embeddings as int8 too: a smaller file, logits within the same bound.
+    gather = export_model(ExportConfig(source=student, output_dir=tmp_path / "gather", quantize="int8",
+                                       quantize_ops=("MatMul", "Gemm", "Gather")))
+    assert gather["model_bytes"] < 0.5 * info["model_bytes"]
+    embedded = dev_logits(int8, OnnxClassifier(tmp_path / "gather" / MODEL_FILE, config), sentences)
+    assert np.abs(reference - embedded).max() <= INT8_TOL * scale
+    assert_refused(lambda: ExportConfig(source=student, output_dir=tmp_path / "x", quantize_ops=("Conv",)),
+                   "--quantize-ops must be some of")
 
 
 def test_refusals_leave_nothing_behind(tmp_path: Path, minilm_dir: Path) -> None:
