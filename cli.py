@@ -417,19 +417,23 @@ def export(
     source: Path = typer.Argument(..., help="A train-student output dir (or a teacher dir) with a classification head."),
     output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where the exported model dir is written."),
     fmt: str = typer.Option(O("format"), "--format", help=f"Export format: {', '.join(EXPORT_FORMATS)}."),
-    quantize: str = typer.Option(O("quantize"), help=f"{' or '.join(QUANTIZE)}: int8 = dynamic int8 weights of "
-                                 f"{'/'.join(O('quantize_ops'))} (onnxruntime), activations quantised per batch."),
+    quantize: str = typer.Option(O("quantize"), help=f"{' or '.join(QUANTIZE)}: int8 = dynamic int8 weights "
+                                 "(onnxruntime) of the --quantize-ops, activations quantised per batch."),
+    quantize_ops: str = typer.Option(",".join(O("quantize_ops")), help="With --quantize int8: the op types whose "
+                                     "weights become int8 (comma-separated; add Gather to store the embeddings as "
+                                     "int8 too: a third of the bytes)."),
     opset: int = typer.Option(O("opset"), help="ONNX opset of the graph."),
     tolerance: float = typer.Option(O("tolerance"), help="Largest |logit difference| to PyTorch the float32 graph "
                                     "may show on a check batch; a larger one refuses the export."),
     overwrite: bool = typer.Option(O("overwrite"), help="Replace an export already in --output-dir."),
     config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
-    """Export a student to ONNX (needs `pip install "lrc[onnx]"`); `lrc evaluate` then takes the output dir."""
+    """Export a student to ONNX (needs onnx and onnxruntime: pip install "lrc\\[onnx]"); `lrc evaluate` then takes the output dir."""
     from pipeline.export import export_model
 
+    ops = tuple(x.strip() for x in quantize_ops.split(",") if x.strip())
     info = export_model(ExportConfig(source=source, output_dir=output_dir, format=fmt, quantize=quantize,
-                                     opset=opset, tolerance=tolerance, overwrite=overwrite))
+                                     quantize_ops=ops, opset=opset, tolerance=tolerance, overwrite=overwrite))
     typer.echo(f"export: {output_dir}  {info['quantize']}  {info['model_bytes'] / 1e6:.1f} MB (source "
                f"{info['source_bytes'] / 1e6:.1f} MB)  max logit diff {info['max_abs_logit_diff']:.2g}  "
                f"{info['export_seconds']} s")

@@ -47,7 +47,10 @@ def big_teacher(num_labels: int) -> Loaded:
     """all-mpnet-base-v2 (12 x 768) with a fresh classification head, for latency and size only."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    import transformers
+
     path = Path(resolve_backbone(BUNDLED_MPNET))
+    transformers.logging.set_verbosity_error()  # its load report lists the fresh head as MISSING: expected here
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return Loaded(path, model, tokenizer, torch.device("cpu"), "token_type_ids" in tokenizer.model_input_names,
@@ -97,39 +100,70 @@ def where_time_goes(export_dir: Path, texts: list[str], batch: int, rounds: int)
             "graph_nodes_ms": round(statistics.median(sum(r.values()) for r in timed) / 1e3, 3), "by_op_ms": ops}
 
 
+@torch.inference_mode()
+def torch_time_goes(model_dir: Path, texts: list[str], batch: int, rounds: int) -> dict[str, float]:
+    """The PyTorch student on the same batches: tokenisation and the forward, medians in ms."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tok, run = [], []
+    for r in range(rounds + 2):
+        chunk = [texts[(r * batch + i) % len(texts)] for i in range(batch)]
+        start = time.perf_counter()
+        enc = tokenizer(chunk, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        mid = time.perf_counter()
+        model(**enc)
+        if r >= 2:
+            tok.append(mid - start)
+            run.append(time.perf_counter() - mid)
+    return {"batch": batch, "tokenize_ms": round(1e3 * statistics.median(tok), 3),
+            "forward_ms": round(1e3 * statistics.median(run), 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", type=Path, required=True, help="a train-student output dir (the 4 x 312 student)")
-    parser.add_argument("--task-teacher", type=Path, help="the student's own teacher dir (dev metric, latency)")
+    parser.add_argument("--task-teacher", type=Path, help="the student's own (fine-tuned) teacher dir: dev metric, "
+                        "latency, and its int8 export as a second measure of what int8 costs")
     parser.add_argument("--task", default="sst2")
     parser.add_argument("--work-dir", type=Path, default=Path("data/bench-export"), help="where the exports go")
     parser.add_argument("--timing-rounds", type=int, default=10, help="timed rounds per batch size (after 2 warm-up)")
     parser.add_argument("--seq-length", type=int, default=128)
     parser.add_argument("--no-big-teacher", action="store_true", help="skip the 12 x 768 teacher")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads of torch and onnxruntime "
+                        "(default: torch's); 1 is steadier on an oversubscribed machine")
     parser.add_argument("--output", type=Path, default=Path("docs/export_results.json"))
     args = parser.parse_args()
     setup_logging()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # onnxruntime sessions follow torch's count (pipeline/onnx_model.py)
     task = get_task(args.task)
     data = DataConfig(task=task.name)
     config = EvaluateConfig(model_dir=args.student, data=data, batch_size=32, also_batch_sizes=(1,),
                             seq_length=args.seq_length, timing_batches=args.timing_rounds, device="cpu")
     probe_before = gemm_probe()
 
+    jobs = [("student", args.student, "none"), ("student", args.student, "int8")]
+    if args.task_teacher is not None:  # a fine-tuned model: a second check of what int8 costs in accuracy
+        jobs.append(("task teacher", args.task_teacher, "int8"))
     exports = {}
-    for quantize in ("none", "int8"):
-        out = args.work_dir / f"{args.student.name}-onnx-{'fp32' if quantize == 'none' else quantize}"
+    for role, source, quantize in jobs:
+        label = f"{role} ONNX {'fp32' if quantize == 'none' else quantize}"
+        out = args.work_dir / f"{source.name}-onnx-{'fp32' if quantize == 'none' else quantize}"
         start = time.perf_counter()
-        info = export_model(ExportConfig(source=args.student, output_dir=out, quantize=quantize, overwrite=True))
-        exports[quantize] = {"dir": str(out), "wall_seconds": round(time.perf_counter() - start, 1),
-                             "export_seconds": info["export_seconds"], "model_bytes": info["model_bytes"],
-                             "max_abs_logit_diff": info["max_abs_logit_diff"], "quantized_nodes": info["quantized_nodes"]}
+        info = export_model(ExportConfig(source=source, output_dir=out, quantize=quantize, overwrite=True))
+        exports[label] = {"dir": str(out), "wall_seconds": round(time.perf_counter() - start, 1),
+                          "export_seconds": info["export_seconds"], "model_bytes": info["model_bytes"],
+                          "max_abs_logit_diff": info["max_abs_logit_diff"], "quantized_nodes": info["quantized_nodes"]}
 
     names = ["student PyTorch fp32", "student ONNX fp32", "student ONNX int8"]
-    models = [load_model(args.student, task, config), load_model(Path(exports["none"]["dir"]), task, config),
-              load_model(Path(exports["int8"]["dir"]), task, config)]
+    models = [load_model(args.student, task, config)]
+    models += [load_model(Path(exports[name]["dir"]), task, config) for name in names[1:]]
     if args.task_teacher is not None:
-        names.insert(0, "task teacher PyTorch fp32")
-        models.insert(0, load_model(args.task_teacher, task, config))
+        names[:0] = ["task teacher PyTorch fp32", "task teacher ONNX int8"]
+        models[:0] = [load_model(args.task_teacher, task, config),
+                      load_model(Path(exports["task teacher ONNX int8"]["dir"]), task, config)]
     if not args.no_big_teacher:
         names.insert(0, "12x768 teacher PyTorch fp32 (MPNet, not fine-tuned)")
         models.insert(0, big_teacher(task.num_labels))
@@ -150,8 +184,9 @@ def main() -> None:
     probe_after = gemm_probe()
 
     texts = list(dev.text_a)
-    breakdown = {label: [where_time_goes(Path(exports[q]["dir"]), texts, b, args.timing_rounds) for b in (1, 32)]
-                 for label, q in (("int8", "int8"), ("fp32", "none"))}
+    breakdown = {label: [where_time_goes(Path(exports[f"student ONNX {label}"]["dir"]), texts, b, args.timing_rounds)
+                         for b in (1, 32)] for label in ("int8", "fp32")}
+    breakdown["pytorch"] = [torch_time_goes(args.student, texts, b, args.timing_rounds) for b in (1, 32)]
     results = {"task": task.name, "seq_length": args.seq_length, "timing_rounds": args.timing_rounds,
                "torch_threads": torch.get_num_threads(), "gemm_gflops_before": round(probe_before, 1),
                "gemm_gflops_after": round(probe_after, 1), "exports": exports, "models": rows,
@@ -176,6 +211,9 @@ def render(results: dict) -> str:
                  f"exports: " + ", ".join(f"{q} {e['wall_seconds']} s" for q, e in results["exports"].items()))
     for label, parts in results["where_time_goes"].items():
         for p in parts:
+            if label == "pytorch":
+                lines.append(f"pytorch b{p['batch']}: tokenize {p['tokenize_ms']:.2f} ms, forward {p['forward_ms']:.2f} ms")
+                continue
             top = ", ".join(f"{op} {ms:.2f}" for op, ms in list(p["by_op_ms"].items())[:6])
             lines.append(f"{label} b{p['batch']}: tokenize {p['tokenize_ms']:.2f} ms, session.run {p['session_run_ms']:.2f} "
                          f"ms (nodes {p['graph_nodes_ms']:.2f}); top ops ms: {top}")

@@ -100,8 +100,9 @@ def load_model(model_dir: Path, task: TaskSpec, config: EvaluateConfig) -> Loade
         from pipeline.onnx_model import load_exported
 
         model, tokenizer = load_exported(model_dir, task.num_labels, task.name, "model dir", config.allow_task_mismatch)
-        if config.device == "cuda":
-            log.warning("%s is an ONNX model: it runs on the CPU (onnxruntime's CPU provider)", model_dir)
+        if config.device == "cuda" or config.precision != "fp32":
+            log.warning("%s is an ONNX model: it runs on the CPU (onnxruntime's CPU provider) with the weights it "
+                        "was exported with, whatever --device and --precision say", model_dir)
         return Loaded(Path(model_dir), model, tokenizer, torch.device("cpu"), "token_type_ids" in model.input_names,
                       "onnxruntime")
     model, tokenizer = load_classifier(model_dir, task, config.trust_remote_code, config.allow_task_mismatch)

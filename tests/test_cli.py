@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from cli import app
 from conftest import REPO, sst2_lines, write_tsv
 
-COMMANDS = ["finetune-teacher", "extract-teacher", "inspect-cache", "build-negatives"]
+COMMANDS = ["finetune-teacher", "extract-teacher", "inspect-cache", "build-negatives", "export"]
 runner = CliRunner()
 
 
@@ -200,14 +200,17 @@ CONFIGS = {
     "finetune-teacher": ("FinetuneConfig", "DataConfig"), "extract-teacher": ("ExtractConfig", "DataConfig", "CorpusConfig"),
     "build-negatives": ("NegativesConfig",), "train-student": ("TrainConfig",),
     "evaluate": ("EvaluateConfig", "DataConfig"), "demo": ("DemoConfig",), "sweep": ("TrainConfig",),
+    "export": ("ExportConfig",),
 }
-OPTION_FIELDS = {"lr": "learning_rate", "corpus_config": "dataset_config", "corpus_split": "dataset_split"}
+OPTION_FIELDS = {"lr": "learning_rate", "corpus_config": "dataset_config", "corpus_split": "dataset_split",
+                 "fmt": "format"}
 CLI_ONLY = {"config", "verbose", "verify", "grid", "set_", "shard", "base", "data_dir"}  # data_dir: $LRC_DATA_DIR
 
 
 def _as_field_value(value, default):
-    if isinstance(default, tuple) and isinstance(value, str):  # alpha:beta:gamma
-        return tuple(float(x) for x in value.split(":"))
+    if isinstance(default, tuple) and isinstance(value, str):  # alpha:beta:gamma, or a comma-separated list
+        parts = value.split(":") if ":" in value else value.split(",")
+        return tuple(type(default[0])(x) for x in parts) if default else ()
     return value
 
 

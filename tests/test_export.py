@@ -6,6 +6,7 @@ outputs are refused in one line with nothing half-written left behind."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -117,6 +118,14 @@ def test_int8_stays_close_and_keeps_the_label_of_almost_every_sentence(tmp_path:
     assert np.abs(reference - quantized).max() <= INT8_TOL * scale
     agree = (reference.argmax(1) == quantized.argmax(1)).mean()
     assert agree >= 0.9, agree
+    # The embeddings as int8 too: a smaller file, logits within the same bound.
+    gather = export_model(ExportConfig(source=student, output_dir=tmp_path / "gather", quantize="int8",
+                                       quantize_ops=("MatMul", "Gemm", "Gather")))
+    assert gather["model_bytes"] < 0.5 * info["model_bytes"]
+    embedded = dev_logits(int8, OnnxClassifier(tmp_path / "gather" / MODEL_FILE, config), sentences)
+    assert np.abs(reference - embedded).max() <= INT8_TOL * scale
+    assert_refused(lambda: ExportConfig(source=student, output_dir=tmp_path / "x", quantize_ops=("Conv",)),
+                   "--quantize-ops must be some of")
 
 
 def test_refusals_leave_nothing_behind(tmp_path: Path, minilm_dir: Path) -> None:
@@ -196,3 +205,18 @@ def test_cli_export_then_evaluate_the_exported_dir_against_its_source(tmp_path: 
         result = runner.invoke(app, ["evaluate", str(out), "--task", "sst2", "--data-dir", str(glue_dir), "--output",
                                      str(output)])
         assert result.exit_code == 1 and message in result.stderr, result.stderr
+
+
+def test_without_the_onnx_extra_both_commands_say_what_to_install(tmp_path: Path, minilm_dir: Path, glue_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.config import DataConfig, EvaluateConfig
+    from pipeline.evaluate import evaluate
+
+    student = make_student(tmp_path / "student", "bert", minilm_dir)
+    export_model(ExportConfig(source=student, output_dir=tmp_path / "out"))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    assert_refused(lambda: export_model(ExportConfig(source=student, output_dir=tmp_path / "again")),
+                   'pip install "lrc[onnx]"')
+    assert_refused(lambda: evaluate(EvaluateConfig(model_dir=tmp_path / "out", data=DataConfig(task="sst2",
+                                                   data_dir=glue_dir), device="cpu")), 'pip install "lrc[onnx]"')
+    assert not (tmp_path / "again").exists()
