@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import __version__, outdir
-from pipeline.cache import write_json_atomic
+from pipeline.cache import read_manifest, write_json_atomic
 from pipeline.cache_read import open_cache
 from pipeline.config import NegativesConfig
 from pipeline.errors import LrcError
@@ -373,6 +373,7 @@ def check_outputs(out: Path) -> None:
 
 def build_negatives(config: NegativesConfig) -> Path:
     """`lrc build-negatives`: read the cache's train split, find candidates, write the Arrow file and manifest."""
+    read_manifest(config.cache_dir)  # a missing or foreign cache is refused before the lock beside the output is made
     with outdir.lock(config.output_path, "build-negatives"):
         return _build(config)
 
