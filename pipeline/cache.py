@@ -29,6 +29,7 @@ import pyarrow as pa
 from pipeline import __version__
 from pipeline.errors import LrcError
 from pipeline.quant import INT8, scale_column, settings_entry
+from pipeline.runtime import check_max_length
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,9 @@ def hidden_column(layer: int) -> str:
 
 def storage_settings(config: Any, model_config: Any, layers: list[int]) -> dict[str, Any]:
     """The settings that say how a cache stores the teacher's states, the same for task and corpus caches;
-    `config` is the ExtractConfig, `model_config` the teacher's."""
+    `config` is the ExtractConfig, `model_config` the teacher's. Both cache kinds build these from the loaded
+    teacher before any shard, so a --max-length the teacher cannot read is refused here, before work starts."""
+    check_max_length(model_config, config.max_length, "the teacher")
     return {
         "max_length": config.max_length,
         "layers": layers,

@@ -74,6 +74,8 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 
 def evaluate_model(model_dir: Path, task: TaskSpec, config: EvaluateConfig) -> dict[str, Any]:
     model, tokenizer = load_classifier(model_dir, task, config.trust_remote_code, config.allow_task_mismatch)
+    runtime.check_max_length(model.config, config.max_length, f"model dir {model_dir}")
+    runtime.check_max_length(model.config, config.seq_length, f"model dir {model_dir}", "--seq-length")
     device = pick_device(config.device)
     model.to(device)
     dev = load_examples(config.data, "dev")

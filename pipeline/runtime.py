@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.errors import LrcError
+from pipeline.families import usable_positions
 from pipeline.tasks import TASKS, get_task
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,15 @@ def load_classifier(model_dir: Path, num_labels: int, task_name: str, role: str,
     tokenizer = from_pretrained(AutoTokenizer.from_pretrained, model_dir, role, trust_remote_code)
     check_vocabulary(model, tokenizer, f"{role} {model_dir}")
     return model, tokenizer
+
+
+def check_max_length(model_config: Any, max_length: int, source: str, flag: str = "--max-length") -> None:
+    """A length option within the positions the model can read: a longer input fails only when a long enough
+    example comes, mid-run, with a size-mismatch traceback from the position embeddings."""
+    positions = usable_positions(model_config)
+    if max_length > positions:
+        raise LrcError(f"{flag} {max_length} is longer than {source} reads ({positions} positions): pass "
+                       f"{flag} {positions} or less")
 
 
 def check_vocabulary(model: torch.nn.Module, tokenizer: Any, source: str) -> None:
