@@ -306,3 +306,19 @@ def test_a_grid_with_a_bad_value_is_refused_before_the_first_point(orphan_cache:
     assert_refused(lambda: SweepConfig(base=base_config(orphan_cache), grid=(("learning_rate", (1e-4, float("nan"))),),
                                        output_dir=out), "learning_rate=nan", "--lr")
     assert counter.calls == [] and not out.exists()
+
+
+def test_finished_points_on_rebuilt_negatives_are_not_reused(swept: Path, orphan_cache: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the cache's fingerprint was compared: a finished point trained on other negatives was reused as if it
+    were this grid's."""
+    cache, out = tmp_path / "cache", tmp_path / "sweep"
+    shutil.copytree(orphan_cache, cache)
+    shutil.copytree(swept, out)
+    build_negatives(NegativesConfig(cache_dir=cache, k=2, seed=5))  # the same cache, other candidates
+    counter = CountingTrain(monkeypatch)
+    with pytest.raises(LrcError, match="every point of the sweep failed"):
+        run_sweep(SweepConfig(base=base_config(cache), grid=LR_GRID, output_dir=out))
+    assert counter.calls == []
+    rows = read_csv(out / "results.csv")
+    assert all("the negatives file (rebuilt since)" in r["message"] for r in rows)
