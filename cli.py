@@ -14,14 +14,14 @@ from typing import Any, Callable, Optional
 import typer
 
 from pipeline.config import (
-    DATA_DIR_ENV, CorpusConfig, DataConfig, DemoConfig, EvaluateConfig, ExtractConfig, FinetuneConfig, NegativesConfig,
-    SweepConfig, TrainConfig, default_of, load_config_file,
+    DATA_DIR_ENV, EXPORT_FORMATS, QUANTIZE, CorpusConfig, DataConfig, DemoConfig, EvaluateConfig, ExportConfig,
+    ExtractConfig, FinetuneConfig, NegativesConfig, SweepConfig, TrainConfig, default_of, load_config_file,
 )
 from pipeline.errors import LrcError
 
 # Every default below is read from the config dataclasses (one source): F("epochs") is FinetuneConfig's.
-F, X, N, T, E, D = (functools.partial(default_of, c) for c in (FinetuneConfig, ExtractConfig, NegativesConfig,
-                                                               TrainConfig, EvaluateConfig, DemoConfig))
+F, X, N, T, E, D, O = (functools.partial(default_of, c) for c in (FinetuneConfig, ExtractConfig, NegativesConfig,
+                                                                  TrainConfig, EvaluateConfig, DemoConfig, ExportConfig))
 
 app = typer.Typer(
     help="LRC-BERT distillation as an offline pipeline: run the teacher once, cache its features, "
@@ -316,7 +316,8 @@ def train_student(
     hidden: int = typer.Option(T("hidden"), help="Student hidden size."),
     heads: int = typer.Option(T("heads"), help="Student attention heads (must divide --hidden)."),
     intermediate: int = typer.Option(T("intermediate"), help="Student FFN size."),
-    init: str = typer.Option(T("init"), help="random, teacher (copy embeddings + mapped layers; needs --hidden = teacher width) or a model dir (its depth and width are the student's)."),
+    init: str = typer.Option(T("init"), help="random, teacher (the teacher cut to the student: embeddings and the mapped layers, at --hidden/--heads/--intermediate no larger than the teacher's, keeping the channels, heads, head dims and FFN neurons --init-selection picks) or a model dir (its depth and width are the student's)."),
+    init_selection: str = typer.Option(T("init_selection"), help="What a narrower --init teacher keeps: activation (the highest importance scores extract-teacher recorded over the train rows: mean |h| per residual channel, |activation| per FFN neuron, |q_d k_d| and |v_d| per head dim; evenly spaced where the cache has none) or uniform (evenly spaced). One channel set serves the whole residual stream; Q is rescaled so the kept dims give the teacher's attention scores."),
     student_family: Optional[str] = typer.Option(T("student_family"), help="Student family (bert, roberta, deberta-v2, electra, mpnet, distilbert) when it should differ from the teacher's; it must read the teacher's token ids (same vocabulary; segment embeddings if the teacher reads segments)."),
     layer_map: Optional[str] = typer.Option(None, help="Teacher layer per student layer, e.g. 2,3,5,6; default round_half_up(i*N/M)."),
     intermediate_loss: str = typer.Option(T("intermediate_loss"), help="cos_nce (LRC-BERT), hidden_mse (TinyBERT-style baseline) or none (KD-only)."),
@@ -328,7 +329,7 @@ def train_student(
     stage2_weights: str = typer.Option(_weights_text(T("stage2_weights")), help="alpha:beta:gamma in stage two."),
     one_stage: bool = typer.Option(T("one_stage"), "--one-stage", help="Train all steps with the stage-two weights (ablation)."),
     perturb_eps: float = typer.Option(T("perturb_eps"), help="Gradient perturbation size on the embedding output; 0 = off."),
-    projection_init: str = typer.Option(T("projection_init"), help="Start of the COS-NCE / MSE projections W_i: auto (identity where student and teacher widths match; else the W_i a general student in --init saved, when they map the same teacher layers; else random), identity or random."),
+    projection_init: str = typer.Option(T("projection_init"), help="Start of the COS-NCE / MSE projections W_i: auto (identity where student and teacher widths match; for a narrower --init teacher, each kept channel mapped back to its teacher channel; else the W_i a general student in --init saved, when they map the same teacher layers; else random), identity or random."),
     epochs: float = typer.Option(T("epochs"), help="Training epochs (fractions allowed)."),
     max_steps: Optional[int] = typer.Option(None, help="Train exactly this many steps (overrides --epochs)."),
     batch_size: int = typer.Option(T("batch_size"), help="Training batch size: the global batch of one optimizer step. Under torchrun it is split evenly over the processes (each takes batch-size / WORLD_SIZE rows; it must divide evenly), so the same value trains the same way on any number of processes."),
@@ -354,7 +355,7 @@ def train_student(
     mapping, _ = _parse_layers(layer_map) if layer_map else (None, False)
     summary = run(TrainConfig(
         cache_dir=cache_dir, output_dir=output_dir, negatives=negatives, negatives_source=negatives_source, layers=layers, hidden=hidden, heads=heads,
-        intermediate=intermediate, init=init, student_family=student_family, layer_map=mapping, intermediate_loss=intermediate_loss,
+        intermediate=intermediate, init=init, init_selection=init_selection, student_family=student_family, layer_map=mapping, intermediate_loss=intermediate_loss,
         granularity=granularity, k=k, temperature=temperature, stage1_fraction=stage1_fraction,
         stage1_weights=_parse_weights(stage1_weights, "--stage1-weights"),
         stage2_weights=_parse_weights(stage2_weights, "--stage2-weights"), one_stage=one_stage,
@@ -374,13 +375,14 @@ def train_student(
 @app.command("evaluate")
 @_friendly
 def evaluate(
-    model_dir: Path = typer.Argument(..., help="A teacher or student dir (HF format, with a classification head)."),
+    model_dir: Path = typer.Argument(..., help="A teacher or student dir (HF format, with a classification head), or an `lrc export` dir."),
     task: str = TaskOpt,
-    compare: Optional[Path] = typer.Option(None, help="A second model dir (e.g. the teacher) to put side by side, with ratios."),
+    compare: Optional[Path] = typer.Option(None, help="A second model dir (e.g. the teacher) to put side by side, with ratios; latencies are timed interleaved on the same inputs."),
     max_length: int = typer.Option(E("max_length"), help="Truncate dev inputs to this many tokens."),
     batch_size: int = typer.Option(E("batch_size"), help="Batch size of the latency/throughput measurement."),
+    also_batch_sizes: str = typer.Option(",".join(map(str, E("also_batch_sizes"))), help="Also time the latency at these batch sizes (comma-separated; empty: none)."),
     seq_length: int = typer.Option(E("seq_length"), help="Sequence length of the latency/throughput measurement."),
-    timing_batches: int = typer.Option(E("timing_batches"), help="Timed batches (after 2 warm-up batches); the median is reported."),
+    timing_batches: int = typer.Option(E("timing_batches"), help="Timed batches per batch size (after 2 warm-up batches); the median is reported."),
     output: Optional[Path] = typer.Option(None, help="Also write the results as JSON to this file."),
     data_dir: Optional[Path] = DataDirOpt,
     dev_file: Optional[Path] = typer.Option(None, help="Evaluate on this file (.csv, .tsv, .jsonl, .parquet) instead of the dev split."),
@@ -395,10 +397,42 @@ def evaluate(
     data = _data(task, data_dir, None, dev_file, text_column, text_pair_column, label_column, None, 0)
     results = run(EvaluateConfig(
         model_dir=model_dir, data=data, compare=compare, max_length=max_length, batch_size=batch_size,
+        also_batch_sizes=_parse_batch_sizes(also_batch_sizes),
         seq_length=seq_length, timing_batches=timing_batches, device=device, precision=precision, output=output,
         allow_task_mismatch=allow_task_mismatch, trust_remote_code=trust_remote_code,
     ))
     typer.echo(format_table(results))
+
+
+def _parse_batch_sizes(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise LrcError(f"--also-batch-sizes must be comma-separated integers like 1 or 1,8; got {value!r}") from None
+
+
+@app.command("export")
+@_friendly
+def export(
+    source: Path = typer.Argument(..., help="A train-student output dir (or a teacher dir) with a classification head."),
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where the exported model dir is written."),
+    fmt: str = typer.Option(O("format"), "--format", help=f"Export format: {', '.join(EXPORT_FORMATS)}."),
+    quantize: str = typer.Option(O("quantize"), help=f"{' or '.join(QUANTIZE)}: int8 = dynamic int8 weights of "
+                                 f"{'/'.join(O('quantize_ops'))} (onnxruntime), activations quantised per batch."),
+    opset: int = typer.Option(O("opset"), help="ONNX opset of the graph."),
+    tolerance: float = typer.Option(O("tolerance"), help="Largest |logit difference| to PyTorch the float32 graph "
+                                    "may show on a check batch; a larger one refuses the export."),
+    overwrite: bool = typer.Option(O("overwrite"), help="Replace an export already in --output-dir."),
+    config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
+) -> None:
+    """Export a student to ONNX (needs `pip install "lrc[onnx]"`); `lrc evaluate` then takes the output dir."""
+    from pipeline.export import export_model
+
+    info = export_model(ExportConfig(source=source, output_dir=output_dir, format=fmt, quantize=quantize,
+                                     opset=opset, tolerance=tolerance, overwrite=overwrite))
+    typer.echo(f"export: {output_dir}  {info['quantize']}  {info['model_bytes'] / 1e6:.1f} MB (source "
+               f"{info['source_bytes'] / 1e6:.1f} MB)  max logit diff {info['max_abs_logit_diff']:.2g}  "
+               f"{info['export_seconds']} s")
 
 
 @app.command("demo")

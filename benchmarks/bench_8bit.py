@@ -1,4 +1,4 @@
-"""8-bit schemes for hidden states compared on one real float16 cache (issue 15: keep the better).
+"""8-bit schemes for hidden states compared on one real float16 cache (keep the better).
 
 Every real token vector of the train split, per stored layer, is quantised in memory by each scheme and
 dequantised, then compared with its float16 original: the cosine (min, 1st percentile, mean), which is

@@ -1,12 +1,12 @@
 """Anchor rows/s of the train-student data path (CacheDataset + EpochBatchSampler + DataLoader), batch 64, K=4.
 
-The question (issue 15): can the data path feed a GPU? Measured on caches of real SST-2 train rows from a
+The question: can the data path feed a GPU? Measured on caches of real SST-2 train rows from a
 random BERT-shaped teacher (default 4 x 768, all four layers stored: the bytes of a BERT-base teacher and a
 4-layer student), float16 and int8, with `random` negatives from the file (each batch gathers 64 + 256 rows)
 or in-batch negatives (64 rows). Page cache warm (the cold/read-ahead figures are in docs/PERFORMANCE.md).
 
 Variants, alternated (A, B, C, ..., A, B, C, ...) between GEMM probes, each with a fresh dataset:
-  before issue 15   the per-row path (loaded from git at BASELINE_COMMIT), fp16, negatives file
+  per-row path   the old path (loaded from git at BASELINE_COMMIT), fp16, negatives file
   vectorised        pipeline/batches.py + pipeline/gather.py, fp16 or int8, file or in-batch negatives
   + to_device       also dequantising / building in-batch negatives on the host (a CPU run; on a GPU the device does it)
 
@@ -59,7 +59,7 @@ def build(work: Path, rows: int, width: int, layers: int, data_dir: Path) -> dic
     return caches
 
 
-BASELINE_COMMIT = "29e5fe0"  # pipeline/batches.py before issue 15: per-row reads and per-row padding
+BASELINE_COMMIT = "29e5fe0"  # pipeline/batches.py per-row path: per-row reads and per-row padding
 
 
 def baseline_module():
@@ -127,7 +127,7 @@ def main() -> None:
         old = baseline_module()
         fp16, fp16_negs = caches["float16"]
         variants = {  # name: (cache, negatives or None for in-batch, workers, module, to_device on the host)
-            "before issue 15: per-row path, fp16, negatives file": (fp16, fp16_negs, 0, old, False),
+            "per-row path, fp16, negatives file": (fp16, fp16_negs, 0, old, False),
             "vectorised, fp16, negatives file": (fp16, fp16_negs, 0, batches, False),
             "vectorised, fp16, in-batch": (fp16, None, 0, batches, False),
         }

@@ -1,4 +1,4 @@
-"""One process against two under torchrun (issue 14), on this machine's CPUs: extraction, a training epoch, and the
+"""One process against two under torchrun, on this machine's CPUs: extraction, a training epoch, and the
 per-step all-reduce of a 4 x 312 student's gradients on gloo.
 
 Teacher: the real all-MiniLM-L6-v2 with a random 2-label head over real SST-2 train rows; student 4 x 312 (the

@@ -1,4 +1,4 @@
-"""int8 against float16 hidden states on real caches of the same teacher and rows (issue 15).
+"""int8 against float16 hidden states on real caches of the same teacher and rows.
 
 Reports, for a float16 cache and an int8 cache extracted from the same teacher over the same rows:
 - bytes per train example of each, against tokens x layers x d' x 2 (the float16 size rule);

@@ -1,4 +1,4 @@
-"""Training from the cache against training with the teacher in the loop (DESIGN §1, issue: train-student).
+"""Training from the cache against training with the teacher in the loop (docs/DESIGN.md §1).
 
 Variants, each the same student step (library `train_step`: COS-NCE + soft + hard, K negatives,
 gradient perturbation on) and AdamW update, in its own process so peak memory is its own:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's headline setting with a real BERT-base-sized teacher (issue 12): all-mpnet-base-v2 (12 x 768,
+# The paper's headline setting with a real BERT-base-sized teacher: all-mpnet-base-v2 (12 x 768,
 # MPNet) fine-tuned on an SST-2 subsample, cached once, then distilled into
 #   - a 4 x 312 MPNet-family student from random weights (the paper's student shape), and
 #   - a 6 x 768 student initialised from the teacher (embeddings, layers 2,4,..,12, head),

@@ -33,7 +33,6 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from glue_results import METHODS, _usable_negatives  # noqa: E402

@@ -3,8 +3,9 @@
 Teacher, task cache and negatives are `lrc demo`'s (its defaults: the bundled all-MiniLM-L6-v2 fine-tuned one
 epoch on a seeded 4,000-row subset of SST-2; pipeline/demo.py `task_stages`, reused when there). Every student
 then sees one epoch of those rows at lr 5e-4, batch 16, and keeps its LAST checkpoint (dev never chooses one).
-Rows: lrc recipes (LRC two-stage and one-stage, KD-only, hidden MSE) from a random init and, with
---general-student DIR, from a general-distilled student; and a plain online loop outside lrc's trainer (the
+Rows: lrc recipes (LRC two-stage and one-stage, KD-only, hidden MSE) from a random init, from the teacher
+cut to 4x312 (`--init teacher`, activation or uniform selection) and, with --general-student DIR, from a
+general-distilled student; and a plain online loop outside lrc's trainer (the
 teacher runs every step; hidden MSE + soft KL at t = 1, constant lr, no clipping, no perturbation), the
 reference a user would write by hand. Per (row, seed) results go to <work-dir>/short_budget.json as they
 arrive, so a killed run continues where it stopped.
@@ -41,7 +42,8 @@ from pipeline.train import train_or_reuse
 log = logging.getLogger("short_budget")
 
 BASELINE = {"intermediate_loss": "none", "perturb_eps": 0.0}  # as benchmarks/glue_results.py: no perturbation
-# row -> (init: "random" or "general", TrainConfig overrides); "online" rows run online_loop instead.
+# row -> (init: "random", "general" or "teacher", TrainConfig overrides); "online" rows run online_loop instead.
+# "teacher": the 4x312 student cut from the 6x384 teacher (pipeline/select.py), with --init-selection as given.
 ROWS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "LRC (two-stage)": ("random", {}),
     "LRC one-stage": ("random", {"one_stage": True}),
@@ -53,6 +55,10 @@ ROWS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "KD-only, general init": ("general", BASELINE),
     "LRC (two-stage), general init": ("general", {}),
     "Hidden-MSE, general init": ("general", {**BASELINE, "intermediate_loss": "hidden_mse"}),
+    "LRC, selected init (activation)": ("teacher", {"init_selection": "activation"}),
+    "KD-only, selected init (activation)": ("teacher", {**BASELINE, "init_selection": "activation"}),
+    "LRC, selected init (uniform)": ("teacher", {"init_selection": "uniform"}),
+    "KD-only, selected init (uniform)": ("teacher", {**BASELINE, "init_selection": "uniform"}),
 }
 
 
@@ -60,7 +66,7 @@ def lrc_run(paths: dict[str, Path], row: str, seed: int, args: argparse.Namespac
     init, overrides = ROWS[row]
     slug = f"{row}-seed{seed}".replace(" ", "_").replace(",", "").replace("(", "").replace(")", "").replace("+", "")
     config = TrainConfig(cache_dir=paths["cache"], output_dir=args.work_dir / "runs" / slug,
-                         init="random" if init == "random" else str(args.general_student), epochs=1.0,
+                         init=init if init in ("random", "teacher") else str(args.general_student), epochs=1.0,
                          learning_rate=args.lr, batch_size=args.batch_size, seed=seed, keep="last", num_workers=0)
     summary, _ = train_or_reuse(replace(config, **overrides))
     return {"dev": summary["best"], "train_seconds": summary["train_seconds"]}
@@ -141,7 +147,7 @@ def main() -> None:
     args = parser.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
     rows = [r.strip() for r in args.rows.split(";")] if args.rows else [
-        r for r in ROWS if ROWS[r][0] == "random" or args.general_student is not None]
+        r for r in ROWS if ROWS[r][0] != "general" or args.general_student is not None]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         parser.error(f"unknown --rows {unknown}: choose from {'; '.join(ROWS)}")

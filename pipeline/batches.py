@@ -179,7 +179,7 @@ class CacheDataset(Dataset):
         if negative_ids.ndim != 2 or len(negative_ids) != len(ids):
             raise ValueError(f"negatives.sample gave shape {negative_ids.shape} for {len(ids)} rows, want (B, K)")
         b, k = negative_ids.shape
-        # COS-NCE compares a negative with its anchor over their shared positions only (DESIGN §2), so tokens
+        # COS-NCE compares a negative with its anchor over their shared positions only (docs/DESIGN.md §2), so tokens
         # past the anchor's length are never used: cutting them shrinks negative_hidden.
         p = gather.plan(reader, negative_ids.reshape(-1), np.repeat(anchors.lengths, k))
         out = {"negative_ids": torch.from_numpy(negative_ids)}

@@ -1,4 +1,4 @@
-"""The cache: the contract between the stages (DESIGN §3). Schema, writing, checksums, manifest.
+"""The cache: the contract between the stages (docs/DESIGN.md §3). Schema, writing, checksums, manifest.
 
 A cache directory holds `settings.json` (written first: what the run promised to produce),
 `shards/<split>-<start>-<stop>.arrow` (Arrow IPC stream files, one row per example, written
@@ -49,6 +49,7 @@ TEACHER_WEIGHTS_DIR = "teacher_weights"  # for `--init teacher`; read, never run
 CONTENT_PATHS = (TOKENIZER_DIR, TEACHER_WEIGHTS_DIR)
 POOLED_DEFINITION = "mean over real tokens of the last teacher layer's hidden states, computed in float32"
 SIDECAR_SUFFIX = ".sha256.json"  # <shard stem>.sha256.json: the shard's size and hashes, written before it
+IMPORTANCE_SUFFIX = ".importance.npz"  # <shard stem>.importance.npz: its importance sums (pipeline/importance.py)
 _SHARD_RE = re.compile(r"^(?P<split>[a-z_]+)-(?P<start>\d{9})-(?P<stop>\d{9})\.arrow$")
 # The quick check reads the first and last 64 KiB (Arrow schema and batch metadata, the end-of-stream
 # marker) and 16 blocks of 4 KiB spread over the body: a few reads per shard whatever its size.
@@ -248,9 +249,10 @@ def remove_temp_files(cache_dir: Path) -> None:
     shard_dir = cache_dir / SHARD_DIR
     for tmp in shard_dir.glob(".*.tmp-*") if shard_dir.is_dir() else []:
         tmp.unlink()
-    for sidecar in shard_dir.glob(f"*{SIDECAR_SUFFIX}") if shard_dir.is_dir() else []:
-        if not sidecar.with_name(sidecar.name.removesuffix(SIDECAR_SUFFIX) + ".arrow").is_file():
-            sidecar.unlink()
+    for suffix in (SIDECAR_SUFFIX, IMPORTANCE_SUFFIX):
+        for sidecar in shard_dir.glob(f"*{suffix}") if shard_dir.is_dir() else []:
+            if not sidecar.with_name(sidecar.name.removesuffix(suffix) + ".arrow").is_file():
+                sidecar.unlink()
 
 
 def _sidecar(path: Path) -> dict[str, Any] | None:
@@ -278,6 +280,7 @@ def trusted_shards(cache_dir: Path, split: str, ranges: set[tuple[int, int]] | N
                     "none" if record is None else "corrupted or changed since it was written")
         path.unlink()
         sidecar_path(path).unlink(missing_ok=True)
+        path.with_name(path.name.removesuffix(".arrow") + IMPORTANCE_SUFFIX).unlink(missing_ok=True)
     return trusted
 
 
@@ -302,10 +305,12 @@ def manifest_fingerprint(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def assemble_manifest(cache_dir: Path, settings: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def assemble_manifest(cache_dir: Path, settings: dict[str, Any], extra: dict[str, Any],
+                      importance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Check that each split's shards tile its rows, record their checksums (from the sidecars written
     with them, or checked by `trusted_shards` on resume) and those of every other file later stages read,
-    fingerprint the whole, and write manifest.json last."""
+    fingerprint the whole, and write manifest.json last. `importance`: the entry of the cache's importance
+    scores (pipeline/importance.py), with its own checksum, so in the fingerprint too."""
     splits: dict[str, Any] = {}
     for split, info in settings["splits"].items():
         shards, expected_start = [], 0
@@ -338,6 +343,8 @@ def assemble_manifest(cache_dir: Path, settings: dict[str, Any], extra: dict[str
         "splits": splits,
         "files": {rel: file_record(Path(cache_dir) / rel) for rel in content_files(cache_dir)},
     }
+    if importance is not None:
+        manifest["importance"] = importance
     manifest["fingerprint"] = manifest_fingerprint(manifest)
     write_json_atomic(cache_dir / MANIFEST, manifest)
     return manifest

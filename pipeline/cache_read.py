@@ -1,4 +1,4 @@
-"""Reading a complete cache (DESIGN §3): open and check it, whole columns, and the one row reader.
+"""Reading a complete cache (docs/DESIGN.md §3): open and check it, whole columns, and the one row reader.
 
 How much of a cache is checked when it is opened (`open_cache(check=...)`; numbers in docs/RELIABILITY.md). The
 same levels apply to the shards and to every other file the manifest records (`files`: tokenizer, teacher
@@ -199,7 +199,7 @@ class RowReader:
     `random_access` (MADV_RANDOM) defaults to on only for a split larger than half the RAM. An epoch
     touches every row, so when the split fits in the page cache the kernel's read-ahead is prefetch,
     not waste; when it does not fit, read-ahead pulls several times the bytes of each cold row and
-    evicts them unused (DESIGN §6; measured in docs/PERFORMANCE.md).
+    evicts them unused (docs/DESIGN.md §6; measured in docs/PERFORMANCE.md).
     """
 
     def __init__(self, cache_dir: Path, info: dict[str, Any], layers: list[int], random_access: bool | None = None,

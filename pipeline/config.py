@@ -277,6 +277,7 @@ class NegativesConfig:
 GRANULARITIES = ("flat", "token", "cls")
 INTERMEDIATE_LOSSES = ("cos_nce", "hidden_mse", "none")
 PROJECTION_INITS = ("auto", "identity", "random")
+INIT_SELECTIONS = ("activation", "uniform")  # pipeline/select.py
 KEEP_CHOICES = ("best", "last")
 # file: K of each row's M candidates in negatives.arrow (random, hard or mixed; the paper's setup); in-batch: K
 # of the other anchors of the same batch (uniform random negatives with no file and no extra rows read).
@@ -301,6 +302,10 @@ class TrainConfig:
     heads: int = 12
     intermediate: int = 1200
     init: str = "random"  # random | teacher | a model dir
+    # Which teacher channels, heads, head dims and FFN neurons a narrower --init teacher keeps: activation (the
+    # highest importance scores stage one recorded; evenly spaced where the cache has none) or uniform (evenly
+    # spaced). A teacher-width student keeps every channel either way.
+    init_selection: str = "activation"
     student_family: str | None = None  # e.g. bert; None = the teacher's family (pipeline/families.py lists them)
     layer_map: tuple[int, ...] | None = None  # teacher layer per student layer; None = round_half_up(i * N / M)
     # losses and schedule
@@ -313,7 +318,9 @@ class TrainConfig:
     stage2_weights: tuple[float, float, float] = (1.0, 1.0, 3.0)
     one_stage: bool = False
     perturb_eps: float = 1.0  # 0 turns gradient perturbation off
-    projection_init: str = "auto"  # W_i start: identity where the widths match, else a general --init's (auto); identity; random
+    # W_i start (auto): identity where the widths match; the kept channels scattered back to the teacher's for a
+    # narrower --init teacher; else a general --init's. Or identity, or random.
+    projection_init: str = "auto"
     # optimisation
     epochs: float = 3.0
     max_steps: int | None = None  # stop after this many steps (the schedule still spans them)
@@ -353,6 +360,8 @@ class TrainConfig:
                  f"unknown --intermediate-loss {self.intermediate_loss!r}: choose one of {', '.join(INTERMEDIATE_LOSSES)}")
         _require(self.granularity in GRANULARITIES,
                  f"unknown --granularity {self.granularity!r}: choose one of {', '.join(GRANULARITIES)}")
+        _require(self.init_selection in INIT_SELECTIONS,
+                 f"unknown --init-selection {self.init_selection!r}: choose one of {', '.join(INIT_SELECTIONS)}")
         _require(self.projection_init in PROJECTION_INITS,
                  f"unknown --projection-init {self.projection_init!r}: choose one of {', '.join(PROJECTION_INITS)}")
         _whole("--k", self.k, 0)  # 0 = no negatives
@@ -444,6 +453,7 @@ class EvaluateConfig:
     max_length: int = 128
     eval_batch_size: int = 128
     batch_size: int = 32  # latency/throughput are measured on batches of this shape
+    also_batch_sizes: tuple[int, ...] = (1,)  # latency also timed at these (1: one request at a time)
     seq_length: int = 128
     timing_batches: int = 10
     device: str = "auto"
@@ -458,8 +468,39 @@ class EvaluateConfig:
         _whole("--batch-size", self.batch_size)
         _whole("--seq-length", self.seq_length, 2)
         _whole("--timing-batches", self.timing_batches)
+        for size in self.also_batch_sizes:
+            _whole("--also-batch-sizes", size)
         _require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
         _require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
+EXPORT_FORMATS = ("onnx",)
+QUANTIZE = ("none", "int8")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`lrc export`: a student (or teacher) dir -> an ONNX model dir, optionally with int8 weights."""
+
+    source: Path
+    output_dir: Path
+    format: str = "onnx"
+    quantize: str = "none"
+    # 17: LayerNormalization is one op from 17 on, and onnxruntime releases of the last years all run it.
+    opset: int = 17
+    # Dynamic int8 quantises the weights of these ops; activations are quantised per batch at run time. The
+    # word embeddings (a Gather) stay float32: their rows are looked up, not multiplied, and cost no time.
+    quantize_ops: tuple[str, ...] = ("MatMul", "Gemm")
+    # The export is checked against the PyTorch model on random ids of a shape other than the traced one:
+    # logits must agree within this (float32: differences are rounding, ~1e-5; a wrong graph is off by >0.01).
+    tolerance: float = 1e-3
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.format in EXPORT_FORMATS, f"--format must be one of {EXPORT_FORMATS}, got {self.format!r}")
+        _require(self.quantize in QUANTIZE, f"--quantize must be one of {QUANTIZE}, got {self.quantize!r}")
+        _require(14 <= self.opset <= 20, f"--opset must be in 14..20 (what the exporter and onnxruntime share), got {self.opset}")
+        _require(self.tolerance > 0, f"--tolerance must be positive, got {self.tolerance}")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Unlabeled text for general distillation: reading a corpus, cutting it into windows, the corpus cache.
 
-A corpus cache is a cache (DESIGN §3) whose manifest says `kind: "corpus"`: one split, `train`, of
+A corpus cache is a cache (docs/DESIGN.md §3) whose manifest says `kind: "corpus"`: one split, `train`, of
 `max_length` token windows with the pre-trained encoder's hidden states and pooled vectors, and no
 labels, no logits and no dev split. Task caches say `kind: "task"`; a manifest without the key was
 written before corpus caches existed and is a task cache.

@@ -1,4 +1,4 @@
-"""Several processes under `torchrun` (DESIGN §3): the one policy for process groups, ranks, devices and failures.
+"""Several processes under `torchrun` (docs/DESIGN.md §3): the one policy for process groups, ranks, devices and failures.
 
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT in every process it starts. Without
 WORLD_SIZE (or with WORLD_SIZE=1) every function here is a no-op for one process and no process group is ever

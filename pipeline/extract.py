@@ -1,7 +1,8 @@
-"""Stage one: run the teacher once over a task and write the cache (DESIGN §3)."""
+"""Stage one: run the teacher once over a task and write the cache (docs/DESIGN.md §3)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from pipeline import cache, distributed, outdir, quant
+from pipeline import cache, distributed, importance, outdir, quant
 from pipeline.config import ExtractConfig
 from pipeline.errors import LrcError
 from pipeline.families import require_layer_outputs
@@ -113,7 +114,11 @@ def write_cache(
         rows_done += extract_split(model, config, device, inputs, split, ids, types, examples, layers, task, ranks)
     # Every rank's shards are on disk (with their sidecars) before rank 0 assembles the manifest from them.
     distributed.barrier(ranks)
-    manifest = cache.assemble_manifest(out, settings, extra) if ranks.is_main else None
+    manifest = None
+    if ranks.is_main:
+        hidden = [split for split, info in settings["splits"].items() if info["hidden"]]
+        scores = importance.assemble(out, [p for split in hidden for _, _, p in cache.present_shards(out, split)])
+        manifest = cache.assemble_manifest(out, settings, extra, scores)
     distributed.barrier(ranks)
     return manifest or cache.read_manifest(out), (rows_done, time.perf_counter() - started)
 
@@ -268,6 +273,10 @@ def extract_split(
     total = sum(stop - start for start, stop in todo)
 
     def write(start: int, stop: int, shard: dict[str, Any]) -> None:
+        if "importance" in shard:  # before the shard: a shard on disk always has its sums
+            (out / cache.SHARD_DIR).mkdir(parents=True, exist_ok=True)
+            importance.write_arrays(importance.sums_path(out / cache.SHARD_DIR / cache.shard_name(split, start, stop)),
+                                    shard["importance"])
         batch = cache.make_record_batch(
             schema, np.arange(start, stop), [np.asarray(x) for x in ids[start:stop]],
             [np.asarray(x) for x in types[start:stop]], labels[start:stop] if labels is not None else None,
@@ -308,12 +317,39 @@ def run_shard(
     scales = {j: np.empty(offsets[-1], np.float32) for j in layers} if with_hidden and quantized else None
     pooled = np.empty((len(ids), width), _POOLED_NP[config.hidden_dtype]) if with_hidden else None
     order = np.argsort(-lengths, kind="stable")
+    # Scores for a narrower `--init teacher` from this same forward (pipeline/importance.py).
+    recorder = importance.Recorder(model) if with_hidden else None
+    try:
+        _run_batches(model, config, device, inputs, ids, types, layers, bar, order, offsets, lengths, recorder,
+                     logits, hidden, scales, pooled, last)
+    finally:
+        if recorder is not None:
+            recorder.close()
+    result: dict[str, Any] = {"logits": logits} if logits is not None else {}
+    if with_hidden:
+        result |= {"hidden": hidden, "pooled": pooled, "importance": recorder.totals()}
+    if scales is not None:
+        result["scales"] = scales
+    return result
+
+
+def _run_batches(
+    model: torch.nn.Module, config: ExtractConfig, device: torch.device, inputs: _InputSpec, ids: list[list[int]],
+    types: list[list[int]], layers: list[int], bar: tqdm, order: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
+    recorder: importance.Recorder | None, logits: np.ndarray | None, hidden: dict[int, np.ndarray] | None,
+    scales: dict[int, np.ndarray] | None, pooled: np.ndarray | None, last: int,
+) -> None:
+    """The teacher over one shard's length-sorted batches, filling the output arrays in row order."""
+    with_hidden = hidden is not None
     for b in range(0, len(order), config.batch_size):
         rows = order[b : b + config.batch_size]
         input_ids, token_types, mask = pad_batch([ids[r] for r in rows], [types[r] for r in rows], inputs.pad_id, device)
         segments = {"token_type_ids": token_types} if inputs.segments else {}
-        with autocast(device, config.precision):
+        with autocast(device, config.precision), \
+                recorder.batch(mask) if recorder is not None else contextlib.nullcontext():
             output = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=with_hidden, **segments)
+        if recorder is not None:
+            recorder.add_states(output.hidden_states, mask)
         if logits is not None:
             logits[rows] = output.logits.float().cpu().numpy()
         if with_hidden:
@@ -329,12 +365,6 @@ def run_shard(
             top = output.hidden_states[last].float() * real.unsqueeze(-1)  # (B, L, d')
             pooled[rows] = (top.sum(1) / real.sum(1, keepdim=True)).cpu().numpy().astype(pooled.dtype)  # (B, d')
         bar.update(len(rows))
-    result: dict[str, Any] = {"logits": logits} if logits is not None else {}
-    if with_hidden:
-        result |= {"hidden": hidden, "pooled": pooled}
-    if scales is not None:
-        result["scales"] = scales
-    return result
 
 
 def check_finite_outputs(shard: dict[str, Any], lengths: list[int], split: str, start: int,

@@ -24,13 +24,26 @@ log = logging.getLogger(__name__)
 class Family:
     """Where a family keeps its parts (paths under the base model, e.g. `model.bert`) and how it reads ids."""
 
-    embeddings: str  # the module whose output is e (DESIGN §2); ELECTRA may project it up to the width after
+    embeddings: str  # the module whose output is e (docs/DESIGN.md §2); ELECTRA may project it up to the width after
     layers: str  # the ModuleList of transformer layers
     head: tuple[str, ...]  # pooler and classifier modules: new on a fresh task, never part of the encoder
     segments: bool  # the forward takes token_type_ids
     positions_after_pad: bool  # position ids start at pad_token_id + 1 (RoBERTa-style), not at 0
     intermediate: str  # config field of the FFN width
     widths: tuple[str, ...]  # config fields that follow the model width (--hidden)
+    onnx: bool = True  # `lrc export` gives a graph whose logits match PyTorch's (tests/test_export.py)
+    # Inside one layer (paths under it): the attention's query, key, value and output projections and the FFN's
+    # up- and down-projections. Stage one hooks them to score heads, head dims and neurons; a narrow
+    # `--init teacher` cuts them (pipeline/select.py). Every other weight of a layer is a LayerNorm.
+    attention: tuple[str, str, str, str] = ("attention.self.query", "attention.self.key", "attention.self.value",
+                                            "attention.output.dense")
+    ffn: tuple[str, str] = ("intermediate.dense", "output.dense")
+    # Projections of relative positions that meet Q or K in a score (DeBERTa's c2p/p2c, unless share_att_key):
+    # (query-like, key-like); they keep the Q/K dims and the query-like one takes the Q rescale too.
+    positions: tuple[str, str] | None = None
+    # A per-head table outside the layers, shared by all of them (MPNet's relative attention bias): a narrow
+    # student of such a family keeps one head set in every layer, or the table would not fit every layer.
+    shared_heads: str | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -39,13 +52,18 @@ FAMILIES: dict[str, Family] = {
     "roberta": Family("embeddings", "encoder.layer", ("pooler", "classifier"), True, True, "intermediate_size",
                       ("hidden_size",)),
     "deberta-v2": Family("embeddings", "encoder.layer", ("pooler", "classifier"), True, False, "intermediate_size",
-                         ("hidden_size", "pooler_hidden_size", "embedding_size")),
+                         ("hidden_size", "pooler_hidden_size", "embedding_size"),
+                         ("attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj",
+                          "attention.output.dense"),
+                         positions=("attention.self.pos_query_proj", "attention.self.pos_key_proj")),
     "electra": Family("embeddings", "encoder.layer", ("classifier",), True, False, "intermediate_size",
                       ("hidden_size", "embedding_size")),
     "mpnet": Family("embeddings", "encoder.layer", ("pooler", "classifier"), False, True, "intermediate_size",
-                    ("hidden_size",)),
+                    ("hidden_size",), ("attention.attn.q", "attention.attn.k", "attention.attn.v", "attention.attn.o"),
+                    shared_heads="encoder.relative_attention_bias"),
     "distilbert": Family("embeddings", "transformer.layer", ("pre_classifier", "classifier"), False, False,
-                         "hidden_dim", ("dim",)),
+                         "hidden_dim", ("dim",), ("attention.q_lin", "attention.k_lin", "attention.v_lin",
+                                                  "attention.out_lin"), ("ffn.lin1", "ffn.lin2")),
 }
 
 
@@ -55,6 +73,11 @@ def family_of(model_type: str, role: str = "student") -> Family:
         raise LrcError(f"the {role} family {model_type!r} is not supported as a student (supported: "
                        f"{', '.join(FAMILIES)}): pass --student-family with one of them")
     return FAMILIES[model_type]
+
+
+def get_module(module: torch.nn.Module, path: str) -> Any:
+    """The submodule at a dotted path, e.g. `attention.self.query`."""
+    return _get(module, path)
 
 
 def _get(module: torch.nn.Module, path: str) -> Any:

@@ -6,7 +6,7 @@ a whole batch are two `np.repeat` + `arange` expressions (`_token_ranges`). Wide
 (`SLICE_BYTES`) are copied one slice per row instead, which writes each token once. Padded blocks come from a
 `BufferPool` and are reused across batches when nothing holds the previous one any more, so the
 allocator sees the same few blocks every step instead of a new size per batch (variable-length
-batches fragment glibc's heap: DESIGN §6, docs/PERFORMANCE.md).
+batches fragment glibc's heap: docs/DESIGN.md §6, docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations

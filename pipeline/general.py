@@ -75,13 +75,3 @@ def load_projections(init: str, projections: torch.nn.Module, layer_map: list[in
     log.info("W_i start from the general student's (%s, teacher layers %s); --projection-init random to "
              "start them at random", path, layer_map)
 
-
-def train_general(config: TrainConfig) -> dict[str, Any]:
-    """`train-student` for a caller that needs general distillation: refuses a task cache, which would
-    otherwise train (and save) a task student where a general encoder is expected."""
-    from pipeline.cache import read_manifest
-    from pipeline.corpus import KIND_CORPUS, require_kind
-    from pipeline.train import train_student  # train imports this module: import at call time
-
-    require_kind(read_manifest(config.cache_dir), config.cache_dir, KIND_CORPUS, "general distillation")
-    return train_student(config)

@@ -1,4 +1,4 @@
-"""LRC-BERT losses as pure functions (DESIGN §2). Projections live in the student; math in float32.
+"""LRC-BERT losses as pure functions (docs/DESIGN.md §2). Projections live in the student; math in float32.
 
 Shapes: B batch, L anchor length, K negatives, Ln negative length, D teacher width, C classes.
 Masks are right-padded: 1 for the real tokens first, then 0 for padding.

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 _QUERY_BLOCK = 8192  # queries per FAISS call: bounds the (block, k) result arrays and paces the progress bar
 _EXACT_BLOCK = 64  # queries per numpy brute-force block: bounds the (64, N) float32 score block
-_HNSW_M = 32  # graph degree: recall >= 0.99 on clustered 768-d data at efSearch 128 (DESIGN §6)
+_HNSW_M = 32  # graph degree: recall >= 0.99 on clustered 768-d data at efSearch 128 (docs/DESIGN.md §6)
 _HNSW_EF_SEARCH = 128
 # IVF: ~2 sqrt(n) lists, k-means on 64 points per list for 10 iterations, 8 lists probed: chosen on
 # clustered rows (docs/PERFORMANCE.md); more lists make k-means dearer than the scans they save, fewer
@@ -373,7 +373,7 @@ def check_outputs(out: Path) -> None:
 
 def build_negatives(config: NegativesConfig) -> Path:
     """`lrc build-negatives`: read the cache's train split, find candidates, write the Arrow file and manifest."""
-    read_manifest(config.cache_dir)  # a missing or foreign cache is refused before the lock beside the output is made
+    read_manifest(config.cache_dir)  # a missing or unfinished cache is refused before the lock creates anything in it
     with outdir.lock(config.output_path, "build-negatives"):
         return _build(config)
 

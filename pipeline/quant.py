@@ -1,4 +1,4 @@
-"""8-bit hidden states (DESIGN §3, `--hidden-dtype int8`): symmetric absmax quantisation, one scale per
+"""8-bit hidden states (docs/DESIGN.md §3, `--hidden-dtype int8`): symmetric absmax quantisation, one scale per
 token per layer.
 
 A token vector x (d' values) is stored as q = round(x / s) in [-127, 127] (int8) with s = max|x| / 127
@@ -54,7 +54,3 @@ def settings_entry(hidden_dtype: str) -> dict[str, Any]:
     nothing, so their settings stay those of caches written before int8 existed."""
     return {"hidden_quant": SCHEME} if hidden_dtype == INT8 else {}
 
-
-def is_quantized(manifest: dict[str, Any]) -> bool:
-    """Whether a cache stores int8 hidden states; manifests written before int8 existed hold floats."""
-    return manifest.get("hidden_dtype") == INT8

@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 # transformers builds a tokenizer of special tokens only and every word becomes [UNK], silently.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
                    "tokenizer.model")
-# Files that record the task a model was trained on: a teacher's (finetune) and a finished student run's.
-TASK_RECORDS = ("teacher_info.json", "training_summary.json")
+# Files that record the task a model was trained on: a teacher's (finetune), a finished student run's, an export's.
+TASK_RECORDS = ("teacher_info.json", "training_summary.json", "export_info.json")
 
 
 def pick_device(name: str) -> torch.device:

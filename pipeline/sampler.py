@@ -187,7 +187,7 @@ class NegativeSampler:
 
 
 class InBatchNegatives:
-    """K negatives per anchor drawn uniformly from the OTHER anchors of its batch (DESIGN §3): the anchors of a
+    """K negatives per anchor drawn uniformly from the OTHER anchors of its batch (docs/DESIGN.md §3): the anchors of a
     shuffled batch are a uniform sample of the split, so this is the paper's `random` strategy without a
     negatives file and without reading any row twice.
 

@@ -1,4 +1,4 @@
-"""One training step (DESIGN §2): the student's forward pass, the loss terms by name, the gradient
+"""One training step (docs/DESIGN.md §2): the student's forward pass, the loss terms by name, the gradient
 perturbation of the embedding output, and the backward pass. No optimizer step: the loop owns that."""
 
 from __future__ import annotations

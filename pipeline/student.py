@@ -6,11 +6,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 from torch import nn
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForSequenceClassification, PretrainedConfig, PreTrainedModel
 
+from pipeline import select
 from pipeline.errors import LrcError
 from pipeline.families import (
     FAMILIES, check_loading_report, family_of, layer_prefix, reads_segments, usable_positions,
@@ -142,6 +144,17 @@ def _from_dir(config: PretrainedConfig, path: Path, max_length: int) -> PreTrain
 
 
 def _from_teacher(config: PretrainedConfig, weights: Path | None, layer_map: list[int]) -> PreTrainedModel:
+    return init_from_teacher(config, weights, layer_map)[0]
+
+
+def init_from_teacher(
+    config: PretrainedConfig, weights: Path | None, layer_map: list[int], scores: dict[str, np.ndarray] | None = None,
+    selection: str = "activation",
+) -> tuple[PreTrainedModel, np.ndarray]:
+    """The teacher cut to `config`'s depth, width, heads and FFN (pipeline/select.py): layer i from teacher
+    layer layer_map[i], the best channels, heads, head dims and neurons by `scores` with `selection`
+    activation, evenly spaced ones with uniform or without scores. Returns the student and the kept
+    residual channels (all of them at the teacher's width), where the COS-NCE projections start."""
     if weights is None or not weights.is_dir():
         raise LrcError("--init teacher needs the teacher weights stored in the cache: re-extract it with this lrc version")
     teacher = _load_checked(weights, "the teacher weights in the cache")
@@ -149,37 +162,76 @@ def _from_teacher(config: PretrainedConfig, weights: Path | None, layer_map: lis
     if config.model_type != own:
         raise LrcError(f"--init teacher copies the {own} teacher's modules into the student, which is {config.model_type}: "
                        "drop --student-family or use --init random")
-    if teacher.config.hidden_size != config.hidden_size:
-        raise LrcError(
-            f"--init teacher needs --hidden equal to the teacher's width {teacher.config.hidden_size} "
-            f"(got {config.hidden_size}): pass --hidden {teacher.config.hidden_size} or use --init random"
-        )
     depth = teacher.config.num_hidden_layers
     if any(not 1 <= j <= depth for j in layer_map):
         raise LrcError(f"--layer-map {layer_map} names layers outside the teacher's 1..{depth}")
-    # The teacher's own shape (heads, FFN, relative positions) with fewer layers: its modules then fit as they are.
-    shaped = {**teacher.config.to_dict(), "num_hidden_layers": len(layer_map), **_labels_of(config)}
-    student = AutoModelForSequenceClassification.from_config(type(teacher.config).from_dict(shaped))
-    student.load_state_dict(_with_layers(teacher, layer_map), strict=True)
-    copied = [name for name in FAMILIES[own].head
+    row = FAMILIES[own]
+    t_shape, s_shape = _shape(teacher.config, row), _shape(config, row)
+    narrower = t_shape != s_shape
+    if narrower and (getattr(teacher.config, "conv_kernel_size", 0) or 0) > 0 and \
+            getattr(teacher.config, "conv_groups", 1) != 1:
+        raise LrcError(f"--init teacher cannot cut this {own} teacher: its grouped convolution (conv_groups "
+                       f"{teacher.config.conv_groups}) mixes channels in groups; pass --hidden "
+                       f"{t_shape.hidden} or use --init random")
+    if selection == "activation" and scores is None and narrower:
+        log.info("the cache has no importance scores (extracted by an older lrc): the student keeps evenly spaced "
+                 "channels, heads and neurons of the teacher")
+    chosen = select.choose(scores if selection == "activation" else None, t_shape, s_shape, layer_map,
+                           shared_heads=row.shared_heads is not None)
+    student = AutoModelForSequenceClassification.from_config(
+        type(teacher.config).from_dict(_cut_config(teacher.config, config, row, s_shape, len(layer_map))))
+    state = select.cut_state(teacher.state_dict(), _layout(teacher, row), chosen, layer_map, t_shape.hidden)
+    try:
+        student.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        raise LrcError(f"--init teacher cannot cut the {own} teacher to this student ({first}): pass the teacher's "
+                       "--hidden/--heads/--intermediate or use --init random") from None
+    copied = [name for name in row.head
               if getattr(student, name, None) is not None or getattr(student.base_model, name, None) is not None]
-    log.info("student initialised from the %s teacher: embeddings, layers %s, %s", own, layer_map,
-             " and ".join(copied) or "no head")
-    return student
+    log.info("student initialised from the %s teacher: embeddings, layers %s, %s; %s", own, layer_map,
+             " and ".join(copied) or "no head",
+             f"cut from {t_shape} to {s_shape} ({selection if scores is not None else 'uniform'} selection)"
+             if narrower else "every channel kept")
+    return student, chosen.channels
+
+
+def _shape(config: PretrainedConfig, row: Any) -> select.Shape:
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "attention_head_size", None) or config.hidden_size // heads
+    return select.Shape(config.hidden_size, heads, head_dim, getattr(config, row.intermediate))
+
+
+def _cut_config(teacher: PretrainedConfig, student: PretrainedConfig, row: Any, shape: select.Shape,
+                depth: int) -> dict[str, Any]:
+    """The teacher's config at the student's sizes. A width field the teacher keeps apart from its width
+    (ELECTRA's smaller embedding_size) stays the teacher's: those modules are not on the residual stream."""
+    cls = type(teacher)
+    fields = teacher.to_dict()
+    sizes = {"num_hidden_layers": depth, "num_attention_heads": shape.heads, row.intermediate: shape.intermediate}
+    sizes = {cls.attribute_map.get(k, k): v for k, v in sizes.items()}
+    for field in row.widths:
+        name = cls.attribute_map.get(field, field)
+        if fields.get(name) in (None, teacher.hidden_size):
+            sizes[name] = shape.hidden
+    if fields.get("attention_head_size") is not None:
+        sizes["attention_head_size"] = shape.head_dim
+    return {**fields, **sizes, **_labels_of(student)}
+
+
+def _layout(teacher: PreTrainedModel, row: Any) -> select.Layout:
+    q, k, v, o = row.attention
+    # Position projections the model lacks (shared keys, no relative attention) simply match no key.
+    queries, keys = ((q, row.positions[0]), (k, row.positions[1])) if row.positions else ((q,), (k,))
+    types = (nn.Embedding, nn.LayerNorm, nn.Linear, nn.Conv1d)
+    kinds = {name: next((t.__name__ for t in types if isinstance(module, t)), "other")
+             for name, module in teacher.named_modules()}
+    shared = f"{teacher.base_model_prefix}.{row.shared_heads}" if row.shared_heads else None
+    return select.Layout(layer_prefix(teacher), queries, keys, v, o, row.ffn[0], row.ffn[1], shared, kinds)
 
 
 def _labels_of(config: PretrainedConfig) -> dict[str, Any]:
     return {"id2label": config.id2label, "label2id": config.label2id, "problem_type": config.problem_type}
-
-
-def _with_layers(teacher: PreTrainedModel, layer_map: list[int]) -> dict[str, torch.Tensor]:
-    """The teacher's state dict with its layer list cut to layer_map: student layer i <- teacher layer phi(i)."""
-    prefix, source = layer_prefix(teacher), teacher.state_dict()
-    state = {k: v for k, v in source.items() if not k.startswith(prefix)}
-    for i, j in enumerate(layer_map):
-        old = f"{prefix}{j - 1}."
-        state |= {f"{prefix}{i}.{k[len(old):]}": v for k, v in source.items() if k.startswith(old)}
-    return state
 
 
 class Projections(nn.Module):
@@ -194,6 +246,15 @@ class Projections(nn.Module):
             with torch.no_grad():
                 for w in self.maps:
                     nn.init.eye_(w.weight)
+
+    def scatter(self, channels: np.ndarray) -> None:
+        """Start every W_i as the scatter of student channel k back to teacher channel channels[k]: a student
+        cut from the teacher then projects onto the very channels it was cut from."""
+        with torch.no_grad():
+            for w in self.maps:
+                w.weight.copy_(select.scatter(channels, w.weight.shape[0]))
+        log.info("W_i start as the scatter of the %d kept channels back to the teacher's %d", len(channels),
+                 self.maps[0].weight.shape[0] if len(self.maps) else 0)
 
     def forward(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         return [w(h) for w, h in zip(self.maps, hidden)]  # each (B, L, d')

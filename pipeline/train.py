@@ -1,4 +1,4 @@
-"""Stage two: train the student from the cache (DESIGN §2). The teacher is never loaded or run."""
+"""Stage two: train the student from the cache (docs/DESIGN.md §2). The teacher is never loaded or run."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from pipeline import checkpoint, distributed, general, outdir
+from pipeline import checkpoint, distributed, general, importance, outdir
 from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader, to_device
 from pipeline.cache import read_manifest
 from pipeline.cache_read import Cache, open_cache
@@ -27,7 +27,7 @@ from pipeline.runtime import (
     apply_update, check_finite_weights, describe_device, from_pretrained, predict_logits, seed_everything,
 )
 from pipeline.step import Model, Trainable, check_batch_finite, train_step
-from pipeline.student import Projections, build_student, init_shape, layer_map, student_config
+from pipeline.student import Projections, build_student, init_from_teacher, init_shape, layer_map, student_config
 from pipeline.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -203,12 +203,19 @@ def _setup(config: TrainConfig, ranks: distributed.Ranks = distributed.SINGLE) -
 
     shape = student_config(cache.manifest["teacher"]["config"], config.layers, config.hidden, config.heads,
                            config.intermediate, general.HEAD if is_general else cache.task, config.student_family)
-    student = build_student(shape, config.init, cache.teacher_weights_dir, mapping, cache.manifest["max_length"])
+    kept = None  # the teacher channels a narrower --init teacher keeps: where its W_i start
+    if config.init == "teacher":
+        student, kept = init_from_teacher(shape, cache.teacher_weights_dir, mapping,
+                                          importance.load(cache.path, cache.manifest), config.init_selection)
+    else:
+        student = build_student(shape, config.init, cache.teacher_weights_dir, mapping, cache.manifest["max_length"])
     check_finite_weights(student, f"the student initialised from {config.init}")
     intermediate = config.intermediate_loss != "none"
     carried = sorted(set(mapping)) if intermediate else []  # the teacher layers the batches carry, in slot order
     projections = Projections(width, cache.hidden_size, depth, identity) if intermediate else None
-    if projections is not None and config.projection_init == "auto" and not identity:
+    if projections is not None and config.projection_init == "auto" and not identity and kept is not None:
+        projections.scatter(kept)  # W_i put the kept channels back where the teacher has them
+    elif projections is not None and config.projection_init == "auto" and not identity:
         general.load_projections(config.init, projections, mapping)  # from a general student, when it fits
     model = Model(student, projections, [carried.index(j) for j in mapping] if intermediate else [])
     device = distributed.device_for(ranks, config.device)
@@ -266,7 +273,7 @@ def _student_tokenizer(cache: Cache, student: torch.nn.Module) -> Any:
 
 def epoch_batches(run: Run, epoch: int, skip_batches: int = 0) -> Any:
     """The batches of one epoch: its shuffled order (minus the first `skip_batches` when resuming) and its
-    own draw of negatives (DESIGN §3: K of the M candidates drawn afresh each epoch)."""
+    own draw of negatives (docs/DESIGN.md §3: K of the M candidates drawn afresh each epoch)."""
     run.dataset.set_epoch(epoch)
     run.batches.set_epoch(epoch, skip_batches=skip_batches)
     return make_loader(run.dataset, run.batches, run.workers, seed=run.config.seed + epoch)

@@ -1,4 +1,4 @@
-"""pipeline/cache.py + extract: what the cache holds equals the teacher's own outputs (DESIGN §3)."""
+"""pipeline/cache.py + extract: what the cache holds equals the teacher's own outputs (docs/DESIGN.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 15: int8 hidden states, in-batch negatives and the vectorised data path, each against a naive
+"""int8 hidden states, in-batch negatives and the vectorised data path, each against a naive
 reference or hand values, so that the plausible bug fails (named in each test's docstring)."""
 
 from __future__ import annotations

@@ -62,7 +62,6 @@ def test_demo_rerun_reuses_every_artifact(demo_run: dict) -> None:
     again = run_demo(config)
     assert (student_weights.stat().st_mtime_ns, teacher_weights.stat().st_mtime_ns) == before
     assert again["student_summary"]["best"] == demo_run["outcome"]["student_summary"]["best"]
-    assert again["stage_seconds"]["train-student"] < demo_run["outcome"]["stage_seconds"]["train-student"]
 
 
 @pytest.mark.integration

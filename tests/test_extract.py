@@ -1,4 +1,4 @@
-"""`extract-teacher`: resume after a kill, bad inputs, and what an existing output dir gets (DESIGN §3)."""
+"""`extract-teacher`: resume after a kill, bad inputs, and what an existing output dir gets (docs/DESIGN.md §3)."""
 
 from __future__ import annotations
 

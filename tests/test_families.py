@@ -1,7 +1,7 @@
-"""Every supported encoder family as teacher and student (issue 12): a tiny random backbone of each family
+"""Every supported encoder family as teacher and student: a tiny random backbone of each family
 goes finetune-teacher -> extract -> negatives -> train-student (--init random, teacher, DIR), the student
 reloads with AutoModelForSequenceClassification and runs in `pipeline()`; teacher-initialisation copies
-the right modules; the gradient perturbation follows DESIGN §2 for each family, dropout on and off."""
+the right modules; the gradient perturbation follows docs/DESIGN.md §2 for each family, dropout on and off."""
 
 from __future__ import annotations
 

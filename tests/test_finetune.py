@@ -203,7 +203,7 @@ def test_minilm_teacher_then_cache_size_rule(tmp_path: Path, minilm_dir: Path, g
     # The teacher's recorded dev accuracy is what its cached dev logits give.
     dev_split = c.split("dev")
     cached = float(np.mean(dev_split.logits().argmax(1) == dev_split.labels()))
-    # (8 steps do not lift MiniLM above chance: its [CLS] barely differs between sentences, DESIGN §3.)
+    # (8 steps do not lift MiniLM above chance: its [CLS] barely differs between sentences, docs/DESIGN.md §3.)
     assert abs(cached - accuracy) <= 1 / 128 + 1e-9
 
     # Size rule: bytes per example <= 1.05 x tokens x stored layers x d' x 2 (no padding, fp16).

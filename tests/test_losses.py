@@ -1,4 +1,4 @@
-"""Losses against naive per-sample loops and hand-computed values (DESIGN §2)."""
+"""Losses against naive per-sample loops and hand-computed values (docs/DESIGN.md §2)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,6 @@ import pytest
 from conftest import REPO, assert_refused
 from pipeline import outdir
 from pipeline.config import DataConfig, EvaluateConfig, ExtractConfig, SweepConfig, TrainConfig
-from pipeline.errors import LrcError
 
 
 def user_folder(path: Path, signature: str) -> Path:

@@ -1,4 +1,4 @@
-"""`train-student` (DESIGN §2): schedule, gradient perturbation, loss terms, a run without the teacher,
+"""`train-student` (docs/DESIGN.md §2): schedule, gradient perturbation, loss terms, a run without the teacher,
 resume after SIGKILL, and bad inputs. The integration test trains on a real GLUE slice."""
 
 from __future__ import annotations
