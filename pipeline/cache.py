@@ -43,10 +43,12 @@ SETTINGS = "settings.json"
 SHARD_DIR = "shards"
 TOKENIZER_DIR = "tokenizer"
 TEACHER_WEIGHTS_DIR = "teacher_weights"  # for `--init teacher`; read, never run, by train-student
+IMPORTANCE_FILE = "importance.npz"  # the cache's importance scores: pipeline/importance.py's FILE
 # Besides the shards, every file under these paths (a file or a dir) is read by a later stage (the tokenizer by
-# train-student, the teacher weights by `--init teacher`): each is checksummed in the manifest's `files` and so
-# covered by the fingerprint. A new file that later stages read (e.g. importance scores) is added here.
-CONTENT_PATHS = (TOKENIZER_DIR, TEACHER_WEIGHTS_DIR)
+# train-student, the teacher weights and importance scores by `--init teacher`): each is checksummed in the
+# manifest's `files` and so covered by the fingerprint, and checked at open at the shards' level. A new file that
+# later stages read is added here.
+CONTENT_PATHS = (TOKENIZER_DIR, TEACHER_WEIGHTS_DIR, IMPORTANCE_FILE)
 POOLED_DEFINITION = "mean over real tokens of the last teacher layer's hidden states, computed in float32"
 SIDECAR_SUFFIX = ".sha256.json"  # <shard stem>.sha256.json: the shard's size and hashes, written before it
 IMPORTANCE_SUFFIX = ".importance.npz"  # <shard stem>.importance.npz: its importance sums (pipeline/importance.py)
