@@ -29,6 +29,7 @@ import pyarrow as pa
 from pipeline import __version__
 from pipeline.errors import LrcError
 from pipeline.quant import INT8, scale_column, settings_entry
+from pipeline.runtime import check_max_length
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,12 @@ SETTINGS = "settings.json"
 SHARD_DIR = "shards"
 TOKENIZER_DIR = "tokenizer"
 TEACHER_WEIGHTS_DIR = "teacher_weights"  # for `--init teacher`; read, never run, by train-student
+IMPORTANCE_FILE = "importance.npz"  # the cache's importance scores: pipeline/importance.py's FILE
 # Besides the shards, every file under these paths (a file or a dir) is read by a later stage (the tokenizer by
-# train-student, the teacher weights by `--init teacher`): each is checksummed in the manifest's `files` and so
-# covered by the fingerprint. A new file that later stages read (e.g. importance scores) is added here.
-CONTENT_PATHS = (TOKENIZER_DIR, TEACHER_WEIGHTS_DIR)
+# train-student, the teacher weights and importance scores by `--init teacher`): each is checksummed in the
+# manifest's `files` and so covered by the fingerprint, and checked at open at the shards' level. A new file that
+# later stages read is added here.
+CONTENT_PATHS = (TOKENIZER_DIR, TEACHER_WEIGHTS_DIR, IMPORTANCE_FILE)
 POOLED_DEFINITION = "mean over real tokens of the last teacher layer's hidden states, computed in float32"
 SIDECAR_SUFFIX = ".sha256.json"  # <shard stem>.sha256.json: the shard's size and hashes, written before it
 IMPORTANCE_SUFFIX = ".importance.npz"  # <shard stem>.importance.npz: its importance sums (pipeline/importance.py)
@@ -66,7 +69,9 @@ def hidden_column(layer: int) -> str:
 
 def storage_settings(config: Any, model_config: Any, layers: list[int]) -> dict[str, Any]:
     """The settings that say how a cache stores the teacher's states, the same for task and corpus caches;
-    `config` is the ExtractConfig, `model_config` the teacher's."""
+    `config` is the ExtractConfig, `model_config` the teacher's. Both cache kinds build these from the loaded
+    teacher before any shard, so a --max-length the teacher cannot read is refused here, before work starts."""
+    check_max_length(model_config, config.max_length, "the teacher")
     return {
         "max_length": config.max_length,
         "layers": layers,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import os
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
@@ -50,7 +51,9 @@ def _require(condition: bool, message: str) -> None:
 
 def _whole(flag: str, value: Any, minimum: int = 1, maximum: int | None = None) -> None:
     """An integer option (a count, a size, a length, a step interval) in [minimum, maximum]."""
-    _require(isinstance(value, int) and not isinstance(value, bool), f"{flag} must be a whole number, got {value!r}")
+    # numbers.Integral: a numpy integer from a script is a whole number too; a bool never is
+    _require(isinstance(value, numbers.Integral) and not isinstance(value, bool),
+             f"{flag} must be a whole number, got {value!r}")
     top = f" and <= {maximum}" if maximum is not None else ""
     _require(value >= minimum and (maximum is None or value <= maximum), f"{flag} must be >= {minimum}{top}, got {value}")
 
@@ -58,7 +61,7 @@ def _whole(flag: str, value: Any, minimum: int = 1, maximum: int | None = None) 
 def _real(flag: str, value: Any, low: float = 0.0, high: float = math.inf, low_open: bool = True,
           high_open: bool = True) -> None:
     """A finite number in the interval from low to high (open ends exclude the bound)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
         left, right = "(" if low_open else "[", ")" if high_open else "]"

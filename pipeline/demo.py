@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from transformers import AutoConfig
+
 from pipeline import outdir
 from pipeline.config import (
     BUNDLED_BACKBONE, CorpusConfig, DataConfig, DemoConfig, EvaluateConfig, ExtractConfig, FinetuneConfig, NegativesConfig, TrainConfig,
@@ -30,6 +32,7 @@ from pipeline.errors import LrcError
 from pipeline.evaluate import evaluate, format_table
 from pipeline.extract import extract_teacher
 from pipeline.finetune import finetune_teacher, resolve_backbone
+from pipeline.runtime import from_pretrained
 from pipeline.negatives import build_negatives
 from pipeline.tasks import get_task, load_examples
 from pipeline.train import train_or_reuse
@@ -108,12 +111,24 @@ def plan(config: DemoConfig) -> Plan:
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Run every stage; return (and write to <work_dir>/demo_results.json) times, metrics and ratios."""
     stages = plan(config)  # every stage's settings checked before anything is written
-    resolve_backbone(BUNDLED_BACKBONE)  # fail now, in one line, if the backbone package is missing
+    check_backbone(config, resolve_backbone(BUNDLED_BACKBONE))  # the package is there, the student fits it
     load_examples(stages.finetune.data, "dev")  # fail now if the task data is missing, before any dir or training
     outdir.check(config.work_dir, "demo", overwrite=False, option="--work-dir", adopt=True)
     with outdir.lock(config.work_dir, "demo"):
         outdir.mark(config.work_dir, "demo")
         return _run(config, stages)
+
+
+def check_backbone(config: DemoConfig, backbone: str) -> None:
+    """What only the backbone can refuse, read from its config alone: a student deeper than the teacher (extract
+    would refuse it, after fine-tuning) and inputs longer than its position table."""
+    model = from_pretrained(AutoConfig.from_pretrained, backbone, "the demo's backbone", False)
+    if config.student_layers > model.num_hidden_layers:
+        raise LrcError(f"--student-layers {config.student_layers} is deeper than the demo's teacher "
+                       f"({model.num_hidden_layers} layers): pass at most {model.num_hidden_layers}")
+    if config.max_length > model.max_position_embeddings:
+        raise LrcError(f"--max-length {config.max_length} is longer than the demo's backbone reads "
+                       f"({model.max_position_embeddings} positions): pass at most {model.max_position_embeddings}")
 
 
 def _run(config: DemoConfig, stages: Plan) -> dict[str, Any]:

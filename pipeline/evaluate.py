@@ -106,6 +106,8 @@ def load_model(model_dir: Path, task: TaskSpec, config: EvaluateConfig) -> Loade
         return Loaded(Path(model_dir), model, tokenizer, torch.device("cpu"), "token_type_ids" in model.input_names,
                       "onnxruntime")
     model, tokenizer = load_classifier(model_dir, task, config.trust_remote_code, config.allow_task_mismatch)
+    runtime.check_max_length(model.config, config.max_length, f"model dir {model_dir}")
+    runtime.check_max_length(model.config, config.seq_length, f"model dir {model_dir}", "--seq-length")
     device = pick_device(config.device)
     model.to(device).eval()
     return Loaded(Path(model_dir), model, tokenizer, device, "token_type_ids" in tokenizer.model_input_names, "pytorch")

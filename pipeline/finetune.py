@@ -23,7 +23,7 @@ from pipeline.errors import LrcError
 from pipeline.families import check_loading_report, require_classifier_family
 from pipeline.metrics import compute_metrics
 from pipeline.runtime import (
-    apply_update, autocast, check_finite_weights, check_vocabulary, encode, from_pretrained, pad_batch, pick_device,
+    apply_update, autocast, check_finite_weights, check_max_length, check_vocabulary, encode, from_pretrained, pad_batch, pick_device,
     predict_logits, require_tokenizer, seed_everything,
 )
 from pipeline.tasks import get_task, load_examples
@@ -68,6 +68,7 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
     model = _with_new_head(backbone, task.num_labels, labels, task.is_regression, config.trust_remote_code)
     check_finite_weights(model, f"backbone {backbone}")
     check_vocabulary(model, tokenizer, f"backbone {backbone}")
+    check_max_length(model.config, config.max_length, f"backbone {backbone}")
     device = pick_device(config.device)
     model.to(device)
     segments = "token_type_ids" in tokenizer.model_input_names

@@ -157,7 +157,7 @@ def assemble(cache_dir: Path, shards: list[Path]) -> dict[str, Any] | None:
         with np.load(path, allow_pickle=False) as part:
             for name in (*SUMS, "tokens"):
                 total[name] = total[name] + part[name] if name in total else part[name].astype(np.float64)
-    tokens = float(total.pop("tokens"))
+    tokens = float(np.sum(total.pop("tokens")))  # read back with shape (1,): np.ascontiguousarray makes 0-d 1-d
     means = {name: value / max(tokens, 1.0) for name, value in total.items()} | {"tokens": np.array(tokens)}
     write_arrays(cache_dir / FILE, means)
     return {"file": FILE, "sha256": cache.sha256_file(cache_dir / FILE), "bytes": (cache_dir / FILE).stat().st_size,

@@ -219,6 +219,8 @@ def lock(path: Path, command: str, enabled: bool = True) -> Iterator[None]:
                 f"{holder.get('pid', '?')} on {holder.get('host', '?')}, since "
                 f"{time.strftime('%H:%M:%S', time.localtime(holder.get('since', 0)))}): wait for it to finish, or "
                 f"if that process is gone, delete {file}") from None
+        except OSError as err:  # a read-only or full folder: name the output the user asked for, not the lock
+            raise OSError(err.errno, err.strerror, str(path)) from None
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         break

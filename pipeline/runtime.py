@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.errors import LrcError
+from pipeline.families import usable_positions
 from pipeline.tasks import TASKS, get_task
 
 log = logging.getLogger(__name__)
@@ -149,11 +150,23 @@ def load_classifier(model_dir: Path, num_labels: int, task_name: str, role: str,
     return model, tokenizer
 
 
+def check_max_length(model_config: Any, max_length: int, source: str, flag: str = "--max-length") -> None:
+    """A length option within the positions the model can read: a longer input fails only when a long enough
+    example comes, mid-run, with a size-mismatch traceback from the position embeddings."""
+    positions = usable_positions(model_config)
+    if max_length > positions:
+        raise LrcError(f"{flag} {max_length} is longer than {source} reads ({positions} positions): pass "
+                       f"{flag} {positions} or less")
+
+
 def check_vocabulary(model: torch.nn.Module, tokenizer: Any, source: str) -> None:
     """Every id the tokenizer can produce has a row in the model's input embeddings. A larger tokenizer (another
     model's, or one with added tokens the embeddings were never resized for) fails in the first batch that meets
     such a token, with an IndexError deep in the embedding, or on a GPU with a device-side assert."""
-    embeddings = model.get_input_embeddings()
+    try:
+        embeddings = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):  # a model without one token table (e.g. CANINE reads characters)
+        return
     rows = getattr(embeddings, "num_embeddings", None)
     if rows is not None and len(tokenizer) > rows:
         raise LrcError(f"{source}: its tokenizer has {len(tokenizer)} tokens but the model's input embeddings hold "

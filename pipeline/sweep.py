@@ -43,7 +43,7 @@ from pipeline.cache_read import open_cache
 from pipeline.config import SweepConfig, TrainConfig, load_config_file
 from pipeline.errors import LrcError
 from pipeline.tasks import get_task
-from pipeline.train import train_or_reuse
+from pipeline.train import check_against_cache, train_or_reuse
 
 log = logging.getLogger(__name__)
 
@@ -305,9 +305,16 @@ def _run_shard(config: SweepConfig, ranks: distributed.Ranks) -> Path:
     # the results tables and run dirs go only into a sweep's own dir, never into a cache or a user's folder
     outdir.refuse_nested(config.output_dir, {"cache": config.base.cache_dir})
     outdir.check(config.output_dir, "sweep", overwrite=False, adopt=True)
-    outdir.mark(config.output_dir, "sweep")
     varying = [k for k, values in config.grid if len(values) > 1] or keys  # the slug names what differs
     names = {i: run_name(i, {k: points[i][k] for k in varying}) for i in mine}
+    # What each point asks of this cache (its layer map, its --init dir's shape) is checked for every point before
+    # the first trains, as the values themselves were when the SweepConfig was built.
+    for i in mine:
+        try:
+            check_against_cache(replace(config.base, **points[i], output_dir=config.output_dir / names[i]), cache)
+        except LrcError as err:
+            raise LrcError(f"sweep point {names[i]} is refused before any point trains: {err}") from None
+    outdir.mark(config.output_dir, "sweep")
     rows = {i: _row(names[i], points[i], "pending") for i in mine}
     write_results(config.output_dir, stem, keys, metric, list(rows.values()), title)
     log.info("%s; cache %s", title, config.base.cache_dir)

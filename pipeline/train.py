@@ -79,6 +79,20 @@ def resolve_layer_map(config: TrainConfig, cache: Cache, depth: int | None = Non
     return mapping
 
 
+def check_against_cache(config: TrainConfig, cache: Cache) -> tuple[int, int, list[int]]:
+    """The checks of a config that need the cache's manifest (and an --init dir's config) but no weights, data or
+    negatives: cheap enough for a sweep to run on every point before the first one trains. Returns the student's
+    (depth, width) and its layer map."""
+    if cache.kind == "corpus":
+        general.check_config(config, cache.path)
+    depth, width = init_shape(config.init, config.layers, config.hidden, config.student_family)
+    mapping = resolve_layer_map(config, cache, depth)
+    if config.projection_init == "identity" and width != cache.hidden_size:
+        raise LrcError(f"--projection-init identity needs the student width (--hidden {width}) to equal the "
+                       f"teacher width ({cache.hidden_size}): use --projection-init auto or random")
+    return depth, width, mapping
+
+
 def _diverged(run: Run, err: FloatingPointError) -> str:
     """The one-line error of a non-finite loss on finite data: the optimisation diverged."""
     state, saved = run.state, run.dir.checkpoint_dir / checkpoint.STATE_FILE
@@ -165,11 +179,8 @@ def _setup(config: TrainConfig, ranks: distributed.Ranks = distributed.SINGLE) -
     run_dir = checkpoint.check_run_dir(config)
     cache = open_cache(config.cache_dir, config.verify_cache)
     is_general = cache.kind == "corpus"  # unlabeled text: general distillation (pipeline/general.py)
-    if is_general:
-        general.check_config(config, cache.path)
     task = None if is_general else get_task(cache.task["name"])
-    depth, width = init_shape(config.init, config.layers, config.hidden, config.student_family)
-    mapping = resolve_layer_map(config, cache, depth)
+    depth, width, mapping = check_against_cache(config, cache)
     sampler = None
     if config.uses_negatives and config.negatives_source == "in-batch":
         # Under torchrun each rank draws from its own share of the batch (no all-gather of teacher states), so
@@ -184,9 +195,6 @@ def _setup(config: TrainConfig, ranks: distributed.Ranks = distributed.SINGLE) -
             raise LrcError(f"no negatives file at {config.negatives_path}: run `lrc build-negatives --cache "
                            f"{config.cache_dir}` first, or pass --k 0 to train without negatives")
         sampler = NegativeSampler(config.negatives_path, config.k, config.seed, cache.fingerprint)
-    if config.projection_init == "identity" and width != cache.hidden_size:
-        raise LrcError(f"--projection-init identity needs the student width (--hidden {width}) to equal the "
-                       f"teacher width ({cache.hidden_size}): use --projection-init auto or random")
     identity = config.projection_init != "random" and width == cache.hidden_size
     inputs = checkpoint.run_inputs(cache.fingerprint, sampler.meta["sha256"] if isinstance(sampler, NegativeSampler) else None)
     if config.resume:  # before any model is built: a resume on other inputs is refused in one line

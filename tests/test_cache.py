@@ -466,3 +466,19 @@ def test_a_manifest_with_missing_keys_or_wrong_types_is_one_line(small_cache: Pa
         edited["fingerprint"] = cache.manifest_fingerprint(edited)
         (c / "manifest.json").write_text(json.dumps(edited))
         assert_refused(lambda: open_cache(c, check="size"), needle)
+
+
+def test_importance_scores_are_a_checksummed_file_like_the_others(small_cache: Path, tmp_path: Path) -> None:
+    """The scores a narrower --init teacher cuts by are read by a later stage: --verify and every open check them
+    like the tokenizer and weights (not only the stage that loads them)."""
+    from pipeline import importance
+
+    assert cache.IMPORTANCE_FILE == importance.FILE
+    c = _copy(small_cache, tmp_path / "c")
+    manifest = json.loads((c / "manifest.json").read_text())
+    assert manifest["files"][cache.IMPORTANCE_FILE]["sha256"] == manifest["importance"]["sha256"]
+    path = c / cache.IMPORTANCE_FILE
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert_refused(lambda: open_cache(c, check="full"), "importance.npz", "does not match its checksum")

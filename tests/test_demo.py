@@ -162,6 +162,12 @@ def test_demo_settings_every_stage_refuses_are_found_before_any_stage(tmp_path: 
     assert not work.exists()
     result = CliRunner().invoke(app, ["demo", "--data-dir", str(glue_dir), "--work-dir", str(work), "--student-lr", "inf"])
     assert result.exit_code == 1 and result.output.strip().startswith("error: --student-lr") and not work.exists()
+    # what only the backbone (6 layers, 512 positions) can refuse is read from its config, before any stage
+    with pytest.raises(LrcError, match="--student-layers 7 is deeper than the demo's teacher \\(6 layers\\)"):
+        run_demo(DemoConfig(data_dir=glue_dir, work_dir=work, student_layers=7, device="cpu"))
+    with pytest.raises(LrcError, match="--max-length 1024 is longer than the demo's backbone reads \\(512 positions\\)"):
+        run_demo(DemoConfig(data_dir=glue_dir, work_dir=work, max_length=1024, device="cpu"))
+    assert not work.exists()
 
 
 def test_demo_with_k_0_plans_no_negatives_stage(tmp_path: Path, glue_dir: Path) -> None:

@@ -279,3 +279,18 @@ def test_a_tokenizer_larger_than_the_embeddings_is_one_line(tmp_path: Path, mini
                                                          device="cpu"))):
         assert_refused(call, str(small), "30522 tokens", "embeddings hold 1000", "resize_token_embeddings")
     assert not out.exists() and not (tmp_path / "teacher").exists()
+
+
+def test_a_max_length_beyond_the_models_positions_is_refused_before_work(tmp_path: Path, tiny_teacher: Path,
+                                                                         files: dict[str, Path]) -> None:
+    """The tiny teacher has 128 positions: --max-length 256 only failed once an example longer than 128 tokens came
+    (a size-mismatch traceback mid-extraction), and --seq-length 256 in the timing batches of evaluate."""
+    out = tmp_path / "out"
+    assert_refused(lambda: extract_teacher(_extract(tiny_teacher, files, out, max_length=256)),
+                   "--max-length 256 is longer than the teacher reads (128 positions)")
+    assert not out.exists()
+    assert_refused(lambda: evaluate(_evaluate(tiny_teacher, files, max_length=256)), "--max-length 256", "128 positions")
+    from dataclasses import replace
+
+    assert_refused(lambda: evaluate(replace(_evaluate(tiny_teacher, files), seq_length=256)), "--seq-length 256",
+                   "128 positions")

@@ -264,23 +264,35 @@ def test_shards_assemble_and_a_killed_point_resumes(swept: Path, orphan_cache: P
 
 
 def test_failing_point_is_recorded_and_the_sweep_goes_on(orphan_cache: Path, tmp_path: Path) -> None:
-    """A point that fails while running is recorded, the others train, and the command then fails (it used to
-    exit 0 unless every point failed); the failed point leaves no stub run dir."""
-    grid = (("layer_map", ((1, 3), (2, 4))),)  # the cache stores teacher layers [2, 4]: point 0 fails when it runs
+    """A point that fails while training is recorded, the others train, and the command then fails (it used to
+    exit 0 unless every point failed)."""
+    grid = (("learning_rate", (1e30, 3e-4)),)  # point 0 diverges in its first steps: found only by training it
     out = tmp_path / "one-failed"
-    with pytest.raises(LrcError, match=r"1 of 2 points of the sweep failed \(1 of 2; run-000-layer_map=1-3: the student maps"):
+    with pytest.raises(LrcError, match=r"1 of 2 points of the sweep failed \(1 of 2; run-000-learning_rate=1e\+30: "):
         run_sweep(SweepConfig(base=base_config(orphan_cache, max_steps=2), grid=grid, output_dir=out))
     rows = read_csv(out / "results.csv")
-    assert [(r["layer_map"], r["status"]) for r in rows] == [("1:3", "failed"), ("2:4", "done")]
-    assert "cache stores [2, 4]" in rows[0]["message"] and rows[0]["dev_accuracy"] == ""
-    assert rows[1]["dev_accuracy"] != "" and not (out / rows[0]["run"]).exists()
-    assert "failed: the student maps to teacher layers [1, 3]" in (out / "results.md").read_text()
+    assert [(r["learning_rate"], r["status"]) for r in rows] == [("1e+30", "failed"), ("0.0003", "done")]
+    assert "diverged" in rows[0]["message"] and rows[0]["dev_accuracy"] == "" and rows[1]["dev_accuracy"] != ""
+    assert "failed: " in (out / "results.md").read_text()
 
     out = tmp_path / "all-failed"  # no point trains: the table lists each
-    with pytest.raises(LrcError, match=r"every point of the sweep failed \(2 of 2; run-000-layer_map=1-3: the student"):
-        run_sweep(SweepConfig(base=base_config(orphan_cache), grid=(("layer_map", ((1, 3), (1, 2))),), output_dir=out))
+    with pytest.raises(LrcError, match=r"every point of the sweep failed \(2 of 2; run-000-learning_rate=1e\+30: "):
+        run_sweep(SweepConfig(base=base_config(orphan_cache, max_steps=2), grid=(("learning_rate", (1e30, 1e29)),),
+                              output_dir=out))
     table = (out / "results.md").read_text()
     assert "0 done, 0 reused, 2 failed, 0 pending" in table and "****" not in table
+
+
+def test_a_point_the_cache_cannot_serve_is_refused_before_the_first_point(orphan_cache: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache stores teacher layers [2, 4]: a layer map 1:3 used to fail only when its point's turn came, after
+    the points before it had trained."""
+    counter = CountingTrain(monkeypatch)
+    out = tmp_path / "refused"
+    assert_refused(lambda: run_sweep(SweepConfig(base=base_config(orphan_cache), grid=(("layer_map", ((2, 4), (1, 3))),),
+                                                 output_dir=out)),
+                   "run-001-layer_map=1-3 is refused before any point trains", "cache stores [2, 4]")
+    assert counter.calls == [] and not out.exists()
 
 
 def test_a_grid_with_a_bad_value_is_refused_before_the_first_point(orphan_cache: Path, tmp_path: Path,
@@ -294,3 +306,19 @@ def test_a_grid_with_a_bad_value_is_refused_before_the_first_point(orphan_cache:
     assert_refused(lambda: SweepConfig(base=base_config(orphan_cache), grid=(("learning_rate", (1e-4, float("nan"))),),
                                        output_dir=out), "learning_rate=nan", "--lr")
     assert counter.calls == [] and not out.exists()
+
+
+def test_finished_points_on_rebuilt_negatives_are_not_reused(swept: Path, orphan_cache: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the cache's fingerprint was compared: a finished point trained on other negatives was reused as if it
+    were this grid's."""
+    cache, out = tmp_path / "cache", tmp_path / "sweep"
+    shutil.copytree(orphan_cache, cache)
+    shutil.copytree(swept, out)
+    build_negatives(NegativesConfig(cache_dir=cache, k=2, seed=5))  # the same cache, other candidates
+    counter = CountingTrain(monkeypatch)
+    with pytest.raises(LrcError, match="every point of the sweep failed"):
+        run_sweep(SweepConfig(base=base_config(cache), grid=LR_GRID, output_dir=out))
+    assert counter.calls == []
+    rows = read_csv(out / "results.csv")
+    assert all("the negatives file (rebuilt since)" in r["message"] for r in rows)

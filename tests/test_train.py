@@ -604,10 +604,10 @@ def test_a_fractional_epoch_stops_mid_epoch_and_evaluates_the_last_step(neg_cach
 
 
 def test_a_refused_run_leaves_no_run_dir_behind(neg_cache: Path, tmp_path: Path) -> None:
-    """A refusal after the cache was opened (here: --init teacher at another width) used to leave a stub
+    """A refusal after the cache was opened (here: identity projections at another width) used to leave a stub
     run dir that made the corrected command ask for --resume or --overwrite."""
     out = tmp_path / "run"
-    refused(tiny(neg_cache, out, init="teacher"), "--hidden 32")
+    refused(tiny(neg_cache, out, projection_init="identity"), "--projection-init identity", "teacher width (32)")
     assert not out.exists()
     assert train_student(tiny(neg_cache, out, max_steps=1))["steps"] == 1  # the corrected command, as it is
 
