@@ -137,7 +137,7 @@ def write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
             for name in sorted(arrays):
                 buffer = io.BytesIO()
-                np.save(buffer, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+                np.save(buffer, np.asarray(arrays[name]), allow_pickle=False)
                 archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue())
         os.replace(tmp, path)
     finally:

@@ -157,7 +157,9 @@ def init_from_teacher(
     residual channels (all of them at the teacher's width), where the COS-NCE projections start."""
     if weights is None or not weights.is_dir():
         raise LrcError("--init teacher needs the teacher weights stored in the cache: re-extract it with this lrc version")
-    teacher = _load_checked(weights, "the teacher weights in the cache")
+    # With the student's labels: a general (encoder) teacher's head is new either way, and a task teacher's fits.
+    teacher = _load_checked(weights, "the teacher weights in the cache", ignore_mismatched_sizes=True,
+                            **_labels_of(config))
     own = teacher.config.model_type
     if config.model_type != own:
         raise LrcError(f"--init teacher copies the {own} teacher's modules into the student, which is {config.model_type}: "

@@ -492,8 +492,9 @@ def test_hidden_not_divisible_by_heads(neg_cache: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
-def test_init_teacher_with_another_width(neg_cache: Path, tmp_path: Path) -> None:
-    refused(tiny(neg_cache, tmp_path / "run", init="teacher"), "--hidden 32", "got 16")
+def test_init_teacher_wider_than_the_teacher(neg_cache: Path, tmp_path: Path) -> None:
+    refused(tiny(neg_cache, tmp_path / "run", init="teacher", hidden=64, heads=4), "wider", "--hidden gives 64",
+            "at most 32")
 
 
 def test_nan_loss_names_step_and_term_and_keeps_the_last_checkpoint(neg_cache: Path, tmp_path: Path,
@@ -604,10 +605,10 @@ def test_a_fractional_epoch_stops_mid_epoch_and_evaluates_the_last_step(neg_cach
 
 
 def test_a_refused_run_leaves_no_run_dir_behind(neg_cache: Path, tmp_path: Path) -> None:
-    """A refusal after the cache was opened (here: --init teacher at another width) used to leave a stub
+    """A refusal after the cache was opened (here: --init teacher wider than the teacher) used to leave a stub
     run dir that made the corrected command ask for --resume or --overwrite."""
     out = tmp_path / "run"
-    refused(tiny(neg_cache, out, init="teacher"), "--hidden 32")
+    refused(tiny(neg_cache, out, init="teacher", hidden=64, heads=4), "at most 32")
     assert not out.exists()
     assert train_student(tiny(neg_cache, out, max_steps=1))["steps"] == 1  # the corrected command, as it is
 
