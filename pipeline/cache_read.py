@@ -361,6 +361,10 @@ def describe(cache: Cache) -> str:
             what = " (float16)" if m.get("hidden_quant") else ""
             lines.append(f"             size vs tokens x layers x d' x {bytes_per_value}{what}: "
                          f"{info['bytes'] / max(ideal, 1):.3f}x")
+    scores = m.get("importance")
+    lines.append(f"importance   {scores['file']}: channel, head and neuron scores over {scores['tokens']} train tokens, "
+                 f"{scores['bytes'] / 1e3:.1f} KB, sha256 {scores['sha256'][:12]}" if scores else
+                 "importance   none (an older lrc's cache): a narrower --init teacher keeps evenly spaced channels")
     total = sum(info["bytes"] for info in m["splits"].values())
     lines += [f"total        {total / 1e6:.1f} MB", f"fingerprint  {cache.fingerprint}"]
     return "\n".join(lines)

@@ -96,13 +96,6 @@ def choose(scores: dict[str, np.ndarray] | None, teacher: Shape, student: Shape,
     return Selection(channels, heads, qk, v, ffn, math.sqrt(ds / dt))
 
 
-def check_paired(selection: Selection) -> None:
-    """Q and K keep the same dims (and V and o) by construction: refuse a selection where they could differ."""
-    for i, (qk, v, heads) in enumerate(zip(selection.qk, selection.v, selection.heads)):
-        if len(qk) != len(v) or len(qk) % max(len(heads), 1):
-            raise LrcError(f"student layer {i + 1}: {len(qk)} Q/K dims and {len(v)} V dims for {len(heads)} heads")
-
-
 # --------------------------------------------------------------------------- the state dict
 
 

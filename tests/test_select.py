@@ -19,6 +19,7 @@ from transformers import CONFIG_MAPPING, AutoModelForSequenceClassification
 from conftest import assert_refused
 from pipeline import importance, select
 from pipeline.cache import read_manifest, sha256_file
+from pipeline.cache_read import describe, open_cache
 from pipeline.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig
 from pipeline.extract import extract_teacher
 from pipeline.negatives import build_negatives
@@ -286,6 +287,8 @@ def test_cache_scores_are_the_teachers_means_checksummed_and_reproducible(scored
     manifest = read_manifest(scored_cache)
     entry = manifest["importance"]
     assert entry["sha256"] == sha256_file(scored_cache / importance.FILE)
+    assert f"importance   importance.npz: channel, head and neuron scores over {entry['tokens']} train tokens" in \
+        describe(open_cache(scored_cache))
     scores = importance.load(scored_cache, manifest)
     teacher = AutoModelForSequenceClassification.from_pretrained(tiny_teacher).eval()
     rows = ArrowRows(scored_cache, "train")
