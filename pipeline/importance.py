@@ -62,8 +62,11 @@ class Recorder:
                             get_module(layer, row.ffn[1]).register_forward_pre_hook(self._on_input(j, "ffn"))]
         self._depth = len(layers)
 
-    def close(self) -> None:
-        for hook in self._hooks:
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for hook in self._hooks:  # the teacher runs on without them (the dev split, the next shard's recorder)
             hook.remove()
 
     @contextlib.contextmanager
