@@ -181,6 +181,16 @@ def test_electra_with_narrower_embeddings_keeps_them_and_cuts_their_projection(t
     assert torch.equal(s[project], t[project][torch.tensor(want["channels"])])
 
 
+def test_deberta_convolution_is_cut_on_both_sides_and_a_grouped_one_refused(tmp_path: Path) -> None:
+    teacher = save_teacher("deberta-v2", tmp_path / "t", conv_kernel_size=3)
+    scores, want = planted_scores(seed=5)
+    student, _ = cut("deberta-v2", tmp_path / "t", teacher, STUDENT, 2, scores)
+    c, key = torch.tensor(want["channels"]), "deberta.encoder.conv.conv.weight"
+    assert torch.equal(student.state_dict()[key], teacher.state_dict()[key][c][:, c])
+    grouped = save_teacher("deberta-v2", tmp_path / "g", conv_kernel_size=3, conv_groups=2)
+    assert_refused(lambda: cut("deberta-v2", tmp_path / "g", grouped, STUDENT, 2, scores), "grouped convolution")
+
+
 def test_mpnet_keeps_one_head_set_for_its_shared_position_bias(tmp_path: Path) -> None:
     teacher = save_teacher("mpnet", tmp_path / "t")
     scores, _ = planted_scores(seed=2)
