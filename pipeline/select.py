@@ -28,6 +28,9 @@ class Shape:
     head_dim: int
     intermediate: int
 
+    def __str__(self) -> str:
+        return f"width {self.hidden}, {self.heads} heads of {self.head_dim}, FFN {self.intermediate}"
+
 
 @dataclass(frozen=True)
 class Selection:
