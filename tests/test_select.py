@@ -269,6 +269,8 @@ def test_refusals_are_one_line(tmp_path: Path) -> None:
     assert_refused(lambda: cut("bert", tmp_path / "t", teacher, select.Shape(16, 8, 2, 24), 2), "more heads")
     assert_refused(lambda: cut("bert", tmp_path / "t", teacher, select.Shape(16, 2, 8, 24), 2), "larger head dim")
     assert_refused(lambda: cut("bert", tmp_path / "t", teacher, select.Shape(16, 4, 4, 32), 2), "larger FFN")
+    assert_refused(lambda: TrainConfig(cache_dir=tmp_path, output_dir=tmp_path / "r", init_selection="magnitude"),
+                   "--init-selection 'magnitude'", "activation, uniform")
 
 
 def test_projection_scatter_puts_kept_channels_back() -> None:
