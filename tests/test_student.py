@@ -81,8 +81,8 @@ def test_build_student_random() -> None:
 
 def test_build_student_from_teacher(tiny_teacher: Path) -> None:
     teacher = BertForSequenceClassification.from_pretrained(tiny_teacher)  # 4 layers x 32, 4 heads, FFN 64
-    # heads and FFN size asked for here differ from the teacher's: copying its layers needs the teacher's
-    config = student_config(TEACHER, layers=2, hidden=32, heads=8, intermediate=128, task=SST2)
+    # the teacher's width, heads and FFN: every channel kept (narrower students: tests/test_select.py)
+    config = student_config(TEACHER, layers=2, hidden=32, heads=4, intermediate=64, task=SST2)
     student = build_student(config, "teacher", tiny_teacher, [2, 4])
     assert student.config.num_attention_heads == 4 and student.config.intermediate_size == 64
     assert student.config.num_hidden_layers == 2
