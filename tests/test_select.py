@@ -356,6 +356,19 @@ def test_an_old_cache_without_scores_falls_back_with_one_line(scored_cache: Path
     assert sum("no importance scores" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_damaged_scores_are_refused_in_one_line(scored_cache: Path, tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged"
+    shutil.copytree(scored_cache, damaged)
+    data = bytearray((damaged / importance.FILE).read_bytes())
+    data[-20] ^= 0xFF
+    (damaged / importance.FILE).write_bytes(bytes(data))
+    assert_refused(lambda: train_student(TrainConfig(cache_dir=damaged, output_dir=tmp_path / "run", layers=2, hidden=16,
+                                                     heads=2, intermediate=40, init="teacher", k=2, max_steps=1,
+                                                     num_workers=0, device="cpu")),
+                   "importance.npz", "does not match the checksum", "--overwrite")
+    assert not (tmp_path / "run").exists()
+
+
 def test_general_distillation_from_a_cut_teacher(corpus_cache: Path, tmp_path: Path) -> None:  # noqa: F811
     cache = tmp_path / "corpus"
     shutil.copytree(corpus_cache, cache)
