@@ -262,7 +262,10 @@ def inspect_cache(
     cache = open_cache(cache_dir, check="full" if verify else "quick")
     typer.echo(describe(cache))
     if verify:
-        typer.echo("verify: every shard matches its checksum")
+        from pipeline.importance import load as load_scores
+
+        scores = load_scores(cache.path, cache.manifest)  # refuses a file that does not match the manifest
+        typer.echo("verify: every shard matches its checksum" + ("; so does importance.npz" if scores is not None else ""))
 
 
 @app.command("build-negatives")

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 from transformers import CONFIG_MAPPING, AutoModelForSequenceClassification
+from typer.testing import CliRunner
 
+from cli import app
 from conftest import assert_refused
 from pipeline import importance, select
 from pipeline.cache import read_manifest, sha256_file
@@ -301,6 +303,8 @@ def test_cache_scores_are_the_teachers_means_checksummed_and_reproducible(scored
     assert entry["sha256"] == sha256_file(scored_cache / importance.FILE)
     assert f"importance   importance.npz: channel, head and neuron scores over {entry['tokens']} train tokens" in \
         describe(open_cache(scored_cache))
+    verified = CliRunner().invoke(app, ["inspect-cache", str(scored_cache), "--verify"])
+    assert verified.exit_code == 0 and "every shard matches its checksum; so does importance.npz" in verified.stdout
     scores = importance.load(scored_cache, manifest)
     teacher = AutoModelForSequenceClassification.from_pretrained(tiny_teacher).eval()
     rows = ArrowRows(scored_cache, "train")
