@@ -263,7 +263,7 @@ def inspect_cache(
     typer.echo(describe(cache))
     if verify:
         typer.echo("verify: every shard matches its checksum, and so does every other file the manifest records "
-                   "(tokenizer, teacher weights); the manifest matches its fingerprint")
+                   "(tokenizer, teacher weights, importance scores); the manifest matches its fingerprint")
 
 
 @app.command("build-negatives")

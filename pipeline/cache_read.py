@@ -393,6 +393,10 @@ def describe(cache: Cache) -> str:
         tops = sorted({rel.split("/")[0] for rel in files})
         lines.append(f"files        {len(files)} in {', '.join(tops)}, "
                      f"{sum(e['bytes'] for e in files.values()) / 1e6:.1f} MB")
+    scores = m.get("importance")
+    lines.append(f"importance   {scores['file']}: channel, head and neuron scores over {scores['tokens']} train tokens, "
+                 f"{scores['bytes'] / 1e3:.1f} KB, sha256 {scores['sha256'][:12]}" if scores else
+                 "importance   none (an older lrc's cache): a narrower --init teacher keeps evenly spaced channels")
     total = sum(info["bytes"] for info in m["splits"].values())
     lines += [f"total        {total / 1e6:.1f} MB", f"fingerprint  {cache.fingerprint}"]
     return "\n".join(lines)

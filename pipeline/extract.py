@@ -317,54 +317,39 @@ def run_shard(
     scales = {j: np.empty(offsets[-1], np.float32) for j in layers} if with_hidden and quantized else None
     pooled = np.empty((len(ids), width), _POOLED_NP[config.hidden_dtype]) if with_hidden else None
     order = np.argsort(-lengths, kind="stable")
-    # Scores for a narrower `--init teacher` from this same forward (pipeline/importance.py).
+    # Scores for a narrower `--init teacher`, from this same forward (pipeline/importance.py).
     recorder = importance.Recorder(model) if with_hidden else None
-    try:
-        _run_batches(model, config, device, inputs, ids, types, layers, bar, order, offsets, lengths, recorder,
-                     logits, hidden, scales, pooled, last)
-    finally:
-        if recorder is not None:
-            recorder.close()
+    with recorder if recorder is not None else contextlib.nullcontext():
+        for b in range(0, len(order), config.batch_size):
+            rows = order[b : b + config.batch_size]
+            input_ids, token_types, mask = pad_batch([ids[r] for r in rows], [types[r] for r in rows], inputs.pad_id,
+                                                     device)
+            segments = {"token_type_ids": token_types} if inputs.segments else {}
+            with autocast(device, config.precision), \
+                    recorder.batch(mask) if recorder is not None else contextlib.nullcontext():
+                output = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=with_hidden, **segments)
+            if logits is not None:
+                logits[rows] = output.logits.float().cpu().numpy()
+            if with_hidden:
+                recorder.add_states(output.hidden_states, mask)
+                real = mask.bool()  # (B, L); padding is on the right, so real tokens come out in row order
+                dest = _token_destinations(offsets[rows], lengths[rows])
+                for j in layers:
+                    states = output.hidden_states[j][real]  # (T, d')
+                    if scales is not None:  # quantised on the device: a quarter of the float32 bytes cross to the host
+                        q, s = quant.quantize(states)
+                        hidden[j][dest], scales[j][dest] = q.cpu().numpy(), s.cpu().numpy()
+                    else:
+                        hidden[j][dest] = states.to(_TORCH_DTYPES[config.hidden_dtype]).cpu().numpy()
+                top = output.hidden_states[last].float() * real.unsqueeze(-1)  # (B, L, d')
+                pooled[rows] = (top.sum(1) / real.sum(1, keepdim=True)).cpu().numpy().astype(pooled.dtype)  # (B, d')
+            bar.update(len(rows))
     result: dict[str, Any] = {"logits": logits} if logits is not None else {}
     if with_hidden:
         result |= {"hidden": hidden, "pooled": pooled, "importance": recorder.totals()}
     if scales is not None:
         result["scales"] = scales
     return result
-
-
-def _run_batches(
-    model: torch.nn.Module, config: ExtractConfig, device: torch.device, inputs: _InputSpec, ids: list[list[int]],
-    types: list[list[int]], layers: list[int], bar: tqdm, order: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
-    recorder: importance.Recorder | None, logits: np.ndarray | None, hidden: dict[int, np.ndarray] | None,
-    scales: dict[int, np.ndarray] | None, pooled: np.ndarray | None, last: int,
-) -> None:
-    """The teacher over one shard's length-sorted batches, filling the output arrays in row order."""
-    with_hidden = hidden is not None
-    for b in range(0, len(order), config.batch_size):
-        rows = order[b : b + config.batch_size]
-        input_ids, token_types, mask = pad_batch([ids[r] for r in rows], [types[r] for r in rows], inputs.pad_id, device)
-        segments = {"token_type_ids": token_types} if inputs.segments else {}
-        with autocast(device, config.precision), \
-                recorder.batch(mask) if recorder is not None else contextlib.nullcontext():
-            output = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=with_hidden, **segments)
-        if recorder is not None:
-            recorder.add_states(output.hidden_states, mask)
-        if logits is not None:
-            logits[rows] = output.logits.float().cpu().numpy()
-        if with_hidden:
-            real = mask.bool()  # (B, L); padding is on the right, so real tokens come out in row order
-            dest = _token_destinations(offsets[rows], lengths[rows])
-            for j in layers:
-                states = output.hidden_states[j][real]  # (T, d')
-                if scales is not None:  # quantised on the device: a quarter of the float32 bytes cross to the host
-                    q, s = quant.quantize(states)
-                    hidden[j][dest], scales[j][dest] = q.cpu().numpy(), s.cpu().numpy()
-                else:
-                    hidden[j][dest] = states.to(_TORCH_DTYPES[config.hidden_dtype]).cpu().numpy()
-            top = output.hidden_states[last].float() * real.unsqueeze(-1)  # (B, L, d')
-            pooled[rows] = (top.sum(1) / real.sum(1, keepdim=True)).cpu().numpy().astype(pooled.dtype)  # (B, d')
-        bar.update(len(rows))
 
 
 def check_finite_outputs(shard: dict[str, Any], lengths: list[int], split: str, start: int,

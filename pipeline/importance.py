@@ -62,8 +62,11 @@ class Recorder:
                             get_module(layer, row.ffn[1]).register_forward_pre_hook(self._on_input(j, "ffn"))]
         self._depth = len(layers)
 
-    def close(self) -> None:
-        for hook in self._hooks:
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for hook in self._hooks:  # the teacher runs on without them (the dev split, the next shard's recorder)
             hook.remove()
 
     @contextlib.contextmanager
@@ -137,7 +140,7 @@ def write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
             for name in sorted(arrays):
                 buffer = io.BytesIO()
-                np.save(buffer, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+                np.save(buffer, np.asarray(arrays[name]), allow_pickle=False)
                 archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue())
         os.replace(tmp, path)
     finally:

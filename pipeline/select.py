@@ -28,6 +28,9 @@ class Shape:
     head_dim: int
     intermediate: int
 
+    def __str__(self) -> str:
+        return f"width {self.hidden}, {self.heads} heads of {self.head_dim}, FFN {self.intermediate}"
+
 
 @dataclass(frozen=True)
 class Selection:
@@ -94,13 +97,6 @@ def choose(scores: dict[str, np.ndarray] | None, teacher: Shape, student: Shape,
             out.append(np.concatenate([h * dt + pick(dt, ds, None if per_head is None else per_head[h]) for h in kept]))
         ffn.append(pick(teacher.intermediate, student.intermediate, None if scores is None else scores["ffn"][j - 1]))
     return Selection(channels, heads, qk, v, ffn, math.sqrt(ds / dt))
-
-
-def check_paired(selection: Selection) -> None:
-    """Q and K keep the same dims (and V and o) by construction: refuse a selection where they could differ."""
-    for i, (qk, v, heads) in enumerate(zip(selection.qk, selection.v, selection.heads)):
-        if len(qk) != len(v) or len(qk) % max(len(heads), 1):
-            raise LrcError(f"student layer {i + 1}: {len(qk)} Q/K dims and {len(v)} V dims for {len(heads)} heads")
 
 
 # --------------------------------------------------------------------------- the state dict

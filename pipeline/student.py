@@ -15,7 +15,7 @@ from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForSequenceClassif
 from pipeline import select
 from pipeline.errors import LrcError
 from pipeline.families import (
-    FAMILIES, check_loading_report, family_of, layer_prefix, reads_segments, usable_positions,
+    FAMILIES, Family, check_loading_report, family_of, layer_prefix, reads_segments, usable_positions,
 )
 from pipeline.runtime import from_pretrained
 
@@ -157,7 +157,9 @@ def init_from_teacher(
     residual channels (all of them at the teacher's width), where the COS-NCE projections start."""
     if weights is None or not weights.is_dir():
         raise LrcError("--init teacher needs the teacher weights stored in the cache: re-extract it with this lrc version")
-    teacher = _load_checked(weights, "the teacher weights in the cache")
+    # With the student's labels: a general (encoder) teacher's head is new either way, and a task teacher's fits.
+    teacher = _load_checked(weights, "the teacher weights in the cache", ignore_mismatched_sizes=True,
+                            **_labels_of(config))
     own = teacher.config.model_type
     if config.model_type != own:
         raise LrcError(f"--init teacher copies the {own} teacher's modules into the student, which is {config.model_type}: "
@@ -196,13 +198,13 @@ def init_from_teacher(
     return student, chosen.channels
 
 
-def _shape(config: PretrainedConfig, row: Any) -> select.Shape:
+def _shape(config: PretrainedConfig, row: Family) -> select.Shape:
     heads = config.num_attention_heads
     head_dim = getattr(config, "attention_head_size", None) or config.hidden_size // heads
     return select.Shape(config.hidden_size, heads, head_dim, getattr(config, row.intermediate))
 
 
-def _cut_config(teacher: PretrainedConfig, student: PretrainedConfig, row: Any, shape: select.Shape,
+def _cut_config(teacher: PretrainedConfig, student: PretrainedConfig, row: Family, shape: select.Shape,
                 depth: int) -> dict[str, Any]:
     """The teacher's config at the student's sizes. A width field the teacher keeps apart from its width
     (ELECTRA's smaller embedding_size) stays the teacher's: those modules are not on the residual stream."""
@@ -219,7 +221,7 @@ def _cut_config(teacher: PretrainedConfig, student: PretrainedConfig, row: Any, 
     return {**fields, **sizes, **_labels_of(student)}
 
 
-def _layout(teacher: PreTrainedModel, row: Any) -> select.Layout:
+def _layout(teacher: PreTrainedModel, row: Family) -> select.Layout:
     q, k, v, o = row.attention
     # Position projections the model lacks (shared keys, no relative attention) simply match no key.
     queries, keys = ((q, row.positions[0]), (k, row.positions[1])) if row.positions else ((q,), (k,))

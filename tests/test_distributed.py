@@ -116,7 +116,8 @@ def two_rank_run(work: dict[str, Path]) -> Path:
 
 def test_two_rank_extraction_writes_the_one_rank_cache(work: dict[str, Path]) -> None:
     """Catches: ranks writing overlapping or rank-dependent shards, rank 1 (or both) writing the manifest, rank 0
-    assembling it before the other rank's shards are on disk (an incomplete-cache error), a rank's rows missing."""
+    assembling it before the other rank's shards are on disk (an incomplete-cache error), a rank's rows missing,
+    importance scores of one rank's rows only."""
     out, writers = work["root"] / "cache2", work["root"] / "manifest-writers.txt"
     result = torchrun(str(work["entry"]), "extract-teacher", "--teacher", str(work["teacher"]), "--task", "sst2",
                       "-o", str(out), "--train-file", str(work["train"]), "--dev-file", str(work["dev"]),
@@ -127,6 +128,9 @@ def test_two_rank_extraction_writes_the_one_rank_cache(work: dict[str, Path]) ->
     assert sum("cache:" in line for line in lines(result.stdout)) == 1  # the result line once (rank 0), not per rank
     one, two = open_cache(work["cache"], "full"), open_cache(out, "full")  # every shard against its sha256
     assert two.fingerprint == one.fingerprint
+    # importance scores: each rank's shard sums, added in shard order by rank 0, are the one-process scores
+    assert two.manifest["importance"] == one.manifest["importance"]
+    assert (out / "importance.npz").read_bytes() == (work["cache"] / "importance.npz").read_bytes()
     for split in ("train", "dev"):
         assert [(s["file"], s["sha256"]) for s in two.manifest["splits"][split]["shards"]] == \
                [(s["file"], s["sha256"]) for s in one.manifest["splits"][split]["shards"]]

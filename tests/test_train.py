@@ -492,8 +492,9 @@ def test_hidden_not_divisible_by_heads(neg_cache: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
-def test_init_teacher_with_another_width(neg_cache: Path, tmp_path: Path) -> None:
-    refused(tiny(neg_cache, tmp_path / "run", init="teacher"), "--hidden 32", "got 16")
+def test_init_teacher_wider_than_the_teacher(neg_cache: Path, tmp_path: Path) -> None:
+    refused(tiny(neg_cache, tmp_path / "run", init="teacher", hidden=64, heads=4), "wider", "--hidden gives 64",
+            "at most 32")
 
 
 def test_nan_loss_names_step_and_term_and_keeps_the_last_checkpoint(neg_cache: Path, tmp_path: Path,
