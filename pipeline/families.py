@@ -31,7 +31,6 @@ class Family:
     positions_after_pad: bool  # position ids start at pad_token_id + 1 (RoBERTa-style), not at 0
     intermediate: str  # config field of the FFN width
     widths: tuple[str, ...]  # config fields that follow the model width (--hidden)
-    onnx: bool = True  # `lrc export` gives a graph whose logits match PyTorch's (tests/test_export.py)
     # Inside one layer (paths under it): the attention's query, key, value and output projections and the FFN's
     # up- and down-projections. Stage one hooks them to score heads, head dims and neurons; a narrow
     # `--init teacher` cuts them (pipeline/select.py). Every other weight of a layer is a LayerNorm.
@@ -44,6 +43,7 @@ class Family:
     # A per-head table outside the layers, shared by all of them (MPNet's relative attention bias): a narrow
     # student of such a family keeps one head set in every layer, or the table would not fit every layer.
     shared_heads: str | None = None
+    onnx: bool = True  # `lrc export` gives a graph whose logits match PyTorch's (tests/test_export.py)
 
 
 FAMILIES: dict[str, Family] = {

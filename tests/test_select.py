@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from cli import app
 from conftest import assert_refused
 from pipeline import importance, select
-from pipeline.cache import read_manifest, sha256_file
+from pipeline.cache import manifest_fingerprint, read_manifest, sha256_file
 from pipeline.cache_read import describe, open_cache
 from pipeline.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig
 from pipeline.extract import extract_teacher
@@ -304,7 +304,7 @@ def test_cache_scores_are_the_teachers_means_checksummed_and_reproducible(scored
     assert f"importance   importance.npz: channel, head and neuron scores over {entry['tokens']} train tokens" in \
         describe(open_cache(scored_cache))
     verified = CliRunner().invoke(app, ["inspect-cache", str(scored_cache), "--verify"])
-    assert verified.exit_code == 0 and "every shard matches its checksum; so does importance.npz" in verified.stdout
+    assert verified.exit_code == 0 and "importance scores" in verified.stdout
     scores = importance.load(scored_cache, manifest)
     teacher = AutoModelForSequenceClassification.from_pretrained(tiny_teacher).eval()
     rows = ArrowRows(scored_cache, "train")
@@ -348,14 +348,17 @@ def test_an_old_cache_without_scores_falls_back_with_one_line(scored_cache: Path
                                                             caplog: pytest.LogCaptureFixture) -> None:
     old = tmp_path / "old"
     shutil.copytree(scored_cache, old)
+    # A cache whose extraction recorded no scores (a shard without its sums): no entry, no file, and a manifest
+    # whose fingerprint and `files` say so, as assemble_manifest writes it then.
     manifest = json.loads((old / "manifest.json").read_text())
-    del manifest["importance"]
+    del manifest["importance"], manifest["files"][importance.FILE]
+    manifest["fingerprint"] = manifest_fingerprint(manifest)
     (old / "manifest.json").write_text(json.dumps(manifest))
     (old / importance.FILE).unlink()
     with caplog.at_level(logging.INFO):
         summary = train_student(TrainConfig(cache_dir=old, output_dir=tmp_path / "run", layers=2, hidden=16, heads=2,
-                                            intermediate=40, init="teacher", k=2, max_steps=1, num_workers=0,
-                                            device="cpu", verify_cache="full"))
+                                            intermediate=40, init="teacher", k=2, negatives_source="in-batch",
+                                            max_steps=1, num_workers=0, device="cpu", verify_cache="full"))
     assert summary["steps"] == 1
     assert sum("no importance scores" in r.getMessage() for r in caplog.records) == 1
 
@@ -369,7 +372,7 @@ def test_damaged_scores_are_refused_in_one_line(scored_cache: Path, tmp_path: Pa
     assert_refused(lambda: train_student(TrainConfig(cache_dir=damaged, output_dir=tmp_path / "run", layers=2, hidden=16,
                                                      heads=2, intermediate=40, init="teacher", k=2, max_steps=1,
                                                      num_workers=0, device="cpu")),
-                   "importance.npz", "does not match the checksum", "--overwrite")
+                   "importance.npz", "does not match its checksum", "--overwrite")
     assert not (tmp_path / "run").exists()
 
 
