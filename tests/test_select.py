@@ -27,7 +27,6 @@ from pipeline.extract import extract_teacher
 from pipeline.negatives import build_negatives
 from pipeline.student import init_from_teacher, student_config
 from pipeline.train import _setup, train_student
-from test_corpus import corpus_cache, encoder  # noqa: F401  (module fixtures: a corpus cache of a tiny encoder)
 
 TASK = {"labels": ["negative", "positive"], "is_regression": False}
 FAMILIES = ["bert", "roberta", "deberta-v2", "electra", "mpnet", "distilbert"]
