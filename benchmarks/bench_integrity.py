@@ -91,7 +91,7 @@ def time_open(out: Path, check: str, cold: bool) -> float:
 
 def finite_costs(shard_rows: int) -> dict[str, float]:
     from pipeline.config import DataConfig, ExtractConfig
-    from pipeline.extract import check_finite_outputs
+    from pipeline.teacher_pass import check_finite_outputs
     from pipeline.step import check_batch_finite
 
     rng = np.random.default_rng(1)

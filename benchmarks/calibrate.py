@@ -27,11 +27,11 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
 from pipeline.batches import to_device
-from pipeline.config import BUNDLED_BACKBONE, TrainConfig
+from pipeline.config import BUNDLED_BACKBONE, TrainConfig, layer_map
 from pipeline.finetune import resolve_backbone
 from pipeline.runtime import apply_update, autocast, encode, pad_batch, pick_device, predict_logits
 from pipeline.step import Model, train_step
-from pipeline.student import Projections, build_student, layer_map, student_config
+from pipeline.student import Projections, build_student, student_config
 from pipeline.tasks import get_task
 
 log = logging.getLogger("calibrate")

@@ -31,11 +31,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline import losses
 from pipeline.cache_read import open_cache
-from pipeline.config import DataConfig, DemoConfig, TrainConfig
+from pipeline.config import DataConfig, DemoConfig, TrainConfig, layer_map
 from pipeline.demo import plan, task_stages
 from pipeline.metrics import compute_metrics
 from pipeline.runtime import encode, pad_batch, predict_logits, seed_everything, setup_logging
-from pipeline.student import Projections, build_student, layer_map, student_config
+from pipeline.student import Projections, build_student, student_config
 from pipeline.tasks import get_task, load_examples
 from pipeline.train import train_or_reuse
 

@@ -49,6 +49,12 @@ def _require(condition: bool, message: str) -> None:
 # explicitly, so no non-finite value gets through a range check.
 
 
+def layer_map(teacher_layers: int, student_layers: int) -> list[int]:
+    """phi(i) = round_half_up(i * N / M) for i = 1..M: the last student layer maps to the last teacher layer."""
+    n, m = teacher_layers, student_layers
+    return [(2 * i * n + m) // (2 * m) for i in range(1, m + 1)]
+
+
 def _whole(flag: str, value: Any, minimum: int = 1, maximum: int | None = None) -> None:
     """An integer option (a count, a size, a length, a step interval) in [minimum, maximum]."""
     # numbers.Integral: a numpy integer from a script is a whole number too; a bool never is

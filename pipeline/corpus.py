@@ -22,6 +22,7 @@ from pipeline.config import CorpusConfig, DataConfig, ExtractConfig
 from pipeline.errors import LrcError
 from pipeline.runtime import check_vocabulary, from_pretrained, require_tokenizer
 from pipeline.tasks import read_table, readable
+from pipeline.teacher_pass import hash_tokenizer, hash_weights, resolve_layers, write_cache
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,6 @@ def load_encoder(source: str, trust_remote_code: bool = False) -> tuple[torch.nn
 
 def extract_corpus(config: ExtractConfig) -> dict[str, Any]:
     """Encoder + unlabeled text -> corpus cache dir; resumes a killed run; returns the manifest."""
-    from pipeline.extract import _hash_tokenizer, _hash_weights, resolve_layers, write_cache  # the task path's rules
     from pipeline.finetune import resolve_backbone
 
     assert config.corpus is not None
@@ -175,8 +175,8 @@ def extract_corpus(config: ExtractConfig) -> dict[str, Any]:
     layers = resolve_layers(config, model.config.num_hidden_layers)
     passages = read_passages(config.corpus)
     ids, types, _ = windows(tokenizer, passages, config.max_length)
-    weights = _hash_weights(Path(source)) if Path(source).is_dir() else f"hub:{source}"
-    settings = corpus_settings(config, model, _hash_tokenizer(tokenizer), weights, layers, passages, len(ids))
+    weights = hash_weights(Path(source)) if Path(source).is_dir() else f"hub:{source}"
+    settings = corpus_settings(config, model, hash_tokenizer(tokenizer), weights, layers, passages, len(ids))
     manifest, work = write_cache(model, tokenizer, config, settings, {"train": (ids, types, None)}, layers, None,
                                  {"teacher_path": source})
     if work is None:

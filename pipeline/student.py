@@ -26,12 +26,6 @@ _NOT_INHERITED = ("architectures", "_name_or_path", "transformers_version", "id2
                   "problem_type", "dtype", "torch_dtype", "finetuning_task")
 
 
-def layer_map(teacher_layers: int, student_layers: int) -> list[int]:
-    """phi(i) = round_half_up(i * N / M) for i = 1..M: the last student layer maps to the last teacher layer."""
-    n, m = teacher_layers, student_layers
-    return [(2 * i * n + m) // (2 * m) for i in range(1, m + 1)]
-
-
 def student_config(
     teacher: dict[str, Any], layers: int, hidden: int, heads: int, intermediate: int, task: dict[str, Any],
     family: str | None = None,

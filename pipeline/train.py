@@ -17,7 +17,7 @@ from pipeline import checkpoint, distributed, general, importance, outdir
 from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader, to_device
 from pipeline.cache import read_manifest
 from pipeline.cache_read import Cache, open_cache
-from pipeline.config import TrainConfig
+from pipeline.config import TrainConfig, layer_map
 from pipeline.errors import LrcError
 from pipeline.families import reads_segments
 from pipeline.metrics import compute_metrics
@@ -27,7 +27,7 @@ from pipeline.runtime import (
     apply_update, check_finite_weights, describe_device, from_pretrained, predict_logits, seed_everything,
 )
 from pipeline.step import Model, Trainable, check_batch_finite, train_step
-from pipeline.student import Projections, build_student, init_from_teacher, init_shape, layer_map, student_config
+from pipeline.student import Projections, build_student, init_from_teacher, init_shape, student_config
 from pipeline.tasks import get_task
 
 log = logging.getLogger(__name__)

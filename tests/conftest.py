@@ -145,3 +145,47 @@ def neg_cache(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     shutil.copytree(tiny_cache, out)
     build_negatives(NegativesConfig(cache_dir=out, k=2))
     return out
+
+
+# --------------------------------------------------------------------------- a corpus cache (general distillation)
+
+CORPUS_MAX_LENGTH = 16  # window length of the corpus cache fixture
+
+
+def make_tiny_encoder(path: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A random BertModel (no task head, 4 x 32) with the real bert-base-uncased vocabulary."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
+def corpus_lines(glue_dir: Path) -> list[str]:
+    """Real SST-2 sentences, a blank line, a long passage (several sentences joined) and a duplicate."""
+    sentences = [line.split("\t")[0] for line in sst2_lines(glue_dir, "train", 0, 40)]
+    long_passage = " ".join(sentences[:12])  # far beyond CORPUS_MAX_LENGTH tokens: several windows
+    return sentences[12:30] + ["", long_passage, sentences[12]]
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    return make_tiny_encoder(tmp_path_factory.mktemp("encoder") / "tiny", minilm_dir)
+
+
+@pytest.fixture(scope="module")
+def corpus_cache(tmp_path_factory: pytest.TempPathFactory, encoder: Path, glue_dir: Path) -> Path:
+    """A corpus cache (general distillation) of the tiny encoder over real SST-2 sentences."""
+    from pipeline.config import CorpusConfig, ExtractConfig
+    from pipeline.extract import extract_teacher
+
+    work = tmp_path_factory.mktemp("corpus")
+    (work / "corpus.txt").write_text("\n".join(corpus_lines(glue_dir)) + "\n", encoding="utf-8")
+    out = work / "cache"
+    extract_teacher(ExtractConfig(teacher=encoder, data=None, output_dir=out, student_layers=2,
+                                  max_length=CORPUS_MAX_LENGTH, shard_rows=8, corpus=CorpusConfig(str(work / "corpus.txt"))))
+    return out

@@ -14,8 +14,7 @@ import torch
 
 from pipeline import cache
 from pipeline.cache_read import open_cache
-from pipeline.student import layer_map
-from pipeline.config import DataConfig, ExtractConfig
+from pipeline.config import DataConfig, ExtractConfig, layer_map
 from pipeline.errors import LrcError
 from pipeline.extract import extract_teacher
 from pipeline.tasks import load_examples

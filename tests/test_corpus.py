@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import AutoTokenizer, BertModel
 
-from conftest import assert_refused, sst2_lines
+from conftest import CORPUS_MAX_LENGTH as MAX_LENGTH, assert_refused, corpus_lines
 from pipeline.cache import read_manifest
 from pipeline.cache_read import Cache, open_cache
 from pipeline.config import CorpusConfig, ExtractConfig, NegativesConfig, SweepConfig, TrainConfig
@@ -22,41 +21,6 @@ from pipeline.corpus import cache_kind, glue_sentences, read_passages, require_k
 from pipeline.extract import extract_teacher
 from pipeline.negatives import build_negatives
 from pipeline.sampler import NegativeSampler
-
-MAX_LENGTH = 16
-
-
-def make_tiny_encoder(path: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """A random BertModel (no task head, 4 x 32) with the real bert-base-uncased vocabulary."""
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
-    return path
-
-
-def corpus_lines(glue_dir: Path) -> list[str]:
-    """Real SST-2 sentences, a blank line, a long passage (several sentences joined) and a duplicate."""
-    sentences = [line.split("\t")[0] for line in sst2_lines(glue_dir, "train", 0, 40)]
-    long_passage = " ".join(sentences[:12])  # far beyond MAX_LENGTH tokens: several windows
-    return sentences[12:30] + ["", long_passage, sentences[12]]
-
-
-@pytest.fixture(scope="module")
-def encoder(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
-    return make_tiny_encoder(tmp_path_factory.mktemp("encoder") / "tiny", minilm_dir)
-
-
-@pytest.fixture(scope="module")
-def corpus_cache(tmp_path_factory: pytest.TempPathFactory, encoder: Path, glue_dir: Path) -> Path:
-    work = tmp_path_factory.mktemp("corpus")
-    (work / "corpus.txt").write_text("\n".join(corpus_lines(glue_dir)) + "\n", encoding="utf-8")
-    out = work / "cache"
-    extract_teacher(ExtractConfig(teacher=encoder, data=None, output_dir=out, student_layers=2, max_length=MAX_LENGTH,
-                                  shard_rows=8, corpus=CorpusConfig(str(work / "corpus.txt"))))
-    return out
-
 
 def test_corpus_cache_windows_without_labels(corpus_cache: Path, encoder: Path, glue_dir: Path) -> None:
     manifest = read_manifest(corpus_cache)

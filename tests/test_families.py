@@ -20,14 +20,14 @@ from transformers import (
 from conftest import assert_refused, sst2_lines, write_tsv
 from pipeline import losses
 from pipeline.batches import CacheDataset, collate
-from pipeline.config import DataConfig, EvaluateConfig, ExtractConfig, FinetuneConfig, NegativesConfig, TrainConfig
+from pipeline.config import DataConfig, EvaluateConfig, ExtractConfig, FinetuneConfig, NegativesConfig, TrainConfig, layer_map
 from pipeline.evaluate import evaluate
 from pipeline.extract import extract_teacher
 from pipeline.families import FAMILIES, check_loading_report, layer_list, model_inputs
 from pipeline.finetune import finetune_teacher
 from pipeline.negatives import build_negatives
 from pipeline.sampler import NegativeSampler
-from pipeline.student import Projections, build_student, layer_map, student_config
+from pipeline.student import Projections, build_student, student_config
 from pipeline.step import Model, train_step
 from pipeline.train import train_student
 

@@ -20,7 +20,6 @@ from pipeline.general import PROJECTIONS_FILE
 from pipeline.negatives import build_negatives
 from pipeline.student import build_student, student_config
 from pipeline.train import train_student
-from test_corpus import corpus_cache, encoder  # noqa: F401  (module fixtures: a corpus cache of a tiny encoder)
 
 
 def tiny(cache: Path, out: Path, **kwargs) -> TrainConfig:

@@ -22,12 +22,11 @@ from conftest import assert_refused
 from pipeline import importance, select
 from pipeline.cache import manifest_fingerprint, read_manifest, sha256_file
 from pipeline.cache_read import describe, open_cache
-from pipeline.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig
+from pipeline.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig, layer_map
 from pipeline.extract import extract_teacher
 from pipeline.negatives import build_negatives
-from pipeline.student import init_from_teacher, layer_map, student_config
+from pipeline.student import init_from_teacher, student_config
 from pipeline.train import _setup, train_student
-from test_corpus import corpus_cache, encoder  # noqa: F401  (module fixtures: a corpus cache of a tiny encoder)
 
 TASK = {"labels": ["negative", "positive"], "is_regression": False}
 FAMILIES = ["bert", "roberta", "deberta-v2", "electra", "mpnet", "distilbert"]
