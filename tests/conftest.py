@@ -11,6 +11,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """An integration test (the real MiniLM, real GLUE data, minutes of training) is in the slow lane too:
+    `pytest -m "not slow"` is the fast lane."""
+    for item in items:
+        if item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """One intra-op thread: the tests' models are tiny, and on 2 cores two threads that share them with

@@ -87,6 +87,7 @@ def test_finetune_errors_are_one_line(tmp_path: Path, files: list[str]) -> None:
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_real_process_prints_exactly_one_stderr_line(tmp_path: Path) -> None:
     """The console entry point, not the test runner: stderr is that one line and nothing else."""
     cmd = [sys.executable, "-c", "from cli import app; app()", "inspect-cache", str(tmp_path / "missing")]

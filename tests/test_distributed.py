@@ -30,6 +30,8 @@ from pipeline.negatives import build_negatives
 from pipeline.step import Trainable, train_step
 from pipeline.train import _setup, epoch_batches, loss_weights, train_student
 
+pytestmark = pytest.mark.slow  # real process groups (torchrun launches, gloo ranks) throughout
+
 LAUNCH_TIMEOUT = 240  # a hang shows up as a timeout, not as a stuck test run
 
 # Runs the real CLI; on rank FAIL_RANK it fails at the FAIL_AT-th optimizer step (after step FAIL_AT - 1), and each

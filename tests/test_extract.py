@@ -48,6 +48,7 @@ def _lrc(*args: str) -> list[str]:
     return [sys.executable, "-c", "from cli import app; app()", *args]
 
 
+@pytest.mark.slow
 def test_killed_extraction_resumes_to_the_same_bytes(tmp_path: Path, tiny_teacher: Path, glue_dir: Path) -> None:
     train = write_tsv(tmp_path / "train.tsv", sst2_lines(glue_dir, "train", 2000, 600))
     dev = write_tsv(tmp_path / "dev.tsv", sst2_lines(glue_dir, "dev", 0, 300))

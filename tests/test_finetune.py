@@ -179,6 +179,7 @@ def test_stsb_teacher_is_a_regression_head(tmp_path: Path, plain_backbone: Path,
 # ---------------------------------------------------------------- the real backbone
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_minilm_teacher_then_cache_size_rule(tmp_path: Path, minilm_dir: Path, glue_dir: Path) -> None:
     rows = glue_rows(glue_dir / "SST-2" / "dev.tsv", ["sentence", "label"], 128)

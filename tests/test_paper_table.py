@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO
 
 
@@ -21,6 +23,7 @@ def run(work: Path, glue_dir: Path) -> subprocess.CompletedProcess:
                            "--work-dir", str(work)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_smoke_mode_writes_the_table_and_a_rerun_reuses_everything(tmp_path: Path, glue_dir: Path, minilm_dir: Path) -> None:
     work = tmp_path / "paper"
     first = run(work, glue_dir)

@@ -122,6 +122,7 @@ def test_truncated_weights_file_is_one_line(tmp_path: Path, tiny_teacher: Path, 
     assert_refused(lambda: evaluate(_evaluate(cut, files)), "could not be loaded")
 
 
+@pytest.mark.slow
 def test_remote_code_never_runs_even_with_a_piped_yes(tmp_path: Path, tiny_teacher: Path,
                                                       files: dict[str, Path]) -> None:
     """A teacher dir whose config maps to its own Python: transformers asks on the terminal unless told."""
@@ -179,6 +180,7 @@ def _file_size_limit(limit: int):
     return apply
 
 
+@pytest.mark.slow
 def test_full_disk_mid_extraction_leaves_nothing_to_trust(tmp_path: Path, tiny_teacher: Path,
                                                           files: dict[str, Path], glue_dir: Path) -> None:
     files["train"] = write_tsv(tmp_path / "big.tsv", sst2_lines(glue_dir, "train", 0, 1500))
@@ -210,6 +212,7 @@ def _lock(path: Path, locked: bool) -> bool:
     return subprocess.run(["chattr", "+i" if locked else "-i", str(path)], capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
 def test_read_only_output_is_one_line(tmp_path: Path, tiny_teacher: Path, files: dict[str, Path]) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()

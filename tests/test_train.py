@@ -412,6 +412,7 @@ def past_a_checkpoint(out: Path) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
 def test_resume_after_kill_matches_an_uninterrupted_run(neg_cache: Path, uninterrupted: Path, tmp_path: Path,
                                                         workers: int) -> None:
