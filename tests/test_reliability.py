@@ -113,6 +113,47 @@ def test_hidden_states_beyond_float16_are_refused_by_row(tmp_path: Path, tiny_te
     assert manifest["hidden_dtype"] == "float32"
 
 
+def _nan_on_banana(path: Path, tokenizer_dir: Path) -> Path:
+    """A tiny encoder whose float32 states are NaN in every row holding the word "banana" and finite elsewhere:
+    with no position or segment embeddings and layer_norm_eps 0, banana's constant embedding has variance 0,
+    its LayerNorm divides 0 by 0, and attention spreads the NaN over the row (and no further). [PAD]'s embedding
+    (zeros: constant too) is made random, or the padding of every short row would be NaN as well."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                 intermediate_size=64, max_position_embeddings=64, layer_norm_eps=0.0))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    with torch.no_grad():
+        model.embeddings.position_embeddings.weight.zero_()
+        model.embeddings.token_type_embeddings.weight.zero_()
+        words = model.embeddings.word_embeddings.weight
+        words[tokenizer.convert_tokens_to_ids("banana")] = 1.0
+        words[tokenizer.pad_token_id] = torch.randn(words.shape[1])
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("hidden_dtype", ["int8", "float16"])
+def test_non_finite_hidden_states_are_refused_by_row_and_layer(tmp_path: Path, minilm_dir: Path,
+                                                               hidden_dtype: str) -> None:
+    """A corpus cache (no logits, so the hidden states are what is checked) of a teacher that gives NaN on known rows.
+    Catches: the int8 check reading the int8 values (always finite) instead of the scales, which then blames
+    the pooled vectors and names no layer."""
+    from pipeline.config import CorpusConfig
+
+    teacher = _nan_on_banana(tmp_path / "teacher", minilm_dir)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a gripping film\nbanana bread for everyone\nquiet and slow\nthe banana stand\n")
+    out = tmp_path / "out"
+    config = ExtractConfig(teacher=teacher, data=None, output_dir=out, student_layers=2, max_length=16, shard_rows=8,
+                           device="cpu", hidden_dtype=hidden_dtype, corpus=CorpusConfig(str(corpus)))
+    assert_refused(lambda: extract_teacher(config), "non-finite hidden states at layer 2 for train row(s) 1, 3 (2 in all)",
+                   f"--hidden-dtype {hidden_dtype}")
+    assert not list((out / "shards").glob("train-*"))
+
+
 def test_truncated_weights_file_is_one_line(tmp_path: Path, tiny_teacher: Path, files: dict[str, Path]) -> None:
     cut = _copy(tiny_teacher, tmp_path / "cut")
     data = (cut / "model.safetensors").read_bytes()
