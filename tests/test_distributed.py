@@ -2,8 +2,9 @@
 the CPU) started by torchrun through the real CLI, checked against one process. Each test names the bug it catches.
 
 The torchrun launches dominate the time (each imports torch and transformers in three processes on a busy 2-core
-machine, ~30 s), so there are four: a 2-rank extraction, an uninterrupted 2-rank training, the same run failing on
-rank 1 mid-run, and its --resume.
+machine, ~30 s), so there are seven: a 2-rank extraction, an uninterrupted 2-rank training, the same run failing on
+rank 1 mid-run, and its --resume; then general distillation on 3 ranks with dropout on (3 ranks, so that two ranks
+other than rank 0 can be compared), uninterrupted, failing on rank 1 and resumed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,8 +36,9 @@ pytestmark = pytest.mark.slow  # real process groups (torchrun launches, gloo ra
 
 LAUNCH_TIMEOUT = 240  # a hang shows up as a timeout, not as a stuck test run
 
-# Runs the real CLI; on rank FAIL_RANK it fails at the FAIL_AT-th optimizer step (after step FAIL_AT - 1), and each
-# rank that assembles a manifest appends its rank to MANIFEST_WRITERS.
+# Runs the real CLI; on rank FAIL_RANK it fails at the FAIL_AT-th optimizer step (after step FAIL_AT - 1), each
+# rank that assembles a manifest appends its rank to MANIFEST_WRITERS, and with RNG_AT_START each rank writes the hash
+# of its torch generator state after setup to RNG_AT_START.<rank>.
 ENTRY = '''
 import os, sys
 import pipeline.cache as cache
@@ -55,13 +58,22 @@ def failing(*args, **kwargs):
         raise LrcError("injected failure on this rank")
     return real(*args, **kwargs)
 train.apply_update = failing
+setup = train._setup
+def recording(*args, **kwargs):  # each rank's generator as training starts: what its dropout masks are drawn from
+    run = setup(*args, **kwargs)
+    if "RNG_AT_START" in os.environ:
+        import hashlib, torch
+        with open(os.environ["RNG_AT_START"] + "." + os.environ["RANK"], "w") as f:
+            f.write(hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest())
+    return run
+train._setup = recording
 from cli import app
 app(sys.argv[1:], prog_name="lrc")
 '''
 
 
-def torchrun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+def torchrun(*args: str, env: dict[str, str] | None = None, ranks: int = 2) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), *args]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO),
                    **(env or {})}
     return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
@@ -69,6 +81,13 @@ def torchrun(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 
 def lines(text: str) -> list[str]:
     return [line.strip() for line in re.split(r"[\r\n]+", text) if line.strip()]
+
+
+def why(result: subprocess.CompletedProcess) -> str:
+    """The error lines first (lrc's, or an exception's under its rank's traceback: torchrun's own traceback would push
+    them out of a tail), then the tail."""
+    errors = [line[:600] for line in lines(result.stderr) if "error: " in line.lower()]
+    return "\n".join(errors[:3] + [result.stderr[-1500:]])
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -164,6 +183,7 @@ def test_two_ranks_of_half_batches_train_as_one_rank_of_the_whole(work: dict[str
     assert a.keys() == b.keys()
     start = read_state(two_rank_run / "checkpoint" / "state.safetensors")["state"]
     assert start["step"] == 6
+    assert_counts_every_ranks_rows(json.loads((two_rank_run / "training_summary.json").read_text()), 6 * 8)
     moved = max((a[k] - b[k]).abs().max().item() for k in a)
     assert moved < 2e-5, moved  # padding widths differ per half: float noise only
     # The log holds the whole batch's loss (the mean over ranks), as one process logs it.
@@ -193,6 +213,79 @@ def test_a_failing_rank_ends_the_run_with_one_error_and_resume_matches(work: dic
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = final_state(two_rank_run), final_state(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- general distillation, dropout on
+
+GENERAL_RANKS, GENERAL_STEPS, GENERAL_BATCH = 3, 4, 6  # 2 rows per rank; the corpus cache's 36 rows: full batches
+
+
+@pytest.fixture(scope="module")
+def corpus(work: dict[str, Path], corpus_cache: Path) -> Path:
+    """The conftest corpus cache (a tiny encoder with dropout 0.1 over 36 windows of real SST-2 text) with negatives."""
+    out = work["root"] / "corpus"
+    shutil.copytree(corpus_cache, out)
+    build_negatives(NegativesConfig(cache_dir=out, k=2))
+    assert json.loads((corpus_cache / "teacher_weights" / "config.json").read_text())["hidden_dropout_prob"] > 0
+    return out
+
+
+def general_args(cache: Path, out: Path) -> list[str]:
+    # The student inherits the encoder's dropout, so each rank's generator decides its masks.
+    return ["train-student", "--cache", str(cache), "-o", str(out), "--layers", "2", "--hidden", "16", "--heads", "2",
+            "--intermediate", "32", "--k", "2", "--max-steps", str(GENERAL_STEPS), "--batch-size", str(GENERAL_BATCH),
+            "--device", "cpu", "--checkpoint-every", "2", "--log-every", "1", "--warmup-ratio", "0"]
+
+
+@pytest.fixture(scope="module")
+def general_run(work: dict[str, Path], corpus: Path) -> Path:
+    """An uninterrupted 3-rank general distillation through torchrun and the real CLI."""
+    out = work["root"] / "general"
+    result = torchrun(str(work["entry"]), *general_args(corpus, out), ranks=GENERAL_RANKS,
+                      env={"RNG_AT_START": str(work["root"] / "general-rng")})
+    assert result.returncode == 0, why(result)
+    return out
+
+
+def assert_counts_every_ranks_rows(summary: dict, rows: int) -> None:
+    """samples_per_s x train_seconds gives back the rows all ranks trained on, within what the two roundings
+    (to 0.01 samples/s and 0.1 s) allow, so no timing tolerance is needed; one rank's rows fall outside (for any run
+    longer than 0.1 s)."""
+    rate, seconds = summary["samples_per_s"], summary["train_seconds"]
+    assert (rate - 0.005) * (seconds - 0.05) <= rows <= (rate + 0.005) * (seconds + 0.05), (rate, seconds, rows)
+
+
+def test_general_distillation_trains_on_three_ranks(work: dict[str, Path], general_run: Path) -> None:
+    """Catches: DDP without its unused-parameter search (the training head never enters the loss of a corpus run:
+    step 2 fails on every rank), ranks after rank 0 seeded alike (the same dropout masks on ranks 1 and 2), and
+    samples/s counting one rank's rows."""
+    summary = json.loads((general_run / "training_summary.json").read_text())
+    assert summary["kind"] == "general" and summary["steps"] == GENERAL_STEPS
+    assert summary["world_size"] == GENERAL_RANKS
+    assert_counts_every_ranks_rows(summary, GENERAL_STEPS * GENERAL_BATCH)
+    generators = [(work["root"] / f"general-rng.{rank}").read_text() for rank in range(GENERAL_RANKS)]
+    assert len(set(generators)) == GENERAL_RANKS, generators  # a generator of its own per rank
+    assert json.loads((general_run / "config.json").read_text())["architectures"] == ["BertModel"]
+
+
+def test_a_killed_general_run_resumes_to_the_uninterrupted_one(work: dict[str, Path], corpus: Path,
+                                                                general_run: Path) -> None:
+    """Rank 1 fails at step 3 (after the step-2 checkpoint), then --resume on 3 ranks, dropout on. Catches: a rank
+    resuming from another rank's generator (e.g. every rank from rank 0's): its dropout masks, so the weights,
+    then differ from the uninterrupted run's."""
+    out = work["root"] / "general-failed"
+    failed = torchrun(str(work["entry"]), *general_args(corpus, out), ranks=GENERAL_RANKS, env={"FAIL_AT": "3"})
+    assert failed.returncode != 0 and "error: injected failure on this rank" in failed.stderr, why(failed)
+    saved = read_state(out / "checkpoint" / "state.safetensors")
+    assert saved["state"]["step"] == 2 and len(saved["rng_by_rank"]) == GENERAL_RANKS
+    assert len({bytes(r["torch"].numpy()) for r in saved["rng_by_rank"]}) == GENERAL_RANKS
+
+    resumed = torchrun(str(work["entry"]), *general_args(corpus, out), "--resume", ranks=GENERAL_RANKS)
+    assert resumed.returncode == 0, why(resumed)
+    a, b = final_state(general_run), final_state(out)
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ from the uninterrupted run's, e.g. {differ[:3]}"
 
 
 # --------------------------------------------------------------------------- the perturbation under DDP (in-process)

@@ -149,8 +149,8 @@ def test_non_finite_hidden_states_are_refused_by_row_and_layer(tmp_path: Path, m
     out = tmp_path / "out"
     config = ExtractConfig(teacher=teacher, data=None, output_dir=out, student_layers=2, max_length=16, shard_rows=8,
                            device="cpu", hidden_dtype=hidden_dtype, corpus=CorpusConfig(str(corpus)))
-    assert_refused(lambda: extract_teacher(config), "non-finite hidden states at layer 2 for train row(s) 1, 3 (2 in all)",
-                   f"--hidden-dtype {hidden_dtype}")
+    assert_refused(lambda: extract_teacher(config),
+                   "non-finite hidden states at layer 2 for train row(s) 1, 3 (2 in all)", f"--hidden-dtype {hidden_dtype}")
     assert not list((out / "shards").glob("train-*"))
 
 
