@@ -105,7 +105,7 @@ def load_model(model_dir: Path, task: TaskSpec, config: EvaluateConfig) -> Loade
                         "was exported with, whatever --device and --precision say", model_dir)
         return Loaded(Path(model_dir), model, tokenizer, torch.device("cpu"), "token_type_ids" in model.input_names,
                       "onnxruntime")
-    model, tokenizer = load_classifier(model_dir, task, config.trust_remote_code, config.allow_task_mismatch)
+    model, tokenizer = load_for_evaluation(model_dir, task, config.trust_remote_code, config.allow_task_mismatch)
     runtime.check_max_length(model.config, config.max_length, f"model dir {model_dir}")
     runtime.check_max_length(model.config, config.seq_length, f"model dir {model_dir}", "--seq-length")
     device = pick_device(config.device)
@@ -129,9 +129,10 @@ def score(loaded: Loaded, task: TaskSpec, dev: Any, config: EvaluateConfig) -> d
     }
 
 
-def load_classifier(model_dir: Path, task: TaskSpec, trust_remote_code: bool = False,
-                    allow_task_mismatch: bool = False) -> tuple[torch.nn.Module, Any]:
-    """A sequence classifier whose label count matches the task, or a one-line error."""
+def load_for_evaluation(model_dir: Path, task: TaskSpec, trust_remote_code: bool = False,
+                        allow_task_mismatch: bool = False) -> tuple[torch.nn.Module, Any]:
+    """The PyTorch model dir `lrc evaluate` scores: `runtime.load_classifier`'s checks for this task, with hints
+    worded for evaluate."""
     return runtime.load_classifier(model_dir, task.num_labels, task.name, "model dir", {
         "missing": "pass a teacher or student dir",
         "head": "evaluate a fine-tuned teacher or a trained student",

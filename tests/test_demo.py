@@ -14,7 +14,7 @@ from cli import app
 from pipeline.config import DataConfig, DemoConfig, EvaluateConfig
 from pipeline.demo import run_demo
 from pipeline.errors import LrcError
-from pipeline.evaluate import evaluate, load_classifier
+from pipeline.evaluate import evaluate, load_for_evaluation
 from pipeline.metrics import compute_metrics
 from pipeline.runtime import encode, pick_device, predict_logits
 from pipeline.tasks import get_task, load_examples
@@ -72,7 +72,7 @@ def test_evaluate_matches_a_recomputation_on_both_models(demo_run: dict, glue_di
     dev = load_examples(data, "dev")
     for role in ("model", "compare"):
         path = Path(outcome["evaluation"][role]["path"])
-        model, tokenizer = load_classifier(path, task)
+        model, tokenizer = load_for_evaluation(path, task)
         ids, types = encode(tokenizer, dev.text_a, dev.text_b, demo_run["config"].max_length)
         logits = predict_logits(model, ids, types, 64, pick_device("cpu"))
         expected = compute_metrics(task, logits, np.asarray(dev.labels))
@@ -97,9 +97,9 @@ def test_evaluate_refuses_a_model_of_another_task(demo_run: dict, glue_dir: Path
 
 def test_evaluate_refuses_a_dir_without_a_head(tmp_path: Path, minilm_dir: Path) -> None:
     with pytest.raises(LrcError, match="no classification head"):
-        load_classifier(minilm_dir, get_task("sst2"))
+        load_for_evaluation(minilm_dir, get_task("sst2"))
     with pytest.raises(LrcError, match="does not exist"):
-        load_classifier(tmp_path / "none", get_task("sst2"))
+        load_for_evaluation(tmp_path / "none", get_task("sst2"))
 
 
 def test_demo_without_task_data_says_where_to_point(tmp_path: Path, minilm_dir: Path) -> None:
