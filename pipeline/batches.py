@@ -10,7 +10,6 @@ mid-epoch with the same data and DistributedDataParallel needs only a rank and a
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -23,8 +22,6 @@ from pipeline import gather, quant
 from pipeline.cache import read_manifest
 from pipeline.cache_read import RowReader, verify_shards
 from pipeline.errors import LrcError
-
-log = logging.getLogger(__name__)
 
 
 class NegativeSource(Protocol):

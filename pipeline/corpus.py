@@ -38,16 +38,6 @@ def cache_kind(manifest: dict[str, Any]) -> str:
     return manifest.get("kind", KIND_TASK)  # written before corpus caches existed: a task cache
 
 
-def require_kind(manifest: dict[str, Any], path: Path, kind: str, purpose: str) -> None:
-    """One line naming the cache's kind, the kind `purpose` needs and how to make one."""
-    have = cache_kind(manifest)
-    if have == kind:
-        return
-    make = {KIND_TASK: "`lrc extract-teacher --teacher DIR --task TASK`",
-            KIND_CORPUS: "`lrc extract-teacher --corpus FILE`"}[kind]
-    raise LrcError(f"cache {path} is a {have} cache but {purpose} needs a {kind} cache: make one with {make}")
-
-
 # --------------------------------------------------------------------------- reading passages
 
 

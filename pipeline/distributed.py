@@ -27,8 +27,6 @@ import torch.distributed as dist
 from pipeline.errors import LrcError
 from pipeline.runtime import pick_device
 
-log = logging.getLogger(__name__)
-
 # How long a rank waits in a collective (a barrier while rank 0 evaluates or writes a checkpoint) before the
 # run is declared broken. LRC_DIST_TIMEOUT_S overrides it (seconds); a sweep waits for its slowest rank instead.
 TIMEOUT = datetime.timedelta(minutes=30)

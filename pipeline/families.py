@@ -77,17 +77,9 @@ def family_of(model_type: str, role: str = "student") -> Family:
 
 def get_module(module: torch.nn.Module, path: str) -> Any:
     """The submodule at a dotted path, e.g. `attention.self.query`."""
-    return _get(module, path)
-
-
-def _get(module: torch.nn.Module, path: str) -> Any:
     for name in path.split("."):
         module = getattr(module, name)
     return module
-
-
-def layer_list(model: PreTrainedModel) -> torch.nn.ModuleList:
-    return _get(model.base_model, family_of(model.config.model_type).layers)
 
 
 def layer_prefix(model: PreTrainedModel) -> str:
@@ -135,7 +127,7 @@ def embedding_output(model: PreTrainedModel, given: torch.Tensor | None = None) 
     `given`, the embedding module does not run at all and the layers above it start from `given`."""
     row = family_of(model.config.model_type)
     parent_path, _, name = row.embeddings.rpartition(".")
-    parent = _get(model.base_model, parent_path) if parent_path else model.base_model
+    parent = get_module(model.base_model, parent_path) if parent_path else model.base_model
     original = getattr(parent, name)
     captured: dict[str, torch.Tensor] = {}
     if given is not None:

@@ -6,8 +6,6 @@ Masks are right-padded: 1 for the real tokens first, then 0 for padding.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -15,16 +13,7 @@ from torch import Tensor
 from pipeline.config import GRANULARITIES
 from pipeline.errors import LrcError
 
-logger = logging.getLogger(__name__)
-
 EPS = 1e-8  # smallest norm a cosine divides by: a zero vector gets cosine 0, not NaN
-
-
-def angular_distance(x: Tensor, y: Tensor, dim: int = -1) -> Tensor:
-    """g(x, y) = 1 - cos(x, y), in [0, 2]."""
-    x, y = x.float(), y.float()
-    dot = (x * y).sum(dim)
-    return 1.0 - _cosine(dot, x.pow(2).sum(dim), y.pow(2).sum(dim))
 
 
 def _cosine(dot: Tensor, x_sq: Tensor, y_sq: Tensor) -> Tensor:

@@ -8,7 +8,6 @@ onnxruntime is imported only here and in pipeline/export.py: it is the optional 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,8 +16,6 @@ import numpy as np
 import torch
 
 from pipeline.errors import LrcError
-
-log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 EXPORT_INFO = "export_info.json"

@@ -10,7 +10,6 @@ and K (a score is a sum of q_d * k_d) and for V and the output projection's colu
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -19,7 +18,6 @@ import torch
 
 from pipeline.errors import LrcError
 
-log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Shape:

@@ -23,7 +23,7 @@ from pipeline.batches import CacheDataset, collate
 from pipeline.config import DataConfig, EvaluateConfig, ExtractConfig, FinetuneConfig, NegativesConfig, TrainConfig, layer_map
 from pipeline.evaluate import evaluate
 from pipeline.extract import extract_teacher
-from pipeline.families import FAMILIES, check_loading_report, layer_list, model_inputs
+from pipeline.families import FAMILIES, check_loading_report, get_module, model_inputs
 from pipeline.finetune import finetune_teacher
 from pipeline.negatives import build_negatives
 from pipeline.sampler import NegativeSampler
@@ -110,6 +110,11 @@ def tiny(run: FamilyRun, out: Path, **kwargs) -> TrainConfig:
     return TrainConfig(cache_dir=run.cache, output_dir=out, **{**settings, **kwargs})
 
 
+def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's transformer layers, where its family's table row says they are."""
+    return get_module(model.base_model, FAMILIES[model.config.model_type].layers)
+
+
 def _reloads_and_classifies(out: Path, family: str) -> AutoModelForSequenceClassification:
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.model_type == family
@@ -168,7 +173,7 @@ def test_init_teacher_copies_embeddings_the_mapped_layers_and_the_head(runs: Cal
     config = student_config(manifest["teacher"]["config"], 2, 32, 4, getattr(teacher.config, FAMILIES[family].intermediate),
                             manifest["task"])
     student = build_student(config, "teacher", run.cache / "teacher_weights", [3, 4]).eval()
-    assert type(student) is type(teacher) and len(layer_list(student)) == 2
+    assert type(student) is type(teacher) and len(_layers(student)) == 2
     prefix = f"{student.base_model_prefix}.{FAMILIES[family].layers}."
     source = teacher.state_dict()
     for key, value in student.state_dict().items():
@@ -177,7 +182,7 @@ def test_init_teacher_copies_embeddings_the_mapped_layers_and_the_head(runs: Cal
             key = f"{prefix}{[3, 4][int(i)] - 1}.{rest}"
         assert torch.equal(value, source[key]), key
     # and it computes what the teacher computes with only those layers
-    del layer_list(teacher)[:2]  # keeps teacher layers 3 and 4
+    del _layers(teacher)[:2]  # keeps teacher layers 3 and 4
     ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
     with torch.no_grad():
         torch.testing.assert_close(student(input_ids=ids).logits, teacher(input_ids=ids).logits)
@@ -238,7 +243,7 @@ def _watch(model: Model) -> tuple[list[torch.Tensor], list[int], Callable[[], No
         tensor = args[0] if args else next(v for v in kwargs.values() if torch.is_tensor(v) and v.dim() == 3)
         seen.append(tensor.detach().clone())
 
-    hooks = [layer_list(model.student)[0].register_forward_pre_hook(first_input, with_kwargs=True),
+    hooks = [_layers(model.student)[0].register_forward_pre_hook(first_input, with_kwargs=True),
              model.student.base_model.embeddings.register_forward_hook(lambda m, a, o: calls.append(1))]
     return seen, calls, lambda: [h.remove() for h in hooks]
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from pipeline.errors import LrcError
 from pipeline.config import GRANULARITIES, TrainConfig, default_of
-from pipeline.losses import angular_distance, cos_nce, hard_loss, hidden_mse, soft_loss
+from pipeline.losses import cos_nce, hard_loss, hidden_mse, soft_loss
 
 # ---------------------------------------------------------------- helpers
 
@@ -192,12 +192,13 @@ def test_loss_within_zero_and_four(seed):
         assert 0.0 <= loss <= 4.0
 
 
-def test_angular_distance_hand_values():
+def test_cos_nce_without_negatives_is_the_angular_distance_by_hand():
+    """With K = 0 COS-NCE is g(z_T, z_S) = 1 - cos alone: same direction 0, orthogonal 1, opposite 2, zero vector 1."""
     x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
     y = torch.tensor([[2.0, 0.0], [0.0, 5.0], [-1.0, 0.0], [1.0, 1.0]])
-    got = angular_distance(x, y)
-    assert torch.allclose(got, torch.tensor([0.0, 1.0, 2.0, 1.0]), atol=1e-6)  # zero vector: cos 0
-    assert angular_distance(x.T, y.T, dim=0).shape == (4,)
+    none, one = torch.zeros(1, 0, 1, 2), torch.ones(1, 1)
+    got = [cos_nce(s.view(1, 1, 2), t.view(1, 1, 2), one, none, torch.zeros(1, 0, 1)).item() for s, t in zip(x, y)]
+    assert got == pytest.approx([0.0, 1.0, 2.0, 1.0], abs=1e-6)
 
 
 # ---------------------------------------------------------------- single tokens and padding

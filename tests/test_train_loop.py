@@ -217,9 +217,9 @@ def test_cos_nce_without_negatives_is_its_positive_term(neg_cache: Path, tmp_pat
         terms, _ = loss_terms(run.model, batch, config, regression=False)
         out = run.model.student(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
                                 attention_mask=batch["attention_mask"], output_hidden_states=True)
-        positive = sum(losses.angular_distance(  # flat: the real tokens of each layer as one vector
+        positive = sum((1 - torch.nn.functional.cosine_similarity(  # flat: the real tokens of a layer as one vector
             (run.model.projections.maps[i](out.hidden_states[i + 1]) * batch["attention_mask"][..., None]).flatten(1),
-            (batch["teacher_hidden"][i].float() * batch["attention_mask"][..., None]).flatten(1)).mean()
+            (batch["teacher_hidden"][i].float() * batch["attention_mask"][..., None]).flatten(1))).mean()
             for i in range(2))
     assert terms["cos_nce"].item() == pytest.approx(positive.item(), rel=1e-5)
     assert train_student(tiny(neg_cache, tmp_path / "trained", k=0))["steps"] == 3
