@@ -497,7 +497,7 @@ class ExportConfig:
     opset: int = 17
     # Dynamic int8 quantises the weights of these ops; activations are quantised per batch at run time. The
     # word embeddings (a Gather) stay float32 by default: a lookup costs no time, and int8 buys only bytes there
-    # (43.6 -> 14.6 MB for the 4 x 312 student with "Gather" added; docs/RESULTS.md).
+    # (sizes in docs/PERFORMANCE.md, accuracy in docs/RESULTS.md).
     quantize_ops: tuple[str, ...] = ("MatMul", "Gemm")
     # The export is checked against the PyTorch model on random ids of a shape other than the traced one:
     # logits must agree within this (float32: differences are rounding, ~1e-5; a wrong graph is off by >0.01).

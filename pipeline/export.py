@@ -69,8 +69,8 @@ def _export(config: ExportConfig) -> dict[str, Any]:
     started = time.perf_counter()
     model_config = from_pretrained(AutoConfig.from_pretrained, source, "source", False)
     _check_family(model_config, source)
-    # Eager attention: the SDPA path traces into extra mask ops (Where, Expand) that onnxruntime runs as such;
-    # the eager graph ran 19% faster as int8 on a 4 x 312 BERT at batch 32 x 128, with the same logits.
+    # Eager attention: the SDPA path traces into extra mask ops (Where, Expand) that onnxruntime runs as such,
+    # so the eager graph runs faster as int8, with the same logits (docs/PERFORMANCE.md).
     model = from_pretrained(AutoModelForSequenceClassification.from_pretrained, source, "source", False,
                             attn_implementation="eager").eval()
     check_finite_weights(model, f"source {source}")

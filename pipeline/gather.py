@@ -195,7 +195,7 @@ def gather_hidden(reader: RowReader, p: _Plan, layers: list[int], out: np.ndarra
     Every reader masks them: the losses through `losses._zero_padding` (a `torch.where`, so not even a
     NaN there leaks; tests/test_losses.py feeds them garbage padding), `step.check_batch_finite` by the
     masks. Zeroing the padding by fancy index cost as much as copying the tokens: padding is most of a
-    batch of SST-2-length rows, 70% at batch 64. int8 scales are zeroed there, so dequantised padding is zeros."""
+    batch of SST-2-length rows (docs/PERFORMANCE.md). int8 scales are zeroed there, so dequantised padding is zeros."""
     shards = reader.shard_views()
     wide = int(p.lengths.sum()) * out.shape[-1] * out.itemsize >= SLICE_BYTES * max(len(p.lengths), 1)
     for slot, j in enumerate(layers):
@@ -214,9 +214,8 @@ def gather_hidden(reader: RowReader, p: _Plan, layers: list[int], out: np.ndarra
 
 # Bytes per row (tokens x D x itemsize, on average over the rows of a batch) from which one slice copy per
 # row beats the fancy-index gather. The gather copies every token twice (into a temporary, then scattered
-# into the padded block); a slice copy writes it once but costs a Python call per row. Measured on the
-# 2-core EPYC (benchmarks/bench_gather.py, docs/PERFORMANCE.md): slices are 2x faster for 768 float16
-# SST-2-length rows (20 KB) and 3-3.7x for pairs (48 KB), about even near 10 KB, slower at 3-5 KB.
+# into the padded block); a slice copy writes it once but costs a Python call per row, so slices win on wide
+# rows only (benchmarks/bench_gather.py places the threshold; its table is in docs/PERFORMANCE.md).
 SLICE_BYTES = 8192
 
 

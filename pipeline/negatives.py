@@ -76,7 +76,7 @@ def normalise(vectors: np.ndarray) -> np.ndarray:
 
 
 def resolve_index(index: str, num_rows: int, exact_max_rows: int) -> str:
-    """`auto` -> exact search for small caches, IVF above (faster than HNSW on 2 cores at recall@16 >= 0.99,
+    """`auto` -> exact search for small caches, IVF above (faster than HNSW at equal recall, docs/PERFORMANCE.md,
     and its build is reproducible with all threads, where HNSW's must run on one)."""
     if index != "auto":
         return index
@@ -223,7 +223,7 @@ def _search(index: faiss.Index, kind: str, effort: int, db: np.ndarray, x: np.nd
     out_ids, out_scores = np.full((len(q_all), want), -1, np.int64), np.full((len(q_all), want), -np.inf, np.float32)
     db_keys, db_labels = rows.keys[db], None if rows.labels is None else rows.labels[db]
     order = np.arange(len(q_all))
-    if kind == "ivf":  # queries that probe the same lists one after another find them in cache: ~30% faster
+    if kind == "ivf":  # queries that probe the same lists one after another find them in cache (docs/PERFORMANCE.md)
         index.nprobe = min(index.nlist, _IVF_NPROBE * effort)
         order = np.argsort(index.quantizer.search(x[q_all], 1)[1][:, 0], kind="stable")
     for s in range(0, len(q_all), _QUERY_BLOCK):
