@@ -279,6 +279,7 @@ def build_negatives(
     regression_margin: float = typer.Option(N("regression_margin"), help="Regression tasks: hard negatives differ in label by at least this."),
     seed: int = typer.Option(N("seed"), help="Random seed; the same seed gives the same file."),
     verify_cache: str = VerifyCacheOpt,
+    overwrite: bool = typer.Option(N("overwrite"), help="Replace a negatives file built with other settings (the same settings reuse it)."),
     config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
     """Sample M candidate negatives per training row with FAISS over the cached pooled teacher vectors."""
@@ -287,6 +288,7 @@ def build_negatives(
     path = run(NegativesConfig(
         cache_dir=cache_dir, k=k, candidates=candidates, strategy=strategy, index=index, output=output,
         hard_pool=hard_pool, regression_margin=regression_margin, seed=seed, verify_cache=verify_cache,
+        overwrite=overwrite,
     ))
     typer.echo(f"negatives: {path}")
 

@@ -246,6 +246,7 @@ class NegativesConfig:
     recall_sample: int = 1000  # queries checked against exact search for an approximate index
     seed: int = 0
     verify_cache: str = "auto"  # shard hashes checked at open: auto, quick or full (pipeline/cache_read.py)
+    overwrite: bool = False  # replace a negatives file built with other settings (the same settings reuse it)
 
     def __post_init__(self) -> None:
         _whole("--k", self.k)

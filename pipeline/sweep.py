@@ -29,7 +29,6 @@ import csv
 import io
 import itertools
 import logging
-import os
 import re
 import types
 from dataclasses import fields, replace
@@ -38,7 +37,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import torch
 
-from pipeline import distributed, outdir
+from pipeline import atomic, distributed, outdir
 from pipeline.cache_read import open_cache
 from pipeline.config import SweepConfig, TrainConfig, load_config_file
 from pipeline.errors import LrcError
@@ -238,12 +237,6 @@ def _cell(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else format_value(value)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_results(output_dir: Path, stem: str, keys: list[str], metric: str, rows: list[dict[str, Any]],
                   title: str) -> None:
     """<stem>.csv (full precision, one row per point) and <stem>.md (a readable table), both atomically."""
@@ -255,7 +248,7 @@ def write_results(output_dir: Path, stem: str, keys: list[str], metric: str, row
         writer.writerow([r["run"], *(format_value(r["point"][k]) for k in keys),
                          *("" if r[c] is None else r[c] for c in ("dev", "percent_of_teacher", "best_step",
                                                                   "train_seconds")), r["status"], r["message"]])
-    _write_atomic(output_dir / f"{stem}.csv", buffer.getvalue())
+    atomic.write_text(output_dir / f"{stem}.csv", buffer.getvalue())
 
     best = max((r["dev"] for r in rows if r["dev"] is not None), default=None)
     counts = ", ".join(f"{sum(r['status'] == s for r in rows)} {s}" for s in ("done", "reused", "failed", "pending"))
@@ -270,7 +263,7 @@ def write_results(output_dir: Path, stem: str, keys: list[str], metric: str, row
                  "" if r["percent_of_teacher"] is None else f"{r['percent_of_teacher']:.1f}",
                  _cell(r["best_step"]), "" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}", status]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    _write_atomic(output_dir / f"{stem}.md", "\n".join(lines) + "\n")
+    atomic.write_text(output_dir / f"{stem}.md", "\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------- the sweep

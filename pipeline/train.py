@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from pipeline import checkpoint, distributed, general, importance, outdir
+from pipeline import checkpoint, distributed, general, importance, outdir, reuse
 from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader, to_device
 from pipeline.cache import read_manifest
 from pipeline.cache_read import Cache, open_cache
@@ -402,24 +402,20 @@ def _summary(run: Run, seen: int, elapsed: float) -> dict[str, Any]:
 
 
 def train_or_reuse(config: TrainConfig) -> tuple[dict[str, Any], str]:
-    """The one policy for training into a dir that may hold a run already (sweep, demo, benchmarks).
-
-    `config.overwrite` retrains whatever the dir holds, as it does for every stage command. Otherwise:
-    finished with the same settings on the same cache: reused ("reused"); unfinished with the same
-    settings and a checkpoint: resumed; empty, or unfinished before its first checkpoint: trained; a
-    run with other settings or on a re-extracted cache: refused, naming what differs. Returns the
-    training summary and "reused" or "done".
+    """Training into a dir that may hold a run already (sweep, demo, benchmarks), by the rule every stage
+    follows (pipeline/reuse.py): `config.overwrite` retrains whatever the dir holds. Otherwise: finished
+    with the same settings on the same cache and negatives: reused ("reused"); unfinished with the same
+    settings and a checkpoint: resumed; empty, or unfinished before its first checkpoint: trained; a run
+    with other settings or inputs: refused, naming what differs. Returns the training summary and
+    "reused" or "done".
     """
     previous = checkpoint.previous_run(config, read_manifest(config.cache_dir)["fingerprint"])
-    held = previous.state in ("finished", "unfinished")
-    if held and previous.changed and not config.overwrite:
-        raise LrcError(f"{config.output_dir} holds a {previous.state} run with other settings (differs in: "
-                       f"{', '.join(previous.changed)}): pass --overwrite to retrain it, or use a new output dir")
-    if previous.state == "finished" and not config.overwrite:
+    decision = checkpoint.decide(config, previous)
+    if decision == reuse.REUSE:
         log.info("%s already holds this run, finished: reusing it", config.output_dir)
         return previous.summary, "reused"
-    resume = previous.state == "unfinished" and previous.resumable and not config.overwrite
+    resume = decision == reuse.RESUME
     if resume:
         log.info("resuming the unfinished run in %s", config.output_dir)
     # Restarting an unfinished run that never reached a checkpoint loses nothing.
-    return train_student(replace(config, resume=resume, overwrite=held and not resume)), "done"
+    return train_student(replace(config, resume=resume, overwrite=decision == reuse.REPLACE)), "done"

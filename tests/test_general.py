@@ -18,6 +18,7 @@ from pipeline.config import NegativesConfig, TrainConfig
 from pipeline.checkpoint import STATE_FILE, read_state
 from pipeline.general import PROJECTIONS_FILE
 from pipeline.negatives import build_negatives
+from pipeline.reuse import MISSING
 from pipeline.student import build_student, student_config
 from pipeline.train import train_student
 
@@ -175,7 +176,8 @@ def test_keep_last_on_a_task_cache(task_cache: Path, tmp_path: Path) -> None:
     train_student(tiny(task_cache, best, max_steps=2))
     assert "keep" not in json.loads((best / RUN_CONFIG).read_text())
     assert previous_run(tiny(task_cache, best, max_steps=2), fingerprint).changed == []
-    assert previous_run(tiny(task_cache, best, max_steps=2, keep="last"), fingerprint).changed == ["keep"]
+    changed = previous_run(tiny(task_cache, best, max_steps=2, keep="last"), fingerprint).changed
+    assert [(c.key, c.recorded, c.requested) for c in changed] == [("keep", MISSING, "last")]
 
 
 @pytest.mark.integration

@@ -193,7 +193,7 @@ def test_train_or_reuse(neg_cache: Path, tmp_path: Path, monkeypatch: pytest.Mon
     assert (status, again["best"], len(calls)) == ("reused", first["best"], 1)
 
     assert_refused(lambda: train_or_reuse(tiny(neg_cache, tmp_path / "run", seed=7, checkpoint_every=1)),
-                   "holds a finished run with other settings", "differs in: seed", "--overwrite")
+                   "holds a finished run with other settings", "differs in: seed (was", "now 7)", "--overwrite")
     _, status = train_or_reuse(tiny(neg_cache, tmp_path / "run", seed=7, checkpoint_every=1, overwrite=True))
     assert status == "done" and (calls[-1].seed, calls[-1].overwrite, calls[-1].resume) == (7, True, False)
 
