@@ -307,7 +307,9 @@ class TrainConfig:
     hidden: int = 312
     heads: int = 12
     intermediate: int = 1200
-    init: str = "random"  # random | teacher | a model dir
+    # auto: the teacher cut to the student's shape wherever the cache holds the teacher's weights and the shape
+    # fits inside the teacher (it beats a random and a general start: docs/RESULTS.md), else random.
+    init: str = "auto"  # auto | random | teacher | a model dir
     # Which teacher channels, heads, head dims and FFN neurons a narrower --init teacher keeps: activation (the
     # highest importance scores stage one recorded; evenly spaced where the cache has none) or uniform (evenly
     # spaced). A teacher-width student keeps every channel either way.
@@ -360,7 +362,7 @@ class TrainConfig:
         _require(self.hidden % self.heads == 0,
                  f"student --hidden {self.hidden} is not divisible by --heads {self.heads}: pick sizes where hidden % heads == 0")
         # With --init DIR the checkpoint decides the depth; train-student checks the map against it.
-        _require(self.layer_map is None or len(self.layer_map) == self.layers or self.init not in ("random", "teacher"),
+        _require(self.layer_map is None or len(self.layer_map) == self.layers or self.init not in ("auto", "random", "teacher"),
                  f"--layer-map has {len(self.layer_map or ())} entries for a {self.layers}-layer student: give one teacher layer per student layer")
         _require(self.intermediate_loss in INTERMEDIATE_LOSSES,
                  f"unknown --intermediate-loss {self.intermediate_loss!r}: choose one of {', '.join(INTERMEDIATE_LOSSES)}")

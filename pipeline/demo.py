@@ -100,7 +100,7 @@ def plan(config: DemoConfig) -> Plan:
                               student_layers=config.student_layers, max_length=config.max_length, **run),
         negatives=NegativesConfig(cache_dir=paths["cache"], k=config.k, seed=config.seed) if config.k > 0 else None,
         train=TrainConfig(cache_dir=paths["cache"], output_dir=paths["student"],
-                          init=str(paths["general_student"]) if config.general else "random",
+                          init=str(paths["general_student"]) if config.general else "auto",
                           epochs=config.student_epochs, learning_rate=config.student_lr, **student),
         evaluate=EvaluateConfig(model_dir=paths["student"], data=data, compare=paths["teacher"],
                                 max_length=config.max_length, device=config.device),
