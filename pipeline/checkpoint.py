@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
-from pipeline import atomic, outdir, reuse
+from pipeline import atomic, options, outdir, reuse
 from pipeline.config import TrainConfig
 from pipeline.errors import LrcError
 from pipeline.sampler import recorded_sha256
@@ -33,9 +33,6 @@ _STATE_KEY = "lrc.state"  # the JSON half of the checkpoint, in the safetensors 
 RUN_CONFIG = "train_config.json"
 METRICS_LOG = "train_log.jsonl"
 SUMMARY = "training_summary.json"
-# Settings that change how a run is watched or where it runs, not what it computes: a resume may change them.
-_RUN_ONLY = ("resume", "overwrite", "num_workers", "device", "log_every", "eval_every", "eval_batch_size",
-             "checkpoint_every", "verify_cache")
 # Where the run dir, the cache and the negatives file live: never compared, so a run dir copied in from another
 # machine is recognised; the inputs are compared by content instead (the cache's fingerprint, the negatives
 # file's sha256).
@@ -62,14 +59,14 @@ class RunDir:
         object.__setattr__(self, "checkpoint_dir", self.output_dir / CHECKPOINT_DIR)
 
 
-# Settings added after runs were recorded, with the default that reproduces the behaviour before them: left out
-# at that default, so a run saved before the setting existed still compares equal (and is reused or resumed).
-_ADDED_AT_DEFAULT = {"keep": "best", "max_grad_norm": 1.0, "student_family": None}
-
-
 def comparable_settings(config: TrainConfig) -> dict[str, Any]:
+    """The settings recorded in train_config.json and compared on reuse and resume, as the config's fields say
+    (pipeline/options.py): run-only settings (how a run is watched or where it runs) are left out, and so is a
+    setting added after runs were recorded while it holds the value that reproduces the behaviour before it, so
+    a run saved before the setting existed still compares equal (and is reused or resumed)."""
+    run_only, added_at = options.run_only(type(config)), options.added_at(type(config))
     raw = {k: v for k, v in asdict(config).items()
-           if k not in _RUN_ONLY and not (k in _ADDED_AT_DEFAULT and v == _ADDED_AT_DEFAULT[k])}
+           if k not in run_only and not (k in added_at and v == added_at[k])}
     return json.loads(json.dumps(raw, default=str))
 
 
@@ -119,7 +116,7 @@ def start_run_dir(config: TrainConfig) -> None:
 def settings_changes(saved: dict[str, Any], config: TrainConfig) -> list[reuse.Change]:
     """How `config` differs from a run dir's recorded train_config.json: the one comparison behind resuming
     (`check_run_dir`) and reusing (`previous_run`)."""
-    return reuse.diff(saved, comparable_settings(config), run_only=(*_RUN_ONLY, *_LOCATIONS))
+    return reuse.diff(saved, comparable_settings(config), run_only=(*options.run_only(type(config)), *_LOCATIONS))
 
 
 def run_inputs(cache_fingerprint: str, negatives_sha256: str | None) -> dict[str, str | None]:
@@ -368,7 +365,8 @@ class PreviousRun:
 
 def previous_run(config: TrainConfig, fingerprint: str) -> PreviousRun:
     """Inspect config.output_dir for a run of the same settings on the cache with this fingerprint and on the
-    negatives file it names (by content). An unfinished run's inputs are compared when it resumes."""
+    negatives file it names (by content). `config.init` is concrete (train.resolve_init): runs record what
+    `--init auto` resolved to. An unfinished run's inputs are compared when it resumes."""
     out = config.output_dir
     if not out.is_dir() or not any(out.iterdir()):
         return PreviousRun("empty", [], None, False)

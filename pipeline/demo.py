@@ -101,7 +101,7 @@ def plan(config: DemoConfig) -> Plan:
         negatives=NegativesConfig(cache_dir=paths["cache"], k=config.k, seed=config.seed, overwrite=config.overwrite)
         if config.k > 0 else None,
         train=TrainConfig(cache_dir=paths["cache"], output_dir=paths["student"],
-                          init=str(paths["general_student"]) if config.general else "random",
+                          init=str(paths["general_student"]) if config.general else "auto",
                           epochs=config.student_epochs, learning_rate=config.student_lr, **student),
         evaluate=EvaluateConfig(model_dir=paths["student"], data=data, compare=paths["teacher"],
                                 max_length=config.max_length, device=config.device),

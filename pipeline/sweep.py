@@ -37,7 +37,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import torch
 
-from pipeline import atomic, distributed, outdir
+from pipeline import atomic, distributed, options, outdir
 from pipeline.cache_read import open_cache
 from pipeline.config import SweepConfig, TrainConfig, load_config_file
 from pipeline.errors import LrcError
@@ -46,9 +46,6 @@ from pipeline.train import check_against_cache, train_or_reuse
 
 log = logging.getLogger(__name__)
 
-# Where a sweep reads and writes, and how runs start: the same for every point, set on the sweep itself.
-FIXED_KEYS = ("cache_dir", "output_dir", "negatives", "resume", "overwrite")
-_ALIASES = {"lr": "learning_rate"}  # the train-student flag is --lr
 _NONE = ("none", "null")
 _BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
@@ -56,10 +53,16 @@ _BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no"
 # --------------------------------------------------------------------------- the grid
 
 
+def fixed_keys() -> tuple[str, ...]:
+    """Where a sweep reads and writes, and how runs start: the same for every point, set on the sweep itself (the
+    TrainConfig fields declared `sweepable=False`, pipeline/options.py)."""
+    return options.fixed_keys(TrainConfig)
+
+
 def sweep_keys() -> dict[str, Any]:
     """Every TrainConfig field a sweep may vary -> its resolved type."""
-    hints = get_type_hints(TrainConfig)
-    return {f.name: hints[f.name] for f in fields(TrainConfig) if f.name not in FIXED_KEYS}
+    hints, fixed = get_type_hints(TrainConfig), fixed_keys()
+    return {f.name: hints[f.name] for f in fields(TrainConfig) if f.name not in fixed}
 
 
 def _describe(kind: Any) -> str:
@@ -106,8 +109,8 @@ def _coerce(value: Any, kind: Any) -> Any:
 
 def _key(raw: str, known: dict[str, Any]) -> str:
     key = raw.strip().lower().replace("-", "_")
-    key = _ALIASES.get(key, key)
-    if key in FIXED_KEYS:
+    key = options.flag_aliases(TrainConfig).get(key, key)  # a key may be the train-student flag: lr = learning_rate
+    if key in fixed_keys():
         raise LrcError(f"a sweep cannot vary {key!r}: it is the same for every point; "
                        "set it on the sweep command itself")
     if key not in known:

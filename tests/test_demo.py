@@ -196,4 +196,4 @@ def test_demo_with_k_0_plans_no_negatives_stage(tmp_path: Path, glue_dir: Path) 
     assert stages.train.k == 0 and not stages.train.uses_negatives and stages.general_train.k == 0
     assert not (tmp_path / "w").exists()  # planning writes nothing
     stages = plan(DemoConfig(data_dir=glue_dir, work_dir=tmp_path / "w", k=2, general=False))
-    assert stages.negatives.k == 2 and stages.corpus_negatives is None and stages.train.init == "random"
+    assert stages.negatives.k == 2 and stages.corpus_negatives is None and stages.train.init == "auto"
