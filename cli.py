@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import json
 import os
 import re
 import sys
+import types
+from dataclasses import MISSING
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
 
 import typer
 
@@ -17,11 +20,13 @@ from pipeline.config import (
     DATA_DIR_ENV, EXPORT_FORMATS, QUANTIZE, CorpusConfig, DataConfig, DemoConfig, EvaluateConfig, ExportConfig,
     ExtractConfig, FinetuneConfig, NegativesConfig, SweepConfig, TrainConfig, default_of, load_config_file,
 )
+from pipeline import options
 from pipeline.errors import LrcError
 
-# Every default below is read from the config dataclasses (one source): F("epochs") is FinetuneConfig's.
-F, X, N, T, E, D, O = (functools.partial(default_of, c) for c in (FinetuneConfig, ExtractConfig, NegativesConfig,
-                                                                  TrainConfig, EvaluateConfig, DemoConfig, ExportConfig))
+# Every default below is read from the config dataclasses (one source): F("epochs") is FinetuneConfig's. The
+# options of train-student and build-negatives are generated from their configs' fields (`_config_options`).
+F, X, T, E, D, O = (functools.partial(default_of, c) for c in (FinetuneConfig, ExtractConfig, TrainConfig,
+                                                               EvaluateConfig, DemoConfig, ExportConfig))
 
 app = typer.Typer(
     help="LRC-BERT distillation as an offline pipeline: run the teacher once, cache its features, "
@@ -42,11 +47,6 @@ TrustRemoteCodeOpt = typer.Option(
 AllowTaskMismatchOpt = typer.Option(
     default_of(ExtractConfig, "allow_task_mismatch"), "--allow-task-mismatch",
     help="Use a model whose teacher_info.json / training_summary.json records another task (a deliberate transfer).",
-)
-VerifyCacheOpt = typer.Option(
-    default_of(TrainConfig, "verify_cache"), "--verify-cache",
-    help="Shard checks when the cache is opened: auto (full sha256 when the cache fits in half the RAM, else "
-    "quick), quick (sizes + sampled hash) or full (every byte; see docs/RELIABILITY.md for the cost).",
 )
 
 
@@ -135,9 +135,64 @@ PairColOpt = typer.Option(None, help="Column of the second text, for pair tasks 
 LabelColOpt = typer.Option(None, help="Label column in --train-file/--dev-file (default: label).")
 MaxTrainOpt = typer.Option(None, help="Use a seeded random subset of this many train examples (default: all).")
 SubsampleSeedOpt = typer.Option(default_of(DataConfig, "subsample_seed"), help="Seed of the --max-train-examples subset.")
-DeviceOpt = typer.Option(T("device"), help="auto (CUDA when present, else CPU), cpu or cuda.")
-PrecisionOpt = typer.Option(T("precision"), help="fp32, or bf16 autocast (faster on recent CPUs and GPUs).")
+# every command's --device and --precision say what train-student's say
+DeviceOpt = typer.Option(T("device"), help=options.help_of(TrainConfig, "device"))
+PrecisionOpt = typer.Option(T("precision"), help=options.help_of(TrainConfig, "precision"))
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Debug logging.")
+
+
+# --------------------------------------------------------------------------- options generated from a config
+
+
+def _keyword(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+
+
+def _cli_type(kind: Any) -> Any:
+    """The annotation typer reads for a field's type: Optional[X] for the dataclasses' `X | None`."""
+    if get_origin(kind) in (Union, types.UnionType):
+        return Optional[next(a for a in get_args(kind) if a is not type(None))]
+    return kind
+
+
+def _config_options(config_class: type, text: dict[str, tuple[Optional[str], Callable[[Any], Any]]],
+                    last: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+    """One keyword parameter per command-line field of config_class, with the flags, help and default its `option`
+    declares (pipeline/options.py): a new field reaches --help, --config files and the config without an edit here.
+    The order is the fields' (--help lists them so), with `last` moved to the end, where every command has its
+    --device and --precision. Fields in `text` are typed as text and parsed by `_config`."""
+    hints, params = get_type_hints(config_class), []
+    for f, spec in options.command_line(config_class):
+        if f.name in text:
+            default = text[f.name][0]
+            kind = str if default is not None else Optional[str]
+        else:
+            required = f.default is MISSING and f.default_factory is MISSING
+            default, kind = ... if required else default_of(config_class, f.name), hints[f.name]
+        params.append(_keyword(f.name, _cli_type(kind), typer.Option(default, *spec.flags, help=spec.help)))
+    return sorted(params, key=lambda p: p.name in last)  # a stable sort: field order within each part
+
+
+def _config(config_class: type, values: dict[str, Any], text: dict[str, tuple[Optional[str], Callable[[Any], Any]]]) -> Any:
+    """A command's values as its config: the text fields parsed (in their order, so the first bad one is named)."""
+    given = {k: v for k, v in values.items() if k not in ("config", "verbose")}
+    for name, (_, parse) in text.items():
+        given[name] = parse(given[name])
+    return config_class(**given)
+
+
+def _signature(*parameters: inspect.Parameter) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare a `**values` command's parameters: typer reads a command's options from inspect.signature."""
+
+    def declare(command: Callable[..., Any]) -> Callable[..., Any]:
+        command.__signature__ = inspect.Signature(list(parameters))  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in parameters}
+        return command
+
+    return declare
+
+
+_CONFIG, _VERBOSE = _keyword("config", Optional[Path], ConfigOpt), _keyword("verbose", bool, VerboseOpt)
 
 
 def _data(task: str, data_dir: Optional[Path], train_file: Optional[Path], dev_file: Optional[Path],
@@ -268,27 +323,12 @@ def inspect_cache(
 
 @app.command("build-negatives")
 @_friendly
-def build_negatives(
-    cache_dir: Path = typer.Option(..., "--cache", help="A cache dir written by `lrc extract-teacher`."),
-    k: int = typer.Option(N("k"), "--k", help="Negatives per example used in each training step (K)."),
-    candidates: Optional[int] = typer.Option(None, help="Candidates stored per example (M >= K); default max(4K, 16)."),
-    strategy: str = typer.Option(N("strategy"), help="random (uniform, the paper's), hard (nearest other-label neighbours) or mixed."),
-    index: str = typer.Option(N("index"), help="auto (exact when small, approximate when large), flat, ivf or hnsw."),
-    output: Optional[Path] = typer.Option(None, help="Output file; default <cache>/negatives.arrow."),
-    hard_pool: Optional[int] = typer.Option(None, help="Width of the nearest-neighbour list hard candidates are drawn from; default 4M."),
-    regression_margin: float = typer.Option(N("regression_margin"), help="Regression tasks: hard negatives differ in label by at least this."),
-    seed: int = typer.Option(N("seed"), help="Random seed; the same seed gives the same file."),
-    verify_cache: str = VerifyCacheOpt,
-    config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
-) -> None:
+@_signature(*_config_options(NegativesConfig, {}), _CONFIG, _VERBOSE)
+def build_negatives(**values: Any) -> None:
     """Sample M candidate negatives per training row with FAISS over the cached pooled teacher vectors."""
     from pipeline.negatives import build_negatives as run
 
-    path = run(NegativesConfig(
-        cache_dir=cache_dir, k=k, candidates=candidates, strategy=strategy, index=index, output=output,
-        hard_pool=hard_pool, regression_margin=regression_margin, seed=seed, verify_cache=verify_cache,
-    ))
-    typer.echo(f"negatives: {path}")
+    typer.echo(f"negatives: {run(_config(NegativesConfig, values, {}))}")
 
 
 def _weights_text(weights: tuple[float, ...]) -> str:
@@ -305,66 +345,23 @@ def _parse_weights(value: str, name: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
+# Typed as text on the command line and parsed here: field -> (its text default, parse(text) -> the field's value).
+_TRAIN_TEXT: dict[str, tuple[Optional[str], Callable[[Any], Any]]] = {
+    "layer_map": (None, lambda text: _parse_layers(text)[0] if text else None),
+    "stage1_weights": (_weights_text(T("stage1_weights")), lambda text: _parse_weights(text, "--stage1-weights")),
+    "stage2_weights": (_weights_text(T("stage2_weights")), lambda text: _parse_weights(text, "--stage2-weights")),
+}
+
+
 @app.command("train-student")
 @_friendly
-def train_student(
-    cache_dir: Path = typer.Option(..., "--cache", help="A cache dir written by `lrc extract-teacher`."),
-    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where the student (HF format), logs and checkpoints go."),
-    negatives: Optional[Path] = typer.Option(None, help="Negatives file from `lrc build-negatives`; default <cache>/negatives.arrow."),
-    negatives_source: str = typer.Option(T("negatives_source"), help="file: K of each row's candidates in the negatives file (random/hard/mixed, the paper's setup); in-batch: K of the other anchors of the same batch (uniform, no file, no extra rows read; needs --batch-size > --k)."),
-    layers: int = typer.Option(T("layers"), help="Student layers (M)."),
-    hidden: int = typer.Option(T("hidden"), help="Student hidden size."),
-    heads: int = typer.Option(T("heads"), help="Student attention heads (must divide --hidden)."),
-    intermediate: int = typer.Option(T("intermediate"), help="Student FFN size."),
-    init: str = typer.Option(T("init"), help="random, teacher (the teacher cut to the student: embeddings and the mapped layers, at --hidden/--heads/--intermediate no larger than the teacher's, keeping the channels, heads, head dims and FFN neurons --init-selection picks) or a model dir (its depth and width are the student's)."),
-    init_selection: str = typer.Option(T("init_selection"), help="What a narrower --init teacher keeps: activation (the highest importance scores extract-teacher recorded over the train rows: mean |h| per residual channel, |activation| per FFN neuron, |q_d k_d| and |v_d| per head dim; evenly spaced where the cache has none) or uniform (evenly spaced). One channel set serves the whole residual stream; Q is rescaled so the kept dims give the teacher's attention scores."),
-    student_family: Optional[str] = typer.Option(T("student_family"), help="Student family (bert, roberta, deberta-v2, electra, mpnet, distilbert) when it should differ from the teacher's; it must read the teacher's token ids (same vocabulary; segment embeddings if the teacher reads segments)."),
-    layer_map: Optional[str] = typer.Option(None, help="Teacher layer per student layer, e.g. 2,3,5,6; default round_half_up(i*N/M)."),
-    intermediate_loss: str = typer.Option(T("intermediate_loss"), help="cos_nce (LRC-BERT), hidden_mse (TinyBERT-style baseline) or none (KD-only)."),
-    granularity: str = typer.Option(T("granularity"), help="COS-NCE vectors: flat (all real tokens), token (per-token cosine) or cls (first token only; meaningful with a fine-tuned teacher)."),
-    k: int = typer.Option(T("k"), "--k", help="Negatives per example per step (K); 0 = no negatives."),
-    temperature: float = typer.Option(T("temperature"), help="Softmax temperature of the soft loss."),
-    stage1_fraction: float = typer.Option(T("stage1_fraction"), help="Fraction of steps in stage one."),
-    stage1_weights: str = typer.Option(_weights_text(T("stage1_weights")), help="alpha:beta:gamma (intermediate:soft:hard) in stage one."),
-    stage2_weights: str = typer.Option(_weights_text(T("stage2_weights")), help="alpha:beta:gamma in stage two."),
-    one_stage: bool = typer.Option(T("one_stage"), "--one-stage", help="Train all steps with the stage-two weights (ablation)."),
-    perturb_eps: float = typer.Option(T("perturb_eps"), help="Gradient perturbation size on the embedding output; 0 = off."),
-    projection_init: str = typer.Option(T("projection_init"), help="Start of the COS-NCE / MSE projections W_i: auto (identity where student and teacher widths match; for a narrower --init teacher, each kept channel mapped back to its teacher channel; else the W_i a general student in --init saved, when they map the same teacher layers; else random), identity or random."),
-    epochs: float = typer.Option(T("epochs"), help="Training epochs (fractions allowed)."),
-    max_steps: Optional[int] = typer.Option(None, help="Train exactly this many steps (overrides --epochs)."),
-    batch_size: int = typer.Option(T("batch_size"), help="Training batch size: the global batch of one optimizer step. Under torchrun it is split evenly over the processes (each takes batch-size / WORLD_SIZE rows; it must divide evenly), so the same value trains the same way on any number of processes."),
-    lr: float = typer.Option(T("learning_rate"), "--lr", help="Peak learning rate of AdamW."),
-    weight_decay: float = typer.Option(T("weight_decay"), help="AdamW weight decay."),
-    max_grad_norm: float = typer.Option(T("max_grad_norm"), help="Clip the global gradient norm (student and projections) to this before each step; 0 = no clipping."),
-    warmup_ratio: float = typer.Option(T("warmup_ratio"), help="Fraction of steps with linear warmup (then linear decay)."),
-    seed: int = typer.Option(T("seed"), help="Random seed (initialisation, data order, negatives draws, dropout)."),
-    eval_every: Optional[int] = typer.Option(None, help="Also evaluate on dev every N steps (always at epoch ends)."),
-    keep: str = typer.Option(T("keep"), help="Which student to keep: best (best dev metric) or last (the final one; dev is only reported). A corpus cache always keeps the last."),
-    checkpoint_every: int = typer.Option(T("checkpoint_every"), help="Steps between resumable checkpoints."),
-    log_every: int = typer.Option(T("log_every"), help="Steps between log lines in train_log.jsonl."),
-    num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes reading the cache; default 0 on CPU, 2 on CUDA."),
-    resume: bool = typer.Option(T("resume"), "--resume", help="Continue the run in --output-dir from its last checkpoint."),
-    overwrite: bool = typer.Option(T("overwrite"), help="Replace a run already in --output-dir."),
-    verify_cache: str = VerifyCacheOpt,
-    device: str = DeviceOpt, precision: str = PrecisionOpt, config: Optional[Path] = ConfigOpt,
-    verbose: bool = VerboseOpt,
-) -> None:
+@_signature(*_config_options(TrainConfig, _TRAIN_TEXT, last=("device", "precision")), _CONFIG, _VERBOSE)
+def train_student(**values: Any) -> None:
     """Train a student from the cache with LRC-BERT (COS-NCE + soft + hard, two stages, perturbation); no teacher."""
     from pipeline.train import train_student as run
 
-    mapping, _ = _parse_layers(layer_map) if layer_map else (None, False)
-    summary = run(TrainConfig(
-        cache_dir=cache_dir, output_dir=output_dir, negatives=negatives, negatives_source=negatives_source, layers=layers, hidden=hidden, heads=heads,
-        intermediate=intermediate, init=init, init_selection=init_selection, student_family=student_family, layer_map=mapping, intermediate_loss=intermediate_loss,
-        granularity=granularity, k=k, temperature=temperature, stage1_fraction=stage1_fraction,
-        stage1_weights=_parse_weights(stage1_weights, "--stage1-weights"),
-        stage2_weights=_parse_weights(stage2_weights, "--stage2-weights"), one_stage=one_stage,
-        perturb_eps=perturb_eps, projection_init=projection_init, epochs=epochs, max_steps=max_steps,
-        batch_size=batch_size, learning_rate=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-        warmup_ratio=warmup_ratio, seed=seed, eval_every=eval_every, keep=keep, checkpoint_every=checkpoint_every,
-        log_every=log_every, num_workers=num_workers, device=device, precision=precision, resume=resume,
-        overwrite=overwrite, verify_cache=verify_cache,
-    ))
+    output_dir = values["output_dir"]
+    summary = run(_config(TrainConfig, values, _TRAIN_TEXT))
     if summary.get("kind") == "general":
         _say(f"general student: {output_dir}  (the last of {summary['steps']} steps; start task distillation "
                    f"with --init {output_dir})")

@@ -42,9 +42,14 @@ log = logging.getLogger("general_results")
 
 STUDENT = {"layers": 4, "hidden": 312, "heads": 12, "intermediate": 1200}
 SHAPE = "4x312"
-# row label -> (general student to start from: None = random init, or the general loss; method of glue_results)
+# row label -> (where the student starts: None = random init, "teacher" = the teacher cut to the student's
+# shape, or the general loss of a general student; method of glue_results)
+CUT = "teacher"
 ROWS: dict[str, tuple[str | None, str]] = {
     "LRC, random init": (None, "LRC"),
+    "LRC, cut init": (CUT, "LRC"),
+    "KD-only, cut init": (CUT, "KD-only"),
+    "Hidden-MSE, cut init": (CUT, "Hidden-MSE"),
     "LRC, general init": ("cos_nce", "LRC"),
     "KD-only, general init": ("cos_nce", "KD-only"),
     "Hidden-MSE, general init": ("cos_nce", "Hidden-MSE"),
@@ -96,7 +101,7 @@ def task_config(paths: dict[str, Path], row: str, seed: int, students: dict[str,
     general, method = ROWS[row]
     config = glue_results.run_config(paths, "4x312 random", method, seed, args)
     slug = f"{SHAPE}-{row}-seed{seed}".replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
-    init = "random" if general is None else str(students[general])
+    init = "random" if general is None else CUT if general == CUT else str(students[general])
     return replace(config, output_dir=paths["cache"].parent / "general-runs" / slug, init=init, keep="last",
                    max_steps=args.student_steps, projection_init=args.projection_init)
 
@@ -156,7 +161,7 @@ def main() -> None:
     parser.add_argument("--general-lr", type=float, default=3e-4)
     parser.add_argument("--general-seed", type=int, default=42, help="one general student serves every task seed")
     parser.add_argument("--tasks", default="cola,sst2,mrpc,stsb", help="'' = only the general stage")
-    parser.add_argument("--rows", default=";".join(r for r in ROWS if "hidden-MSE general" not in r),
+    parser.add_argument("--rows", default=";".join(r for r in ROWS if "hidden-MSE general" not in r and "cut" not in r),
                         help=f"';'-separated subset of: {'; '.join(ROWS)} ('' = only prepare the tasks)")
     parser.add_argument("--seeds", default="42")
     parser.add_argument("--max-train-examples", type=int, default=4000, help="seeded subsample of each train split")
@@ -185,7 +190,7 @@ def main() -> None:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         parser.error(f"unknown --rows {unknown}: choose from {'; '.join(ROWS)}")
-    missing = {ROWS[r][0] for r in rows} - {None, *args.general_losses}
+    missing = {ROWS[r][0] for r in rows} - {None, CUT, *args.general_losses}
     if missing:
         parser.error(f"--rows need general students of {sorted(missing)}: add them to --general-losses")
     setup_logging()
@@ -194,7 +199,7 @@ def main() -> None:
         return
     started = time.perf_counter()
     tasks = [t for t in args.tasks.split(",") if t]
-    students, stats = general_stage(args) if tasks == [] or any(ROWS[r][0] for r in rows) else ({}, {})
+    students, stats = general_stage(args) if tasks == [] or any(ROWS[r][0] not in (None, CUT) for r in rows) else ({}, {})
     log.info("general stage done: %s; %.0f min so far", stats, (time.perf_counter() - started) / 60)
     teachers, results = {}, []
     out = args.work_dir / f"{args.results}.json"

@@ -18,6 +18,7 @@ import os
 import random
 from pathlib import Path
 
+from pipeline import atomic
 from pipeline.corpus import glue_sentences
 from pipeline.runtime import setup_logging
 
@@ -32,9 +33,7 @@ def write_corpus(data_dir: Path, output: Path, max_sentences: int | None, seed: 
         keep = sorted(random.Random(seed).sample(range(total), max_sentences))
         sentences = [sentences[i] for i in keep]
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(s + "\n" for s in sentences), encoding="utf-8")
-    os.replace(tmp, output)
+    atomic.write_text(output, "".join(s + "\n" for s in sentences))
     return {"distinct_sentences": total, "written": len(sentences)}
 
 

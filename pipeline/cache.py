@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import __version__
+from pipeline import __version__, atomic
 from pipeline.errors import LrcError
 from pipeline.quant import INT8, scale_column, settings_entry
 from pipeline.runtime import check_max_length
@@ -109,16 +108,6 @@ def sample_sha256(path: Path) -> str:
             f.seek(offset)
             digest.update(f.read(length))
     return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write-then-rename; a failed write (full disk) leaves neither the temp file nor a partial `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def sidecar_path(shard: Path) -> Path:
@@ -221,17 +210,13 @@ def write_shard(cache_dir: Path, split: str, start: int, stop: int, batch: pa.Re
     shard_dir = cache_dir / SHARD_DIR
     shard_dir.mkdir(parents=True, exist_ok=True)
     final = shard_dir / shard_name(split, start, stop)
-    tmp = shard_dir / f".{final.name}.tmp-{os.getpid()}"
-    try:
+    with atomic.replacing(final) as tmp:
         with open(tmp, "wb") as f:
             sink = _HashingFile(f)
             with pa.ipc.new_stream(sink, batch.schema) as writer:
                 writer.write_batch(batch)
         record = {"bytes": tmp.stat().st_size, "sha256": sink.digest.hexdigest(), "sample_sha256": sample_sha256(tmp)}
-        write_json_atomic(sidecar_path(final), record)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+        atomic.write_json(sidecar_path(final), record, sort_keys=True)
     return final
 
 
@@ -348,7 +333,7 @@ def assemble_manifest(cache_dir: Path, settings: dict[str, Any], extra: dict[str
     if importance is not None:
         manifest["importance"] = importance
     manifest["fingerprint"] = manifest_fingerprint(manifest)
-    write_json_atomic(cache_dir / MANIFEST, manifest)
+    atomic.write_json(cache_dir / MANIFEST, manifest, sort_keys=True)
     return manifest
 
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
-from pipeline import outdir
+from pipeline import atomic, options, outdir, reuse
 from pipeline.config import TrainConfig
 from pipeline.errors import LrcError
 from pipeline.sampler import recorded_sha256
@@ -35,9 +33,13 @@ _STATE_KEY = "lrc.state"  # the JSON half of the checkpoint, in the safetensors 
 RUN_CONFIG = "train_config.json"
 METRICS_LOG = "train_log.jsonl"
 SUMMARY = "training_summary.json"
-# Settings that change how a run is watched or where it runs, not what it computes: a resume may change them.
-_RUN_ONLY = ("resume", "overwrite", "num_workers", "device", "log_every", "eval_every", "eval_batch_size",
-             "checkpoint_every", "verify_cache")
+# Where the run dir, the cache and the negatives file live: never compared, so a run dir copied in from another
+# machine is recognised; the inputs are compared by content instead (the cache's fingerprint, the negatives
+# file's sha256).
+_LOCATIONS = ("output_dir", "cache_dir", "negatives")
+# How a refusal names an input that changed under a finished run (its recorded hash says nothing to a user).
+_INPUT_LABELS = {"cache_fingerprint": "the cache (re-extracted since)",
+                 "negatives_sha256": "the negatives file (rebuilt since)"}
 
 
 @dataclass
@@ -57,14 +59,14 @@ class RunDir:
         object.__setattr__(self, "checkpoint_dir", self.output_dir / CHECKPOINT_DIR)
 
 
-# Settings added after runs were recorded, with the default that reproduces the behaviour before them: left out
-# at that default, so a run saved before the setting existed still compares equal (and is reused or resumed).
-_ADDED_AT_DEFAULT = {"keep": "best", "max_grad_norm": 1.0, "student_family": None}
-
-
 def comparable_settings(config: TrainConfig) -> dict[str, Any]:
+    """The settings recorded in train_config.json and compared on reuse and resume, as the config's fields say
+    (pipeline/options.py): run-only settings (how a run is watched or where it runs) are left out, and so is a
+    setting added after runs were recorded while it holds the value that reproduces the behaviour before it, so
+    a run saved before the setting existed still compares equal (and is reused or resumed)."""
+    run_only, added_at = options.run_only(type(config)), options.added_at(type(config))
     raw = {k: v for k, v in asdict(config).items()
-           if k not in _RUN_ONLY and not (k in _ADDED_AT_DEFAULT and v == _ADDED_AT_DEFAULT[k])}
+           if k not in run_only and not (k in added_at and v == added_at[k])}
     return json.loads(json.dumps(raw, default=str))
 
 
@@ -91,17 +93,12 @@ def check_run_dir(config: TrainConfig) -> RunDir:
             raise LrcError(f"--resume: the checkpoint in {out} is a pickle (state.pt) from an older lrc, which is never "
                            "loaded (unpickling can run code): start over with --overwrite" if legacy else
                            f"--resume: no checkpoint in {out}; start the run without --resume (add --overwrite to replace the dir)")
-        # Where the run dir and its inputs live is not compared (a run dir copied to another machine resumes):
-        # the inputs themselves are, by content, once they are open (`check_inputs`).
-        previous = _portable(_read_json(saved, "start over with --overwrite"))
-        current = _portable(comparable_settings(config))
-        changed = sorted(k for k in current.keys() | previous.keys() if current.get(k) != previous.get(k))
-        if changed:
-            raise LrcError(f"--resume: the checkpoint in {out} was made with other settings (differs in: "
-                           f"{', '.join(changed)}): resume with the same settings, or start over with --overwrite")
+        # The inputs themselves are compared by content once they are open (`check_inputs`).
+        changes = settings_changes(_read_json(saved, "start over with --overwrite"), config)
+        reuse.decide(reuse.RESUMABLE, changes, overwrite=False, where=out, what="a checkpoint", resume=True)
         return run
-    if outdir.check(out, "run", config.overwrite) and not config.overwrite:
-        raise LrcError(f"output dir {out} holds a training run: pass --resume to continue it or --overwrite to start over")
+    held = reuse.FINISHED if outdir.check(out, "run", config.overwrite) else reuse.EMPTY
+    reuse.decide(held, [], overwrite=config.overwrite, where=out, what="a training run", resume=False)
     return run
 
 
@@ -113,17 +110,13 @@ def start_run_dir(config: TrainConfig) -> None:
     if out.exists() and any(out.iterdir()):
         outdir.clear(out, "run")  # only what a run writes: check_run_dir refused anything else
     outdir.mark(out, "run")
-    _write_text_atomic(out / RUN_CONFIG, json.dumps(comparable_settings(config), indent=2, sort_keys=True) + "\n")
+    atomic.write_json(out / RUN_CONFIG, comparable_settings(config), sort_keys=True)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write-then-rename: a reader never sees half a file, and a failed write (full disk) leaves no temp file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def settings_changes(saved: dict[str, Any], config: TrainConfig) -> list[reuse.Change]:
+    """How `config` differs from a run dir's recorded train_config.json: the one comparison behind resuming
+    (`check_run_dir`) and reusing (`previous_run`)."""
+    return reuse.diff(saved, comparable_settings(config), run_only=(*options.run_only(type(config)), *_LOCATIONS))
 
 
 def run_inputs(cache_fingerprint: str, negatives_sha256: str | None) -> dict[str, str | None]:
@@ -155,19 +148,19 @@ def check_inputs(run: RunDir, config: TrainConfig, inputs: dict[str, str | None]
     if recorded is None:
         saved = _read_json(config.output_dir / RUN_CONFIG, "start over with --overwrite")
         current = comparable_settings(config)
-        moved = [k for k in ("cache_dir", "negatives") if saved.get(k) != current.get(k)]
+        paths = ("cache_dir", "negatives")
+        moved = [c.key for c in reuse.diff({k: saved.get(k) for k in paths}, {k: current.get(k) for k in paths})]
         if moved:
             raise LrcError(f"--resume: the checkpoint in {config.output_dir} records no input fingerprints (an older "
                            f"lrc) and {', '.join(moved)} differ(s) from the recorded path(s): {fix}")
         return
     what = {"cache_fingerprint": ("the cache", f"--cache {config.cache_dir}", "re-extracted or another cache"),
             "negatives_sha256": ("the negatives file", f"{config.negatives_path}", "rebuilt or another file")}
-    for key, (name, now, why) in what.items():
-        before, after = recorded.get(key), inputs.get(key)
-        if before != after:
-            raise LrcError(f"--resume: the checkpoint in {config.output_dir} was trained on {name} with "
-                           f"{key.split('_')[-1]} {str(before)[:12]}, but {now} has {str(after)[:12]} ({why} since): "
-                           f"{fix}")
+    for change in reuse.diff({k: recorded.get(k) for k in what}, {k: inputs.get(k) for k in what}):
+        name, now, why = what[change.key]
+        raise LrcError(f"--resume: the checkpoint in {config.output_dir} was trained on {name} with "
+                       f"{change.key.split('_')[-1]} {str(change.recorded)[:12]}, but {now} has "
+                       f"{str(change.requested)[:12]} ({why} since): {fix}")
 
 
 def _remove_stale_temp_files(run: RunDir) -> None:
@@ -222,12 +215,8 @@ def write_state(path: Path, payload: dict[str, Any]) -> None:
     """`payload` (nested dicts, lists, tuples, tensors, numpy arrays, plain values) as one safetensors file, atomically."""
     tensors: dict[str, torch.Tensor] = {}
     tree = json.dumps(_encode(payload, tensors, "state"))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic.replacing(path) as tmp:
         save_file(tensors, str(tmp), metadata={_STATE_KEY: tree})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -315,19 +304,14 @@ def save_student(run: RunDir, student: torch.nn.Module, tokenizer: Any) -> None:
     Written to a temp dir, then moved file by file: each move is atomic and only the weights
     change between saves, so a reader never sees a half-written model.
     """
-    tmp = run.output_dir / ".student.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic.staging_dir(run.output_dir / "student") as tmp:
         student.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        for path in sorted(tmp.iterdir(), key=lambda p: p.suffix == ".safetensors"):  # weights last
-            os.replace(path, run.output_dir / path.name)
-    finally:  # a failed save (full disk) leaves no half-written student dir behind
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic.move_files(tmp, run.output_dir, last=lambda path: path.suffix == ".safetensors")
 
 
 def write_summary(run: RunDir, summary: dict[str, Any]) -> None:
-    _write_text_atomic(run.output_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    atomic.write_json(run.output_dir / SUMMARY, summary)
 
 
 class MetricsLog:
@@ -369,42 +353,40 @@ def _step_of(line: str) -> float:
         return float("inf")
 
 
-def _portable(settings: dict[str, Any]) -> dict[str, Any]:
-    """Settings that make two runs the same run, minus where the run dir, the cache and the negatives file
-    live, so a run dir copied in from another machine is recognised (the inputs are compared by content
-    instead: the cache's fingerprint, the negatives file's sha256)."""
-    return {k: v for k, v in settings.items() if k not in ("output_dir", "cache_dir", "negatives")}
-
-
 @dataclass(frozen=True)
 class PreviousRun:
     """What a run dir already holds, as far as starting `config` there is concerned."""
 
     state: str  # empty | foreign (not an lrc run) | unfinished | finished
-    changed: list[str]  # settings (or "the cache") that differ from `config`
+    changed: list[reuse.Change]  # settings (and, for a finished run, inputs) that differ from `config`
     summary: dict[str, Any] | None  # the finished run's training summary
     resumable: bool  # an unfinished run with a checkpoint
 
 
 def previous_run(config: TrainConfig, fingerprint: str) -> PreviousRun:
     """Inspect config.output_dir for a run of the same settings on the cache with this fingerprint and on the
-    negatives file it names (by content). An unfinished run's inputs are compared when it resumes."""
+    negatives file it names (by content). `config.init` is concrete (train.resolve_init): runs record what
+    `--init auto` resolved to. An unfinished run's inputs are compared when it resumes."""
     out = config.output_dir
     if not out.is_dir() or not any(out.iterdir()):
         return PreviousRun("empty", [], None, False)
     if not (out / RUN_CONFIG).is_file():
         return PreviousRun("foreign", [], None, False)
-    saved = _portable(_read_json(out / RUN_CONFIG, "remove the dir or pass --overwrite"))
-    current = _portable(comparable_settings(config))
-    changed = sorted(k for k in current.keys() | saved.keys() if current.get(k) != saved.get(k))
+    changed = settings_changes(_read_json(out / RUN_CONFIG, "remove the dir or pass --overwrite"), config)
     if not (out / SUMMARY).is_file():
         return PreviousRun("unfinished", changed, None, (out / CHECKPOINT_DIR / STATE_FILE).is_file())
     summary = _read_json(out / SUMMARY, "remove the dir or pass --overwrite")
-    if summary["cache_fingerprint"] != fingerprint:
-        changed.append("the cache (re-extracted since)")
     negatives = recorded_sha256(config.negatives_path) if config.uses_negatives and config.negatives_source == "file" \
         else None
     # summaries written before the negatives hash was recorded have none: their runs compare by cache alone
-    if summary.get("negatives_sha256", negatives) != negatives:
-        changed.append("the negatives file (rebuilt since)")
+    recorded = {"cache_fingerprint": summary["cache_fingerprint"],
+                "negatives_sha256": summary.get("negatives_sha256", negatives)}
+    changed += reuse.diff(recorded, {"cache_fingerprint": fingerprint, "negatives_sha256": negatives})
     return PreviousRun("finished", changed, summary, False)
+
+
+def decide(config: TrainConfig, previous: PreviousRun) -> str:
+    """reuse.decide for a run dir found by `previous_run` (sweep, demo and the benchmarks go through here)."""
+    held = {"finished": reuse.FINISHED, "unfinished": reuse.RESUMABLE if previous.resumable else reuse.UNFINISHED}
+    return reuse.decide(held.get(previous.state, reuse.EMPTY), previous.changed, overwrite=config.overwrite,
+                        where=config.output_dir, what=f"a {previous.state} run", labels=_INPUT_LABELS)

@@ -1,24 +1,28 @@
-"""One frozen dataclass per stage, validated on construction. Defaults live only here."""
+"""One frozen dataclass per stage, validated on construction. Defaults live only in these dataclasses.
+
+TrainConfig and SweepConfig live in pipeline/train_config.py (TrainConfig's fields carry their flags and help, see
+pipeline/options.py); they are imported here so that every stage's config comes from this one module."""
 
 from __future__ import annotations
 
-import itertools
-import math
-import numbers
 import os
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import Any
 from pathlib import Path
 
 from pipeline.errors import LrcError
+from pipeline.options import (  # noqa: F401 - the shared names are re-exported: callers import them from here
+    CACHE_CHECKS, DEVICES, PRECISIONS, check_real, check_seed, check_whole, default_of, help_of, option, require,
+)
+from pipeline.train_config import (  # noqa: F401 - re-exported, as above
+    GRANULARITIES, INIT_SELECTIONS, INTERMEDIATE_LOSSES, KEEP_CHOICES, NEGATIVE_SOURCES, PROJECTION_INITS,
+    SweepConfig, TrainConfig,
+)
 
 DATA_DIR_ENV = "LRC_DATA_DIR"
 BUNDLED_BACKBONE = "bundled:all-MiniLM-L6-v2"
 BUNDLED_MPNET = "bundled:all-mpnet-base-v2"  # 12 x 768, the optional extra lrc[mpnet]
 HIDDEN_DTYPES = ("float16", "float32", "int8")  # Arrow has no bfloat16; int8: pipeline/quant.py
-PRECISIONS = ("fp32", "bf16")
-DEVICES = ("auto", "cpu", "cuda")
-CACHE_CHECKS = ("auto", "quick", "full")  # how much of a cache is hashed at open (pipeline/cache_read.py)
 
 
 def default_data_dir() -> Path | None:
@@ -27,64 +31,10 @@ def default_data_dir() -> Path | None:
     return Path(value) if value else None
 
 
-def default_of(config_class: type, name: str) -> Any:
-    """The default of one config field. cli.py takes every default from here, so it lives in one place."""
-    for f in fields(config_class):
-        if f.name == name:
-            if f.default is not MISSING:
-                return f.default
-            if f.default_factory is not MISSING:
-                return f.default_factory()
-            raise ValueError(f"{config_class.__name__}.{name} has no default")
-    raise ValueError(f"{config_class.__name__} has no field {name!r}")
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise LrcError(message)
-
-
-# One policy for every number a user gives: checked here, when the config is built, so a bad value is refused
-# before any stage starts work (and before any dir is created). NaN fails every comparison and inf is refused
-# explicitly, so no non-finite value gets through a range check.
-
-
 def layer_map(teacher_layers: int, student_layers: int) -> list[int]:
     """phi(i) = round_half_up(i * N / M) for i = 1..M: the last student layer maps to the last teacher layer."""
     n, m = teacher_layers, student_layers
     return [(2 * i * n + m) // (2 * m) for i in range(1, m + 1)]
-
-
-def _whole(flag: str, value: Any, minimum: int = 1, maximum: int | None = None) -> None:
-    """An integer option (a count, a size, a length, a step interval) in [minimum, maximum]."""
-    # numbers.Integral: a numpy integer from a script is a whole number too; a bool never is
-    _require(isinstance(value, numbers.Integral) and not isinstance(value, bool),
-             f"{flag} must be a whole number, got {value!r}")
-    top = f" and <= {maximum}" if maximum is not None else ""
-    _require(value >= minimum and (maximum is None or value <= maximum), f"{flag} must be >= {minimum}{top}, got {value}")
-
-
-def _real(flag: str, value: Any, low: float = 0.0, high: float = math.inf, low_open: bool = True,
-          high_open: bool = True) -> None:
-    """A finite number in the interval from low to high (open ends exclude the bound)."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        left, right = "(" if low_open else "[", ")" if high_open else "]"
-        upper = "inf" if high == math.inf else f"{high:g}"
-        raise LrcError(f"{flag} must be a finite number in {left}{low:g}, {upper}{right}, got {value!r}")
-
-
-def _seed(flag: str, value: Any) -> None:
-    _whole(flag, value, 0, 2**32 - 1)  # numpy's seed range; torch and random accept it too
-
-
-def _weights(flag: str, value: Any) -> None:
-    """alpha:beta:gamma loss weights: three finite numbers >= 0, not all zero (the step would learn nothing)."""
-    _require(isinstance(value, (tuple, list)) and len(value) == 3, f"{flag} must be alpha:beta:gamma, got {value!r}")
-    for w in value:
-        _real(flag, w, 0.0, low_open=False)
-    _require(any(w > 0 for w in value), f"{flag} {':'.join(f'{w:g}' for w in value)} are all 0: nothing would be trained")
 
 
 @dataclass(frozen=True)
@@ -102,11 +52,11 @@ class DataConfig:
     subsample_seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(bool(self.task), "no task given: pass --task (e.g. --task sst2)")
+        require(bool(self.task), "no task given: pass --task (e.g. --task sst2)")
         if self.max_train_examples is not None:
-            _whole("--max-train-examples", self.max_train_examples)
-        _seed("--subsample-seed", self.subsample_seed)
-        _require(
+            check_whole("--max-train-examples", self.max_train_examples)
+        check_seed("--subsample-seed", self.subsample_seed)
+        require(
             self.text_pair_column is None or self.text_column is not None,
             "--text-pair-column needs --text-column too",
         )
@@ -134,17 +84,17 @@ class FinetuneConfig:
     trust_remote_code: bool = False  # run Python shipped in the backbone dir: only for code you have read
 
     def __post_init__(self) -> None:
-        _whole("--max-length", self.max_length, 8)
-        _real("--epochs", self.epochs)
-        _whole("--batch-size", self.batch_size)
-        _whole("--eval-batch-size", self.eval_batch_size)
-        _real("--lr", self.learning_rate)
-        _real("--weight-decay", self.weight_decay, low_open=False)
-        _real("--max-grad-norm", self.max_grad_norm, low_open=False)  # 0 = no clipping
-        _real("--warmup-ratio", self.warmup_ratio, 0.0, 1.0, low_open=False)
-        _seed("--seed", self.seed)
-        _require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
-        _require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_whole("--max-length", self.max_length, 8)
+        check_real("--epochs", self.epochs)
+        check_whole("--batch-size", self.batch_size)
+        check_whole("--eval-batch-size", self.eval_batch_size)
+        check_real("--lr", self.learning_rate)
+        check_real("--weight-decay", self.weight_decay, low_open=False)
+        check_real("--max-grad-norm", self.max_grad_norm, low_open=False)  # 0 = no clipping
+        check_real("--warmup-ratio", self.warmup_ratio, 0.0, 1.0, low_open=False)
+        check_seed("--seed", self.seed)
+        require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
+        require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -163,10 +113,10 @@ class CorpusConfig:
     max_passages: int | None = None  # the first N passages (a dataset is then streamed, not downloaded whole)
 
     def __post_init__(self) -> None:
-        _require(bool(str(self.source).strip()), "--corpus is empty: pass a text file or a dataset name")
-        _require(bool(self.text_column), "--text-column is empty: name the column that holds the passages")
+        require(bool(str(self.source).strip()), "--corpus is empty: pass a text file or a dataset name")
+        require(bool(self.text_column), "--text-column is empty: name the column that holds the passages")
         if self.max_passages is not None:
-            _whole("--max-passages", self.max_passages)
+            check_whole("--max-passages", self.max_passages)
 
 
 @dataclass(frozen=True)
@@ -197,28 +147,28 @@ class ExtractConfig:
     corpus: CorpusConfig | None = None
 
     def __post_init__(self) -> None:
-        _require((self.data is None) != (self.corpus is None),
+        require((self.data is None) != (self.corpus is None),
                  "pass either --task (a task cache) or --corpus (a corpus cache for general distillation), not both")
-        _require(self.teacher is not None or self.corpus is not None,
+        require(self.teacher is not None or self.corpus is not None,
                  "no --teacher given: pass a fine-tuned model dir (see `lrc finetune-teacher`)")
-        _whole("--student-layers", self.student_layers)
-        _require(
+        check_whole("--student-layers", self.student_layers)
+        require(
             self.layers is None or (len(self.layers) > 0 and all(isinstance(j, int) and j >= 1 for j in self.layers)),
             f"--layers must be 1-based teacher layer indices, got {self.layers}",
         )
-        _require(
+        require(
             self.layers is None or len(set(self.layers)) == len(self.layers),
             f"--layers has a repeated layer: {self.layers}",
         )
-        _whole("--max-length", self.max_length, 8)
-        _whole("--batch-size", self.batch_size)
-        _whole("--shard-rows", self.shard_rows)
-        _require(
+        check_whole("--max-length", self.max_length, 8)
+        check_whole("--batch-size", self.batch_size)
+        check_whole("--shard-rows", self.shard_rows)
+        require(
             self.hidden_dtype in HIDDEN_DTYPES,
             f"--hidden-dtype must be one of {HIDDEN_DTYPES}, got {self.hidden_dtype!r}",
         )
-        _require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
-        _require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
+        require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     @property
     def teacher_source(self) -> str:
@@ -234,42 +184,45 @@ INDEX_TYPES = ("auto", "flat", "ivf", "hnsw")
 class NegativesConfig:
     """`lrc build-negatives`: cache dir -> negatives.arrow (M candidates per train row)."""
 
-    cache_dir: Path
-    k: int = 4
-    candidates: int | None = None  # M; None = max(4 * k, 16)
-    strategy: str = "random"
-    index: str = "auto"
-    output: Path | None = None  # None = <cache_dir>/negatives.arrow
-    hard_pool: int | None = None  # top list the hard candidates are drawn from; None = 4 * M
-    regression_margin: float = 0.5  # hard negatives of a regression task differ by at least this
-    exact_max_rows: int = 50_000  # `auto` uses exact search up to this many rows
-    recall_sample: int = 1000  # queries checked against exact search for an approximate index
-    seed: int = 0
-    verify_cache: str = "auto"  # shard hashes checked at open: auto, quick or full (pipeline/cache_read.py)
+    # Declared like TrainConfig's fields (pipeline/options.py), so cli.py builds build-negatives' options from them.
+    cache_dir: Path = option(help="A cache dir written by `lrc extract-teacher`.", flags=("--cache",))
+    k: int = option(4, flags=("--k",), help="Negatives per example used in each training step (K).")
+    candidates: int | None = option(None, help="Candidates stored per example (M >= K); default max(4K, 16).")
+    strategy: str = option("random", help="random (uniform, the paper's), hard (nearest other-label neighbours) or mixed.")
+    index: str = option("auto", help="auto (exact when small, approximate when large), flat, ivf or hnsw.")
+    output: Path | None = option(None, help="Output file; default <cache>/negatives.arrow.")
+    hard_pool: int | None = option(None, help=(
+        "Width of the nearest-neighbour list hard candidates are drawn from; default 4M."))
+    regression_margin: float = option(0.5, help="Regression tasks: hard negatives differ in label by at least this.")
+    exact_max_rows: int = 50_000  # `auto` uses exact search up to this many rows (no flag)
+    recall_sample: int = 1000  # queries checked against exact search for an approximate index (no flag)
+    seed: int = option(0, help="Random seed; the same seed gives the same file.")
+    verify_cache: str = option("auto", flags=("--verify-cache",), help=help_of(TrainConfig, "verify_cache"))
+    overwrite: bool = option(False, help="Replace a negatives file built with other settings (the same settings reuse it).")
 
     def __post_init__(self) -> None:
-        _whole("--k", self.k)
+        check_whole("--k", self.k)
         if self.candidates is not None:
-            _whole("--candidates", self.candidates)
-        _require(
+            check_whole("--candidates", self.candidates)
+        require(
             self.candidates is None or self.candidates >= self.k,
             f"--candidates (M={self.candidates}) must be >= --k ({self.k})",
         )
         if self.hard_pool is not None:
-            _whole("--hard-pool", self.hard_pool)
-        _whole("exact_max_rows", self.exact_max_rows, 0)
-        _whole("recall_sample", self.recall_sample, 0)
-        _seed("--seed", self.seed)
-        _require(
+            check_whole("--hard-pool", self.hard_pool)
+        check_whole("exact_max_rows", self.exact_max_rows, 0)
+        check_whole("recall_sample", self.recall_sample, 0)
+        check_seed("--seed", self.seed)
+        require(
             self.strategy in NEGATIVE_STRATEGIES,
             f"unknown --strategy {self.strategy!r}: choose one of {', '.join(NEGATIVE_STRATEGIES)}",
         )
-        _require(
+        require(
             self.index in INDEX_TYPES,
             f"unknown --index {self.index!r}: choose one of {', '.join(INDEX_TYPES)}",
         )
-        _real("--regression-margin", self.regression_margin, low_open=False)
-        _require(self.verify_cache in CACHE_CHECKS, f"--verify-cache must be one of {CACHE_CHECKS}, got {self.verify_cache!r}")
+        check_real("--regression-margin", self.regression_margin, low_open=False)
+        require(self.verify_cache in CACHE_CHECKS, f"--verify-cache must be one of {CACHE_CHECKS}, got {self.verify_cache!r}")
 
     @property
     def num_candidates(self) -> int:
@@ -278,175 +231,6 @@ class NegativesConfig:
     @property
     def output_path(self) -> Path:
         return self.output if self.output is not None else self.cache_dir / "negatives.arrow"
-
-
-GRANULARITIES = ("flat", "token", "cls")
-INTERMEDIATE_LOSSES = ("cos_nce", "hidden_mse", "none")
-PROJECTION_INITS = ("auto", "identity", "random")
-INIT_SELECTIONS = ("activation", "uniform")  # pipeline/select.py
-KEEP_CHOICES = ("best", "last")
-# file: K of each row's M candidates in negatives.arrow (random, hard or mixed; the paper's setup); in-batch: K
-# of the other anchors of the same batch (uniform random negatives with no file and no extra rows read).
-NEGATIVE_SOURCES = ("file", "in-batch")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """`lrc train-student`: cache + negatives -> student dir. The teacher is never loaded.
-
-    `intermediate_loss` picks the method: `cos_nce` is LRC-BERT; `hidden_mse` the TinyBERT-style
-    baseline; `none` leaves soft + hard only (KD-only; trained in one stage).
-    """
-
-    cache_dir: Path
-    output_dir: Path
-    negatives: Path | None = None  # None = <cache_dir>/negatives.arrow
-    negatives_source: str = "file"  # file | in-batch (NEGATIVE_SOURCES)
-    # student shape (the paper's 4 x 312) and initialisation
-    layers: int = 4
-    hidden: int = 312
-    heads: int = 12
-    intermediate: int = 1200
-    init: str = "random"  # random | teacher | a model dir
-    # Which teacher channels, heads, head dims and FFN neurons a narrower --init teacher keeps: activation (the
-    # highest importance scores stage one recorded; evenly spaced where the cache has none) or uniform (evenly
-    # spaced). A teacher-width student keeps every channel either way.
-    init_selection: str = "activation"
-    student_family: str | None = None  # e.g. bert; None = the teacher's family (pipeline/families.py lists them)
-    layer_map: tuple[int, ...] | None = None  # teacher layer per student layer; None = round_half_up(i * N / M)
-    # losses and schedule
-    intermediate_loss: str = "cos_nce"
-    granularity: str = "flat"
-    k: int = 4
-    temperature: float = 1.1
-    stage1_fraction: float = 0.8
-    stage1_weights: tuple[float, float, float] = (1.0, 0.0, 0.0)  # alpha, beta, gamma
-    stage2_weights: tuple[float, float, float] = (1.0, 1.0, 3.0)
-    one_stage: bool = False
-    perturb_eps: float = 1.0  # 0 turns gradient perturbation off
-    # W_i start (auto): identity where the widths match; the kept channels scattered back to the teacher's for a
-    # narrower --init teacher; else a general --init's. Or identity, or random.
-    projection_init: str = "auto"
-    # optimisation
-    epochs: float = 3.0
-    max_steps: int | None = None  # stop after this many steps (the schedule still spans them)
-    batch_size: int = 16
-    eval_batch_size: int = 128
-    # 3e-4: every student result in docs/RESULTS.md was measured at 3e-4 (GLUE tables, demo) or 5e-4 (short
-    # budget); 1e-4 was never measured for a student, so it cannot be the default.
-    learning_rate: float = 3e-4
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0  # clip the global gradient norm before each step; 0 = off
-    warmup_ratio: float = 0.1
-    seed: int = 42
-    # running
-    eval_every: int | None = None  # also evaluate every N steps (always at each epoch end)
-    # best: the student with the best dev metric; last: the final student (dev is then reported, never used to
-    # choose, so it stays an unbiased estimate). General distillation (a corpus cache) has no dev: always the last.
-    keep: str = "best"
-    checkpoint_every: int = 200  # steps between resumable checkpoints
-    log_every: int = 10
-    num_workers: int | None = None  # DataLoader workers; None = 0 on CPU (the step owns the cores), 2 on CUDA
-    device: str = "auto"
-    precision: str = "fp32"
-    resume: bool = False
-    overwrite: bool = False
-    verify_cache: str = "auto"  # shard hashes checked at open: auto, quick or full (pipeline/cache_read.py)
-
-    def __post_init__(self) -> None:
-        for flag, value in (("--layers", self.layers), ("--hidden", self.hidden), ("--heads", self.heads),
-                            ("--intermediate", self.intermediate)):
-            _whole(flag, value)
-        _require(self.hidden % self.heads == 0,
-                 f"student --hidden {self.hidden} is not divisible by --heads {self.heads}: pick sizes where hidden % heads == 0")
-        # With --init DIR the checkpoint decides the depth; train-student checks the map against it.
-        _require(self.layer_map is None or len(self.layer_map) == self.layers or self.init not in ("random", "teacher"),
-                 f"--layer-map has {len(self.layer_map or ())} entries for a {self.layers}-layer student: give one teacher layer per student layer")
-        _require(self.intermediate_loss in INTERMEDIATE_LOSSES,
-                 f"unknown --intermediate-loss {self.intermediate_loss!r}: choose one of {', '.join(INTERMEDIATE_LOSSES)}")
-        _require(self.granularity in GRANULARITIES,
-                 f"unknown --granularity {self.granularity!r}: choose one of {', '.join(GRANULARITIES)}")
-        _require(self.init_selection in INIT_SELECTIONS,
-                 f"unknown --init-selection {self.init_selection!r}: choose one of {', '.join(INIT_SELECTIONS)}")
-        _require(self.projection_init in PROJECTION_INITS,
-                 f"unknown --projection-init {self.projection_init!r}: choose one of {', '.join(PROJECTION_INITS)}")
-        _whole("--k", self.k, 0)  # 0 = no negatives
-        _require(self.negatives_source in NEGATIVE_SOURCES,
-                 f"unknown --negatives-source {self.negatives_source!r}: choose one of {', '.join(NEGATIVE_SOURCES)}")
-        _require(self.negatives_source != "in-batch" or not self.uses_negatives or self.batch_size > self.k,
-                 f"--negatives-source in-batch draws K={self.k} negatives from the other anchors of a batch: "
-                 f"--batch-size {self.batch_size} must be > --k")
-        _require(self.keep in KEEP_CHOICES, f"unknown --keep {self.keep!r}: choose one of {', '.join(KEEP_CHOICES)}")
-        _require(self.layer_map is None or all(isinstance(j, int) and j >= 1 for j in self.layer_map),
-                 f"--layer-map must be 1-based teacher layer indices, got {self.layer_map}")
-        _real("--temperature", self.temperature)
-        _real("--stage1-fraction", self.stage1_fraction, 0.0, 1.0, low_open=False)
-        _weights("--stage1-weights", self.stage1_weights)
-        _weights("--stage2-weights", self.stage2_weights)
-        _real("--perturb-eps", self.perturb_eps, low_open=False)  # 0 = no perturbation
-        _real("--epochs", self.epochs)
-        if self.max_steps is not None:
-            _whole("--max-steps", self.max_steps)
-        _whole("--batch-size", self.batch_size)
-        _whole("--eval-batch-size", self.eval_batch_size)
-        _real("--lr", self.learning_rate)
-        _real("--weight-decay", self.weight_decay, low_open=False)
-        _real("--max-grad-norm", self.max_grad_norm, low_open=False)  # 0 = no clipping
-        _real("--warmup-ratio", self.warmup_ratio, 0.0, 1.0, low_open=False)
-        _seed("--seed", self.seed)
-        if self.eval_every is not None:
-            _whole("--eval-every", self.eval_every)
-        _whole("--checkpoint-every", self.checkpoint_every)
-        _whole("--log-every", self.log_every)
-        if self.num_workers is not None:
-            _whole("--num-workers", self.num_workers, 0)
-        _require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
-        _require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
-        _require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other: pick one")
-        _require(self.verify_cache in CACHE_CHECKS, f"--verify-cache must be one of {CACHE_CHECKS}, got {self.verify_cache!r}")
-
-    @property
-    def negatives_path(self) -> Path:
-        return self.negatives if self.negatives is not None else self.cache_dir / "negatives.arrow"
-
-    @property
-    def uses_negatives(self) -> bool:
-        return self.intermediate_loss == "cos_nce" and self.k > 0
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    """`lrc sweep`: `train-student` over a grid on one cache and one negatives file.
-
-    `grid` keeps the user's key order; each point overrides fields of `base` (a TrainConfig whose
-    output_dir is replaced by one run dir per point). `shard_index`/`shard_count` run every
-    shard_count-th point, so several machines can share a grid.
-    """
-
-    base: TrainConfig
-    grid: tuple[tuple[str, tuple[Any, ...]], ...]
-    output_dir: Path
-    shard_index: int = 0
-    shard_count: int = 1
-
-    def __post_init__(self) -> None:
-        _require(len(self.grid) > 0, "the sweep grid is empty: pass --grid FILE or --set key=v1,v2")
-        for key, values in self.grid:
-            _require(len(values) > 0, f"sweep key {key!r} has an empty value list: give at least one value")
-        _require(self.shard_count > 0 and 0 <= self.shard_index < self.shard_count,
-                 f"--shard {self.shard_index}/{self.shard_count} is not valid: use I/N with 0 <= I < N")
-        # Every point of the whole grid (every shard's) is a valid train-student config, or the sweep is refused
-        # before its first point trains: a bad value found hours into a sweep would cost every point before it.
-        keys = [key for key, _ in self.grid]
-        for combo in itertools.product(*(values for _, values in self.grid)):
-            point = dict(zip(keys, combo))
-            try:
-                replace(self.base, **point)
-            except LrcError as err:
-                shown = ", ".join(f"{k}={v}" for k, v in point.items())
-                raise LrcError(f"sweep point ({shown}) is refused: {err}") from None
-            except TypeError as err:  # a key that is not a TrainConfig field (parse_grid names them first)
-                raise LrcError(f"sweep point ({point}) is refused: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -469,15 +253,15 @@ class EvaluateConfig:
     trust_remote_code: bool = False  # run Python shipped in the model dir: only for code you have read
 
     def __post_init__(self) -> None:
-        _whole("--max-length", self.max_length, 8)
-        _whole("--eval-batch-size", self.eval_batch_size)
-        _whole("--batch-size", self.batch_size)
-        _whole("--seq-length", self.seq_length, 2)
-        _whole("--timing-batches", self.timing_batches)
+        check_whole("--max-length", self.max_length, 8)
+        check_whole("--eval-batch-size", self.eval_batch_size)
+        check_whole("--batch-size", self.batch_size)
+        check_whole("--seq-length", self.seq_length, 2)
+        check_whole("--timing-batches", self.timing_batches)
         for size in self.also_batch_sizes:
-            _whole("--also-batch-sizes", size)
-        _require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
-        _require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+            check_whole("--also-batch-sizes", size)
+        require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
+        require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 EXPORT_FORMATS = ("onnx",)
@@ -505,12 +289,12 @@ class ExportConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.format in EXPORT_FORMATS, f"--format must be one of {EXPORT_FORMATS}, got {self.format!r}")
-        _require(self.quantize in QUANTIZE, f"--quantize must be one of {QUANTIZE}, got {self.quantize!r}")
-        _require(bool(self.quantize_ops) and set(self.quantize_ops) <= set(QUANTIZE_OPS),
+        require(self.format in EXPORT_FORMATS, f"--format must be one of {EXPORT_FORMATS}, got {self.format!r}")
+        require(self.quantize in QUANTIZE, f"--quantize must be one of {QUANTIZE}, got {self.quantize!r}")
+        require(bool(self.quantize_ops) and set(self.quantize_ops) <= set(QUANTIZE_OPS),
                  f"--quantize-ops must be some of {', '.join(QUANTIZE_OPS)}, got {','.join(self.quantize_ops)!r}")
-        _require(14 <= self.opset <= 20, f"--opset must be in 14..20 (what the exporter and onnxruntime share), got {self.opset}")
-        _require(self.tolerance > 0, f"--tolerance must be positive, got {self.tolerance}")
+        require(14 <= self.opset <= 20, f"--opset must be in 14..20 (what the exporter and onnxruntime share), got {self.opset}")
+        require(self.tolerance > 0, f"--tolerance must be positive, got {self.tolerance}")
 
 
 @dataclass(frozen=True)
@@ -555,19 +339,19 @@ class DemoConfig:
     def __post_init__(self) -> None:
         # The demo's own fields; what each stage makes of them is checked by building every stage's config
         # before the first stage runs (pipeline/demo.py: plan).
-        _require(self.max_train_examples is None or self.max_train_examples > 0,
+        require(self.max_train_examples is None or self.max_train_examples > 0,
                  "--max-train-examples must be positive (or 0 for the whole train split)")
-        _require(self.general_max_passages is None or self.general_max_passages > 0,
+        require(self.general_max_passages is None or self.general_max_passages > 0,
                  "--general-max-passages must be positive (or 0 for the whole corpus)")
-        _whole("--max-length", self.max_length, 8)
+        check_whole("--max-length", self.max_length, 8)
         for flag, value in (("--teacher-epochs", self.teacher_epochs), ("--teacher-lr", self.teacher_lr),
                             ("--student-epochs", self.student_epochs), ("--student-lr", self.student_lr),
                             ("--general-epochs", self.general_epochs), ("--general-lr", self.general_lr)):
-            _real(flag, value)
-        _whole("--k", self.k, 0)  # 0 = no negatives (no build-negatives stage)
-        _seed("--seed", self.seed)
-        _require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
-        _require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+            check_real(flag, value)
+        check_whole("--k", self.k, 0)  # 0 = no negatives (no build-negatives stage)
+        check_seed("--seed", self.seed)
+        require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
+        require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 def load_config_file(path: Path) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any, Iterator
 
 from transformers import AutoConfig
 
-from pipeline import outdir
+from pipeline import atomic, outdir
 from pipeline.config import (
     BUNDLED_BACKBONE, CorpusConfig, DataConfig, DemoConfig, EvaluateConfig, ExtractConfig, FinetuneConfig, NegativesConfig, TrainConfig,
 )
@@ -87,7 +86,8 @@ def plan(config: DemoConfig) -> Plan:
                 max_length=config.max_length, corpus=CorpusConfig(
                     source=str(paths["corpus"]),
                     max_passages=config.general_max_passages if config.corpus is not None else None), **run),
-            corpus_negatives=NegativesConfig(cache_dir=paths["corpus_cache"], k=config.k, seed=config.seed)
+            corpus_negatives=NegativesConfig(cache_dir=paths["corpus_cache"], k=config.k, seed=config.seed,
+                                             overwrite=config.overwrite)
             if config.k > 0 else None,
             general_train=TrainConfig(cache_dir=paths["corpus_cache"], output_dir=paths["general_student"],
                                       epochs=config.general_epochs, learning_rate=config.general_lr, **student),
@@ -98,9 +98,10 @@ def plan(config: DemoConfig) -> Plan:
                                 epochs=config.teacher_epochs, learning_rate=config.teacher_lr, seed=config.seed, **run),
         extract=ExtractConfig(teacher=paths["teacher"], data=data, output_dir=paths["cache"],
                               student_layers=config.student_layers, max_length=config.max_length, **run),
-        negatives=NegativesConfig(cache_dir=paths["cache"], k=config.k, seed=config.seed) if config.k > 0 else None,
+        negatives=NegativesConfig(cache_dir=paths["cache"], k=config.k, seed=config.seed, overwrite=config.overwrite)
+        if config.k > 0 else None,
         train=TrainConfig(cache_dir=paths["cache"], output_dir=paths["student"],
-                          init=str(paths["general_student"]) if config.general else "random",
+                          init=str(paths["general_student"]) if config.general else "auto",
                           epochs=config.student_epochs, learning_rate=config.student_lr, **student),
         evaluate=EvaluateConfig(model_dir=paths["student"], data=data, compare=paths["teacher"],
                                 max_length=config.max_length, device=config.device),
@@ -202,9 +203,7 @@ def glue_corpus_file(config: DemoConfig) -> Path:
     if size is not None and size < len(sentences):
         sentences = [sentences[i] for i in sorted(random.Random(config.seed).sample(range(len(sentences)), size))]
     config.work_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(s + "\n" for s in sentences), encoding="utf-8")
-    os.replace(tmp, path)  # atomic: a killed demo never leaves half a corpus under the final name
+    atomic.write_text(path, "".join(s + "\n" for s in sentences))  # a killed demo never leaves half a corpus
     log.info("wrote %d unlabeled GLUE sentences to %s", len(sentences), path)
     return path
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import runtime
+from pipeline import atomic, runtime
 from pipeline.config import EvaluateConfig
 from pipeline.errors import LrcError
 from pipeline.metrics import compute_metrics
@@ -50,7 +49,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         results["compare"] = entries[1]
         results["ratios"] = ratios(entries[0], entries[1])
     if config.output is not None:
-        write_json_atomic(config.output, results)
+        atomic.write_json(config.output, results)
     return results
 
 
@@ -71,15 +70,6 @@ def check_output_file(output: Path, models: list[Path | None]) -> None:
             ours = False
         if not ours:
             raise LrcError(f"--output {output} exists and was not written by lrc evaluate: name a new file")
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @dataclass

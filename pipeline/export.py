@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 import warnings
 from collections import Counter
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from pipeline import __version__, outdir
+from pipeline import __version__, atomic, outdir, reuse
 from pipeline.cache import sha256_file
 from pipeline.config import ExportConfig
 from pipeline.errors import LrcError
@@ -58,13 +57,12 @@ def _export(config: ExportConfig) -> dict[str, Any]:
     outdir.refuse_nested(out, {"source": source})
     held = outdir.check(out, "export", config.overwrite)  # refuses a dir that is not an lrc export
     settings = _settings(config, source)
-    if held and not config.overwrite:
-        info = json.loads((out / EXPORT_INFO).read_text()) if (out / EXPORT_INFO).is_file() else {}
-        if info.get("settings") == settings:
-            log.info("%s already holds this export of %s: reusing it", out, source)
-            return info
-        raise LrcError(f"--output-dir {out} holds an export of another model or with other settings: choose a new "
-                       "--output-dir or pass --overwrite")
+    decision, info = reuse.decide_whole(held, out / EXPORT_INFO, settings, overwrite=config.overwrite,
+                                        what="a model export",
+                                        labels={"source_fingerprint": "the source model (other weights)"})
+    if decision == reuse.REUSE:
+        log.info("%s already holds this export of %s: reusing it", out, source)
+        return info
 
     started = time.perf_counter()
     model_config = from_pretrained(AutoConfig.from_pretrained, source, "source", False)
@@ -77,10 +75,9 @@ def _export(config: ExportConfig) -> dict[str, Any]:
     tokenizer = from_pretrained(AutoTokenizer.from_pretrained, source, "source", False)
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if reads_segments(model_config) else [])
 
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    # A refused family, a full disk, Ctrl-C: nothing half-written is left behind; the export dir appears only once
+    # it is complete and checked.
+    with atomic.staging_dir(out) as tmp:
         fp32_diff, quantized = _write_graph(model, names, tmp, config)
         model_config.save_pretrained(tmp)  # config.json with id2label: the dir reads like a HF model dir
         tokenizer.save_pretrained(tmp)
@@ -99,13 +96,8 @@ def _export(config: ExportConfig) -> dict[str, Any]:
         }
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         outdir.mark(tmp, "export")
-        if out.exists():  # empty, or an lrc export that --overwrite replaces (outdir.check above)
-            outdir.clear(out, "export")
-            out.rmdir()
-        tmp.rename(out)  # the export dir appears only once it is complete and checked
-    except BaseException:  # a refused family, a full disk, Ctrl-C: nothing half-written is left behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # empty, or an lrc export that --overwrite replaces (outdir.check above)
+        atomic.publish_dir(tmp, out, empty=lambda path: outdir.clear(path, "export"))
     log.info("exported %s to %s (%s, %.1f MB, max logit diff %.2g, %.1f s)", source, out, config.quantize,
              info["model_bytes"] / 1e6, info["max_abs_logit_diff"], info["export_seconds"])
     return info

@@ -17,7 +17,7 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
-from pipeline import backbones, outdir
+from pipeline import atomic, backbones, outdir, reuse
 from pipeline.config import BUNDLED_BACKBONE, BUNDLED_MPNET, FinetuneConfig
 from pipeline.errors import LrcError
 from pipeline.families import check_loading_report, require_classifier_family
@@ -52,12 +52,10 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
     held = outdir.check(out, "teacher", config.overwrite)  # refuses a dir that is not an lrc teacher
     local = Path(config.backbone)
     outdir.refuse_nested(out, {"backbone": local if local.exists() else None})
-    if held and not config.overwrite:
-        info = json.loads((out / TEACHER_INFO).read_text())
-        if info.get("settings") == settings:
-            log.info("teacher %s already fine-tuned with these settings (dev %s): reusing it", out, info["dev_metrics"])
-            return info
-        raise LrcError(f"output dir {out} holds a teacher fine-tuned with other settings: use a new --output-dir or --overwrite")
+    decision, info = reuse.decide_whole(held, out / TEACHER_INFO, settings, overwrite=config.overwrite, what="a teacher")
+    if decision == reuse.REUSE:
+        log.info("teacher %s already fine-tuned with these settings (dev %s): reusing it", out, info["dev_metrics"])
+        return info
 
     seed_everything(config.seed)
     backbone = resolve_backbone(config.backbone)
@@ -78,14 +76,15 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
 
     started = time.perf_counter()
     best: dict[str, Any] | None = None
-    tmp = out.with_name(f".{out.name}.tmp")
     epochs = math.ceil(config.epochs)
     total_steps = max(1, int(config.epochs * math.ceil(len(train) / config.batch_size)))
     optimizer, scheduler = _optimizer(model, config, total_steps)
     batches = _Batches(train_ids, train_types, list(train.labels), pad_id, segments, device)
     generator = np.random.default_rng(config.seed)
     step = 0
-    try:
+    # A diverged run, a full disk, Ctrl-C: no half-written teacher is left behind; the teacher dir appears only
+    # once it is complete.
+    with atomic.staging_dir(out) as tmp:
         for epoch in range(epochs):
             step = _train_epoch(model, batches, generator.permutation(len(train)), config, optimizer, scheduler,
                                 step, total_steps, f"finetune epoch {epoch + 1}/{epochs}")
@@ -109,13 +108,8 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
         }
         (tmp / TEACHER_INFO).write_text(json.dumps(info, indent=2) + "\n")
         outdir.mark(tmp, "teacher")
-        if out.exists():  # empty, or an lrc teacher that --overwrite replaces (outdir.check above)
-            outdir.clear(out, "teacher")
-            out.rmdir()
-        tmp.rename(out)  # the teacher dir appears only once it is complete
-    except BaseException:  # a diverged run, a full disk, Ctrl-C: no half-written teacher is left behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        # empty, or an lrc teacher that --overwrite replaces (outdir.check above)
+        atomic.publish_dir(tmp, out, empty=lambda path: outdir.clear(path, "teacher"))
     log.info("teacher written to %s (best dev %s at epoch %d)", out, task.main_metric, best["epoch"])
     return info
 

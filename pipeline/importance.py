@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,7 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from pipeline import cache
+from pipeline import atomic, cache
 from pipeline.errors import LrcError
 from pipeline.families import family_of, get_module
 
@@ -135,16 +134,11 @@ class Recorder:
 def write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """An .npz with fixed timestamps and member order (np.savez stamps the current time), written atomically:
     the same scores give the same bytes, so the checksum in the manifest and the fingerprint are reproducible."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
-            for name in sorted(arrays):
-                buffer = io.BytesIO()
-                np.save(buffer, np.asarray(arrays[name]), allow_pickle=False)
-                archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic.replacing(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+        for name in sorted(arrays):
+            buffer = io.BytesIO()
+            np.save(buffer, np.asarray(arrays[name]), allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue())
 
 
 def assemble(cache_dir: Path, shards: list[Path]) -> dict[str, Any] | None:

@@ -10,19 +10,21 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline import __version__, outdir
-from pipeline.cache import read_manifest, write_json_atomic
+from pipeline import __version__, atomic, outdir, reuse
+from pipeline.cache import read_manifest
 from pipeline.cache_read import open_cache
 from pipeline.config import NegativesConfig
 from pipeline.errors import LrcError
-from pipeline.sampler import FORMAT, FORMAT_VERSION, is_negatives_file, manifest_path, write_negatives
+from pipeline.sampler import (
+    FORMAT, FORMAT_VERSION, is_negatives_file, manifest_path, read_negatives, write_negatives,
+)
 
 if TYPE_CHECKING:
     import faiss
@@ -44,6 +46,9 @@ _RECALL_TARGET = 0.95  # the issue's floor; below it the search widens (x2 effor
 _EFFORTS = (1, 2, 4, 8)
 _WIDEN = 4  # a filtered top list that came back short is searched again this many times wider
 _MAX_WIDENINGS = 2  # ... and after that brute-forced, so approximate misses never lose qualifying rows
+# Where the inputs and output live and how the cache is checked: not what the file holds (the cache is compared by
+# its fingerprint, so a cache copied elsewhere keeps its negatives).
+_RUN_ONLY = ("cache_dir", "output", "verify_cache", "overwrite")
 
 
 @dataclass(frozen=True)
@@ -378,10 +383,42 @@ def build_negatives(config: NegativesConfig) -> Path:
         return _build(config)
 
 
+def settings(config: NegativesConfig, cache_fingerprint: str) -> dict[str, Any]:
+    """What decides the file's content, recorded in negatives.json: a rerun with the same reuses the file."""
+    raw = {k: v for k, v in asdict(config).items() if k not in _RUN_ONLY}
+    return json.loads(json.dumps(raw | {"candidates": config.num_candidates, "cache_fingerprint": cache_fingerprint}))
+
+
+def _readable(path: Path) -> bool:
+    """The file passes the checks training makes (format, checksum, ids): only such a file is reused."""
+    try:
+        read_negatives(path)
+    except LrcError:
+        return False
+    return True
+
+
+def _decide(config: NegativesConfig, wanted: dict[str, Any]) -> str:
+    out, meta = config.output_path, manifest_path(config.output_path)
+    recorded = json.loads(meta.read_text(encoding="utf-8")) if out.is_file() and meta.is_file() else None
+    if recorded is None:  # nothing, or a build killed before its manifest: nothing to reuse
+        held, changes = (reuse.UNFINISHED if out.exists() else reuse.EMPTY), []
+    elif "settings" not in recorded or not _readable(out):  # built by an lrc that did not record them, or
+        held, changes = reuse.UNFINISHED, []  # damaged since: rebuilt, as it always was
+    else:
+        held, changes = reuse.FINISHED, reuse.diff(recorded["settings"], wanted, run_only=_RUN_ONLY)
+    return reuse.decide(held, changes, overwrite=config.overwrite, where=out, what="a negatives file",
+                        option="--output", labels={"cache_fingerprint": "the cache (re-extracted or another cache)"})
+
+
 def _build(config: NegativesConfig) -> Path:
     start = time.perf_counter()
     check_outputs(config.output_path)
     cache = open_cache(config.cache_dir, config.verify_cache)
+    wanted = settings(config, cache.fingerprint)
+    if _decide(config, wanted) == reuse.REUSE:
+        logger.info("%s already holds these negatives: reusing it", config.output_path)
+        return config.output_path
     task = cache.manifest["task"]  # None for a corpus cache
     train = cache.split("train")
     # A corpus cache has no labels: `hard` there means the nearest other windows, excluding only the row itself
@@ -397,13 +434,13 @@ def _build(config: NegativesConfig) -> Path:
         "cache_fingerprint": cache.fingerprint, "cache_dir": str(cache.path), "task": task["name"] if task else None,
         "strategy": config.strategy, "k": config.k, "candidates": config.num_candidates, "seed": config.seed,
         "regression_margin": config.regression_margin if regression else None, "rows": train.num_rows,
-        **stats,
+        **stats, "settings": wanted,
     }
     out = config.output_path
     manifest_path(out).unlink(missing_ok=True)  # a manifest beside a file being replaced would vouch for it
     write_negatives(out, ids, scores, meta)
     meta["seconds"] = round(time.perf_counter() - start, 2)
-    write_json_atomic(manifest_path(out), meta)  # last: its presence says the build finished
+    atomic.write_json(manifest_path(out), meta, sort_keys=True)  # last: its presence says the build finished
     logger.info("wrote %s (%d rows x %d candidates, %s) in %.1f s", out, len(ids), ids.shape[1], config.strategy,
                 meta["seconds"])
     return out

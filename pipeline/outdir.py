@@ -28,13 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from pipeline import __version__
+from pipeline import __version__, atomic
 from pipeline.errors import LrcError
 
 log = logging.getLogger(__name__)
 
 MARKER = ".lrc-artifact.json"
-_TEMP = (".*.tmp", ".*.tmp-*", ".*.tmp.*", ".*.lrc-lock")  # lrc's own temp files and locks (never a user's .git)
+_TEMP = (*atomic.TEMP_PATTERNS, ".*.tmp.*", ".*.lrc-lock")  # lrc's own temp files and locks (never a user's .git)
 # What `save_pretrained` writes for a model and its tokenizer.
 _MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
                 "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -135,9 +135,7 @@ def mark(path: Path, kind: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
     marker = path / MARKER
     if not marker.is_file():
-        tmp = path / f".{MARKER}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps({"kind": kind, "lrc_version": __version__}) + "\n")
-        os.replace(tmp, marker)
+        atomic.write_text(marker, json.dumps({"kind": kind, "lrc_version": __version__}) + "\n")
 
 
 def refuse_nested(output: Path, inputs: dict[str, Path | None], option: str = "--output-dir") -> None:

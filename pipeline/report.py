@@ -12,7 +12,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pipeline import options
 from pipeline.checkpoint import METRICS_LOG, SUMMARY
+from pipeline.config import TrainConfig
 from pipeline.errors import LrcError
 
 log = logging.getLogger(__name__)
@@ -22,9 +24,6 @@ DEV_PLOT = "dev_metric.png"
 REPORT = "report.md"
 # Keys of a step record that are not loss terms.
 _STEP_META = ("step", "epoch", "stage", "lr", "grad_norm", "samples_per_s", "loss")
-# The settings report.md lists, in this order.
-_KEY_SETTINGS = ("intermediate_loss", "granularity", "k", "perturb_eps", "stage1_fraction", "one_stage",
-                 "learning_rate", "batch_size", "epochs", "max_steps", "init", "seed")
 
 
 # --------------------------------------------------------------------------- reading the log
@@ -214,7 +213,8 @@ def _table(rows: list[tuple[str, str]], header: tuple[str, str]) -> list[str]:
 
 def render_markdown(summary: dict[str, Any], run_name: str) -> str:
     config = summary["config"]
-    settings = [(k, f"`{_setting(config[k])}`") for k in _KEY_SETTINGS if k in config]
+    # the key settings are the TrainConfig fields marked `report`, in their order (pipeline/options.py)
+    settings = [(k, f"`{_setting(config[k])}`") for k in options.report_keys(TrainConfig) if k in config]
     lines = [
         f"# Distillation report: {summary['task']} ({run_name})", "",
         *_table(_results_rows(summary), ("", "")), "",

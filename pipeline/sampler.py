@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from pipeline import atomic
 from pipeline.errors import LrcError
 
 FORMAT = "lrc-negatives"
@@ -54,19 +54,14 @@ def write_negatives(path: Path, ids: np.ndarray, scores: np.ndarray, meta: dict[
         metadata={_META_KEY: json.dumps(meta, sort_keys=True).encode(), _HASH_KEY: content_sha256(ids, scores).encode()},
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            for s in range(0, n, 65536):
-                e = min(s + 65536, n)
-                writer.write_batch(pa.record_batch([
-                    pa.array(np.arange(s, e, dtype=np.int64)),
-                    pa.FixedSizeListArray.from_arrays(pa.array(ids[s:e].ravel()), m),
-                    pa.FixedSizeListArray.from_arrays(pa.array(scores[s:e].ravel().astype(np.float32)), m),
-                ], schema=schema))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic.replacing(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for s in range(0, n, 65536):
+            e = min(s + 65536, n)
+            writer.write_batch(pa.record_batch([
+                pa.array(np.arange(s, e, dtype=np.int64)),
+                pa.FixedSizeListArray.from_arrays(pa.array(ids[s:e].ravel()), m),
+                pa.FixedSizeListArray.from_arrays(pa.array(scores[s:e].ravel().astype(np.float32)), m),
+            ], schema=schema))
 
 
 def read_negatives(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:

@@ -72,10 +72,34 @@ def _reads_teacher_ids(teacher: dict[str, Any], name: str) -> dict[str, Any]:
     return fields
 
 
+def resolve_auto_init(teacher: dict[str, Any], weights: Path | None, student: PretrainedConfig,
+                      family: str | None) -> tuple[str, str]:
+    """What `--init auto` means for this cache and student: ("teacher", why) when the teacher can be cut to
+    the student (its weights are in the cache; same family; no deeper, wider, with no more heads, no larger
+    head dim and no larger FFN), else ("random", why not)."""
+    own = teacher.get("model_type", "bert")
+    if weights is None or not weights.is_dir():
+        return "random", "the cache holds no teacher weights"
+    if family is not None and family != own:
+        return "random", f"--student-family {family} differs from the {own} teacher's"
+    row = FAMILIES[own]
+    t_config = CONFIG_MAPPING[own].from_dict({k: v for k, v in teacher.items() if k not in _NOT_INHERITED})
+    t, s = _shape(t_config, row), _shape(student, row)
+    too_big = [f"{name} {b} > {a}" for name, a, b in (
+        ("layers", t_config.num_hidden_layers, student.num_hidden_layers), ("hidden", t.hidden, s.hidden),
+        ("heads", t.heads, s.heads), ("head dim", t.head_dim, s.head_dim),
+        ("intermediate", t.intermediate, s.intermediate)) if b > a]
+    if too_big:
+        return "random", f"the student is larger than the teacher ({', '.join(too_big)})"
+    if t != s and (getattr(t_config, "conv_kernel_size", 0) or 0) > 0 and getattr(t_config, "conv_groups", 1) != 1:
+        return "random", f"this {own} teacher's grouped convolution cannot be cut"
+    return "teacher", f"the {own} teacher cut from {t.hidden} to {s.hidden} wide" if t != s else f"the {own} teacher"
+
+
 def init_shape(init: str, layers: int, hidden: int, family: str | None = None) -> tuple[int, int]:
     """(depth, width) of the student: --layers/--hidden, or those of the checkpoint --init names (its
     layer map and projections follow it)."""
-    if init in ("random", "teacher"):
+    if init in ("auto", "random", "teacher"):
         return layers, hidden
     path = Path(init)
     if not (path / "config.json").is_file():

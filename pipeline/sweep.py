@@ -29,7 +29,6 @@ import csv
 import io
 import itertools
 import logging
-import os
 import re
 import types
 from dataclasses import fields, replace
@@ -38,7 +37,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import torch
 
-from pipeline import distributed, outdir
+from pipeline import atomic, distributed, options, outdir
 from pipeline.cache_read import open_cache
 from pipeline.config import SweepConfig, TrainConfig, load_config_file
 from pipeline.errors import LrcError
@@ -47,9 +46,6 @@ from pipeline.train import check_against_cache, train_or_reuse
 
 log = logging.getLogger(__name__)
 
-# Where a sweep reads and writes, and how runs start: the same for every point, set on the sweep itself.
-FIXED_KEYS = ("cache_dir", "output_dir", "negatives", "resume", "overwrite")
-_ALIASES = {"lr": "learning_rate"}  # the train-student flag is --lr
 _NONE = ("none", "null")
 _BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
@@ -57,10 +53,16 @@ _BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no"
 # --------------------------------------------------------------------------- the grid
 
 
+def fixed_keys() -> tuple[str, ...]:
+    """Where a sweep reads and writes, and how runs start: the same for every point, set on the sweep itself (the
+    TrainConfig fields declared `sweepable=False`, pipeline/options.py)."""
+    return options.fixed_keys(TrainConfig)
+
+
 def sweep_keys() -> dict[str, Any]:
     """Every TrainConfig field a sweep may vary -> its resolved type."""
-    hints = get_type_hints(TrainConfig)
-    return {f.name: hints[f.name] for f in fields(TrainConfig) if f.name not in FIXED_KEYS}
+    hints, fixed = get_type_hints(TrainConfig), fixed_keys()
+    return {f.name: hints[f.name] for f in fields(TrainConfig) if f.name not in fixed}
 
 
 def _describe(kind: Any) -> str:
@@ -107,8 +109,8 @@ def _coerce(value: Any, kind: Any) -> Any:
 
 def _key(raw: str, known: dict[str, Any]) -> str:
     key = raw.strip().lower().replace("-", "_")
-    key = _ALIASES.get(key, key)
-    if key in FIXED_KEYS:
+    key = options.flag_aliases(TrainConfig).get(key, key)  # a key may be the train-student flag: lr = learning_rate
+    if key in fixed_keys():
         raise LrcError(f"a sweep cannot vary {key!r}: it is the same for every point; "
                        "set it on the sweep command itself")
     if key not in known:
@@ -238,12 +240,6 @@ def _cell(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else format_value(value)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_results(output_dir: Path, stem: str, keys: list[str], metric: str, rows: list[dict[str, Any]],
                   title: str) -> None:
     """<stem>.csv (full precision, one row per point) and <stem>.md (a readable table), both atomically."""
@@ -255,7 +251,7 @@ def write_results(output_dir: Path, stem: str, keys: list[str], metric: str, row
         writer.writerow([r["run"], *(format_value(r["point"][k]) for k in keys),
                          *("" if r[c] is None else r[c] for c in ("dev", "percent_of_teacher", "best_step",
                                                                   "train_seconds")), r["status"], r["message"]])
-    _write_atomic(output_dir / f"{stem}.csv", buffer.getvalue())
+    atomic.write_text(output_dir / f"{stem}.csv", buffer.getvalue())
 
     best = max((r["dev"] for r in rows if r["dev"] is not None), default=None)
     counts = ", ".join(f"{sum(r['status'] == s for r in rows)} {s}" for s in ("done", "reused", "failed", "pending"))
@@ -270,7 +266,7 @@ def write_results(output_dir: Path, stem: str, keys: list[str], metric: str, row
                  "" if r["percent_of_teacher"] is None else f"{r['percent_of_teacher']:.1f}",
                  _cell(r["best_step"]), "" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}", status]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    _write_atomic(output_dir / f"{stem}.md", "\n".join(lines) + "\n")
+    atomic.write_text(output_dir / f"{stem}.md", "\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------- the sweep

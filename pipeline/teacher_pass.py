@@ -9,7 +9,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from pipeline import cache, distributed, importance, outdir, quant
+from pipeline import atomic, cache, distributed, importance, outdir, quant, reuse
 from pipeline.config import ExtractConfig, layer_map
 from pipeline.errors import LrcError
 from pipeline.families import require_layer_outputs
@@ -119,46 +118,37 @@ def hash_tokenizer(tokenizer: PreTrainedTokenizerBase) -> str:
 def prepare_output_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> bool:
     """Create, resume or refuse the output dir; True when it already holds the finished cache."""
     is_cache = outdir.check(out, "cache", overwrite)  # refuses a dir that is not an lrc cache
-    if is_cache and overwrite:
+    recorded = is_cache and not overwrite and (out / cache.SETTINGS).is_file()
+    previous = json.loads((out / cache.SETTINGS).read_text()) if recorded else {}
+    # A cache without its manifest is an extraction that stopped: it resumes from the shards present.
+    held = reuse.EMPTY if not is_cache else reuse.FINISHED if (out / cache.MANIFEST).is_file() else reuse.RESUMABLE
+    decision = reuse.decide(held, reuse.diff(previous, settings), overwrite=overwrite, where=out, what="a cache")
+    if decision == reuse.REUSE:
+        return True
+    if decision == reuse.REPLACE:
         outdir.clear(out, "cache")
-    elif is_cache:
-        previous = json.loads((out / cache.SETTINGS).read_text()) if (out / cache.SETTINGS).is_file() else {}
-        changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
-        if changed:
-            raise LrcError(
-                f"output dir {out} holds a cache made with other settings (differs in: {', '.join(changed)}): "
-                "use a new --output-dir, or --overwrite to replace it"
-            )
-        if (out / cache.MANIFEST).is_file():
-            return True
+    elif decision == reuse.RESUME:
         cache.remove_temp_files(out)
         log.info("resuming the unfinished cache in %s", out)
     outdir.mark(out, "cache")
-    cache.write_json_atomic(out / cache.SETTINGS, settings)
+    atomic.write_json(out / cache.SETTINGS, settings, sort_keys=True)
     return False
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
     """Copy the tokenizer into the cache so later stages never open the teacher dir."""
-    _save_dir_atomic(tokenizer, out / cache.TOKENIZER_DIR)
+    _save_once(tokenizer, out / cache.TOKENIZER_DIR)
 
 
 def save_teacher_weights(model: torch.nn.Module, out: Path) -> None:
     """The teacher's weights, so `train-student --init teacher` copies layers without the teacher dir."""
-    _save_dir_atomic(model, out / cache.TEACHER_WEIGHTS_DIR)
+    _save_once(model, out / cache.TEACHER_WEIGHTS_DIR)
 
 
-def _save_dir_atomic(saveable: Any, final: Path) -> None:
-    """`save_pretrained` into a temp dir, then rename: the dir exists only once it is complete."""
-    if final.is_dir():
-        return
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        saveable.save_pretrained(tmp)
-        tmp.rename(final)
-    finally:  # a failed save (full disk) leaves no half-written dir
-        shutil.rmtree(tmp, ignore_errors=True)
+def _save_once(saveable: Any, final: Path) -> None:
+    """A resumed extraction keeps the copy it made: the dir appears whole (atomic.save_pretrained) or not at all."""
+    if not final.is_dir():
+        atomic.save_pretrained(final, saveable)
 
 
 # --------------------------------------------------------------------------- the teacher pass

@@ -13,9 +13,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from pipeline import checkpoint, distributed, general, importance, outdir
+from pipeline import checkpoint, distributed, general, importance, outdir, reuse
 from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader, to_device
-from pipeline.cache import read_manifest
+from pipeline.cache import TEACHER_WEIGHTS_DIR, read_manifest
 from pipeline.cache_read import Cache, open_cache
 from pipeline.config import TrainConfig, layer_map
 from pipeline.errors import LrcError
@@ -27,7 +27,9 @@ from pipeline.runtime import (
     apply_update, check_finite_weights, describe_device, from_pretrained, predict_logits, seed_everything,
 )
 from pipeline.step import Model, Trainable, check_batch_finite, train_step
-from pipeline.student import Projections, build_student, init_from_teacher, init_shape, student_config
+from pipeline.student import (
+    Projections, build_student, init_from_teacher, init_shape, resolve_auto_init, student_config,
+)
 from pipeline.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,22 @@ def resolve_layer_map(config: TrainConfig, cache: Cache, depth: int | None = Non
             f"`lrc extract-teacher --layers {','.join(map(str, mapping))}` (or --student-layers {config.layers})"
         )
     return mapping
+
+
+def resolve_init(config: TrainConfig) -> TrainConfig:
+    """`--init auto` made concrete from the cache's manifest (pipeline/student.py `resolve_auto_init`): the
+    checkpoint records, and reuse and resume compare, what the run really starts from."""
+    if config.init != "auto":
+        return config
+    manifest = read_manifest(config.cache_dir)
+    teacher = manifest["teacher"]["config"]
+    head = general.HEAD if manifest.get("kind") == "corpus" else manifest["task"]
+    shape = student_config(teacher, config.layers, config.hidden, config.heads, config.intermediate, head,
+                           config.student_family)
+    init, why = resolve_auto_init(teacher, config.cache_dir / TEACHER_WEIGHTS_DIR, shape, config.student_family)
+    log.info("--init auto: %s (%s)", "the student starts from the teacher" if init == "teacher" else
+             "the student starts from random weights", why)
+    return replace(config, init=init)
 
 
 def check_against_cache(config: TrainConfig, cache: Cache) -> tuple[int, int, list[int]]:
@@ -175,6 +193,7 @@ def _setup(config: TrainConfig, ranks: distributed.Ranks = distributed.SINGLE) -
 
     Nothing is written before every check has passed: a refused command leaves no run dir behind. Under
     torchrun every rank runs the checks; rank 0 alone then creates the run dir and its log."""
+    config = resolve_init(config)  # before the run dir is compared with it
     rank_batch = distributed.per_rank_batch(ranks, config.batch_size)
     run_dir = checkpoint.check_run_dir(config)
     cache = open_cache(config.cache_dir, config.verify_cache)
@@ -402,24 +421,21 @@ def _summary(run: Run, seen: int, elapsed: float) -> dict[str, Any]:
 
 
 def train_or_reuse(config: TrainConfig) -> tuple[dict[str, Any], str]:
-    """The one policy for training into a dir that may hold a run already (sweep, demo, benchmarks).
-
-    `config.overwrite` retrains whatever the dir holds, as it does for every stage command. Otherwise:
-    finished with the same settings on the same cache: reused ("reused"); unfinished with the same
-    settings and a checkpoint: resumed; empty, or unfinished before its first checkpoint: trained; a
-    run with other settings or on a re-extracted cache: refused, naming what differs. Returns the
-    training summary and "reused" or "done".
+    """Training into a dir that may hold a run already (sweep, demo, benchmarks), by the rule every stage
+    follows (pipeline/reuse.py): `config.overwrite` retrains whatever the dir holds. Otherwise: finished
+    with the same settings on the same cache and negatives: reused ("reused"); unfinished with the same
+    settings and a checkpoint: resumed; empty, or unfinished before its first checkpoint: trained; a run
+    with other settings or inputs: refused, naming what differs. Returns the training summary and
+    "reused" or "done".
     """
+    config = resolve_init(config)
     previous = checkpoint.previous_run(config, read_manifest(config.cache_dir)["fingerprint"])
-    held = previous.state in ("finished", "unfinished")
-    if held and previous.changed and not config.overwrite:
-        raise LrcError(f"{config.output_dir} holds a {previous.state} run with other settings (differs in: "
-                       f"{', '.join(previous.changed)}): pass --overwrite to retrain it, or use a new output dir")
-    if previous.state == "finished" and not config.overwrite:
+    decision = checkpoint.decide(config, previous)
+    if decision == reuse.REUSE:
         log.info("%s already holds this run, finished: reusing it", config.output_dir)
         return previous.summary, "reused"
-    resume = previous.state == "unfinished" and previous.resumable and not config.overwrite
+    resume = decision == reuse.RESUME
     if resume:
         log.info("resuming the unfinished run in %s", config.output_dir)
     # Restarting an unfinished run that never reached a checkpoint loses nothing.
-    return train_student(replace(config, resume=resume, overwrite=held and not resume)), "done"
+    return train_student(replace(config, resume=resume, overwrite=decision == reuse.REPLACE)), "done"

@@ -65,6 +65,21 @@ def test_demo_rerun_reuses_every_artifact(demo_run: dict) -> None:
 
 
 @pytest.mark.integration
+def test_demo_rerun_with_another_setting_is_refused_before_any_work(demo_run: dict) -> None:
+    """Each stage decides by the same rule (pipeline/reuse.py): the teacher, fine-tuned with another rate, is
+    refused in one line naming the setting and --overwrite, and nothing the first run wrote changes."""
+    from dataclasses import replace
+
+    config = demo_run["config"]
+    teacher_weights = Path(demo_run["outcome"]["artifacts"]["teacher"]) / "model.safetensors"
+    before = teacher_weights.stat().st_mtime_ns
+    with pytest.raises(LrcError, match="other settings") as err:
+        run_demo(replace(config, teacher_lr=config.teacher_lr * 2))
+    assert "learning_rate (was" in str(err.value) and "--overwrite" in str(err.value) and "\n" not in str(err.value)
+    assert teacher_weights.stat().st_mtime_ns == before
+
+
+@pytest.mark.integration
 def test_evaluate_matches_a_recomputation_on_both_models(demo_run: dict, glue_dir: Path) -> None:
     outcome = demo_run["outcome"]
     task = get_task("sst2")
@@ -139,7 +154,8 @@ def test_config_file_sets_defaults_and_flags_override(tmp_path: Path, tiny_cache
     assert (meta["k"], meta["candidates"], meta["strategy"]) == (3, 8, "random")
 
     (tmp_path / "neg.yaml").write_text("k: 2\ncandidates: 6\n")
-    result = CliRunner().invoke(app, ["build-negatives", "--cache", str(cache), "--config", str(tmp_path / "neg.yaml")])
+    result = CliRunner().invoke(app, ["build-negatives", "--cache", str(cache), "--config", str(tmp_path / "neg.yaml"),
+                                      "--overwrite"])  # other settings into the same file: replaced only when asked
     assert result.exit_code == 0, result.output
     meta = json.loads((cache / "negatives.json").read_text())
     assert (meta["k"], meta["candidates"], meta["strategy"]) == (2, 6, "random")
@@ -180,4 +196,4 @@ def test_demo_with_k_0_plans_no_negatives_stage(tmp_path: Path, glue_dir: Path) 
     assert stages.train.k == 0 and not stages.train.uses_negatives and stages.general_train.k == 0
     assert not (tmp_path / "w").exists()  # planning writes nothing
     stages = plan(DemoConfig(data_dir=glue_dir, work_dir=tmp_path / "w", k=2, general=False))
-    assert stages.negatives.k == 2 and stages.corpus_negatives is None and stages.train.init == "random"
+    assert stages.negatives.k == 2 and stages.corpus_negatives is None and stages.train.init == "auto"

@@ -127,7 +127,7 @@ def test_rerun_reuses_other_settings_refuse_overwrite_replaces(tmp_path: Path, p
 
     with pytest.raises(LrcError, match="other settings") as err:
         finetune_teacher(_sst2_config(plain_backbone, glue_dir, sst2_dev, out, seed=7))
-    assert "\n" not in str(err.value) and "--overwrite" in str(err.value)
+    assert "\n" not in str(err.value) and "seed (was" in str(err.value) and "--overwrite" in str(err.value)
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
 
     replaced = finetune_teacher(_sst2_config(plain_backbone, glue_dir, sst2_dev, out, seed=7, overwrite=True))

@@ -18,8 +18,9 @@ from pipeline.config import NegativesConfig, TrainConfig
 from pipeline.checkpoint import STATE_FILE, read_state
 from pipeline.general import PROJECTIONS_FILE
 from pipeline.negatives import build_negatives
+from pipeline.reuse import MISSING
 from pipeline.student import build_student, student_config
-from pipeline.train import train_student
+from pipeline.train import resolve_init, train_student
 
 
 def tiny(cache: Path, out: Path, **kwargs) -> TrainConfig:
@@ -174,8 +175,10 @@ def test_keep_last_on_a_task_cache(task_cache: Path, tmp_path: Path) -> None:
     best = tmp_path / "best"
     train_student(tiny(task_cache, best, max_steps=2))
     assert "keep" not in json.loads((best / RUN_CONFIG).read_text())
-    assert previous_run(tiny(task_cache, best, max_steps=2), fingerprint).changed == []
-    assert previous_run(tiny(task_cache, best, max_steps=2, keep="last"), fingerprint).changed == ["keep"]
+    # (previous_run compares a concrete --init: what `--init auto` resolves to on this cache)
+    assert previous_run(resolve_init(tiny(task_cache, best, max_steps=2)), fingerprint).changed == []
+    changed = previous_run(resolve_init(tiny(task_cache, best, max_steps=2, keep="last")), fingerprint).changed
+    assert [(c.key, c.recorded, c.requested) for c in changed] == [("keep", MISSING, "last")]
 
 
 @pytest.mark.integration

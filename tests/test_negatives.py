@@ -370,6 +370,39 @@ def test_build_negatives_never_replaces_a_file_it_did_not_write(tiny_cache: Path
     from pipeline.cache_read import open_cache
 
     open_cache(c, check="full")
-    # its own earlier output (file and .json) is replaced as before
+    # its own earlier output (file and .json) is replaced with --overwrite
     out = build_negatives(NegativesConfig(cache_dir=c, k=2, output=tmp_path / "n.arrow"))
-    assert build_negatives(NegativesConfig(cache_dir=c, k=2, seed=1, output=out)) == out
+    assert build_negatives(NegativesConfig(cache_dir=c, k=2, seed=1, output=out, overwrite=True)) == out
+
+
+def test_rebuilding_negatives_reuses_the_same_settings_and_refuses_others(tiny_cache: Path, tmp_path: Path) -> None:
+    """The rule every stage follows (pipeline/reuse.py): the same settings on the same cache reuse the file, other
+    settings are refused in one line naming them and the fix, and --overwrite rebuilds it."""
+    out = tmp_path / "n.arrow"
+    build_negatives(NegativesConfig(cache_dir=tiny_cache, k=2, output=out))
+    stamp, meta = out.stat().st_mtime_ns, manifest_path(out).read_bytes()
+    assert build_negatives(NegativesConfig(cache_dir=tiny_cache, k=2, output=out)) == out
+    assert out.stat().st_mtime_ns == stamp and manifest_path(out).read_bytes() == meta  # reused, not rebuilt
+    with pytest.raises(LrcError, match="other settings") as err:
+        build_negatives(NegativesConfig(cache_dir=tiny_cache, k=2, strategy="hard", output=out))
+    message = str(err.value)
+    assert "\n" not in message and "strategy (was random, now hard)" in message
+    assert "--overwrite" in message and "--output" in message
+    assert out.stat().st_mtime_ns == stamp and manifest_path(out).read_bytes() == meta  # refused: untouched
+    build_negatives(NegativesConfig(cache_dir=tiny_cache, k=2, strategy="hard", output=out, overwrite=True))
+    assert json.loads(manifest_path(out).read_text())["settings"]["strategy"] == "hard"
+    # a file from an lrc that recorded no settings is rebuilt, as it always was
+    recorded = json.loads(manifest_path(out).read_text())
+    del recorded["settings"]
+    manifest_path(out).write_text(json.dumps(recorded))
+    build_negatives(NegativesConfig(cache_dir=tiny_cache, k=2, output=out))
+    assert json.loads(manifest_path(out).read_text())["settings"]["strategy"] == "random"
+    # and so is one damaged since (training would refuse it): never reused
+    ids = NegativeSampler(out, k=2, seed=0).candidates
+    data = bytearray(out.read_bytes())
+    data[data.find(ids[-1, -2:].astype(np.int64).tobytes())] ^= 0x01  # a candidate id: the checksum no longer matches
+    out.write_bytes(bytes(data))
+    with pytest.raises(LrcError, match="checksum"):
+        NegativeSampler(out, k=2, seed=0)
+    build_negatives(NegativesConfig(cache_dir=tiny_cache, k=2, output=out))
+    np.testing.assert_array_equal(NegativeSampler(out, k=2, seed=0).candidates, ids)

@@ -25,8 +25,8 @@ from pipeline.cache_read import describe, open_cache
 from pipeline.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig, layer_map
 from pipeline.extract import extract_teacher
 from pipeline.negatives import build_negatives
-from pipeline.student import init_from_teacher, student_config
-from pipeline.train import _setup, train_student
+from pipeline.student import init_from_teacher, resolve_auto_init, student_config
+from pipeline.train import _setup, resolve_init, train_or_reuse, train_student
 
 TASK = {"labels": ["negative", "positive"], "is_regression": False}
 FAMILIES = ["bert", "roberta", "deberta-v2", "electra", "mpnet", "distilbert"]
@@ -384,3 +384,33 @@ def test_general_distillation_from_a_cut_teacher(corpus_cache: Path, tmp_path: P
                                         heads=2, intermediate=32, init="teacher", k=2, max_steps=2, num_workers=0,
                                         device="cpu"))
     assert summary["kind"] == "general" and summary["steps"] == 2
+
+
+def test_auto_init_cuts_the_teacher_where_the_student_fits_and_says_why_not(scored_cache: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    base = TrainConfig(cache_dir=scored_cache, output_dir=scored_cache.parent / "unused", layers=2, hidden=16,
+                       heads=2, intermediate=40, k=2)
+    assert base.init == "auto"
+    assert resolve_init(base).init == "teacher"
+    assert resolve_init(replace(base, init="random")).init == "random"  # an explicit choice stays
+    with caplog.at_level(logging.INFO):
+        for larger, why in (({"hidden": 64, "heads": 4}, "hidden 64 > 32"), ({"intermediate": 80}, "intermediate 80 > 64"),
+                            ({"heads": 8}, "heads 8 > 4"), ({"hidden": 32, "heads": 2}, "head dim 16 > 8"),
+                            ({"layers": 5, "layer_map": (1, 1, 2, 3, 4)}, "layers 5 > 4")):
+            caplog.clear()
+            assert resolve_init(replace(base, **larger)).init == "random", larger
+            assert why in caplog.text and "random weights" in caplog.text
+    teacher = read_manifest(scored_cache)["teacher"]["config"]
+    shape = student_config(teacher, 2, 16, 2, 40, read_manifest(scored_cache)["task"])
+    assert resolve_auto_init(teacher, None, shape, None) == ("random", "the cache holds no teacher weights")
+    assert resolve_auto_init(teacher, scored_cache / "teacher_weights", shape, "roberta")[0] == "random"
+
+
+def test_auto_init_trains_from_the_cut_and_is_the_same_run_as_init_teacher(scored_cache: Path, tmp_path: Path) -> None:
+    config = TrainConfig(cache_dir=scored_cache, output_dir=tmp_path / "run", layers=2, hidden=16, heads=2,
+                         intermediate=40, k=2, max_steps=1, num_workers=0, device="cpu")
+    summary, status = train_or_reuse(config)
+    assert status == "done" and summary["config"]["init"] == "teacher"  # what the run started from, recorded
+    assert train_or_reuse(replace(config, init="teacher")) == (summary, "reused")
+    refused = assert_refused(lambda: train_or_reuse(replace(config, init="random")), "init", "--overwrite")
+    assert "differs in" in refused

@@ -208,7 +208,8 @@ def test_finished_point_with_other_settings_is_not_reused(swept: Path, orphan_ca
     assert counter.calls == []
     rows = read_csv(out / "results.csv")
     assert [r["status"] for r in rows] == ["failed", "failed"]
-    assert all("differs in: seed" in r["message"] and "--overwrite" in r["message"] for r in rows)
+    assert all("differs in: seed (was" in r["message"] and "now 7)" in r["message"] and "--overwrite" in r["message"]
+               for r in rows)
 
     summary_path = out / rows[0]["run"] / "training_summary.json"  # as if the cache was re-extracted since
     summary_path.write_text(json.dumps(json.loads(summary_path.read_text()) | {"cache_fingerprint": "0" * 64}))
@@ -315,7 +316,7 @@ def test_finished_points_on_rebuilt_negatives_are_not_reused(swept: Path, orphan
     cache, out = tmp_path / "cache", tmp_path / "sweep"
     shutil.copytree(orphan_cache, cache)
     shutil.copytree(swept, out)
-    build_negatives(NegativesConfig(cache_dir=cache, k=2, seed=5))  # the same cache, other candidates
+    build_negatives(NegativesConfig(cache_dir=cache, k=2, seed=5, overwrite=True))  # the same cache, other candidates
     counter = CountingTrain(monkeypatch)
     with pytest.raises(LrcError, match="every point of the sweep failed"):
         run_sweep(SweepConfig(base=base_config(cache), grid=LR_GRID, output_dir=out))

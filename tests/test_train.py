@@ -704,7 +704,7 @@ def test_resume_refuses_a_re_extracted_cache_or_rebuilt_negatives(neg_cache: Pat
     recorded = checkpoint.recorded_inputs(with_negatives / "checkpoint" / checkpoint.STATE_FILE)
     assert recorded["cache_fingerprint"] == open_cache(c).fingerprint and len(recorded["negatives_sha256"]) == 64
 
-    build_negatives(NegativesConfig(cache_dir=c, k=2, seed=1))  # rebuilt in place: other candidates, same path
+    build_negatives(NegativesConfig(cache_dir=c, k=2, seed=1, overwrite=True))  # rebuilt in place: other candidates
     refused(tiny(c, with_negatives, max_steps=4, resume=True), "the negatives file", "sha256", "rebuilt or another file",
             "--overwrite")
     data = DataConfig(task="sst2", data_dir=glue_dir, max_train_examples=180)  # re-extracted in place: other rows
