@@ -63,6 +63,16 @@ def assert_refused(call: Callable[[], Any], *needles: str) -> str:
     return message
 
 
+def tiny_config(cache: Path, out: Path, **kwargs: Any) -> Any:
+    """The suite's one small training config: a 2 x 16 student on a tiny cache, a few steps in about a
+    second, checkpointed every 2 steps and logged every step, on the CPU. Tests pass what they vary."""
+    from pipeline.config import TrainConfig
+
+    settings = dict(layers=2, hidden=16, heads=2, intermediate=32, k=2, max_steps=3, num_workers=0, device="cpu",
+                    checkpoint_every=2, log_every=1)
+    return TrainConfig(cache_dir=cache, output_dir=out, **{**settings, **kwargs})
+
+
 def sst2_lines(glue_dir: Path, split: str, start: int, count: int) -> list[str]:
     """Raw lines (no header) of the real SST-2 file, kept byte for byte."""
     lines = (glue_dir / "SST-2" / f"{split}.tsv").read_text(encoding="utf-8").splitlines()

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, ArrowRows, make_tiny_teacher, sst2_lines, write_tsv
+from conftest import REPO, ArrowRows, make_tiny_teacher, sst2_lines, write_tsv, tiny_config
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")]
@@ -63,11 +63,7 @@ def work(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path, glue_dir: P
 
 
 def tiny(cache: Path, out: Path, **kwargs):
-    from pipeline.config import TrainConfig
-
-    settings = dict(layers=2, hidden=16, heads=2, intermediate=32, k=2, max_steps=6, batch_size=8, num_workers=0,
-                    checkpoint_every=2, log_every=1, keep="last", warmup_ratio=0.0)
-    return TrainConfig(cache_dir=cache, output_dir=out, **{**settings, **kwargs})
+    return tiny_config(cache, out, **{"max_steps": 6, "batch_size": 8, "keep": "last", "warmup_ratio": 0.0, **kwargs})
 
 
 def final_state(out: Path) -> dict[str, torch.Tensor]:

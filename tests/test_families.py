@@ -17,7 +17,7 @@ from transformers import (
     AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer, pipeline,
 )
 
-from conftest import assert_refused, sst2_lines, write_tsv
+from conftest import assert_refused, sst2_lines, write_tsv, tiny_config
 from pipeline import losses
 from pipeline.batches import CacheDataset, collate
 from pipeline.config import DataConfig, EvaluateConfig, ExtractConfig, FinetuneConfig, NegativesConfig, TrainConfig, layer_map
@@ -105,9 +105,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path, glue_dir: P
 
 
 def tiny(run: FamilyRun, out: Path, **kwargs) -> TrainConfig:
-    settings = dict(layers=2, hidden=16, heads=2, intermediate=32, k=2, max_steps=2, num_workers=0, device="cpu",
-                    checkpoint_every=2, log_every=1)
-    return TrainConfig(cache_dir=run.cache, output_dir=out, **{**settings, **kwargs})
+    return tiny_config(run.cache, out, **{"max_steps": 2, **kwargs})
 
 
 def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import assert_refused
+from conftest import assert_refused, tiny_config
 from pipeline import train as train_module
 from pipeline.cache_read import open_cache
 from pipeline.config import NegativesConfig, TrainConfig
@@ -24,10 +24,7 @@ from pipeline.train import resolve_init, train_student
 
 
 def tiny(cache: Path, out: Path, **kwargs) -> TrainConfig:
-    """A 2 x 16 student: a few steps run in about a second."""
-    settings = dict(layers=2, hidden=16, heads=2, intermediate=32, k=2, max_steps=5, num_workers=0, device="cpu",
-                    checkpoint_every=2, log_every=1)
-    return TrainConfig(cache_dir=cache, output_dir=out, **{**settings, **kwargs})
+    return tiny_config(cache, out, **{"max_steps": 5, **kwargs})
 
 
 def read_log(out: Path) -> list[dict]:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import BertForSequenceClassification
 
-from conftest import REPO, assert_refused, make_tiny_teacher
+from conftest import REPO, assert_refused, make_tiny_teacher, tiny_config
 from pipeline import checkpoint, losses
 from pipeline.batches import CacheDataset, collate
 from pipeline.cache_read import open_cache
@@ -34,11 +34,7 @@ from pipeline.train import _setup, loss_weights, lr_at, resolve_layer_map, stage
 CPU = torch.device("cpu")
 
 
-def tiny(cache: Path, out: Path, **kwargs) -> TrainConfig:
-    """A 2 x 16 student on the tiny cache: a few steps run in about a second."""
-    settings = dict(layers=2, hidden=16, heads=2, intermediate=32, k=2, max_steps=3, num_workers=0, device="cpu",
-                    checkpoint_every=2, log_every=1)
-    return TrainConfig(cache_dir=cache, output_dir=out, **{**settings, **kwargs})
+tiny = tiny_config
 
 
 def refused(config: TrainConfig, *needles: str) -> str:

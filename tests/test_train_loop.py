@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from conftest import assert_refused, make_tiny_teacher
+from conftest import assert_refused, make_tiny_teacher, tiny_config
 from pipeline import losses
 from pipeline.cache_read import open_cache
 from pipeline.config import DataConfig, ExtractConfig, TrainConfig
@@ -28,9 +28,7 @@ CPU = torch.device("cpu")
 
 def tiny(cache: Path, out: Path, **kwargs) -> TrainConfig:
     # random init: these tests watch a student learn, which one cut from its teacher has little left to do
-    settings = dict(init="random", layers=2, hidden=16, heads=2, intermediate=32, k=2, max_steps=3, num_workers=0, device="cpu",
-                    checkpoint_every=100, log_every=1)
-    return TrainConfig(cache_dir=cache, output_dir=out, **{**settings, **kwargs})
+    return tiny_config(cache, out, **{"init": "random", "checkpoint_every": 100, **kwargs})
 
 
 def read_log(out: Path) -> list[dict]:
