@@ -16,12 +16,12 @@ from typing import Any, Callable, Optional, Union, get_args, get_origin, get_typ
 
 import typer
 
-from pipeline.config import (
+from pipeline.core import options
+from pipeline.core.config import (
     DATA_DIR_ENV, EXPORT_FORMATS, QUANTIZE, CorpusConfig, DataConfig, DemoConfig, EvaluateConfig, ExportConfig,
     ExtractConfig, FinetuneConfig, NegativesConfig, SweepConfig, TrainConfig, default_of, load_config_file,
 )
-from pipeline import options
-from pipeline.errors import LrcError
+from pipeline.core.errors import LrcError
 
 # Every default below is read from the config dataclasses (one source): F("epochs") is FinetuneConfig's. The
 # options of train-student and build-negatives are generated from their configs' fields (`_config_options`).
@@ -52,7 +52,7 @@ AllowTaskMismatchOpt = typer.Option(
 
 def _say(text: str) -> None:
     """A command's result line: once, from rank 0, when torchrun runs several processes."""
-    from pipeline.distributed import from_env
+    from pipeline.core.distributed import from_env
 
     if from_env().is_main:
         typer.echo(text)
@@ -72,8 +72,8 @@ def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from pipeline.distributed import StoppedByPeer
-        from pipeline.runtime import setup_logging
+        from pipeline.core.distributed import StoppedByPeer
+        from pipeline.core.runtime import setup_logging
 
         setup_logging(bool(kwargs.get("verbose")))
         try:
@@ -158,7 +158,7 @@ def _cli_type(kind: Any) -> Any:
 def _config_options(config_class: type, text: dict[str, tuple[Optional[str], Callable[[Any], Any]]],
                     last: tuple[str, ...] = ()) -> list[inspect.Parameter]:
     """One keyword parameter per command-line field of config_class, with the flags, help and default its `option`
-    declares (pipeline/options.py): a new field reaches --help, --config files and the config without an edit here.
+    declares (pipeline/core/options.py): a new field reaches --help, --config files and the config without an edit here.
     The order is the fields' (--help lists them so), with `last` moved to the end, where every command has its
     --device and --precision. Fields in `text` are typed as text and parsed by `_config`."""
     hints, params = get_type_hints(config_class), []
@@ -228,7 +228,7 @@ def finetune_teacher(
     config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
     """Fine-tune a backbone on a task: writes a teacher dir with a classification head and its dev metric."""
-    from pipeline.finetune import finetune_teacher as run
+    from pipeline.teacher.finetune import finetune_teacher as run
 
     data = _data(task, data_dir, train_file, dev_file, text_column, text_pair_column, label_column,
                  max_train_examples, subsample_seed)
@@ -277,7 +277,7 @@ def extract_teacher(
     config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
     """Run the teacher once over a task and write hidden states, logits and pooled vectors to an Arrow cache."""
-    from pipeline.extract import extract_teacher as run
+    from pipeline.teacher.extract import extract_teacher as run
 
     explicit, all_layers = _parse_layers(layers)
     if (task is None) == (corpus is None):
@@ -312,7 +312,7 @@ def inspect_cache(
     config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
     """Print what a cache holds (teacher, task, rows, layers, sizes); --verify checks every checksum."""
-    from pipeline.cache_read import describe, open_cache
+    from pipeline.cache.reader import describe, open_cache
 
     cache = open_cache(cache_dir, check="full" if verify else "quick")
     typer.echo(describe(cache))
@@ -326,7 +326,7 @@ def inspect_cache(
 @_signature(*_config_options(NegativesConfig, {}), _CONFIG, _VERBOSE)
 def build_negatives(**values: Any) -> None:
     """Sample M candidate negatives per training row with FAISS over the cached pooled teacher vectors."""
-    from pipeline.negatives import build_negatives as run
+    from pipeline.negatives.build import build_negatives as run
 
     typer.echo(f"negatives: {run(_config(NegativesConfig, values, {}))}")
 
@@ -358,7 +358,7 @@ _TRAIN_TEXT: dict[str, tuple[Optional[str], Callable[[Any], Any]]] = {
 @_signature(*_config_options(TrainConfig, _TRAIN_TEXT, last=("device", "precision")), _CONFIG, _VERBOSE)
 def train_student(**values: Any) -> None:
     """Train a student from the cache with LRC-BERT (COS-NCE + soft + hard, two stages, perturbation); no teacher."""
-    from pipeline.train import train_student as run
+    from pipeline.student.train import train_student as run
 
     output_dir = values["output_dir"]
     summary = run(_config(TrainConfig, values, _TRAIN_TEXT))
@@ -389,7 +389,7 @@ def evaluate(
     config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
     """Dev metric, parameters, size on disk and measured latency/throughput; --compare puts two models side by side."""
-    from pipeline.evaluate import evaluate as run, format_table
+    from pipeline.apps.evaluate import evaluate as run, format_table
 
     data = _data(task, data_dir, None, dev_file, text_column, text_pair_column, label_column, None, 0)
     results = run(EvaluateConfig(
@@ -426,7 +426,7 @@ def export(
     config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
     """Export a student to ONNX (needs onnx and onnxruntime: pip install "lrc\\[onnx]"); `lrc evaluate` then takes the output dir."""
-    from pipeline.export import export_model
+    from pipeline.apps.export import export_model
 
     ops = tuple(x.strip() for x in quantize_ops.split(",") if x.strip())
     info = export_model(ExportConfig(source=source, output_dir=output_dir, format=fmt, quantize=quantize,
@@ -459,7 +459,7 @@ def demo(
     config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
     """Run the whole pipeline on a real GLUE task with the bundled all-MiniLM-L6-v2 and compare teacher and student."""
-    from pipeline.demo import render, run_demo
+    from pipeline.apps.demo import render, run_demo
 
     outcome = run_demo(DemoConfig(
         task=task, data_dir=data_dir, work_dir=work_dir, max_train_examples=max_train_examples or None,
@@ -486,7 +486,7 @@ def sweep(
     """Rerun train-student over a grid on one cache and negatives file; writes a results table (CSV + markdown)."""
     from dataclasses import replace
 
-    from pipeline.sweep import parse_grid, parse_shard, run_sweep
+    from pipeline.student.sweep import parse_grid, parse_shard, run_sweep
 
     # A base file is a grid with one value per key: the same names, checks and type coercion.
     shared = {key: values[0] for key, values in parse_grid([], base)} if base is not None else {}
@@ -504,7 +504,7 @@ def report(
     verbose: bool = VerboseOpt,
 ) -> None:
     """(Re)write report.md and the loss / dev-metric plots of a training run."""
-    from pipeline.report import write_report
+    from pipeline.student.report import write_report
 
     typer.echo(f"report: {write_report(run_dir)}")
 

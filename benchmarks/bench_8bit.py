@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import quant
-from pipeline.cache_read import open_cache
+from pipeline.cache import quant
+from pipeline.cache.reader import open_cache
 
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 

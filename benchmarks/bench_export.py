@@ -1,7 +1,7 @@
 """Ship the student: teacher (PyTorch fp32) vs student PyTorch fp32 vs ONNX fp32 vs ONNX int8.
 
 For each: parameters, bytes on disk, latency at batch 1 and 32 (seq 128, the same token ids for every model,
-all models timed interleaved round by round: `pipeline.evaluate.measure_speeds`), dev metric; then where the
+all models timed interleaved round by round: `pipeline.apps.evaluate.measure_speeds`), dev metric; then where the
 time of the int8 student goes on real dev sentences (tokenisation, onnxruntime's own overhead, the graph's
 ops by type, from onnxruntime's profiler). A GEMM probe runs before and after: this 2-core machine is shared.
 
@@ -32,13 +32,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common import gemm_probe  # noqa: E402
 
-from pipeline.config import BUNDLED_MPNET, DataConfig, EvaluateConfig, ExportConfig  # noqa: E402
-from pipeline.evaluate import Loaded, load_model, measure_speeds, score, size_on_disk  # noqa: E402
-from pipeline.export import export_model  # noqa: E402
-from pipeline.finetune import resolve_backbone  # noqa: E402
-from pipeline.onnx_model import MODEL_FILE, parameter_count, session  # noqa: E402
-from pipeline.runtime import setup_logging  # noqa: E402
-from pipeline.tasks import get_task, load_examples  # noqa: E402
+from pipeline.apps.evaluate import Loaded, load_model, measure_speeds, score, size_on_disk  # noqa: E402
+from pipeline.apps.export import export_model  # noqa: E402
+from pipeline.apps.onnx_model import MODEL_FILE, parameter_count, session  # noqa: E402
+from pipeline.core.config import BUNDLED_MPNET, DataConfig, EvaluateConfig, ExportConfig  # noqa: E402
+from pipeline.core.runtime import setup_logging  # noqa: E402
+from pipeline.core.tasks import get_task, load_examples  # noqa: E402
+from pipeline.teacher.finetune import resolve_backbone  # noqa: E402
 
 log = logging.getLogger("bench_export")
 
@@ -137,7 +137,7 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging()
     if args.threads:
-        torch.set_num_threads(args.threads)  # onnxruntime sessions follow torch's count (pipeline/onnx_model.py)
+        torch.set_num_threads(args.threads)  # onnxruntime sessions follow torch's count (pipeline/apps/onnx_model.py)
     task = get_task(args.task)
     data = DataConfig(task=task.name)
     config = EvaluateConfig(model_dir=args.student, data=data, batch_size=32, also_batch_sizes=(1,),

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, BertForSequenceClassification
 
-from pipeline.config import DataConfig, ExtractConfig
-from pipeline.extract import extract_teacher
-from pipeline.finetune import resolve_backbone
-from pipeline.runtime import encode, pad_batch
-from pipeline.tasks import load_examples
+from pipeline.core.config import DataConfig, ExtractConfig
+from pipeline.core.runtime import encode, pad_batch
+from pipeline.core.tasks import load_examples
+from pipeline.teacher.extract import extract_teacher
+from pipeline.teacher.finetune import resolve_backbone
 from common import gemm_probe
 
 

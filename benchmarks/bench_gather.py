@@ -1,4 +1,4 @@
-"""The two copy paths of pipeline/gather.py side by side, to place its SLICE_BYTES threshold.
+"""The two copy paths of pipeline/student/gather.py side by side, to place its SLICE_BYTES threshold.
 
 One batch's hidden states of one layer (64 anchors + 256 negatives = 320 rows) copied into a reused
 padded (320, width, D) block from a synthetic shard of 20,000 rows: by the fancy-index gather (`_take`
@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from pipeline import gather
+from pipeline.student import gather
 
 ROWS, SHARD_ROWS = 320, 20_000
 CASES = [(768, "float16", 25), (768, "float16", 60), (384, "float16", 25), (384, "int8", 25), (384, "int8", 60),

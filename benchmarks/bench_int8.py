@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import losses
-from pipeline.batches import CacheDataset, to_device
-from pipeline.cache_read import open_cache
+from pipeline.cache.reader import open_cache
+from pipeline.student import losses
+from pipeline.student.batches import CacheDataset, to_device
 
 
 class FixedNegatives:

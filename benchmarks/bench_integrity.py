@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import cache
-from pipeline.cache_read import open_cache
+from pipeline.cache import format as cache
+from pipeline.cache.reader import open_cache
 from common import gemm_probe
 
 TOKENS, LAYERS, WIDTH = 25, 4, 768
@@ -90,9 +90,9 @@ def time_open(out: Path, check: str, cold: bool) -> float:
 
 
 def finite_costs(shard_rows: int) -> dict[str, float]:
-    from pipeline.config import DataConfig, ExtractConfig
-    from pipeline.teacher_pass import check_finite_outputs
-    from pipeline.step import check_batch_finite
+    from pipeline.core.config import DataConfig, ExtractConfig
+    from pipeline.student.step import check_batch_finite
+    from pipeline.teacher.teacher_pass import check_finite_outputs
 
     rng = np.random.default_rng(1)
     hidden = {j: rng.standard_normal((shard_rows * TOKENS, WIDTH), np.float32).astype(np.float16) for j in range(1, 5)}
@@ -117,7 +117,7 @@ def finite_costs(shard_rows: int) -> dict[str, float]:
 
 
 def negatives_cost(root: Path, rows: int = 400_000, m: int = 16) -> dict[str, float]:
-    from pipeline.sampler import FORMAT, FORMAT_VERSION, check_candidates, read_negatives, write_negatives
+    from pipeline.cache.negatives_file import FORMAT, FORMAT_VERSION, check_candidates, read_negatives, write_negatives
 
     rng = np.random.default_rng(2)
     ids = (np.arange(rows)[:, None] + rng.integers(1, rows - m, (rows, 1)) + np.arange(m)[None, :]) % rows

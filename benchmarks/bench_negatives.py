@@ -21,9 +21,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from pipeline.config import NegativesConfig
-from pipeline.negatives import find_candidates
-from pipeline.sampler import write_negatives
+from pipeline.cache.negatives_file import write_negatives
+from pipeline.core.config import NegativesConfig
+from pipeline.negatives.build import find_candidates
 
 # (rows, width, strategy, index): random needs no index; hard compares HNSW and IVF side by side at 100k
 # and exact search with IVF at 50k, where `auto` switches

@@ -43,10 +43,10 @@ def prepare(work: Path, kind: str, rows: int, data_dir: Path, hidden_dtype: str 
     """Teacher dir -> cache (layers for a 4-layer student) -> negatives (K=4, random)."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from pipeline.config import DataConfig, ExtractConfig, NegativesConfig
-    from pipeline.extract import extract_teacher
-    from pipeline.finetune import resolve_backbone
-    from pipeline.negatives import build_negatives
+    from pipeline.core.config import DataConfig, ExtractConfig, NegativesConfig
+    from pipeline.negatives.build import build_negatives
+    from pipeline.teacher.extract import extract_teacher
+    from pipeline.teacher.finetune import resolve_backbone
 
     backbone = resolve_backbone("bundled:all-MiniLM-L6-v2")
     teacher = work / f"teacher-{kind}"
@@ -65,11 +65,11 @@ def prepare(work: Path, kind: str, rows: int, data_dir: Path, hidden_dtype: str 
 
 
 def training_parts(cache_dir: Path, device: torch.device, batch_size: int = 16):
-    from pipeline.cache_read import open_cache
-    from pipeline.config import TrainConfig
-    from pipeline.student import Projections, build_student, student_config
-    from pipeline.step import Model
-    from pipeline.train import resolve_layer_map
+    from pipeline.cache.reader import open_cache
+    from pipeline.core.config import TrainConfig
+    from pipeline.student.model import Projections, build_student, student_config
+    from pipeline.student.step import Model
+    from pipeline.student.train import resolve_layer_map
 
     cache = open_cache(cache_dir)
     config = TrainConfig(cache_dir=cache_dir, output_dir=cache_dir / "unused", device=device.type,
@@ -82,16 +82,16 @@ def training_parts(cache_dir: Path, device: torch.device, batch_size: int = 16):
     student.to(device), projections.to(device)
     model = Model(student, projections, [sorted(set(mapping)).index(j) for j in mapping])
     params = list(student.parameters()) + list(projections.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as pipeline/train.py
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as pipeline/student/train.py
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     return cache, config, mapping, model, params, optimizer, scheduler
 
 
 def step(model, batch, config, params, optimizer, scheduler, device: torch.device) -> None:
     """One training step exactly as train-student's loop does it (stage-two weights: every term computed)."""
-    from pipeline.batches import to_device
-    from pipeline.runtime import apply_update
-    from pipeline.step import train_step
+    from pipeline.core.runtime import apply_update
+    from pipeline.student.batches import to_device
+    from pipeline.student.step import train_step
 
     batch = to_device(batch, device)  # as train-student: int8 dequantised there, in-batch negatives as positions
     train_step(model, batch, (1.0, 1.0, 3.0), config, False, device)
@@ -102,8 +102,8 @@ def online_batches(cache, mapping: list[int], batch_size: int, k: int, device: t
     """Yield batches whose targets the teacher computes now, for the batch and its negatives."""
     from transformers import BertForSequenceClassification
 
-    from pipeline.sampler import NegativeSampler
-    from pipeline.runtime import pad_batch
+    from pipeline.core.runtime import pad_batch
+    from pipeline.student.sampler import NegativeSampler
 
     teacher = BertForSequenceClassification.from_pretrained(cache.teacher_weights_dir).eval().to(device)
     teacher_holder.append(teacher)  # its bytes count as persistent memory
@@ -134,8 +134,8 @@ def online_batches(cache, mapping: list[int], batch_size: int, k: int, device: t
 
 def run_variant(variant: str, cache_dir: Path, steps: int, warmup: int, negatives_source: str = "file",
                 device_name: str = "cpu", batch_size: int = 16) -> dict[str, float]:
-    from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader
-    from pipeline.sampler import InBatchNegatives, NegativeSampler
+    from pipeline.student.batches import CacheDataset, EpochBatchSampler, make_loader
+    from pipeline.student.sampler import InBatchNegatives, NegativeSampler
 
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device(device_name)

@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
-from pipeline.batches import to_device
-from pipeline.config import BUNDLED_BACKBONE, TrainConfig, layer_map
-from pipeline.finetune import resolve_backbone
-from pipeline.runtime import apply_update, autocast, encode, pad_batch, pick_device, predict_logits
-from pipeline.step import Model, train_step
-from pipeline.student import Projections, build_student, student_config
-from pipeline.tasks import get_task
+from pipeline.core.config import BUNDLED_BACKBONE, TrainConfig, layer_map
+from pipeline.core.runtime import apply_update, autocast, encode, pad_batch, pick_device, predict_logits
+from pipeline.core.tasks import get_task
+from pipeline.student.batches import to_device
+from pipeline.student.model import Projections, build_student, student_config
+from pipeline.student.step import Model, train_step
+from pipeline.teacher.finetune import resolve_backbone
 
 log = logging.getLogger("calibrate")
 

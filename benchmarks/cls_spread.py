@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, BertForSequenceClassification
 
-from pipeline.checkpoint import CHECKPOINT_DIR, STATE_FILE
-from pipeline.config import DataConfig
-from pipeline.tasks import load_examples
+from pipeline.core.config import DataConfig
+from pipeline.core.tasks import load_examples
+from pipeline.student.checkpoint import CHECKPOINT_DIR, STATE_FILE
 
 
 def load(path: Path) -> BertForSequenceClassification:

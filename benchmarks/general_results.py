@@ -31,12 +31,12 @@ from typing import Any
 
 import glue_results
 from make_corpus import write_corpus
-from pipeline.config import CorpusConfig, ExtractConfig, NegativesConfig, TrainConfig
-from pipeline.extract import extract_teacher
-from pipeline.negatives import build_negatives
-from pipeline.runtime import setup_logging
-from pipeline.tasks import get_task
-from pipeline.train import train_or_reuse
+from pipeline.core.config import CorpusConfig, ExtractConfig, NegativesConfig, TrainConfig
+from pipeline.core.runtime import setup_logging
+from pipeline.core.tasks import get_task
+from pipeline.negatives.build import build_negatives
+from pipeline.student.train import train_or_reuse
+from pipeline.teacher.extract import extract_teacher
 
 log = logging.getLogger("general_results")
 

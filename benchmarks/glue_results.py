@@ -25,17 +25,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import read_manifest
-from pipeline.checkpoint import previous_run
-from pipeline.config import DataConfig, ExtractConfig, FinetuneConfig, NegativesConfig, TrainConfig
-from pipeline.errors import LrcError
-from pipeline.extract import extract_teacher
-from pipeline.finetune import finetune_teacher
-from pipeline.negatives import build_negatives
-from pipeline.runtime import setup_logging
-from pipeline.sampler import read_negatives
-from pipeline.tasks import get_task
-from pipeline.train import train_or_reuse
+from pipeline.cache.format import read_manifest
+from pipeline.cache.negatives_file import read_negatives
+from pipeline.core.config import DataConfig, ExtractConfig, FinetuneConfig, NegativesConfig, TrainConfig
+from pipeline.core.errors import LrcError
+from pipeline.core.runtime import setup_logging
+from pipeline.core.tasks import get_task
+from pipeline.negatives.build import build_negatives
+from pipeline.student.checkpoint import previous_run
+from pipeline.student.train import train_or_reuse
+from pipeline.teacher.extract import extract_teacher
+from pipeline.teacher.finetune import finetune_teacher
 
 log = logging.getLogger("glue_results")
 

@@ -18,9 +18,9 @@ import os
 import random
 from pathlib import Path
 
-from pipeline import atomic
-from pipeline.corpus import glue_sentences
-from pipeline.runtime import setup_logging
+from pipeline.core import atomic
+from pipeline.core.runtime import setup_logging
+from pipeline.teacher.corpus import glue_sentences
 
 log = logging.getLogger("make_corpus")
 

@@ -37,14 +37,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from glue_results import METHODS, _usable_negatives  # noqa: E402
 
-from pipeline.config import BUNDLED_MPNET, DataConfig, EvaluateConfig, ExtractConfig, FinetuneConfig, NegativesConfig, TrainConfig  # noqa: E402
-from pipeline.evaluate import evaluate  # noqa: E402
-from pipeline.extract import extract_teacher  # noqa: E402
-from pipeline.finetune import finetune_teacher  # noqa: E402
-from pipeline.negatives import build_negatives  # noqa: E402
-from pipeline.runtime import setup_logging  # noqa: E402
-from pipeline.tasks import get_task, load_examples  # noqa: E402
-from pipeline.train import train_or_reuse  # noqa: E402
+from pipeline.apps.evaluate import evaluate  # noqa: E402
+from pipeline.core.config import BUNDLED_MPNET, DataConfig, EvaluateConfig, ExtractConfig, FinetuneConfig, NegativesConfig, TrainConfig  # noqa: E402
+from pipeline.core.runtime import setup_logging  # noqa: E402
+from pipeline.core.tasks import get_task, load_examples  # noqa: E402
+from pipeline.negatives.build import build_negatives  # noqa: E402
+from pipeline.student.train import train_or_reuse  # noqa: E402
+from pipeline.teacher.extract import extract_teacher  # noqa: E402
+from pipeline.teacher.finetune import finetune_teacher  # noqa: E402
 
 from calibrate import calibrate_task  # noqa: E402
 

@@ -1,7 +1,7 @@
 """The short budget where new users start: which 4x312 recipe learns most in one epoch of 4,000 SST-2 rows?
 
 Teacher, task cache and negatives are `lrc demo`'s (its defaults: the bundled all-MiniLM-L6-v2 fine-tuned one
-epoch on a seeded 4,000-row subset of SST-2; pipeline/demo.py `task_stages`, reused when there). Every student
+epoch on a seeded 4,000-row subset of SST-2; pipeline/apps/demo.py `task_stages`, reused when there). Every student
 then sees one epoch of those rows at lr 5e-4, batch 16, and keeps its LAST checkpoint (dev never chooses one).
 Rows: lrc recipes (LRC two-stage and one-stage, KD-only, hidden MSE) from a random init, from the teacher
 cut to 4x312 (`--init teacher`, activation or uniform selection) and, with --general-student DIR, from a
@@ -29,21 +29,21 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from pipeline import losses
-from pipeline.cache_read import open_cache
-from pipeline.config import DataConfig, DemoConfig, TrainConfig, layer_map
-from pipeline.demo import plan, task_stages
-from pipeline.metrics import compute_metrics
-from pipeline.runtime import encode, pad_batch, predict_logits, seed_everything, setup_logging
-from pipeline.student import Projections, build_student, student_config
-from pipeline.tasks import get_task, load_examples
-from pipeline.train import train_or_reuse
+from pipeline.apps.demo import plan, task_stages
+from pipeline.cache.reader import open_cache
+from pipeline.core.config import DataConfig, DemoConfig, TrainConfig, layer_map
+from pipeline.core.metrics import compute_metrics
+from pipeline.core.runtime import encode, pad_batch, predict_logits, seed_everything, setup_logging
+from pipeline.core.tasks import get_task, load_examples
+from pipeline.student import losses
+from pipeline.student.model import Projections, build_student, student_config
+from pipeline.student.train import train_or_reuse
 
 log = logging.getLogger("short_budget")
 
 BASELINE = {"intermediate_loss": "none", "perturb_eps": 0.0}  # as benchmarks/glue_results.py: no perturbation
 # row -> (init: "random", "general" or "teacher", TrainConfig overrides); "online" rows run online_loop instead.
-# "teacher": the 4x312 student cut from the 6x384 teacher (pipeline/select.py), with --init-selection as given.
+# "teacher": the 4x312 student cut from the 6x384 teacher (pipeline/student/select.py), with --init-selection as given.
 ROWS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "LRC (two-stage)": ("random", {}),
     "LRC one-stage": ("random", {"one_stage": True}),

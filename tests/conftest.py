@@ -52,7 +52,7 @@ def minilm_dir() -> Path:
 
 def assert_refused(call: Callable[[], Any], *needles: str) -> str:
     """`call` raises an LrcError whose one-line message holds every needle; returns the message."""
-    from pipeline.errors import LrcError
+    from pipeline.core.errors import LrcError
 
     with pytest.raises(LrcError) as err:
         call()
@@ -66,7 +66,7 @@ def assert_refused(call: Callable[[], Any], *needles: str) -> str:
 def tiny_config(cache: Path, out: Path, **kwargs: Any) -> Any:
     """The suite's one small training config: a 2 x 16 student on a tiny cache, a few steps in about a
     second, checkpointed every 2 steps and logged every step, on the CPU. Tests pass what they vary."""
-    from pipeline.config import TrainConfig
+    from pipeline.core.config import TrainConfig
 
     settings = dict(layers=2, hidden=16, heads=2, intermediate=32, k=2, max_steps=3, num_workers=0, device="cpu",
                     checkpoint_every=2, log_every=1)
@@ -112,8 +112,8 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: Path, glue_dir: Path) -> Path:
     """A real cache: the tiny teacher over 200 real SST-2 train rows (shards of 64) and the dev split."""
-    from pipeline.config import DataConfig, ExtractConfig
-    from pipeline.extract import extract_teacher
+    from pipeline.core.config import DataConfig, ExtractConfig
+    from pipeline.teacher.extract import extract_teacher
 
     out = tmp_path_factory.mktemp("cache") / "sst2"
     data = DataConfig(task="sst2", data_dir=glue_dir, max_train_examples=200)
@@ -123,7 +123,7 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: Path, glu
 
 class ArrowRows:
     """Rows of a cache split read the naive way (pyarrow `to_pylist`, one row at a time): the
-    independent reference the library's row reader (`cache_read.RowReader`) is checked against."""
+    independent reference the library's row reader (`reader.RowReader`) is checked against."""
 
     def __init__(self, cache_dir: Path, split: str) -> None:
         import json
@@ -156,8 +156,8 @@ def neg_cache(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     M = 16); one copy per test module, so a module may change it without touching another's."""
     import shutil
 
-    from pipeline.config import NegativesConfig
-    from pipeline.negatives import build_negatives
+    from pipeline.core.config import NegativesConfig
+    from pipeline.negatives.build import build_negatives
 
     out = tmp_path_factory.mktemp("neg-cache") / "sst2"
     shutil.copytree(tiny_cache, out)
@@ -198,8 +198,8 @@ def encoder(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def corpus_cache(tmp_path_factory: pytest.TempPathFactory, encoder: Path, glue_dir: Path) -> Path:
     """A corpus cache (general distillation) of the tiny encoder over real SST-2 sentences."""
-    from pipeline.config import CorpusConfig, ExtractConfig
-    from pipeline.extract import extract_teacher
+    from pipeline.core.config import CorpusConfig, ExtractConfig
+    from pipeline.teacher.extract import extract_teacher
 
     work = tmp_path_factory.mktemp("corpus")
     (work / "corpus.txt").write_text("\n".join(corpus_lines(glue_dir)) + "\n", encoding="utf-8")

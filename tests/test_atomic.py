@@ -1,4 +1,4 @@
-"""pipeline/atomic.py: a file or model dir is the old one or the whole new one, and a failed write leaves no temp."""
+"""pipeline/core/atomic.py: a file or model dir is the old one or the whole new one, and a failed write leaves no temp."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import atomic, outdir
+from pipeline.core import atomic, outdir
 
 
 class Boom(Exception):

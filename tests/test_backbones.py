@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_refused
-from pipeline.backbones import MPNET_PARTS, join_zip_parts, mpnet_dir
-from pipeline.finetune import resolve_backbone
+from pipeline.core.backbones import MPNET_PARTS, join_zip_parts, mpnet_dir
+from pipeline.teacher.finetune import resolve_backbone
 
 
 def _split_zip(tmp_path: Path, parts: int) -> tuple[list[Path], dict[str, bytes]]:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.batches import CacheDataset, EpochBatchSampler, collate, make_loader
-from pipeline.cache_read import RowReader, open_cache
-from pipeline.errors import LrcError
+from pipeline.cache.reader import RowReader, open_cache
+from pipeline.core.errors import LrcError
+from pipeline.student.batches import CacheDataset, EpochBatchSampler, collate, make_loader
 from conftest import ArrowRows
 
 K = 3
@@ -125,9 +125,9 @@ def test_negatives_are_the_sampled_rows_hidden_states(tiny_cache: Path, train_sp
 
 
 def test_real_negative_sampler_feeds_the_dataset(tiny_cache: Path, train_split, tmp_path: Path) -> None:
-    from pipeline.config import NegativesConfig
-    from pipeline.negatives import build_negatives
-    from pipeline.sampler import NegativeSampler
+    from pipeline.core.config import NegativesConfig
+    from pipeline.negatives.build import build_negatives
+    from pipeline.student.sampler import NegativeSampler
 
     path = build_negatives(NegativesConfig(cache_dir=tiny_cache, k=4, output=tmp_path / "neg.arrow", seed=1))
     sampler = NegativeSampler(path, 4, seed=2, expected_fingerprint=open_cache(tiny_cache).fingerprint)
@@ -310,7 +310,7 @@ def test_workers_without_the_private_shared_memory_api_give_the_same_batches(tin
     sampler = EpochBatchSampler(len(dataset), 16, seed=5)
     want = list(make_loader(dataset, sampler, num_workers=0, seed=1))
     with_api = list(make_loader(dataset, sampler, num_workers=1, seed=1))
-    from pipeline import gather as batches  # the shared-memory blocks are made in pipeline/gather.py
+    from pipeline.student import gather as batches  # the shared-memory blocks are made in pipeline/student/gather.py
 
     def broken(nbytes: int) -> None:
         raise TypeError("a future torch's signature")

@@ -1,4 +1,4 @@
-"""pipeline/cache.py + extract: what the cache holds equals the teacher's own outputs (docs/DESIGN.md §3)."""
+"""pipeline/cache/format.py + extract: what the cache holds equals the teacher's own outputs (docs/DESIGN.md §3)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline import cache
-from pipeline.cache_read import open_cache
-from pipeline.config import DataConfig, ExtractConfig, layer_map
-from pipeline.errors import LrcError
-from pipeline.extract import extract_teacher
-from pipeline.tasks import load_examples
+from pipeline.cache import format as cache
+from pipeline.cache.reader import open_cache
+from pipeline.core.config import DataConfig, ExtractConfig, layer_map
+from pipeline.core.errors import LrcError
+from pipeline.core.tasks import load_examples
+from pipeline.teacher.extract import extract_teacher
 from conftest import assert_refused, sst2_lines, write_tsv
 
 # fp16 storage: one rounding (2^-11 relative) plus batched-vs-single float noise that may flip it by an ulp.
@@ -380,7 +380,7 @@ def _synthetic_cache(out: Path, rows: int, tokens: int, width: int) -> Path:
 
 
 def test_quick_check_samples_a_large_shard_and_full_reads_it_all(tmp_path: Path) -> None:
-    from pipeline.cache_read import resolve_check
+    from pipeline.cache.reader import resolve_check
 
     shard = _synthetic_cache(tmp_path / "c", rows=64, tokens=32, width=256)  # ~1 MB
     assert shard.stat().st_size > 1 << 20
@@ -470,7 +470,7 @@ def test_a_manifest_with_missing_keys_or_wrong_types_is_one_line(small_cache: Pa
 def test_importance_scores_are_a_checksummed_file_like_the_others(small_cache: Path, tmp_path: Path) -> None:
     """The scores a narrower --init teacher cuts by are read by a later stage: --verify and every open check them
     like the tokenizer and weights (not only the stage that loads them)."""
-    from pipeline import importance
+    from pipeline.cache import importance
 
     assert cache.IMPORTANCE_FILE == importance.FILE
     c = _copy(small_cache, tmp_path / "c")

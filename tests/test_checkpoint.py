@@ -1,4 +1,4 @@
-"""pipeline/checkpoint.py: the training state round-trips exactly, and loading it can never run code."""
+"""pipeline/student/checkpoint.py: the training state round-trips exactly, and loading it can never run code."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint
-from pipeline.checkpoint import RunDir, TrainState
+from pipeline.student import checkpoint
+from pipeline.student.checkpoint import RunDir, TrainState
 from conftest import assert_refused
 
 
@@ -68,7 +68,7 @@ def test_a_planted_pickle_never_runs(tmp_path: Path) -> None:
     assert_refused(lambda: checkpoint.load(run, model, None, optimizer, scheduler), "unreadable", "--overwrite")
     (run.checkpoint_dir / checkpoint.STATE_FILE).unlink()
     torch.save({"state": _Planted(marker)}, run.checkpoint_dir / checkpoint.LEGACY_STATE_FILE)
-    from pipeline.config import TrainConfig
+    from pipeline.core.config import TrainConfig
 
     config = TrainConfig(cache_dir=tmp_path / "cache", output_dir=run.output_dir, resume=True)
     assert_refused(lambda: checkpoint.check_run_dir(config), "pickle", "never loaded", "--overwrite")

@@ -187,8 +187,8 @@ def test_finetune_teacher_command(tmp_path: Path, files: list[str], minilm_dir: 
 
 
 def test_bundled_backbone_resolves_to_minilm(minilm_dir: Path) -> None:
-    from pipeline.config import BUNDLED_BACKBONE
-    from pipeline.finetune import resolve_backbone
+    from pipeline.core.config import BUNDLED_BACKBONE
+    from pipeline.teacher.finetune import resolve_backbone
 
     assert Path(resolve_backbone(BUNDLED_BACKBONE)) == minilm_dir
     assert resolve_backbone("/some/dir") == "/some/dir"
@@ -216,11 +216,11 @@ def _as_field_value(value, default):
 
 
 def test_help_defaults_are_the_config_defaults() -> None:
-    """A default changed in pipeline/config.py reaches --help, and no command restates one of its own."""
+    """A default changed in pipeline/core/config.py reaches --help, and no command restates one of its own."""
     import typer.main
     from dataclasses import MISSING, fields
 
-    import pipeline.config as config_module
+    import pipeline.core.config as config_module
 
     group = typer.main.get_command(app)
     checked = 0

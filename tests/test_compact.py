@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from conftest import assert_refused
-from pipeline import checkpoint, gather, losses, quant
-from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader, to_device
-from pipeline.cache_read import RowReader, describe, open_cache
-from pipeline.config import DataConfig, ExtractConfig, TrainConfig
-from pipeline.extract import extract_teacher
-from pipeline.sampler import InBatchNegatives
-from pipeline.train import train_student
+from pipeline.cache import quant
+from pipeline.cache.reader import RowReader, describe, open_cache
+from pipeline.core.config import DataConfig, ExtractConfig, TrainConfig
+from pipeline.student import checkpoint, gather, losses
+from pipeline.student.batches import CacheDataset, EpochBatchSampler, make_loader, to_device
+from pipeline.student.sampler import InBatchNegatives
+from pipeline.student.train import train_student
+from pipeline.teacher.extract import extract_teacher
 
 CPU = torch.device("cpu")
 
@@ -265,7 +266,7 @@ def test_an_int8_cache_with_in_batch_negatives_trains_and_resumes_exactly(int8_c
     reference = train_student(_tiny(int8_cache, tmp_path / "ref"))
     assert reference["steps"] == 12
 
-    import pipeline.train as train_module
+    import pipeline.student.train as train_module
 
     step, calls = train_module.train_step, []
 
@@ -315,8 +316,8 @@ def test_inspect_cache_names_the_scheme(int8_cache: Path) -> None:
 def test_in_batch_under_torchrun_needs_k_others_in_each_ranks_share(tiny_cache: Path, tmp_path: Path) -> None:
     """--batch-size is the global batch: 8 over 2 ranks leaves 4 rows per rank, too few for K = 4 in-batch
     negatives, although 8 > K passes the one-process check. Refused before any process group or run dir."""
-    from pipeline import distributed
-    from pipeline.train import _setup
+    from pipeline.core import distributed
+    from pipeline.student.train import _setup
 
     config = TrainConfig(cache_dir=tiny_cache, output_dir=tmp_path / "o", negatives_source="in-batch", batch_size=8, k=4,
                          layers=2, hidden=32, heads=2, intermediate=64)
@@ -331,7 +332,7 @@ def test_negative_or_non_finite_int8_scales_are_refused_by_row(int8_cache: Path,
 
     import pyarrow as pa
 
-    from pipeline import cache as cache_mod
+    from pipeline.cache import format as cache_mod
 
     for bad in (-0.5, float("inf")):
         c = tmp_path / f"cache-{bad}"

@@ -1,4 +1,4 @@
-"""Every numeric option is checked for finiteness and range when its config is built (pipeline/config.py),
+"""Every numeric option is checked for finiteness and range when its config is built (pipeline/core/config.py),
 so a bad value is refused in one line before any stage starts work."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_refused
-from pipeline.config import (
+from pipeline.core.config import (
     CorpusConfig, DataConfig, DemoConfig, EvaluateConfig, ExtractConfig, FinetuneConfig, NegativesConfig, SweepConfig,
     TrainConfig,
 )

@@ -14,13 +14,13 @@ import torch
 from transformers import AutoTokenizer, BertModel
 
 from conftest import CORPUS_MAX_LENGTH as MAX_LENGTH, assert_refused, corpus_lines
-from pipeline.cache import read_manifest
-from pipeline.cache_read import Cache, open_cache
-from pipeline.config import CorpusConfig, ExtractConfig, NegativesConfig, SweepConfig, TrainConfig
-from pipeline.corpus import cache_kind, glue_sentences, read_passages
-from pipeline.extract import extract_teacher
-from pipeline.negatives import build_negatives
-from pipeline.sampler import NegativeSampler
+from pipeline.cache.format import read_manifest
+from pipeline.cache.reader import Cache, open_cache
+from pipeline.core.config import CorpusConfig, ExtractConfig, NegativesConfig, SweepConfig, TrainConfig
+from pipeline.negatives.build import build_negatives
+from pipeline.student.sampler import NegativeSampler
+from pipeline.teacher.corpus import cache_kind, glue_sentences, read_passages
+from pipeline.teacher.extract import extract_teacher
 
 def test_corpus_cache_windows_without_labels(corpus_cache: Path, encoder: Path, glue_dir: Path) -> None:
     manifest = read_manifest(corpus_cache)
@@ -69,7 +69,7 @@ def test_kinds_task_and_corpus(corpus_cache: Path, tiny_cache: Path, tmp_path: P
     corpus = open_cache(corpus_cache)
     assert corpus.kind == "corpus"
     assert_refused(lambda: corpus.task, "corpus cache", "--task")
-    from pipeline.sweep import run_sweep  # a sweep reports a task metric: refused on unlabeled text
+    from pipeline.student.sweep import run_sweep  # a sweep reports a task metric: refused on unlabeled text
 
     base = TrainConfig(cache_dir=corpus_cache, output_dir=tmp_path / "sweep")
     assert_refused(lambda: run_sweep(SweepConfig(base=base, grid=(("k", (1, 2)),), output_dir=tmp_path / "sweep")),
@@ -113,7 +113,7 @@ def test_read_passages_formats_and_errors(tmp_path: Path) -> None:
 
 
 def test_extract_config_needs_task_or_corpus(tmp_path: Path, encoder: Path) -> None:
-    from pipeline.config import DataConfig
+    from pipeline.core.config import DataConfig
 
     assert_refused(lambda: ExtractConfig(teacher=None, data=None, output_dir=tmp_path), "--task", "--corpus")
     assert_refused(lambda: ExtractConfig(teacher=encoder, data=DataConfig(task="sst2"), output_dir=tmp_path,

@@ -37,9 +37,9 @@ def work(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path, glue_dir: P
     """A dropout-free tiny teacher (so CPU and GPU runs can agree), 96 SST-2 train and 32 dev rows, extracted on
     the CPU as float16 and int8 caches, each with random negatives (K = 2); and a float16 cache of a teacher
     with dropout 0.1 (its students use the RNG)."""
-    from pipeline.config import DataConfig, ExtractConfig, NegativesConfig
-    from pipeline.extract import extract_teacher
-    from pipeline.negatives import build_negatives
+    from pipeline.core.config import DataConfig, ExtractConfig, NegativesConfig
+    from pipeline.negatives.build import build_negatives
+    from pipeline.teacher.extract import extract_teacher
 
     root = tmp_path_factory.mktemp("cuda")
     teacher = make_tiny_teacher(root / "teacher", minilm_dir, layers=2, dropout=0.0)
@@ -67,7 +67,7 @@ def tiny(cache: Path, out: Path, **kwargs):
 
 
 def final_state(out: Path) -> dict[str, torch.Tensor]:
-    from pipeline.checkpoint import read_state
+    from pipeline.student.checkpoint import read_state
 
     state = read_state(out / "checkpoint" / "state.safetensors")
     return {**{f"student.{k}": v for k, v in state["student"].items()},
@@ -86,8 +86,8 @@ def losses_of(out: Path) -> list[dict[str, float]]:
 def test_a_cache_extracted_on_cuda_matches_the_cpu_cache(work: dict[str, Path]) -> None:
     """Catches: hidden states or logits taken from the wrong layer, left on the device, or cast wrongly on the
     way off the GPU; a row order that depends on the device."""
-    from pipeline.config import DataConfig, ExtractConfig
-    from pipeline.extract import extract_teacher
+    from pipeline.core.config import DataConfig, ExtractConfig
+    from pipeline.teacher.extract import extract_teacher
 
     out = work["root"] / "cache-cuda"
     data = DataConfig(task="sst2", train_file=work["train"], dev_file=work["dev"])
@@ -112,7 +112,7 @@ def test_training_steps_on_cuda_match_the_cpu(work: dict[str, Path], tmp_path: P
     """Six steps through both stages with perturbation on. Catches: int8 hidden states not dequantised (or
     dequantised with the wrong scales) on the device, in-batch negatives built differently on the GPU, a loss
     term or the perturbation skipped on CUDA, a batch moved to the device out of order."""
-    from pipeline.train import train_student
+    from pipeline.student.train import train_student
 
     runs = {}
     for device in ("cpu", "cuda"):
@@ -134,7 +134,7 @@ def test_bf16_autocast_trains_on_cuda(work: dict[str, Path], tmp_path: Path) -> 
     """bf16 (8 bits of mantissa) cannot match fp32 closely, but its losses must track it: catches autocast
     left off (then they would be equal to the last bit) or a term computed in bf16 that should stay float32
     (COS-NCE's cosines then drift by far more than 2%)."""
-    from pipeline.train import train_student
+    from pipeline.student.train import train_student
 
     fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
     train_student(tiny(work["float16"], fp32, device="cuda"))
@@ -148,8 +148,8 @@ def test_bf16_autocast_trains_on_cuda(work: dict[str, Path], tmp_path: Path) -> 
 def test_the_data_path_pins_host_buffers_and_dequantises_on_the_device(work: dict[str, Path]) -> None:
     """Catches: unpinned blocks (every copy then synchronous), a non-blocking copy of a block the pool reuses
     before it landed, int8 dequantised on the host instead of the device."""
-    from pipeline.batches import CacheDataset, EpochBatchSampler, make_loader, to_device
-    from pipeline.sampler import NegativeSampler
+    from pipeline.student.batches import CacheDataset, EpochBatchSampler, make_loader, to_device
+    from pipeline.student.sampler import NegativeSampler
 
     cache = work["int8"]
     manifest = json.loads((cache / "manifest.json").read_text())
@@ -175,8 +175,8 @@ def test_resume_on_cuda_is_exact(work: dict[str, Path], tmp_path: Path, monkeypa
     """A run that fails after its step-4 checkpoint, resumed, ends bitwise where an uninterrupted run ends.
     Catches: the CUDA RNG state (dropout) not saved or not restored, optimizer state restored to the CPU, the
     data order or the negatives' draw not replayed."""
-    import pipeline.train as train
-    from pipeline.errors import LrcError
+    import pipeline.student.train as train
+    from pipeline.core.errors import LrcError
 
     torch.use_deterministic_algorithms(True)
     try:
@@ -219,7 +219,7 @@ def test_ddp_over_nccl_trains_as_one_process(work: dict[str, Path], tmp_path: Pa
     """One rank under torchrun: a real nccl process group and DistributedDataParallel around the student.
     Catches: nccl not chosen for a CUDA device, the module not moved before wrapping, the perturbation's first
     pass inside DDP (which then errors or all-reduces twice), a rank's device not set."""
-    from pipeline.train import train_student
+    from pipeline.student.train import train_student
 
     single = tmp_path / "single"
     train_student(tiny(work["float16"], single, device="cuda"))

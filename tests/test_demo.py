@@ -11,13 +11,13 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from pipeline.config import DataConfig, DemoConfig, EvaluateConfig
-from pipeline.demo import run_demo
-from pipeline.errors import LrcError
-from pipeline.evaluate import evaluate, load_for_evaluation
-from pipeline.metrics import compute_metrics
-from pipeline.runtime import encode, pick_device, predict_logits
-from pipeline.tasks import get_task, load_examples
+from pipeline.apps.demo import run_demo
+from pipeline.apps.evaluate import evaluate, load_for_evaluation
+from pipeline.core.config import DataConfig, DemoConfig, EvaluateConfig
+from pipeline.core.errors import LrcError
+from pipeline.core.metrics import compute_metrics
+from pipeline.core.runtime import encode, pick_device, predict_logits
+from pipeline.core.tasks import get_task, load_examples
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -66,7 +66,7 @@ def test_demo_rerun_reuses_every_artifact(demo_run: dict) -> None:
 
 @pytest.mark.integration
 def test_demo_rerun_with_another_setting_is_refused_before_any_work(demo_run: dict) -> None:
-    """Each stage decides by the same rule (pipeline/reuse.py): the teacher, fine-tuned with another rate, is
+    """Each stage decides by the same rule (pipeline/core/reuse.py): the teacher, fine-tuned with another rate, is
     refused in one line naming the setting and --overwrite, and nothing the first run wrote changes."""
     from dataclasses import replace
 
@@ -189,7 +189,7 @@ def test_demo_settings_every_stage_refuses_are_found_before_any_stage(tmp_path: 
 def test_demo_with_k_0_plans_no_negatives_stage(tmp_path: Path, glue_dir: Path) -> None:
     """--k 0 (no negatives, as train-student reads it) used to reach build-negatives, which refused it after the
     teacher had been fine-tuned and extracted; the plan now trains without negatives."""
-    from pipeline.demo import plan
+    from pipeline.apps.demo import plan
 
     stages = plan(DemoConfig(data_dir=glue_dir, work_dir=tmp_path / "w", k=0))
     assert stages.negatives is None and stages.corpus_negatives is None

@@ -1,4 +1,4 @@
-"""Several processes under torchrun (pipeline/distributed.py): real `torch.distributed` processes (gloo, 2 ranks on
+"""Several processes under torchrun (pipeline/core/distributed.py): real `torch.distributed` processes (gloo, 2 ranks on
 the CPU) started by torchrun through the real CLI, checked against one process. Each test names the bug it catches.
 
 The torchrun launches dominate the time (each imports torch and transformers in three processes on a busy 2-core
@@ -22,15 +22,15 @@ import torch
 import torch.distributed as dist
 
 from conftest import REPO, ArrowRows, make_tiny_teacher, sst2_lines, write_tsv
-from pipeline import distributed
-from pipeline.cache_read import open_cache
-from pipeline.checkpoint import read_state
-from pipeline.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig
-from pipeline.errors import LrcError
-from pipeline.extract import extract_teacher
-from pipeline.negatives import build_negatives
-from pipeline.step import Trainable, train_step
-from pipeline.train import _setup, epoch_batches, loss_weights, train_student
+from pipeline.cache.reader import open_cache
+from pipeline.core import distributed
+from pipeline.core.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig
+from pipeline.core.errors import LrcError
+from pipeline.negatives.build import build_negatives
+from pipeline.student.checkpoint import read_state
+from pipeline.student.step import Trainable, train_step
+from pipeline.student.train import _setup, epoch_batches, loss_weights, train_student
+from pipeline.teacher.extract import extract_teacher
 
 pytestmark = pytest.mark.slow  # real process groups (torchrun launches, gloo ranks) throughout
 
@@ -41,9 +41,9 @@ LAUNCH_TIMEOUT = 240  # a hang shows up as a timeout, not as a stuck test run
 # of its torch generator state after setup to RNG_AT_START.<rank>.
 ENTRY = '''
 import os, sys
-import pipeline.cache as cache
-import pipeline.train as train
-from pipeline.errors import LrcError
+import pipeline.cache.format as cache
+import pipeline.student.train as train
+from pipeline.core.errors import LrcError
 assemble = cache.assemble_manifest
 def recorded(*args, **kwargs):
     with open(os.environ["MANIFEST_WRITERS"], "a") as f:

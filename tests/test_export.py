@@ -17,14 +17,14 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from typer.testing import CliRunner
 
 from conftest import assert_refused, sst2_lines
-from pipeline import outdir
-from pipeline.config import ExportConfig
-from pipeline.families import FAMILIES, reads_segments
-from pipeline.runtime import encode, predict_logits
+from pipeline.core import outdir
+from pipeline.core.config import ExportConfig
+from pipeline.core.families import FAMILIES, reads_segments
+from pipeline.core.runtime import encode, predict_logits
 
 pytest.importorskip("onnxruntime", reason='pip install "lrc[onnx]"')
-from pipeline.export import export_model  # noqa: E402
-from pipeline.onnx_model import MODEL_FILE, OnnxClassifier  # noqa: E402
+from pipeline.apps.export import export_model  # noqa: E402
+from pipeline.apps.onnx_model import MODEL_FILE, OnnxClassifier  # noqa: E402
 
 # Float32 export: the same arithmetic in another order; observed differences are ~1e-6 on these models.
 FP32_TOL = 1e-4
@@ -209,8 +209,8 @@ def test_cli_export_then_evaluate_the_exported_dir_against_its_source(tmp_path: 
 
 def test_without_the_onnx_extra_both_commands_say_what_to_install(tmp_path: Path, minilm_dir: Path, glue_dir: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.config import DataConfig, EvaluateConfig
-    from pipeline.evaluate import evaluate
+    from pipeline.apps.evaluate import evaluate
+    from pipeline.core.config import DataConfig, EvaluateConfig
 
     student = make_student(tmp_path / "student", "bert", minilm_dir)
     export_model(ExportConfig(source=student, output_dir=tmp_path / "out"))

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from conftest import REPO, assert_refused, make_tiny_teacher, sst2_lines, write_tsv
-from pipeline.cache_read import open_cache
-from pipeline.config import DataConfig, ExtractConfig
-from pipeline.errors import LrcError
-from pipeline.extract import extract_teacher
+from pipeline.cache.reader import open_cache
+from pipeline.core.config import DataConfig, ExtractConfig
+from pipeline.core.errors import LrcError
+from pipeline.teacher.extract import extract_teacher
 
 
 def shard_state(cache_dir: Path) -> dict[str, tuple[int, int]]:

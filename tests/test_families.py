@@ -18,18 +18,18 @@ from transformers import (
 )
 
 from conftest import assert_refused, sst2_lines, write_tsv, tiny_config
-from pipeline import losses
-from pipeline.batches import CacheDataset, collate
-from pipeline.config import DataConfig, EvaluateConfig, ExtractConfig, FinetuneConfig, NegativesConfig, TrainConfig, layer_map
-from pipeline.evaluate import evaluate
-from pipeline.extract import extract_teacher
-from pipeline.families import FAMILIES, check_loading_report, get_module, model_inputs
-from pipeline.finetune import finetune_teacher
-from pipeline.negatives import build_negatives
-from pipeline.sampler import NegativeSampler
-from pipeline.student import Projections, build_student, student_config
-from pipeline.step import Model, train_step
-from pipeline.train import train_student
+from pipeline.apps.evaluate import evaluate
+from pipeline.core.config import DataConfig, EvaluateConfig, ExtractConfig, FinetuneConfig, NegativesConfig, TrainConfig, layer_map
+from pipeline.core.families import FAMILIES, check_loading_report, get_module, model_inputs
+from pipeline.negatives.build import build_negatives
+from pipeline.student import losses
+from pipeline.student.batches import CacheDataset, collate
+from pipeline.student.model import Projections, build_student, student_config
+from pipeline.student.sampler import NegativeSampler
+from pipeline.student.step import Model, train_step
+from pipeline.student.train import train_student
+from pipeline.teacher.extract import extract_teacher
+from pipeline.teacher.finetune import finetune_teacher
 
 CPU = torch.device("cpu")
 _SHAPE = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache_read import open_cache
-from pipeline.config import DataConfig, ExtractConfig, FinetuneConfig
-from pipeline.errors import LrcError
-from pipeline.extract import extract_teacher
-from pipeline.finetune import TEACHER_INFO, finetune_teacher
+from pipeline.cache.reader import open_cache
+from pipeline.core.config import DataConfig, ExtractConfig, FinetuneConfig
+from pipeline.core.errors import LrcError
+from pipeline.teacher.extract import extract_teacher
+from pipeline.teacher.finetune import TEACHER_INFO, finetune_teacher
 from conftest import assert_refused
 
 

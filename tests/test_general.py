@@ -12,15 +12,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import assert_refused, tiny_config
-from pipeline import train as train_module
-from pipeline.cache_read import open_cache
-from pipeline.config import NegativesConfig, TrainConfig
-from pipeline.checkpoint import STATE_FILE, read_state
-from pipeline.general import PROJECTIONS_FILE
-from pipeline.negatives import build_negatives
-from pipeline.reuse import MISSING
-from pipeline.student import build_student, student_config
-from pipeline.train import resolve_init, train_student
+from pipeline.cache.reader import open_cache
+from pipeline.core.config import NegativesConfig, TrainConfig
+from pipeline.core.reuse import MISSING
+from pipeline.negatives.build import build_negatives
+from pipeline.student import train as train_module
+from pipeline.student.checkpoint import STATE_FILE, read_state
+from pipeline.student.general import PROJECTIONS_FILE
+from pipeline.student.model import build_student, student_config
+from pipeline.student.train import resolve_init, train_student
 
 
 def tiny(cache: Path, out: Path, **kwargs) -> TrainConfig:
@@ -114,8 +114,8 @@ def test_hidden_mse_general_and_perturbation_off(corpus_with_negatives: Path, tm
 def test_refusals_between_task_and_corpus(corpus_with_negatives: Path, task_cache: Path, tmp_path: Path) -> None:
     assert_refused(lambda: train_student(tiny(corpus_with_negatives, tmp_path / "a", intermediate_loss="none", k=0)),
                    "corpus cache", "--intermediate-loss none", "cos_nce or hidden_mse")
-    from pipeline.evaluate import evaluate
-    from pipeline.config import DataConfig, EvaluateConfig
+    from pipeline.apps.evaluate import evaluate
+    from pipeline.core.config import DataConfig, EvaluateConfig
 
     # a general student has no classification head: evaluating it on a task is refused, not scored at random
     general = tmp_path / "general"
@@ -164,7 +164,7 @@ def test_keep_last_on_a_task_cache(task_cache: Path, tmp_path: Path) -> None:
                                state["bert.encoder.layer.1.output.dense.weight"], rtol=0, atol=0)
     assert_refused(lambda: TrainConfig(cache_dir=task_cache, output_dir=out, keep="first"), "--keep", "best, last")
     # runs recorded before --keep existed (no "keep" in train_config.json) still match a default config: reused
-    from pipeline.checkpoint import RUN_CONFIG, previous_run
+    from pipeline.student.checkpoint import RUN_CONFIG, previous_run
 
     fingerprint = open_cache(task_cache).fingerprint
 
@@ -181,8 +181,8 @@ def test_keep_last_on_a_task_cache(task_cache: Path, tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_demo_general_runs_the_whole_recipe_and_reuses_it(tmp_path: Path, glue_dir: Path, minilm_dir: Path) -> None:
     """`lrc demo --general` with the real MiniLM on 200 unlabeled GLUE sentences and 160 SST-2 rows, tiny students."""
-    from pipeline.config import DemoConfig
-    from pipeline.demo import run_demo
+    from pipeline.apps.demo import run_demo
+    from pipeline.core.config import DemoConfig
 
     config = DemoConfig(task="sst2", data_dir=glue_dir, work_dir=tmp_path / "demo", max_train_examples=160,
                         max_length=32, teacher_epochs=1, student_epochs=1, student_layers=2, student_hidden=64,

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import LrcError
-from pipeline.config import GRANULARITIES, TrainConfig, default_of
-from pipeline.losses import cos_nce, hard_loss, hidden_mse, soft_loss
+from pipeline.core.config import GRANULARITIES, TrainConfig, default_of
+from pipeline.core.errors import LrcError
+from pipeline.student.losses import cos_nce, hard_loss, hidden_mse, soft_loss
 
 # ---------------------------------------------------------------- helpers
 

@@ -1,4 +1,4 @@
-"""pipeline/metrics.py against hand-computed values and naive formulas."""
+"""pipeline/core/metrics.py against hand-computed values and naive formulas."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.metrics import _average_ranks, compute_metrics, matthews_corrcoef, pearson, spearman
-from pipeline.tasks import get_task
+from pipeline.core.metrics import _average_ranks, compute_metrics, matthews_corrcoef, pearson, spearman
+from pipeline.core.tasks import get_task
 
 
 def _logits(classes: list[int], num_classes: int = 2) -> np.ndarray:

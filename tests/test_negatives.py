@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config import NegativesConfig
-from pipeline.errors import LrcError
-from pipeline import negatives
-from pipeline.negatives import build_negatives, find_candidates
-from pipeline.sampler import FORMAT_VERSION, NegativeSampler, manifest_path, write_negatives
+from pipeline.cache.negatives_file import FORMAT_VERSION, manifest_path, write_negatives
+from pipeline.core.config import NegativesConfig
+from pipeline.core.errors import LrcError
+from pipeline.negatives import build as negatives
+from pipeline.negatives.build import build_negatives, find_candidates
+from pipeline.student.sampler import NegativeSampler
 
 UNUSED = Path("unused-cache")
 
@@ -292,7 +293,7 @@ def test_failed_write_leaves_old_file(tmp_path: Path) -> None:
 
 
 def test_build_negatives_on_tiny_cache(tiny_cache: Path, tmp_path: Path) -> None:
-    from pipeline.cache_read import open_cache
+    from pipeline.cache.reader import open_cache
 
     cache = open_cache(tiny_cache)
     train = cache.split("train")
@@ -367,7 +368,7 @@ def test_build_negatives_never_replaces_a_file_it_did_not_write(tiny_cache: Path
         with pytest.raises(LrcError, match=needle):
             build_negatives(NegativesConfig(cache_dir=c, k=2, output=output))
     assert (c / "manifest.json").read_bytes() == manifest
-    from pipeline.cache_read import open_cache
+    from pipeline.cache.reader import open_cache
 
     open_cache(c, check="full")
     # its own earlier output (file and .json) is replaced with --overwrite
@@ -376,7 +377,7 @@ def test_build_negatives_never_replaces_a_file_it_did_not_write(tiny_cache: Path
 
 
 def test_rebuilding_negatives_reuses_the_same_settings_and_refuses_others(tiny_cache: Path, tmp_path: Path) -> None:
-    """The rule every stage follows (pipeline/reuse.py): the same settings on the same cache reuse the file, other
+    """The rule every stage follows (pipeline/core/reuse.py): the same settings on the same cache reuse the file, other
     settings are refused in one line naming them and the fix, and --overwrite rebuilds it."""
     out = tmp_path / "n.arrow"
     build_negatives(NegativesConfig(cache_dir=tiny_cache, k=2, output=out))

@@ -1,4 +1,4 @@
-"""One place per option: a TrainConfig field declared with `option(...)` (pipeline/options.py) reaches
+"""One place per option: a TrainConfig field declared with `option(...)` (pipeline/core/options.py) reaches
 train-student's --help, flags and --config files, the sweep's keys, the settings a run dir is compared by (with
 the added-at default standing in for runs recorded before it) and report.md, with no edit anywhere else."""
 
@@ -13,15 +13,15 @@ import pytest
 from typer.testing import CliRunner
 
 import cli
-import pipeline.config
-import pipeline.report
-import pipeline.sweep
-import pipeline.train
+import pipeline.core.config
+import pipeline.student.report
+import pipeline.student.sweep
+import pipeline.student.train
 from conftest import assert_refused
-from pipeline import options
-from pipeline.checkpoint import RUN_CONFIG, comparable_settings, previous_run
-from pipeline.config import TrainConfig
-from pipeline.options import option
+from pipeline.core import options
+from pipeline.core.config import TrainConfig
+from pipeline.core.options import option
+from pipeline.student.checkpoint import RUN_CONFIG, comparable_settings, previous_run
 
 C, O = Path("cache"), Path("out")
 
@@ -35,7 +35,7 @@ def extended(monkeypatch: pytest.MonkeyPatch):
                                      help="Shape of the warmup: linear or cosine.")),
         ("progress_bar", bool, option(False, run_only=True, sweepable=False, help="Draw a progress bar.")),
     ], bases=(TrainConfig,), frozen=True)
-    for module in (pipeline.config, pipeline.sweep, pipeline.report):
+    for module in (pipeline.core.config, pipeline.student.sweep, pipeline.student.report):
         monkeypatch.setattr(module, "TrainConfig", new)
     yield new, importlib.reload(cli)
     monkeypatch.undo()
@@ -69,7 +69,7 @@ def test_a_new_option_reaches_help_flags_and_config_files(extended, monkeypatch:
         assert text in result.stdout, text
 
     seen = []
-    monkeypatch.setattr(pipeline.train, "train_student",
+    monkeypatch.setattr(pipeline.student.train, "train_student",
                         lambda config: seen.append(config) or {"kind": "general", "steps": 1})
     base = ["train-student", "--cache", str(tmp_path / "c"), "-o", str(tmp_path / "o")]
     result = runner.invoke(cli_module.app, [*base, "--warmup-shape", "cosine", "--progress-bar", "--lr", "1e-4"])
@@ -84,9 +84,10 @@ def test_a_new_option_reaches_help_flags_and_config_files(extended, monkeypatch:
 
 def test_a_new_option_reaches_the_sweep(extended) -> None:
     new, _ = extended
-    assert pipeline.sweep.sweep_keys()["warmup_shape"] is str
-    assert pipeline.sweep.parse_grid(["warmup-shape=linear,cosine"], None) == (("warmup_shape", ("linear", "cosine")),)
-    assert_refused(lambda: pipeline.sweep.parse_grid(["progress_bar=true"], None),
+    assert pipeline.student.sweep.sweep_keys()["warmup_shape"] is str
+    assert pipeline.student.sweep.parse_grid(["warmup-shape=linear,cosine"], None) == (
+        ("warmup_shape", ("linear", "cosine")),)
+    assert_refused(lambda: pipeline.student.sweep.parse_grid(["progress_bar=true"], None),
                    "a sweep cannot vary 'progress_bar'")
 
 
@@ -111,6 +112,6 @@ def test_a_new_option_reaches_the_report(extended) -> None:
     summary = {"task": "sst2", "kind": "general", "config": config, "main_metric": "accuracy", "best": None,
                "teacher_dev": None, "parameters": 1000, "layer_map": [2, 3, 5, 6], "steps": 4, "epochs": 0,
                "train_seconds": 1.0, "samples_per_s": 10.0}
-    text = pipeline.report.render_markdown(summary, "run")
+    text = pipeline.student.report.render_markdown(summary, "run")
     assert text.index("| seed | `42` |") < text.index("| warmup_shape | `cosine` |")
     assert "progress_bar" not in text

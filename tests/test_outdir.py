@@ -1,4 +1,4 @@
-"""Output dirs lrc owns (pipeline/outdir.py): markers, the one replace rule, nested outputs, and the lock, with
+"""Output dirs lrc owns (pipeline/core/outdir.py): markers, the one replace rule, nested outputs, and the lock, with
 real stage calls where the stage decides and real processes for the lock. Each test names the loss it prevents."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, assert_refused
-from pipeline import outdir
-from pipeline.config import DataConfig, EvaluateConfig, ExtractConfig, SweepConfig, TrainConfig
+from pipeline.core import outdir
+from pipeline.core.config import DataConfig, EvaluateConfig, ExtractConfig, SweepConfig, TrainConfig
 
 
 def user_folder(path: Path, signature: str) -> Path:
@@ -30,7 +30,7 @@ def user_folder(path: Path, signature: str) -> Path:
 def test_overwrite_never_empties_a_users_folder_holding_a_signature_file(tiny_teacher: Path, glue_dir: Path,
                                                                          tmp_path: Path) -> None:
     """The reported loss: `extract-teacher -o DIR --overwrite` deleted any folder holding a settings.json."""
-    from pipeline.extract import extract_teacher
+    from pipeline.teacher.extract import extract_teacher
 
     folder = user_folder(tmp_path / "project", "settings.json")
     data = DataConfig(task="sst2", data_dir=glue_dir, max_train_examples=8)
@@ -42,7 +42,7 @@ def test_overwrite_never_empties_a_users_folder_holding_a_signature_file(tiny_te
 
 def test_overwrite_of_a_run_dir_holding_other_files_names_them(neg_cache: Path, tmp_path: Path) -> None:
     """train-student --overwrite on a real run dir into which a user put notes: refused, the notes named, kept."""
-    from pipeline.train import train_student
+    from pipeline.student.train import train_student
 
     out = tmp_path / "run"
     config = TrainConfig(cache_dir=neg_cache, output_dir=out, layers=2, hidden=16, heads=2, intermediate=32, k=2,
@@ -60,7 +60,7 @@ def test_a_cache_inside_the_run_dir_is_refused_before_anything_is_written(neg_ca
     """With the cache inside the run dir, --overwrite used to delete the cache."""
     import shutil
 
-    from pipeline.train import train_student
+    from pipeline.student.train import train_student
 
     run = tmp_path / "run"
     shutil.copytree(neg_cache, run / "cache")
@@ -72,7 +72,7 @@ def test_a_cache_inside_the_run_dir_is_refused_before_anything_is_written(neg_ca
 def test_evaluate_output_never_replaces_a_file_lrc_evaluate_did_not_write(tiny_teacher: Path, glue_dir: Path,
                                                                          tmp_path: Path) -> None:
     """`lrc evaluate --output` overwrote any file: a student's config.json, a cache's manifest.json."""
-    from pipeline.evaluate import evaluate
+    from pipeline.apps.evaluate import evaluate
 
     data = DataConfig(task="sst2", data_dir=glue_dir)
     config = lambda output: EvaluateConfig(model_dir=tiny_teacher, data=data, output=output, device="cpu",  # noqa: E731
@@ -92,7 +92,7 @@ def test_evaluate_output_never_replaces_a_file_lrc_evaluate_did_not_write(tiny_t
 
 def test_a_sweep_never_writes_into_a_cache(neg_cache: Path) -> None:
     """`lrc sweep -o CACHE` wrote its run folders and tables into the cache."""
-    from pipeline.sweep import run_sweep
+    from pipeline.student.sweep import run_sweep
 
     base = TrainConfig(cache_dir=neg_cache, output_dir=neg_cache, device="cpu", num_workers=0)
     before = sorted(p.name for p in neg_cache.iterdir())
@@ -161,7 +161,7 @@ def test_a_second_writer_is_refused_and_a_killed_holders_lock_is_taken_over(tmp_
 
 
 def test_training_into_a_dir_another_process_writes_is_refused(neg_cache: Path, tmp_path: Path) -> None:
-    from pipeline.train import train_student
+    from pipeline.student.train import train_student
 
     out = tmp_path / "run"
     proc = holder(out)

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import DataConfig, EvaluateConfig, ExtractConfig
-from pipeline.evaluate import evaluate
-from pipeline.extract import extract_teacher
+from pipeline.apps.evaluate import evaluate
+from pipeline.core.config import DataConfig, EvaluateConfig, ExtractConfig
+from pipeline.teacher.extract import extract_teacher
 from conftest import REPO, assert_refused, make_tiny_teacher, sst2_lines, write_tsv
 
 
@@ -77,7 +77,7 @@ def test_teacher_of_another_task_is_refused_unless_allowed(tmp_path: Path, tiny_
     assert_refused(lambda: evaluate(_evaluate(teacher, files, task="mrpc")), "trained on sst2", "not mrpc")
     # mnli and mnli-mm are one task: its two dev sets
     (teacher / "teacher_info.json").write_text(json.dumps({"task": "mnli"}))
-    from pipeline.runtime import check_recorded_task
+    from pipeline.core.runtime import check_recorded_task
 
     check_recorded_task(teacher, "mnli-mm", "teacher", allow=False)
 
@@ -141,7 +141,7 @@ def test_non_finite_hidden_states_are_refused_by_row_and_layer(tmp_path: Path, m
     """A corpus cache (no logits, so the hidden states are what is checked) of a teacher that gives NaN on known rows.
     Catches: the int8 check reading the int8 values (always finite) instead of the scales, which then blames
     the pooled vectors and names no layer."""
-    from pipeline.config import CorpusConfig
+    from pipeline.core.config import CorpusConfig
 
     teacher = _nan_on_banana(tmp_path / "teacher", minilm_dir)
     corpus = tmp_path / "corpus.txt"
@@ -240,7 +240,7 @@ def test_full_disk_mid_extraction_leaves_nothing_to_trust(tmp_path: Path, tiny_t
         assert not list(out.glob("shards/train-*.arrow"))
     resumed = _cli(args)  # space freed: the same command finishes the cache
     assert resumed.returncode == 0, resumed.stderr[-1500:]
-    from pipeline.cache_read import open_cache
+    from pipeline.cache.reader import open_cache
 
     open_cache(out, check="full")
 
@@ -289,7 +289,7 @@ def test_nan_scores_never_reach_a_cache(tmp_path: Path, tiny_teacher: Path, file
 def test_all_finite_reads_exponent_bits_right() -> None:
     import numpy as np
 
-    from pipeline.runtime import all_finite
+    from pipeline.core.runtime import all_finite
 
     for dtype in (np.float16, np.float32, np.float64):
         values = np.random.default_rng(0).standard_normal((6, 8)).astype(dtype)
@@ -308,8 +308,8 @@ def test_a_tokenizer_larger_than_the_embeddings_is_one_line(tmp_path: Path, mini
     end in an IndexError traceback ("index out of range in self") mid-extraction."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from pipeline.config import FinetuneConfig
-    from pipeline.finetune import finetune_teacher
+    from pipeline.core.config import FinetuneConfig
+    from pipeline.teacher.finetune import finetune_teacher
 
     small = tmp_path / "small-vocab"
     BertForSequenceClassification(BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import NegativesConfig, TrainConfig
-from pipeline.errors import LrcError
-from pipeline.negatives import build_negatives
-from pipeline.report import (
+from pipeline.core.config import NegativesConfig, TrainConfig
+from pipeline.core.errors import LrcError
+from pipeline.negatives.build import build_negatives
+from pipeline.student.report import (
     DEV_PLOT, LOSS_PLOT, epoch_ends, loss_names, plot_dev, plot_losses, read_log, stage_boundary, write_report,
 )
-from pipeline.train import train_student
+from pipeline.student.train import train_student
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,4 @@
-"""pipeline/reuse.py with hand values: the diff rule and the fresh / resume / reuse / refuse decision."""
+"""pipeline/core/reuse.py with hand values: the diff rule and the fresh / resume / reuse / refuse decision."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import reuse
-from pipeline.errors import LrcError
-from pipeline.reuse import MISSING, Change, decide, describe, diff
+from pipeline.core import reuse
+from pipeline.core.errors import LrcError
+from pipeline.core.reuse import MISSING, Change, decide, describe, diff
 
 
 def test_equal_settings_differ_in_nothing() -> None:

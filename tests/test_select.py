@@ -1,5 +1,5 @@
-"""A student cut from its teacher (pipeline/select.py, student.init_from_teacher) and the importance scores stage
-one records for it (pipeline/importance.py): tiny random models of every family, built from configs, and real
+"""A student cut from its teacher (pipeline/student/select.py, model.init_from_teacher) and the importance scores stage
+one records for it (pipeline/cache/importance.py): tiny random models of every family, built from configs, and real
 caches of real SST-2 rows."""
 
 from __future__ import annotations
@@ -19,18 +19,19 @@ from typer.testing import CliRunner
 
 from cli import app
 from conftest import assert_refused
-from pipeline import importance, select
-from pipeline.cache import manifest_fingerprint, read_manifest, sha256_file
-from pipeline.cache_read import describe, open_cache
-from pipeline.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig, layer_map
-from pipeline.extract import extract_teacher
-from pipeline.negatives import build_negatives
-from pipeline.student import init_from_teacher, resolve_auto_init, student_config
-from pipeline.train import _setup, resolve_init, train_or_reuse, train_student
+from pipeline.cache import importance
+from pipeline.cache.format import manifest_fingerprint, read_manifest, sha256_file
+from pipeline.cache.reader import describe, open_cache
+from pipeline.core.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig, layer_map
+from pipeline.negatives.build import build_negatives
+from pipeline.student import select
+from pipeline.student.model import init_from_teacher, resolve_auto_init, student_config
+from pipeline.student.train import _setup, resolve_init, train_or_reuse, train_student
+from pipeline.teacher.extract import extract_teacher
 
 TASK = {"labels": ["negative", "positive"], "is_regression": False}
 FAMILIES = ["bert", "roberta", "deberta-v2", "electra", "mpnet", "distilbert"]
-# Written out here, not read from pipeline/families.py, so a wrong table row fails: the state-dict prefix of the
+# Written out here, not read from pipeline/core/families.py, so a wrong table row fails: the state-dict prefix of the
 # layers and, under one layer, query, key, value, attention output, FFN up and FFN down.
 NAMES = {
     "bert": ("bert.encoder.layer", "attention.self.query", "attention.self.key", "attention.self.value",
@@ -211,7 +212,7 @@ def test_uniform_and_scoreless_selection_are_evenly_spaced(tmp_path: Path, caplo
     scores, _ = planted_scores()
     _, kept = cut("bert", tmp_path / "t", teacher, STUDENT, 2, scores, "uniform")
     assert kept.tolist() == [0, 2, 5, 8, 10, 13]  # floor(k * 16 / 6)
-    with caplog.at_level(logging.INFO, logger="pipeline.student"):
+    with caplog.at_level(logging.INFO, logger="pipeline.student.model"):
         _, none = cut("bert", tmp_path / "t", teacher, STUDENT, 2, None, "activation")
     assert none.tolist() == kept.tolist()
     assert sum("no importance scores" in r.getMessage() for r in caplog.records) == 1

@@ -9,8 +9,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from conftest import assert_refused
-from pipeline.errors import LrcError
-from pipeline.student import Projections, build_student, init_shape, student_config
+from pipeline.core.errors import LrcError
+from pipeline.student.model import Projections, build_student, init_shape, student_config
 
 # What a cache manifest holds about its teacher and task (the fields student_config reads).
 TEACHER = {"vocab_size": 30522, "max_position_embeddings": 128, "type_vocab_size": 2, "pad_token_id": 0}

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from conftest import assert_refused, make_tiny_teacher
-from pipeline import sweep, train
-from pipeline.cache_read import open_cache
-from pipeline.config import DataConfig, ExtractConfig, NegativesConfig, SweepConfig, TrainConfig
-from pipeline.errors import LrcError
-from pipeline.extract import extract_teacher
-from pipeline.negatives import build_negatives
-from pipeline.sweep import grid_points, parse_grid, run_sweep
+from pipeline.cache.reader import open_cache
+from pipeline.core.config import DataConfig, ExtractConfig, NegativesConfig, SweepConfig, TrainConfig
+from pipeline.core.errors import LrcError
+from pipeline.negatives.build import build_negatives
+from pipeline.student import sweep, train
+from pipeline.student.sweep import grid_points, parse_grid, run_sweep
+from pipeline.teacher.extract import extract_teacher
 
 LR_GRID = (("learning_rate", (1e-4, 3e-4)),)
 

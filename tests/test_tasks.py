@@ -1,4 +1,4 @@
-"""pipeline/tasks.py: the task table, the real glue_data/ readers, explicit files, errors."""
+"""pipeline/core/tasks.py: the task table, the real glue_data/ readers, explicit files, errors."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import DataConfig
-from pipeline.errors import LrcError
-from pipeline.tasks import TASKS, Examples, get_task, load_examples
+from pipeline.core.config import DataConfig
+from pipeline.core.errors import LrcError
+from pipeline.core.tasks import TASKS, Examples, get_task, load_examples
 
 
 def _glue_root() -> Path:

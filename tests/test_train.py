@@ -19,17 +19,17 @@ import torch
 from transformers import BertForSequenceClassification
 
 from conftest import REPO, assert_refused, make_tiny_teacher, tiny_config
-from pipeline import checkpoint, losses
-from pipeline.batches import CacheDataset, collate
-from pipeline.cache_read import open_cache
-from pipeline.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig
-from pipeline.errors import LrcError
-from pipeline.extract import extract_teacher
-from pipeline.negatives import build_negatives
-from pipeline.sampler import NegativeSampler
-from pipeline.student import Projections, student_config
-from pipeline.step import Model, loss_terms, train_step, weighted_total
-from pipeline.train import _setup, loss_weights, lr_at, resolve_layer_map, stage_at, train_student
+from pipeline.cache.reader import open_cache
+from pipeline.core.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig
+from pipeline.core.errors import LrcError
+from pipeline.negatives.build import build_negatives
+from pipeline.student import checkpoint, losses
+from pipeline.student.batches import CacheDataset, collate
+from pipeline.student.model import Projections, student_config
+from pipeline.student.sampler import NegativeSampler
+from pipeline.student.step import Model, loss_terms, train_step, weighted_total
+from pipeline.student.train import _setup, loss_weights, lr_at, resolve_layer_map, stage_at, train_student
+from pipeline.teacher.extract import extract_teacher
 
 CPU = torch.device("cpu")
 
@@ -415,7 +415,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(neg_cache: Path, uninter
     out = tmp_path / "run"
     # Each step sleeps 0.2 s in the killed process (timing only, the arithmetic is untouched) so that the
     # kill lands after a checkpoint and well before the end whatever the machine's load.
-    slow = ("import time, pipeline.train as t; step = t.train_step; "
+    slow = ("import time, pipeline.student.train as t; step = t.train_step; "
             "t.train_step = lambda *a, **k: (time.sleep(0.2), step(*a, **k))[1]; from cli import app; app()")
     # one thread, as conftest sets for this process: the same float arithmetic in every run compared here
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
@@ -555,8 +555,8 @@ def test_student_beats_the_majority_class_on_sst2(tmp_path: Path, minilm_dir: Pa
     About 2.5 minutes on 2 busy cores. The student is 3 of the teacher's 6 layers (3, 5, 6), trained
     one-stage: in a run this short the default two stages leave the classifier only ~10 steps.
     """
-    from pipeline.config import FinetuneConfig
-    from pipeline.finetune import finetune_teacher
+    from pipeline.core.config import FinetuneConfig
+    from pipeline.teacher.finetune import finetune_teacher
 
     started = time.perf_counter()
     data = DataConfig(task="sst2", data_dir=glue_dir, max_train_examples=400)
@@ -626,7 +626,7 @@ def _poison_shard(c: Path, layer: int) -> tuple[int, int]:
     that never checked its teacher's outputs): only the values can tell."""
     import pyarrow as pa
 
-    from pipeline import cache as cache_mod
+    from pipeline.cache import format as cache_mod
 
     manifest = json.loads((c / "manifest.json").read_text())
     entry = manifest["splits"]["train"]["shards"][1]
@@ -672,7 +672,7 @@ def test_a_diverged_run_without_a_checkpoint_does_not_point_at_one(neg_cache: Pa
 
 def _killed_at_step_3(config: TrainConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     """Train until step 3 fails (a kill after the step-2 checkpoint), in this process."""
-    import pipeline.train as train_module
+    import pipeline.student.train as train_module
 
     step, calls = train_module.train_step, []
 
@@ -748,7 +748,7 @@ def test_a_label_outside_the_tasks_classes_in_the_cache_is_one_line(neg_cache: P
     cross-entropy used to end in an IndexError traceback ("Target 7 is out of bounds")."""
     import pyarrow as pa
 
-    from pipeline import cache as cache_mod
+    from pipeline.cache import format as cache_mod
 
     c = tmp_path / "cache"
     shutil.copytree(neg_cache, c)

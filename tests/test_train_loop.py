@@ -12,15 +12,15 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from conftest import assert_refused, make_tiny_teacher, tiny_config
-from pipeline import losses
-from pipeline.cache_read import open_cache
-from pipeline.config import DataConfig, ExtractConfig, TrainConfig
-from pipeline.extract import extract_teacher
-from pipeline.runtime import apply_update, predict_logits
-from pipeline.step import loss_terms
-from pipeline.train import DevSet, _setup, epoch_batches, evaluate, train_or_reuse, train_student
-from pipeline.metrics import compute_metrics
-from pipeline.tasks import get_task
+from pipeline.cache.reader import open_cache
+from pipeline.core.config import DataConfig, ExtractConfig, TrainConfig
+from pipeline.core.metrics import compute_metrics
+from pipeline.core.runtime import apply_update, predict_logits
+from pipeline.core.tasks import get_task
+from pipeline.student import losses
+from pipeline.student.step import loss_terms
+from pipeline.student.train import DevSet, _setup, epoch_batches, evaluate, train_or_reuse, train_student
+from pipeline.teacher.extract import extract_teacher
 from transformers import AutoModelForSequenceClassification
 
 CPU = torch.device("cpu")
@@ -179,7 +179,7 @@ def test_evaluate_leaves_the_mode_and_runs_without_dropout(neg_cache: Path, tmp_
 
 
 def test_train_or_reuse(neg_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.train as train
+    import pipeline.student.train as train
 
     calls: list[TrainConfig] = []
     real = train.train_student

@@ -1,0 +1,4 @@
+"""The contract between the stages: the cache's Arrow schema, shard writer and manifest (format), opening and
+reading a cache (reader), its int8 storage (quant), the importance scores recorded beside it (importance) and the
+negatives file derived from it (negatives_file). Stage one writes through it, build-negatives and stage two read
+through it; it imports pipeline.core only, never a stage."""

@@ -1,0 +1,146 @@
+"""What a config option is, written once on its dataclass field, and the checks every value a user gives goes through.
+
+`option(...)` declares a field with everything the rest of lrc needs to know about it: its default, its flag and
+help text on the command line, whether a run dir may be reused or resumed with another value of it, the value that
+stands for it in runs recorded before it existed, its row in report.md and whether a sweep may vary it. cli.py,
+checkpoint.py, report.py and sweep.py derive their option lists from these fields (the functions below), so a new
+option is one field and its check (docs/DESIGN.md §4), and none of them can silently miss it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any
+
+from pipeline.core.errors import LrcError
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+CACHE_CHECKS = ("auto", "quick", "full")  # how much of a cache is hashed at open (pipeline/cache/reader.py)
+
+_KEY = "lrc.option"
+
+
+class _Always:
+    """added_at's default: the option is in every recorded run, so a run without it is not one of ours."""
+
+    def __repr__(self) -> str:
+        return "ALWAYS"
+
+
+ALWAYS = _Always()
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    help: str | None = None  # the command line's help text; None: not a command-line option
+    flags: tuple[str, ...] = ()  # typer's names for it; () = --field-name (a bool: --field-name/--no-field-name)
+    run_only: bool = False  # how a run is watched or where it runs, not what it computes: a resume may change it
+    added_at: Any = ALWAYS  # the value that reproduces runs recorded before the option existed
+    report: int | None = None  # its row in report.md's key settings (ascending); None: not listed
+    sweepable: bool = True  # False: the same for every point of a sweep (where it reads and writes, how runs start)
+
+
+def option(default: Any = MISSING, *, help: str | None = None, flags: tuple[str, ...] = (), run_only: bool = False,
+           added_at: Any = ALWAYS, report: int | None = None, sweepable: bool = True) -> Any:
+    """A dataclass field (no default: a required one) carrying its OptionSpec."""
+    spec = OptionSpec(help=help, flags=flags, run_only=run_only, added_at=added_at, report=report, sweepable=sweepable)
+    return field(default=default, metadata={_KEY: spec})
+
+
+def spec_of(f: Field) -> OptionSpec:
+    """A plain field (no `option`) is compared on reuse, sweepable and not on the command line: the safe side."""
+    return f.metadata.get(_KEY, OptionSpec())
+
+
+def default_of(config_class: type, name: str) -> Any:
+    """The default of one config field. cli.py takes every default from here, so it lives in one place."""
+    for f in fields(config_class):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            raise ValueError(f"{config_class.__name__}.{name} has no default")
+    raise ValueError(f"{config_class.__name__} has no field {name!r}")
+
+
+def help_of(config_class: type, name: str) -> str:
+    return next(spec_of(f).help for f in fields(config_class) if f.name == name)
+
+
+def command_line(config_class: type) -> list[tuple[Field, OptionSpec]]:
+    """The fields that are command-line options, in field order (the order --help lists them in)."""
+    return [(f, spec_of(f)) for f in fields(config_class) if spec_of(f).help is not None]
+
+
+def run_only(config_class: type) -> frozenset[str]:
+    return frozenset(f.name for f in fields(config_class) if spec_of(f).run_only)
+
+
+def added_at(config_class: type) -> dict[str, Any]:
+    return {f.name: spec_of(f).added_at for f in fields(config_class) if spec_of(f).added_at is not ALWAYS}
+
+
+def report_keys(config_class: type) -> tuple[str, ...]:
+    listed = [f for f in fields(config_class) if spec_of(f).report is not None]
+    return tuple(f.name for f in sorted(listed, key=lambda f: spec_of(f).report))
+
+
+def fixed_keys(config_class: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(config_class) if not spec_of(f).sweepable)
+
+
+def flag_aliases(config_class: type) -> dict[str, str]:
+    """Flag name (`lr`) -> field name (`learning_rate`) of the sweepable options whose flag is not their name."""
+    aliases = {}
+    for f in fields(config_class):
+        spec = spec_of(f)
+        long = next((flag for flag in spec.flags if flag.startswith("--")), None)
+        if spec.sweepable and long is not None and long[2:].replace("-", "_") != f.name:
+            aliases[long[2:].replace("-", "_")] = f.name
+    return aliases
+
+
+# One policy for every number a user gives: checked when the config is built, so a bad value is refused before
+# any stage starts work (and before any dir is created). NaN fails every comparison and inf is refused
+# explicitly, so no non-finite value gets through a range check.
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise LrcError(message)
+
+
+def check_whole(flag: str, value: Any, minimum: int = 1, maximum: int | None = None) -> None:
+    """An integer option (a count, a size, a length, a step interval) in [minimum, maximum]."""
+    # numbers.Integral: a numpy integer from a script is a whole number too; a bool never is
+    require(isinstance(value, numbers.Integral) and not isinstance(value, bool),
+            f"{flag} must be a whole number, got {value!r}")
+    top = f" and <= {maximum}" if maximum is not None else ""
+    require(value >= minimum and (maximum is None or value <= maximum), f"{flag} must be >= {minimum}{top}, got {value}")
+
+
+def check_real(flag: str, value: Any, low: float = 0.0, high: float = math.inf, low_open: bool = True,
+               high_open: bool = True) -> None:
+    """A finite number in the interval from low to high (open ends exclude the bound)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        upper = "inf" if high == math.inf else f"{high:g}"
+        raise LrcError(f"{flag} must be a finite number in {left}{low:g}, {upper}{right}, got {value!r}")
+
+
+def check_seed(flag: str, value: Any) -> None:
+    check_whole(flag, value, 0, 2**32 - 1)  # numpy's seed range; torch and random accept it too
+
+
+def check_weights(flag: str, value: Any) -> None:
+    """alpha:beta:gamma loss weights: three finite numbers >= 0, not all zero (the step would learn nothing)."""
+    require(isinstance(value, (tuple, list)) and len(value) == 3, f"{flag} must be alpha:beta:gamma, got {value!r}")
+    for w in value:
+        check_real(flag, w, 0.0, low_open=False)
+    require(any(w > 0 for w in value), f"{flag} {':'.join(f'{w:g}' for w in value)} are all 0: nothing would be trained")
