@@ -202,49 +202,16 @@ def _setup(config: TrainConfig, ranks: distributed.Ranks = distributed.SINGLE) -
     is_general = cache.kind == "corpus"  # unlabeled text: general distillation (pipeline/student/general.py)
     task = None if is_general else get_task(cache.task["name"])
     depth, width, mapping = check_against_cache(config, cache)
-    sampler = None
-    if config.uses_negatives and config.negatives_source == "in-batch":
-        # Under torchrun each rank draws from its own share of the batch (no all-gather of teacher states), so
-        # the negatives, unlike a file's, depend on the world size; that share must still offer K others.
-        if rank_batch <= config.k:
-            raise LrcError(f"--negatives-source in-batch draws K={config.k} negatives from the other anchors of each "
-                           f"rank's batch, here {rank_batch} rows ({config.batch_size} over {ranks.world_size} ranks): "
-                           f"raise --batch-size above {config.k * ranks.world_size}, lower --k, or use --negatives-source file")
-        sampler = InBatchNegatives(config.k, config.seed)
-    elif config.uses_negatives:
-        if not config.negatives_path.is_file():
-            raise LrcError(f"no negatives file at {config.negatives_path}: run `lrc build-negatives --cache "
-                           f"{config.cache_dir}` first, or pass --k 0 to train without negatives")
-        sampler = NegativeSampler(config.negatives_path, config.k, config.seed, cache.fingerprint)
-    identity = config.projection_init != "random" and width == cache.hidden_size
+    sampler = _negatives(config, cache, rank_batch, ranks)
     inputs = checkpoint.run_inputs(cache.fingerprint, sampler.meta["sha256"] if isinstance(sampler, NegativeSampler) else None)
     if config.resume:  # before any model is built: a resume on other inputs is refused in one line
         checkpoint.check_inputs(run_dir, config, inputs)
     seed_everything(config.seed)
 
-    shape = student_config(cache.manifest["teacher"]["config"], config.layers, config.hidden, config.heads,
-                           config.intermediate, general.HEAD if is_general else cache.task, config.student_family)
-    kept = None  # the teacher channels a narrower --init teacher keeps: where its W_i start
-    if config.init == "teacher":
-        student, kept = init_from_teacher(shape, cache.teacher_weights_dir, mapping,
-                                          importance.load(cache.path, cache.manifest), config.init_selection)
-    else:
-        student = build_student(shape, config.init, cache.teacher_weights_dir, mapping, cache.manifest["max_length"])
-    check_finite_weights(student, f"the student initialised from {config.init}")
-    intermediate = config.intermediate_loss != "none"
-    carried = sorted(set(mapping)) if intermediate else []  # the teacher layers the batches carry, in slot order
-    projections = Projections(width, cache.hidden_size, depth, identity) if intermediate else None
-    if projections is not None and config.projection_init == "auto" and not identity and kept is not None:
-        projections.scatter(kept)  # W_i put the kept channels back where the teacher has them
-    elif projections is not None and config.projection_init == "auto" and not identity:
-        general.load_projections(config.init, projections, mapping)  # from a general student, when it fits
-    model = Model(student, projections, [carried.index(j) for j in mapping] if intermediate else [])
+    model, carried = _build_model(config, cache, depth, width, mapping)
+    student, projections = model.student, model.projections
     device = distributed.device_for(ranks, config.device)
-    student.to(device)
-    params = list(student.parameters())
-    if projections is not None:
-        projections.to(device)
-        params += list(projections.parameters())
+    params = [p for part in (student, projections) if part is not None for p in part.to(device).parameters()]
 
     dataset = CacheDataset(config.cache_dir, "train", carried, sampler)
     # Every rank cuts the same shuffled order into batches of B / world and takes every world-th one, so one
@@ -278,8 +245,54 @@ def _setup(config: TrainConfig, ranks: distributed.Ranks = distributed.SINGLE) -
         checkpoint.start_run_dir(config)
         logger = checkpoint.MetricsLog(run_dir, keep_until=state.step if config.resume else None)
     distributed.barrier(ranks)
-    return Run(config, cache, task, run_dir, mapping, model, params, optimizer, scheduler, dataset, batches, total_steps,
-               state, device, dev, teacher_dev, tokenizer, logger, inputs, ranks)
+    return Run(config=config, cache=cache, task=task, dir=run_dir, layer_map=mapping, model=model, params=params,
+               optimizer=optimizer, scheduler=scheduler, dataset=dataset, batches=batches, total_steps=total_steps,
+               state=state, device=device, dev=dev, teacher_dev=teacher_dev, tokenizer=tokenizer, logger=logger,
+               inputs=inputs, ranks=ranks)
+
+
+def _negatives(config: TrainConfig, cache: Cache, rank_batch: int,
+               ranks: distributed.Ranks) -> NegativeSampler | InBatchNegatives | None:
+    """Where each row's K negatives come from: the negatives file, the rank's own batch, or nowhere (K = 0)."""
+    if not config.uses_negatives:
+        return None
+    if config.negatives_source == "in-batch":
+        # Under torchrun each rank draws from its own share of the batch (no all-gather of teacher states), so
+        # the negatives, unlike a file's, depend on the world size; that share must still offer K others.
+        if rank_batch <= config.k:
+            raise LrcError(f"--negatives-source in-batch draws K={config.k} negatives from the other anchors of each "
+                           f"rank's batch, here {rank_batch} rows ({config.batch_size} over {ranks.world_size} ranks): "
+                           f"raise --batch-size above {config.k * ranks.world_size}, lower --k, or use --negatives-source file")
+        return InBatchNegatives(config.k, config.seed)
+    if not config.negatives_path.is_file():
+        raise LrcError(f"no negatives file at {config.negatives_path}: run `lrc build-negatives --cache "
+                       f"{config.cache_dir}` first, or pass --k 0 to train without negatives")
+    return NegativeSampler(config.negatives_path, config.k, config.seed, cache.fingerprint)
+
+
+def _build_model(config: TrainConfig, cache: Cache, depth: int, width: int, mapping: list[int]) -> tuple[Model, list[int]]:
+    """The student as --init starts it and its W_i as --projection-init starts them; also the teacher layers
+    the batches carry, in slot order."""
+    is_general = cache.kind == "corpus"
+    shape = student_config(cache.manifest["teacher"]["config"], config.layers, config.hidden, config.heads,
+                           config.intermediate, general.HEAD if is_general else cache.task, config.student_family)
+    kept = None  # the teacher channels a narrower --init teacher keeps: where its W_i start
+    if config.init == "teacher":
+        student, kept = init_from_teacher(shape, cache.teacher_weights_dir, mapping,
+                                          importance.load(cache.path, cache.manifest), config.init_selection)
+    else:
+        student = build_student(shape, config.init, cache.teacher_weights_dir, mapping, cache.manifest["max_length"])
+    check_finite_weights(student, f"the student initialised from {config.init}")
+    if config.intermediate_loss == "none":
+        return Model(student, None, []), []
+    identity = config.projection_init != "random" and width == cache.hidden_size
+    carried = sorted(set(mapping))
+    projections = Projections(width, cache.hidden_size, depth, identity)
+    if config.projection_init == "auto" and not identity and kept is not None:
+        projections.scatter(kept)  # W_i put the kept channels back where the teacher has them
+    elif config.projection_init == "auto" and not identity:
+        general.load_projections(config.init, projections, mapping)  # from a general student, when it fits
+    return Model(student, projections, [carried.index(j) for j in mapping]), carried
 
 
 def _student_tokenizer(cache: Cache, student: torch.nn.Module) -> Any:
@@ -368,13 +381,7 @@ def _train(config: TrainConfig, ranks: distributed.Ranks) -> dict[str, Any]:
 
                 # ---- logging, evaluation, checkpoints
                 if state.step % config.log_every == 0 or state.step == total_steps:
-                    terms = distributed.mean(ranks, terms)  # the whole batch's terms, as one process logs them
-                    record = {k: round(float(v), 6) for k, v in terms.items()}
-                    record |= {"step": state.step, "epoch": state.epoch, "lr": lr, "grad_norm": round(grad_norm, 6),
-                               "stage": 1 if run.task is None else stage_at(state.step - 1, total_steps, config),
-                               "samples_per_s": round(seen / (time.perf_counter() - started), 2)}
-                    if run.logger is not None:
-                        run.logger.write(record)
+                    record = _log_step(run, terms, lr, grad_norm, seen / (time.perf_counter() - started))
                     bar.set_postfix(loss=f"{record['loss']:.4f}", stage=record["stage"])
                 if config.eval_every and state.step % config.eval_every == 0:
                     _evaluate_and_keep_best(run)
@@ -391,17 +398,33 @@ def _train(config: TrainConfig, ranks: distributed.Ranks) -> dict[str, Any]:
     if state.batch_in_epoch:  # stopped mid-epoch by max_steps: evaluate the final weights too
         _evaluate_and_keep_best(run)
         run.save()
-    summary = _summary(run, seen, time.perf_counter() - started)
-    if ranks.is_main:
+    return _finish(run, _summary(run, seen, time.perf_counter() - started))
+
+
+def _log_step(run: Run, terms: dict[str, Any], lr: float, grad_norm: float, samples_per_s: float) -> dict[str, Any]:
+    """The step's line of train_log.jsonl (rank 0 writes it): the whole batch's loss terms, as one process has them."""
+    state = run.state
+    record = {k: round(float(v), 6) for k, v in distributed.mean(run.ranks, terms).items()}
+    record |= {"step": state.step, "epoch": state.epoch, "lr": lr, "grad_norm": round(grad_norm, 6),
+               "stage": 1 if run.task is None else stage_at(state.step - 1, run.total_steps, run.config),
+               "samples_per_s": round(samples_per_s, 2)}
+    if run.logger is not None:
+        run.logger.write(record)
+    return record
+
+
+def _finish(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0 leaves the final student (a task student, or a general student's encoder), its summary and report."""
+    if run.ranks.is_main:
         if run.task is None:
             general.save_encoder(run.dir, run.model.student, run.tokenizer, run.model.projections, run.layer_map)
         elif run.dev is None:
             checkpoint.save_student(run.dir, run.model.student, run.tokenizer)
         checkpoint.write_summary(run.dir, summary)
         write_report(run.dir.output_dir)
-    distributed.barrier(ranks)
-    log.info("student written to %s: %s", run.dir.output_dir, f"{config.keep} dev {state.best}" if run.task else
-             "the last student of general distillation (no dev split)")
+    distributed.barrier(run.ranks)
+    log.info("student written to %s: %s", run.dir.output_dir, f"{run.config.keep} dev {run.state.best}" if run.task
+             else "the last student of general distillation (no dev split)")
     return summary
 
 

@@ -58,15 +58,9 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
         return info
 
     seed_everything(config.seed)
-    backbone = resolve_backbone(config.backbone)
-    require_tokenizer(Path(backbone), "backbone")
-    tokenizer = from_pretrained(AutoTokenizer.from_pretrained, backbone, "backbone", config.trust_remote_code)
+    backbone, tokenizer = _backbone_and_tokenizer(config)
     train, dev = load_examples(config.data, "train"), load_examples(config.data, "dev")
-    labels = list(task.labels) if task.labels else ["score"]
-    model = _with_new_head(backbone, task.num_labels, labels, task.is_regression, config.trust_remote_code)
-    check_finite_weights(model, f"backbone {backbone}")
-    check_vocabulary(model, tokenizer, f"backbone {backbone}")
-    check_max_length(model.config, config.max_length, f"backbone {backbone}")
+    model = _checked_model(backbone, tokenizer, task, config)
     device = pick_device(config.device)
     model.to(device)
     segments = "token_type_ids" in tokenizer.model_input_names
@@ -112,6 +106,23 @@ def _finetune(config: FinetuneConfig) -> dict[str, Any]:
         atomic.publish_dir(tmp, out, empty=lambda path: outdir.clear(path, "teacher"))
     log.info("teacher written to %s (best dev %s at epoch %d)", out, task.main_metric, best["epoch"])
     return info
+
+
+def _backbone_and_tokenizer(config: FinetuneConfig) -> tuple[str, Any]:
+    backbone = resolve_backbone(config.backbone)
+    require_tokenizer(Path(backbone), "backbone")
+    return backbone, from_pretrained(AutoTokenizer.from_pretrained, backbone, "backbone", config.trust_remote_code)
+
+
+def _checked_model(backbone: str, tokenizer: Any, task: Any, config: FinetuneConfig) -> torch.nn.Module:
+    """The backbone with a new head for the task, refused in one line where its weights, vocabulary or
+    positions cannot serve the task at --max-length."""
+    labels = list(task.labels) if task.labels else ["score"]
+    model = _with_new_head(backbone, task.num_labels, labels, task.is_regression, config.trust_remote_code)
+    check_finite_weights(model, f"backbone {backbone}")
+    check_vocabulary(model, tokenizer, f"backbone {backbone}")
+    check_max_length(model.config, config.max_length, f"backbone {backbone}")
+    return model
 
 
 def _settings(config: FinetuneConfig) -> dict[str, Any]:
