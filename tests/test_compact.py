@@ -317,11 +317,11 @@ def test_in_batch_under_torchrun_needs_k_others_in_each_ranks_share(tiny_cache: 
     """--batch-size is the global batch: 8 over 2 ranks leaves 4 rows per rank, too few for K = 4 in-batch
     negatives, although 8 > K passes the one-process check. Refused before any process group or run dir."""
     from pipeline.core import distributed
-    from pipeline.student.train import _setup
+    from pipeline.student.run import setup_run
 
     config = TrainConfig(cache_dir=tiny_cache, output_dir=tmp_path / "o", negatives_source="in-batch", batch_size=8, k=4,
                          layers=2, hidden=32, heads=2, intermediate=64)
-    assert_refused(lambda: _setup(config, distributed.Ranks(rank=0, world_size=2)), "here 4 rows (8 over 2 ranks)")
+    assert_refused(lambda: setup_run(config, distributed.Ranks(rank=0, world_size=2)), "here 4 rows (8 over 2 ranks)")
     assert not (tmp_path / "o").exists()
 
 

@@ -29,7 +29,8 @@ from pipeline.core.errors import LrcError
 from pipeline.negatives.build import build_negatives
 from pipeline.student.checkpoint import read_state
 from pipeline.student.step import Trainable, train_step
-from pipeline.student.train import _setup, epoch_batches, loss_weights, train_student
+from pipeline.student.run import loss_weights, setup_run
+from pipeline.student.train import epoch_batches, train_student
 from pipeline.teacher.extract import extract_teacher
 
 pytestmark = pytest.mark.slow  # real process groups (torchrun launches, gloo ranks) throughout
@@ -58,7 +59,7 @@ def failing(*args, **kwargs):
         raise LrcError("injected failure on this rank")
     return real(*args, **kwargs)
 train.apply_update = failing
-setup = train._setup
+setup = train.setup_run
 def recording(*args, **kwargs):  # each rank's generator as training starts: what its dropout masks are drawn from
     run = setup(*args, **kwargs)
     if "RNG_AT_START" in os.environ:
@@ -66,7 +67,7 @@ def recording(*args, **kwargs):  # each rank's generator as training starts: wha
         with open(os.environ["RNG_AT_START"] + "." + os.environ["RANK"], "w") as f:
             f.write(hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest())
     return run
-train._setup = recording
+train.setup_run = recording
 from cli import app
 app(sys.argv[1:], prog_name="lrc")
 '''
@@ -307,7 +308,7 @@ def test_a_perturbed_step_all_reduces_once_and_gives_the_plain_gradient(work: di
     all-reduced too), the second pass bypassing DDP (no all-reduce: ranks drift apart), or an all-reduce per pass."""
     config = TrainConfig(cache_dir=work["cache"], output_dir=tmp_path / "run", layers=2, hidden=16, heads=2,
                          intermediate=32, k=2, batch_size=8, device="cpu", perturb_eps=eps)
-    run = _setup(config)
+    run = setup_run(config)
     batch = next(iter(epoch_batches(run, 0)))
     weights = loss_weights(5, 6, config)  # stage two: every loss term
     train_step(run.model, batch, weights, config, False, torch.device("cpu"))

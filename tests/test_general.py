@@ -20,7 +20,8 @@ from pipeline.student import train as train_module
 from pipeline.student.checkpoint import STATE_FILE, read_state
 from pipeline.student.general import PROJECTIONS_FILE
 from pipeline.student.model import build_student, student_config
-from pipeline.student.train import resolve_init, train_student
+from pipeline.student.run import resolve_init, setup_run
+from pipeline.student.train import train_student
 
 
 def tiny(cache: Path, out: Path, **kwargs) -> TrainConfig:
@@ -214,7 +215,7 @@ def test_a_task_run_keeps_the_general_students_projections(general_student: Path
 
     def start(name: str, **kwargs) -> dict[str, torch.Tensor]:
         config = tiny(task_cache, tmp_path / name, init=str(general_student), **kwargs)
-        return train_module._setup(config).model.projections.state_dict()
+        return setup_run(config).model.projections.state_dict()
 
     kept = start("auto")
     assert all(torch.equal(kept[key], saved[key]) for key in saved)

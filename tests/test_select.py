@@ -26,7 +26,8 @@ from pipeline.core.config import DataConfig, ExtractConfig, NegativesConfig, Tra
 from pipeline.negatives.build import build_negatives
 from pipeline.student import select
 from pipeline.student.model import init_from_teacher, resolve_auto_init, student_config
-from pipeline.student.train import _setup, resolve_init, train_or_reuse, train_student
+from pipeline.student.run import resolve_init, setup_run
+from pipeline.student.train import train_or_reuse, train_student
 from pipeline.teacher.extract import extract_teacher
 
 TASK = {"labels": ["negative", "positive"], "is_regression": False}
@@ -337,7 +338,7 @@ def test_cache_scores_are_the_teachers_means_checksummed_and_reproducible(scored
 def test_a_narrow_teacher_init_trains_with_scattered_projections(scored_cache: Path, tmp_path: Path) -> None:
     config = TrainConfig(cache_dir=scored_cache, output_dir=tmp_path / "run", layers=2, hidden=16, heads=2,
                          intermediate=40, init="teacher", k=2, max_steps=2, num_workers=0, device="cpu")
-    maps = _setup(config).model.projections.maps
+    maps = setup_run(config).model.projections.maps
     assert len(maps[0].weight.nonzero()) == 16 and torch.equal(maps[0].weight.sum(0), torch.ones(16))
     assert torch.equal(maps[0].weight, maps[1].weight)  # one channel set for every layer
     summary = train_student(replace(config, output_dir=tmp_path / "run2"))

@@ -28,7 +28,8 @@ from pipeline.student.batches import CacheDataset, collate
 from pipeline.student.model import Projections, student_config
 from pipeline.student.sampler import NegativeSampler
 from pipeline.student.step import Model, loss_terms, train_step, weighted_total
-from pipeline.student.train import _setup, loss_weights, lr_at, resolve_layer_map, stage_at, train_student
+from pipeline.student.run import loss_weights, lr_at, resolve_layer_map, setup_run, stage_at
+from pipeline.student.train import train_student
 from pipeline.teacher.extract import extract_teacher
 
 CPU = torch.device("cpu")
@@ -298,7 +299,7 @@ def test_loss_terms_none(neg_cache: Path, batch: dict, tmp_path: Path) -> None:
     (32, "auto", True), (32, "identity", True), (32, "random", False), (16, "auto", False)])
 def test_projection_start(neg_cache: Path, tmp_path: Path, hidden: int, projection_init: str, identity: bool) -> None:
     # The tiny teacher is 32 wide: auto starts W_i at the identity only where the student is as wide.
-    run = _setup(tiny(neg_cache, tmp_path / "run", hidden=hidden, heads=4, projection_init=projection_init))
+    run = setup_run(tiny(neg_cache, tmp_path / "run", hidden=hidden, heads=4, projection_init=projection_init))
     for w in run.model.projections.maps:
         assert w.weight.shape == (32, hidden)
         assert torch.equal(w.weight, torch.eye(32)) == identity

@@ -19,7 +19,8 @@ from pipeline.core.runtime import apply_update, predict_logits
 from pipeline.core.tasks import get_task
 from pipeline.student import losses
 from pipeline.student.step import loss_terms
-from pipeline.student.train import DevSet, _setup, epoch_batches, evaluate, train_or_reuse, train_student
+from pipeline.student.run import DevSet, setup_run
+from pipeline.student.train import epoch_batches, evaluate, train_or_reuse, train_student
 from pipeline.teacher.extract import extract_teacher
 from transformers import AutoModelForSequenceClassification
 
@@ -93,7 +94,7 @@ def test_each_student_layer_learns_from_its_mapped_teacher_layer(neg_cache: Path
                                                                   mapping: tuple) -> None:
     """An out-of-order and a repeated map: matching layers by position would pair them differently."""
     config = tiny(neg_cache, tmp_path / "run", layer_map=mapping, perturb_eps=0.0)
-    run = _setup(config)
+    run = setup_run(config)
     run.model.student.eval()  # no dropout: the loss and the hand computation see the same function
     batch = next(iter(epoch_batches(run, 0)))
     with torch.no_grad():
@@ -117,7 +118,7 @@ def _negatives_by_row(run, epoch: int) -> dict[int, tuple[int, ...]]:
 
 
 def test_negatives_are_drawn_afresh_each_epoch_and_repeat_with_the_seed(neg_cache: Path, tmp_path: Path) -> None:
-    run = _setup(tiny(neg_cache, tmp_path / "run"))
+    run = setup_run(tiny(neg_cache, tmp_path / "run"))
     first, second, first_again = (_negatives_by_row(run, e) for e in (0, 1, 0))
     assert len(first) == 200 and first == first_again
     changed = sum(first[row] != second[row] for row in first)
@@ -167,7 +168,7 @@ def test_train_student_clips_at_max_grad_norm(neg_cache: Path, tmp_path: Path) -
 @pytest.mark.parametrize("training", [True, False])
 def test_evaluate_leaves_the_mode_and_runs_without_dropout(neg_cache: Path, tmp_path: Path, training: bool) -> None:
     config = tiny(neg_cache, tmp_path / "run")
-    run = _setup(config)
+    run = setup_run(config)
     student = run.model.student.train(training)
     first = evaluate(student, run.dev, run.task, config, CPU, 0)
     second = evaluate(student, run.dev, run.task, config, CPU, 0)
@@ -208,7 +209,7 @@ def test_train_or_reuse(neg_cache: Path, tmp_path: Path, monkeypatch: pytest.Mon
 def test_cos_nce_without_negatives_is_its_positive_term(neg_cache: Path, tmp_path: Path) -> None:
     """--k 0 ("no negatives") reads no negatives file and leaves COS-NCE g(z_T, z_S) alone, summed over layers."""
     config = tiny(neg_cache, tmp_path / "run", k=0, perturb_eps=0.0)
-    run = _setup(config)
+    run = setup_run(config)
     run.model.student.eval()
     batch = next(iter(epoch_batches(run, 0)))
     assert "negative_hidden" not in batch

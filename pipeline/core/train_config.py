@@ -47,7 +47,7 @@ class TrainConfig:
     heads: int = option(12, help="Student attention heads (must divide --hidden).")
     intermediate: int = option(1200, help="Student FFN size.")
     # auto: the teacher cut to the student wherever it can be (it beat a random and a general start in every
-    # comparison of docs/RESULTS.md); train.resolve_init makes it concrete before a run records its settings.
+    # comparison of docs/RESULTS.md); student/run.py's resolve_init makes it concrete before a run records its settings.
     init: str = option("auto", report=11, help=(
         "auto (teacher where the cache holds the teacher's weights and the student is no larger than the teacher, "
         "else random; the log says which and why), random, teacher (the teacher cut to the student: embeddings and the mapped layers, at "

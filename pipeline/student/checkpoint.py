@@ -365,7 +365,7 @@ class PreviousRun:
 
 def previous_run(config: TrainConfig, fingerprint: str) -> PreviousRun:
     """Inspect config.output_dir for a run of the same settings on the cache with this fingerprint and on the
-    negatives file it names (by content). `config.init` is concrete (train.resolve_init): runs record what
+    negatives file it names (by content). `config.init` is concrete (run.resolve_init): runs record what
     `--init auto` resolved to. An unfinished run's inputs are compared when it resumes."""
     out = config.output_dir
     if not out.is_dir() or not any(out.iterdir()):

@@ -42,7 +42,8 @@ from pipeline.core import atomic, distributed, options, outdir
 from pipeline.core.config import SweepConfig, TrainConfig, load_config_file
 from pipeline.core.errors import LrcError
 from pipeline.core.tasks import get_task
-from pipeline.student.train import check_against_cache, train_or_reuse
+from pipeline.student.run import check_against_cache
+from pipeline.student.train import train_or_reuse
 
 log = logging.getLogger(__name__)
 
