@@ -450,7 +450,7 @@ def demo(
     k: int = typer.Option(D("k"), "--k", help="Negatives per example."),
     seed: int = typer.Option(D("seed"), help="Random seed of every stage."),
     overwrite: bool = typer.Option(D("overwrite"), help="Redo every stage, replacing what --work-dir holds (without it: artifacts made with the same settings are reused, others refused)."),
-    general: bool = typer.Option(D("general"), "--general/--no-general", help="First distil the bundled backbone on unlabeled text (general distillation), then start the task student from it (the paper's recipe; --no-general skips that stage and starts it from random weights)."),
+    general: bool = typer.Option(D("general"), "--general/--no-general", help="First distil the bundled backbone on unlabeled text (general distillation), then start the task student from it (the paper's recipe, about 10 more minutes on 2 CPU cores). Off by default: the task student then starts from the fine-tuned teacher cut to its shape, which measured better (docs/RESULTS.md)."),
     corpus: Optional[Path] = typer.Option(D("corpus"), help="--general: unlabeled text file (one passage per line); default: the GLUE train sentences in --data-dir and QNLI test."),
     general_max_passages: int = typer.Option(D("general_max_passages"), help="--general: passages of the corpus to use (a seeded subset of the GLUE sentences, or the first N of --corpus); 0 = all."),
     general_epochs: float = typer.Option(D("general_epochs"), help="--general: epochs of general distillation."),

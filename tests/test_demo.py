@@ -191,9 +191,9 @@ def test_demo_with_k_0_plans_no_negatives_stage(tmp_path: Path, glue_dir: Path) 
     teacher had been fine-tuned and extracted; the plan now trains without negatives."""
     from pipeline.apps.demo import plan
 
-    stages = plan(DemoConfig(data_dir=glue_dir, work_dir=tmp_path / "w", k=0))
+    stages = plan(DemoConfig(data_dir=glue_dir, work_dir=tmp_path / "w", k=0, general=True))
     assert stages.negatives is None and stages.corpus_negatives is None
     assert stages.train.k == 0 and not stages.train.uses_negatives and stages.general_train.k == 0
     assert not (tmp_path / "w").exists()  # planning writes nothing
-    stages = plan(DemoConfig(data_dir=glue_dir, work_dir=tmp_path / "w", k=2, general=False))
-    assert stages.negatives.k == 2 and stages.corpus_negatives is None and stages.train.init == "auto"
+    stages = plan(DemoConfig(data_dir=glue_dir, work_dir=tmp_path / "w", k=2))  # the default: no general stage
+    assert stages.negatives.k == 2 and stages.general_train is None and stages.train.init == "auto"

@@ -1,8 +1,9 @@
 """`lrc demo`: fine-tune a teacher, cache it, build negatives, train a student, compare the two.
 
-By default (`--general`) it first distils the bundled backbone (pre-trained, not fine-tuned) on unlabeled
-text into a general student of the student's shape, and starts the task student from it (the paper's
-recipe); `--no-general` starts the task student from random weights.
+By default the task student starts from the fine-tuned teacher cut to the student's shape (train-student's
+`--init auto`). `--general` first distils the bundled backbone (pre-trained, not fine-tuned) on unlabeled
+text into a general student of the student's shape (itself cut from the backbone), and starts the task
+student from that general student instead (the paper's recipe).
 
 Each stage reuses what an earlier run left in the work dir when its settings match, so a
 second `lrc demo` finishes in seconds; an artifact made with other settings is refused, and
