@@ -126,7 +126,7 @@ def test_kinds_markers_and_older_artifacts(tmp_path: Path) -> None:
 HOLD = """
 import sys, time
 from pathlib import Path
-from pipeline import outdir
+from pipeline.core import outdir
 with outdir.lock(Path(sys.argv[1]), "train-student"):
     print("held", flush=True)
     time.sleep(120)
