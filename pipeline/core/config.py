@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline.core.errors import LrcError
 from pipeline.core.options import (  # noqa: F401 - the shared names are re-exported: callers import them from here
-    CACHE_CHECKS, DEVICES, PRECISIONS, check_real, check_seed, check_whole, default_of, help_of, option, require,
+    CACHE_CHECKS, DEVICES, PRECISIONS, check_optimisation, check_real, check_seed, check_whole, default_of, help_of, option, require,
 )
 from pipeline.core.train_config import (  # noqa: F401 - re-exported, as above
     GRANULARITIES, INIT_SELECTIONS, INTERMEDIATE_LOSSES, KEEP_CHOICES, NEGATIVE_SOURCES, PROJECTION_INITS,
@@ -85,14 +85,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_whole("--max-length", self.max_length, 8)
-        check_real("--epochs", self.epochs)
-        check_whole("--batch-size", self.batch_size)
-        check_whole("--eval-batch-size", self.eval_batch_size)
-        check_real("--lr", self.learning_rate)
-        check_real("--weight-decay", self.weight_decay, low_open=False)
-        check_real("--max-grad-norm", self.max_grad_norm, low_open=False)  # 0 = no clipping
-        check_real("--warmup-ratio", self.warmup_ratio, 0.0, 1.0, low_open=False)
-        check_seed("--seed", self.seed)
+        check_optimisation(self)
         require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
         require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
 

@@ -144,3 +144,15 @@ def check_weights(flag: str, value: Any) -> None:
     for w in value:
         check_real(flag, w, 0.0, low_open=False)
     require(any(w > 0 for w in value), f"{flag} {':'.join(f'{w:g}' for w in value)} are all 0: nothing would be trained")
+
+
+def check_optimisation(config: Any) -> None:
+    """The optimiser settings fine-tuning and student training share (same fields, same flags)."""
+    check_real("--epochs", config.epochs)
+    check_whole("--batch-size", config.batch_size)
+    check_whole("--eval-batch-size", config.eval_batch_size)
+    check_real("--lr", config.learning_rate)
+    check_real("--weight-decay", config.weight_decay, low_open=False)
+    check_real("--max-grad-norm", config.max_grad_norm, low_open=False)  # 0 = no clipping
+    check_real("--warmup-ratio", config.warmup_ratio, 0.0, 1.0, low_open=False)
+    check_seed("--seed", config.seed)

@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.core.errors import LrcError
 from pipeline.core.options import (
-    CACHE_CHECKS, DEVICES, PRECISIONS, check_real, check_seed, check_weights, check_whole, option, require,
+    CACHE_CHECKS, DEVICES, PRECISIONS, check_optimisation, check_real, check_seed, check_weights, check_whole, option, require,
 )
 
 GRANULARITIES = ("flat", "token", "cls")
@@ -154,16 +154,9 @@ class TrainConfig:
         check_weights("--stage1-weights", self.stage1_weights)
         check_weights("--stage2-weights", self.stage2_weights)
         check_real("--perturb-eps", self.perturb_eps, low_open=False)  # 0 = no perturbation
-        check_real("--epochs", self.epochs)
+        check_optimisation(self)
         if self.max_steps is not None:
             check_whole("--max-steps", self.max_steps)
-        check_whole("--batch-size", self.batch_size)
-        check_whole("--eval-batch-size", self.eval_batch_size)
-        check_real("--lr", self.learning_rate)
-        check_real("--weight-decay", self.weight_decay, low_open=False)
-        check_real("--max-grad-norm", self.max_grad_norm, low_open=False)  # 0 = no clipping
-        check_real("--warmup-ratio", self.warmup_ratio, 0.0, 1.0, low_open=False)
-        check_seed("--seed", self.seed)
         if self.eval_every is not None:
             check_whole("--eval-every", self.eval_every)
         check_whole("--checkpoint-every", self.checkpoint_every)
