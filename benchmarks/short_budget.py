@@ -11,6 +11,9 @@ reference a user would write by hand. Per (row, seed) results go to <work-dir>/s
 arrive, so a killed run continues where it stopped.
 
     python benchmarks/short_budget.py --work-dir data/short --seeds 42,43,44 --general-student data/general/general-cos_nce
+
+With --cache DIR the students learn from that task cache (and its negatives) instead of the demo's: another teacher
+(benchmarks/mpnet_cut.sh), the same rows and budget; the online loop needs the demo's teacher and is left out.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ ROWS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "KD-only, selected init (activation)": ("teacher", {**BASELINE, "init_selection": "activation"}),
     "LRC, selected init (uniform)": ("teacher", {"init_selection": "uniform"}),
     "KD-only, selected init (uniform)": ("teacher", {**BASELINE, "init_selection": "uniform"}),
+    "Hidden-MSE, selected init (activation)": ("teacher", {**BASELINE, "intermediate_loss": "hidden_mse",
+                                                          "init_selection": "activation"}),
 }
 
 
@@ -118,7 +123,7 @@ def report(results: dict[str, dict[str, Any]], rows: list[str], teacher: dict[st
            args: argparse.Namespace) -> str:
     lines = [f"# Short budget: 4x312 students, one epoch of {args.max_train_examples} SST-2 rows, lr {args.lr}, "
              f"batch {args.batch_size}, last checkpoint", "",
-             f"Teacher (lrc demo's): dev {metric} {teacher[metric]:.4f}. Seeds {args.seeds}.", "",
+             f"Teacher ({args.cache or "lrc demo's"}): dev {metric} {teacher[metric]:.4f}. Seeds {args.seeds}.", "",
              f"| row | dev {metric}: mean ± sd (n) | per seed | % of teacher | train s (mean) |", "|---|---|---|---|---|"]
     for row in rows:
         got = [results[f"{row}|{s}"] for s in args.seeds if f"{row}|{s}" in results]
@@ -142,6 +147,8 @@ def main() -> None:
     parser.add_argument("--max-train-examples", type=int, default=4000)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--cache", type=Path, default=None, help="a task cache (with negatives) to train from instead "
+                        "of the demo's")
     parser.add_argument("--results", default="short_budget", help="name of the .json/.md results in --work-dir "
                         "(a second process over other rows writes its own)")
     args = parser.parse_args()
@@ -153,11 +160,19 @@ def main() -> None:
         parser.error(f"unknown --rows {unknown}: choose from {'; '.join(ROWS)}")
     if any(ROWS[r][0] == "general" for r in rows) and args.general_student is None:
         parser.error("the general rows need --general-student DIR")
+    if args.cache is not None and any(ROWS[r][1] is None for r in rows):
+        parser.error("the online loop runs the demo's teacher: leave it out of --rows with --cache")
     setup_logging()
     demo = DemoConfig(data_dir=args.data_dir, work_dir=args.work_dir, max_train_examples=args.max_train_examples)
-    stages = plan(demo)
-    paths = {"teacher": stages.paths["teacher"], "cache": stages.paths["cache"]}
-    teacher = task_stages(stages, {})["dev_metrics"]
+    if args.cache is None:
+        stages = plan(demo)
+        paths = {"teacher": stages.paths["teacher"], "cache": stages.paths["cache"]}
+        teacher = task_stages(stages, {})["dev_metrics"]
+    else:  # the teacher's dev metrics from its cached dev logits
+        cache = open_cache(args.cache)
+        demo = replace(demo, task=cache.task["name"])
+        paths, dev = {"cache": args.cache}, cache.split("dev")
+        teacher = compute_metrics(get_task(demo.task), dev.logits(), dev.labels())
     metric = get_task(demo.task).main_metric
     out = args.work_dir / f"{args.results}.json"
     results = json.loads(out.read_text())["runs"] if out.is_file() else {}

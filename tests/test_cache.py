@@ -14,7 +14,8 @@ import torch
 
 from pipeline.cache import format as cache
 from pipeline.cache.reader import open_cache
-from pipeline.core.config import DataConfig, ExtractConfig, layer_map
+from pipeline.cache.quant import scale_column
+from pipeline.core.config import HIDDEN_DTYPES, DataConfig, ExtractConfig, layer_map
 from pipeline.core.errors import LrcError
 from pipeline.core.tasks import load_examples
 from pipeline.teacher.extract import extract_teacher
@@ -112,6 +113,17 @@ def test_layer_map_is_round_half_up_of_i_n_over_m() -> None:
 
 
 # ---------------------------------------------------------------- round trip against the teacher
+
+
+@pytest.mark.parametrize("dtype", HIDDEN_DTYPES)
+def test_every_hidden_dtype_has_one_storage(dtype: str) -> None:
+    """Every --hidden-dtype the config accepts is stored as the one table says: values as the dtype itself, the
+    pooled vector as a float (float16 for int8), and the int8 scales beside int8 values only."""
+    schema = cache.shard_schema([2], 8, 2, False, dtype, with_hidden=True)
+    values = schema.field(cache.hidden_column(2)).type.value_type.value_type
+    assert values == pa.from_numpy_dtype(np.dtype(dtype))
+    assert schema.field("pooled").type.value_type == (pa.float16() if dtype == "int8" else values)
+    assert (scale_column(2) in schema.names) == (dtype == "int8")
 
 
 def test_tiny_cache_rows_equal_teacher_outputs(tiny_cache: Path, tiny_ref: Reference, glue_dir: Path) -> None:

@@ -29,7 +29,8 @@ from pipeline.core.errors import LrcError
 from pipeline.negatives.build import build_negatives
 from pipeline.student.checkpoint import read_state
 from pipeline.student.step import Trainable, train_step
-from pipeline.student.run import loss_weights, setup_run
+from pipeline.student.objective import loss_weights
+from pipeline.student.run import setup_run
 from pipeline.student.train import epoch_batches, train_student
 from pipeline.teacher.extract import extract_teacher
 
@@ -311,7 +312,7 @@ def test_a_perturbed_step_all_reduces_once_and_gives_the_plain_gradient(work: di
     run = setup_run(config)
     batch = next(iter(epoch_batches(run, 0)))
     weights = loss_weights(5, 6, config)  # stage two: every loss term
-    train_step(run.model, batch, weights, config, False, torch.device("cpu"))
+    train_step(run.model, batch, weights, config, run.objective, torch.device("cpu"))
     plain = [p.grad.clone() for p in run.params]
     for p in run.params:
         p.grad = None
@@ -326,7 +327,7 @@ def test_a_perturbed_step_all_reduces_once_and_gives_the_plain_gradient(work: di
 
     run.model.synced = distributed.wrap(Trainable(run.model.student, run.model.projections), torch.device("cpu"))
     run.model.synced.register_comm_hook(None, count)
-    train_step(run.model, batch, weights, config, False, torch.device("cpu"))
+    train_step(run.model, batch, weights, config, run.objective, torch.device("cpu"))
     buckets = len(set(calls))
     assert buckets > 0 and len(calls) == buckets, calls  # every bucket exactly once: one all-reduce round
     assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(run.params, plain))

@@ -22,13 +22,15 @@ from conftest import REPO, assert_refused, make_tiny_teacher, tiny_config
 from pipeline.cache.reader import open_cache
 from pipeline.core.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig
 from pipeline.core.errors import LrcError
+from pipeline.core.tasks import get_task
 from pipeline.negatives.build import build_negatives
 from pipeline.student import checkpoint, losses
 from pipeline.student.batches import CacheDataset, collate
 from pipeline.student.model import Projections, student_config
 from pipeline.student.sampler import NegativeSampler
 from pipeline.student.step import Model, loss_terms, train_step, weighted_total
-from pipeline.student.run import loss_weights, lr_at, resolve_layer_map, setup_run, stage_at
+from pipeline.student.objective import Objective, loss_weights, objective_for, stage_at
+from pipeline.student.run import lr_at, resolve_layer_map, setup_run
 from pipeline.student.train import train_student
 from pipeline.teacher.extract import extract_teacher
 
@@ -36,6 +38,8 @@ CPU = torch.device("cpu")
 
 
 tiny = tiny_config
+# The neg_cache's task: a two-class classification, soft and hard terms on.
+CLASSIFY = Objective(get_task("sst2"), {"labels": ["0", "1"], "num_labels": 2, "is_regression": False})
 
 
 def refused(config: TrainConfig, *needles: str) -> str:
@@ -165,7 +169,7 @@ def grads_of(total: torch.Tensor, params: dict[str, torch.nn.Parameter]) -> dict
 def step_grads(model: Model, batch: dict, weights: tuple, config: TrainConfig) -> dict[str, torch.Tensor]:
     for p in named_params(model).values():
         p.grad = None
-    train_step(model, batch, weights, config, False, CPU)
+    train_step(model, batch, weights, config, CLASSIFY, CPU)
     return {k: torch.zeros_like(p) if p.grad is None else p.grad.clone() for k, p in named_params(model).items()}
 
 
@@ -223,7 +227,7 @@ def test_returned_terms_are_those_of_the_perturbed_pass(neg_cache: Path, batch: 
     delta = gr / gr.flatten(1).norm(dim=1).view(-1, 1, 1)
     with torch.no_grad():
         expected = manual_total(model, batch, embed(model, batch) + delta, weights)
-    terms = train_step(model, batch, weights, tiny(neg_cache, tmp_path, perturb_eps=1.0), False, CPU)
+    terms = train_step(model, batch, weights, tiny(neg_cache, tmp_path, perturb_eps=1.0), CLASSIFY, CPU)
     assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -251,7 +255,7 @@ def test_stage_one_updates_only_from_cos_nce(neg_cache: Path, batch: dict, tmp_p
 @pytest.mark.parametrize("granularity", ["flat", "token", "cls"])
 def test_loss_terms_cos_nce(neg_cache: Path, batch: dict, tmp_path: Path, granularity: str) -> None:
     model = make_model(neg_cache)
-    terms, e = loss_terms(model, batch, tiny(neg_cache, tmp_path, granularity=granularity), regression=False)
+    terms, e = loss_terms(model, batch, tiny(neg_cache, tmp_path, granularity=granularity), CLASSIFY)
     assert set(terms) == {"cos_nce", "soft", "hard"}
     with torch.no_grad():
         cos = manual_total(model, batch, embed(model, batch), (1.0, 0.0, 0.0), granularity)
@@ -265,7 +269,7 @@ def test_loss_terms_cos_nce(neg_cache: Path, batch: dict, tmp_path: Path, granul
 
 def test_loss_terms_hidden_mse(neg_cache: Path, batch: dict, tmp_path: Path) -> None:
     model = make_model(neg_cache)
-    terms, _ = loss_terms(model, batch, tiny(neg_cache, tmp_path, intermediate_loss="hidden_mse"), regression=False)
+    terms, _ = loss_terms(model, batch, tiny(neg_cache, tmp_path, intermediate_loss="hidden_mse"), CLASSIFY)
     assert set(terms) == {"hidden_mse", "soft", "hard"}
     with torch.no_grad():
         out = model.student(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
@@ -280,7 +284,7 @@ def test_loss_terms_hidden_mse(neg_cache: Path, batch: dict, tmp_path: Path) -> 
 
 def test_loss_terms_none(neg_cache: Path, batch: dict, tmp_path: Path) -> None:
     model = make_model(neg_cache, intermediate_loss="none")
-    terms, _ = loss_terms(model, batch, tiny(neg_cache, tmp_path, intermediate_loss="none", k=0), regression=False)
+    terms, _ = loss_terms(model, batch, tiny(neg_cache, tmp_path, intermediate_loss="none", k=0), CLASSIFY)
     assert set(terms) == {"soft", "hard"}
     with torch.no_grad():
         logits = model.student(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
@@ -319,6 +323,24 @@ def test_weighted_total() -> None:
     assert weighted_total(mse, (2.0, 1.0, 1.0)).item() == 16.0
     kd = {"soft": torch.tensor(3.0), "hard": torch.tensor(5.0)}
     assert weighted_total(kd, (1.0, 1.0, 3.0)).item() == 18.0
+    general = {"cos_nce": torch.tensor(2.0)}  # a corpus run: the intermediate term alone
+    assert weighted_total(general, (1.5, 0.0, 0.0)).item() == 3.0
+
+
+def test_the_objective_follows_the_cache_kind(tmp_path: Path) -> None:
+    """A corpus cache trains the intermediate loss alone at every step, keeps the last student and lets DDP look for
+    the unused head; a task cache follows the two-stage schedule and its task's metric and loss type."""
+    config = TrainConfig(cache_dir=tmp_path, output_dir=tmp_path / "run", stage1_fraction=0.5, keep="best")
+    corpus = objective_for({"kind": "corpus", "task": None})
+    assert corpus.general and not corpus.predicts and corpus.find_unused and corpus.metric is None
+    assert {corpus.weights(s, 10, config) for s in range(10)} == {(1.0, 0.0, 0.0)}
+    assert {corpus.stage(s, 10, config) for s in range(10)} == {1}
+    assert (corpus.keep(config), corpus.kind, corpus.head["num_labels"]) == ("last", "general", 1)
+    stsb = objective_for({"kind": "task", "task": {"name": "stsb", "labels": None, "num_labels": 1,
+                                                    "is_regression": True, "metric": "pearson_spearman"}})
+    assert stsb.predicts and stsb.regression and not stsb.find_unused and stsb.metric == "pearson"
+    assert [stsb.weights(s, 4, config) for s in range(4)] == [config.stage1_weights] * 2 + [config.stage2_weights] * 2
+    assert (stsb.keep(config), stsb.kind, stsb.name) == ("best", "task", "stsb")
 
 
 # --------------------------------------------------------------------------- a whole run, without the teacher

@@ -98,7 +98,7 @@ def test_each_student_layer_learns_from_its_mapped_teacher_layer(neg_cache: Path
     run.model.student.eval()  # no dropout: the loss and the hand computation see the same function
     batch = next(iter(epoch_batches(run, 0)))
     with torch.no_grad():
-        terms, _ = loss_terms(run.model, batch, config, regression=False)
+        terms, _ = loss_terms(run.model, batch, config, run.objective)
         expected = _expected_intermediate(run, batch, list(mapping))
     assert terms["cos_nce"].item() == pytest.approx(expected.item(), rel=1e-5)
     if mapping == (4, 2):  # matched by position, student layer i would learn from the i-th stored layer
@@ -170,8 +170,8 @@ def test_evaluate_leaves_the_mode_and_runs_without_dropout(neg_cache: Path, tmp_
     config = tiny(neg_cache, tmp_path / "run")
     run = setup_run(config)
     student = run.model.student.train(training)
-    first = evaluate(student, run.dev, run.task, config, CPU, 0)
-    second = evaluate(student, run.dev, run.task, config, CPU, 0)
+    first = evaluate(student, run.dev, run.objective.task, config, CPU, 0)
+    second = evaluate(student, run.dev, run.objective.task, config, CPU, 0)
     assert student.training is training
     assert first == second  # dropout would make two evaluations differ
 
@@ -214,7 +214,7 @@ def test_cos_nce_without_negatives_is_its_positive_term(neg_cache: Path, tmp_pat
     batch = next(iter(epoch_batches(run, 0)))
     assert "negative_hidden" not in batch
     with torch.no_grad():
-        terms, _ = loss_terms(run.model, batch, config, regression=False)
+        terms, _ = loss_terms(run.model, batch, config, run.objective)
         out = run.model.student(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
                                 attention_mask=batch["attention_mask"], output_hidden_states=True)
         positive = sum((1 - torch.nn.functional.cosine_similarity(  # flat: the real tokens of a layer as one vector

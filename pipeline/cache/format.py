@@ -58,9 +58,11 @@ _SHARD_RE = re.compile(r"^(?P<split>[a-z_]+)-(?P<start>\d{9})-(?P<stop>\d{9})\.a
 _SAMPLE_EDGE = 64 << 10
 _SAMPLE_BLOCK = 4 << 10
 _SAMPLE_COUNT = 16
-_ARROW_DTYPES = {"float16": pa.float16(), "float32": pa.float32(), "int8": pa.int8()}
-# The pooled vector (one per example, for the negatives index) stays a float: int8 caches keep it in float16.
-_POOLED_DTYPES = {"float16": pa.float16(), "float32": pa.float32(), "int8": pa.float16()}
+# How each --hidden-dtype is stored, (hidden-state values, pooled vector), as numpy dtypes (the Arrow types follow
+# from them): the one table of storage dtypes, for the writer, the reader and the teacher pass. The pooled vector
+# (one per example, for the negatives index) stays a float: int8 caches keep it in float16.
+STORAGE: dict[str, tuple[type, type]] = {"float16": (np.float16, np.float16), "float32": (np.float32, np.float32),
+                                         INT8: (np.int8, np.float16)}
 
 
 def hidden_column(layer: int) -> str:
@@ -147,7 +149,7 @@ def shard_schema(
 
     num_labels None: a corpus cache (unlabeled text), with no label and no logits columns at all.
     """
-    dtype = _ARROW_DTYPES[hidden_dtype]
+    values, pooled = (pa.from_numpy_dtype(t) for t in STORAGE[hidden_dtype])
     fields = [
         pa.field("row_id", pa.int64()),
         pa.field("input_ids", pa.list_(pa.int32())),
@@ -159,10 +161,10 @@ def shard_schema(
     if with_hidden:
         # (tokens, d') per example: a list of fixed-size rows keeps the shape readable by any Arrow tool.
         for j in layers:
-            fields.append(pa.field(hidden_column(j), pa.list_(pa.list_(dtype, hidden_size))))
+            fields.append(pa.field(hidden_column(j), pa.list_(pa.list_(values, hidden_size))))
             if hidden_dtype == INT8:  # (tokens,) float32: each token's absmax / 127 (pipeline/cache/quant.py)
                 fields.append(pa.field(scale_column(j), pa.list_(pa.float32())))
-        fields.append(pa.field("pooled", pa.list_(_POOLED_DTYPES[hidden_dtype], hidden_size)))
+        fields.append(pa.field("pooled", pa.list_(pooled, hidden_size)))
     return pa.schema(fields, metadata={"lrc.format": FORMAT, "lrc.format_version": str(FORMAT_VERSION)})
 
 
@@ -419,8 +421,8 @@ def _check_schema(manifest: dict[str, Any]) -> None:
         _check_keys("task", manifest["task"], _TASK_SCHEMA)
     if not all(isinstance(j, int) and not isinstance(j, bool) for j in manifest["layers"]):
         raise TypeError(f"layers {manifest['layers']!r} are not all integers")
-    if manifest["hidden_dtype"] not in _ARROW_DTYPES:
-        raise ValueError(f"hidden_dtype {manifest['hidden_dtype']!r} is not one of {', '.join(_ARROW_DTYPES)}")
+    if manifest["hidden_dtype"] not in STORAGE:
+        raise ValueError(f"hidden_dtype {manifest['hidden_dtype']!r} is not one of {', '.join(STORAGE)}")
     for split, info in manifest["splits"].items():
         _check_keys(f"split {split!r}", info, _SPLIT_SCHEMA)
         for i, entry in enumerate(info["shards"]):

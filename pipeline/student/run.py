@@ -21,9 +21,9 @@ from pipeline.core.errors import LrcError
 from pipeline.core.families import reads_segments
 from pipeline.core.metrics import compute_metrics
 from pipeline.core.runtime import check_finite_weights, from_pretrained, seed_everything
-from pipeline.core.tasks import get_task
 from pipeline.student import checkpoint, general
 from pipeline.student.batches import CacheDataset, EpochBatchSampler
+from pipeline.student.objective import Objective, objective_for, steps_in
 from pipeline.student.model import (
     Projections, build_student, init_from_teacher, init_shape, resolve_auto_init, student_config,
 )
@@ -33,28 +33,12 @@ from pipeline.student.step import Model, Trainable
 log = logging.getLogger(__name__)
 
 
-def _steps_in(fraction: float, total_steps: int) -> int:
-    """floor(fraction * total_steps), immune to float error (0.7 * 90 is 62.99999999999999, not 63)."""
-    return math.floor(fraction * total_steps + 1e-9)
-
-
 def lr_at(step: int, total_steps: int, warmup_ratio: float) -> float:
     """Multiplier of the peak learning rate: linear warmup, then linear decay to 0."""
-    warmup = _steps_in(warmup_ratio, total_steps)
+    warmup = steps_in(warmup_ratio, total_steps)
     if step < warmup:
         return (step + 1) / warmup
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-def stage_at(step: int, total_steps: int, config: TrainConfig) -> int:
-    """1 for the first `stage1_fraction` of optimizer steps, 2 after (always 2 in one-stage training)."""
-    if config.one_stage or config.intermediate_loss == "none":
-        return 2
-    return 1 if step < _steps_in(config.stage1_fraction, total_steps) else 2
-
-
-def loss_weights(step: int, total_steps: int, config: TrainConfig) -> tuple[float, float, float]:
-    """(alpha, beta, gamma) for L_total = alpha * L_intermediate + beta * L_soft + gamma * L_hard."""
-    return config.stage1_weights if stage_at(step, total_steps, config) == 1 else config.stage2_weights
 
 
 def resolve_layer_map(config: TrainConfig, cache: Cache, depth: int | None = None) -> list[int]:
@@ -82,9 +66,8 @@ def resolve_init(config: TrainConfig) -> TrainConfig:
         return config
     manifest = read_manifest(config.cache_dir)
     teacher = manifest["teacher"]["config"]
-    head = general.HEAD if manifest.get("kind") == "corpus" else manifest["task"]
-    shape = student_config(teacher, config.layers, config.hidden, config.heads, config.intermediate, head,
-                           config.student_family)
+    shape = student_config(teacher, config.layers, config.hidden, config.heads, config.intermediate,
+                           objective_for(manifest).head, config.student_family)
     init, why = resolve_auto_init(teacher, config.cache_dir / TEACHER_WEIGHTS_DIR, shape, config.student_family)
     log.info("--init auto: %s (%s)", "the student starts from the teacher" if init == "teacher" else
              "the student starts from random weights", why)
@@ -95,8 +78,7 @@ def check_against_cache(config: TrainConfig, cache: Cache) -> tuple[int, int, li
     """The checks of a config that need the cache's manifest (and an --init dir's config) but no weights, data or
     negatives: cheap enough for a sweep to run on every point before the first one trains. Returns the student's
     (depth, width) and its layer map."""
-    if cache.kind == "corpus":
-        general.check_config(config, cache.path)
+    objective_for(cache.manifest).check(config, cache.path)
     depth, width = init_shape(config.init, config.layers, config.hidden, config.student_family)
     mapping = resolve_layer_map(config, cache, depth)
     if config.projection_init == "identity" and width != cache.hidden_size:
@@ -122,7 +104,7 @@ class Run:
 
     config: TrainConfig
     cache: Cache
-    task: Any
+    objective: Objective
     dir: checkpoint.RunDir
     layer_map: list[int]  # teacher layer per student layer
     model: Model
@@ -168,8 +150,7 @@ def setup_run(config: TrainConfig, ranks: distributed.Ranks = distributed.SINGLE
     rank_batch = distributed.per_rank_batch(ranks, config.batch_size)
     run_dir = checkpoint.check_run_dir(config)
     cache = open_cache(config.cache_dir, config.verify_cache)
-    is_general = cache.kind == "corpus"  # unlabeled text: general distillation (pipeline/student/general.py)
-    task = None if is_general else get_task(cache.task["name"])
+    objective = objective_for(cache.manifest)
     depth, width, mapping = check_against_cache(config, cache)
     sampler = _negatives(config, cache, rank_batch, ranks)
     inputs = checkpoint.run_inputs(cache.fingerprint, sampler.meta["sha256"] if isinstance(sampler, NegativeSampler) else None)
@@ -177,7 +158,7 @@ def setup_run(config: TrainConfig, ranks: distributed.Ranks = distributed.SINGLE
         checkpoint.check_inputs(run_dir, config, inputs)
     seed_everything(config.seed)
 
-    model, carried = _build_model(config, cache, depth, width, mapping)
+    model, carried = _build_model(config, cache, objective.head, depth, width, mapping)
     student, projections = model.student, model.projections
     device = distributed.device_for(ranks, config.device)
     params = [p for part in (student, projections) if part is not None for p in part.to(device).parameters()]
@@ -199,12 +180,11 @@ def setup_run(config: TrainConfig, ranks: distributed.Ranks = distributed.SINGLE
         # its own dropout masks
         torch.manual_seed(config.seed + ranks.rank)
     if ranks.distributed:
-        # One DDP over student + projections. A corpus run leaves the classification head out of its loss:
-        # only then must DDP look for parameters without a gradient (a graph walk per step).
-        model.synced = distributed.wrap(Trainable(student, projections), device, find_unused=is_general)
+        # One DDP over student + projections.
+        model.synced = distributed.wrap(Trainable(student, projections), device, find_unused=objective.find_unused)
 
     dev = DevSet(cache) if "dev" in cache.manifest["splits"] else None
-    teacher_dev = compute_metrics(task, dev.teacher_logits, dev.labels) if dev else None
+    teacher_dev = compute_metrics(objective.task, dev.teacher_logits, dev.labels) if dev else None
     log.info("training %d steps (%d per epoch), layer map %s, teacher dev %s", total_steps, len(batches), mapping,
              teacher_dev)
     tokenizer = _student_tokenizer(cache, student)
@@ -214,7 +194,7 @@ def setup_run(config: TrainConfig, ranks: distributed.Ranks = distributed.SINGLE
         checkpoint.start_run_dir(config)
         logger = checkpoint.MetricsLog(run_dir, keep_until=state.step if config.resume else None)
     distributed.barrier(ranks)
-    return Run(config=config, cache=cache, task=task, dir=run_dir, layer_map=mapping, model=model, params=params,
+    return Run(config=config, cache=cache, objective=objective, dir=run_dir, layer_map=mapping, model=model, params=params,
                optimizer=optimizer, scheduler=scheduler, dataset=dataset, batches=batches, total_steps=total_steps,
                state=state, device=device, dev=dev, teacher_dev=teacher_dev, tokenizer=tokenizer, logger=logger,
                inputs=inputs, ranks=ranks)
@@ -239,12 +219,12 @@ def _negatives(config: TrainConfig, cache: Cache, rank_batch: int,
     return NegativeSampler(config.negatives_path, config.k, config.seed, cache.fingerprint)
 
 
-def _build_model(config: TrainConfig, cache: Cache, depth: int, width: int, mapping: list[int]) -> tuple[Model, list[int]]:
-    """The student as --init starts it and its W_i as --projection-init starts them; also the teacher layers
-    the batches carry, in slot order."""
-    is_general = cache.kind == "corpus"
+def _build_model(config: TrainConfig, cache: Cache, head: dict[str, Any], depth: int, width: int,
+                 mapping: list[int]) -> tuple[Model, list[int]]:
+    """The student (with `head`) as --init starts it and its W_i as --projection-init starts them; also the
+    teacher layers the batches carry, in slot order."""
     shape = student_config(cache.manifest["teacher"]["config"], config.layers, config.hidden, config.heads,
-                           config.intermediate, general.HEAD if is_general else cache.task, config.student_family)
+                           config.intermediate, head, config.student_family)
     kept = None  # the teacher channels a narrower --init teacher keeps: where its W_i start
     if config.init == "teacher":
         student, kept = init_from_teacher(shape, cache.teacher_weights_dir, mapping,

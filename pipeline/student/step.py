@@ -14,6 +14,7 @@ from pipeline.core.families import embedding_output, model_inputs
 from pipeline.core.runtime import all_finite, autocast
 from pipeline.student import losses
 from pipeline.student.model import Projections
+from pipeline.student.objective import Objective
 
 # Three layer numberings meet here. A teacher layer j is 1-based (phi(i), `Run.layer_map`). The batch
 # carries only the stored teacher layers the map uses, sorted: batch["teacher_hidden"][slot]. Student
@@ -55,7 +56,7 @@ class Trainable(torch.nn.Module):
         return forward(self.student, self.projections, inputs, logits)
 
 
-def loss_terms(model: Model, batch: dict[str, torch.Tensor], config: TrainConfig, regression: bool,
+def loss_terms(model: Model, batch: dict[str, torch.Tensor], config: TrainConfig, objective: Objective,
                embeddings: torch.Tensor | None = None, sync: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Run the student and compute each loss term by name. With `embeddings`, the student's embedding
     module does not run: the layers above it start from that tensor (the perturbed pass's e'). `sync`:
@@ -66,9 +67,9 @@ def loss_terms(model: Model, batch: dict[str, torch.Tensor], config: TrainConfig
     inputs = model_inputs(model.student, batch)
     with embedding_output(model.student, embeddings) as captured:
         if sync and model.synced is not None:
-            logits, projected = model.synced(inputs, "labels" in batch)
+            logits, projected = model.synced(inputs, objective.predicts)
         else:
-            logits, projected = forward(model.student, model.projections, inputs, "labels" in batch)
+            logits, projected = forward(model.student, model.projections, inputs, objective.predicts)
     terms: dict[str, torch.Tensor] = {}
     if projected is not None:
         mask = batch["attention_mask"]
@@ -82,10 +83,10 @@ def loss_terms(model: Model, batch: dict[str, torch.Tensor], config: TrainConfig
             else:
                 per_layer.append(losses.hidden_mse(z, target, mask))
         terms[config.intermediate_loss] = torch.stack(per_layer).sum()
-    if "labels" in batch:  # a corpus batch (general distillation) has no labels and no teacher logits
+    if objective.predicts:
         logits = logits.float()
-        terms["soft"] = losses.soft_loss(logits, batch["teacher_logits"], config.temperature, regression)
-        terms["hard"] = losses.hard_loss(logits, batch["labels"], regression)
+        terms["soft"] = losses.soft_loss(logits, batch["teacher_logits"], config.temperature, objective.regression)
+        terms["hard"] = losses.hard_loss(logits, batch["labels"], objective.regression)
     return terms, captured["e"]
 
 
@@ -99,16 +100,16 @@ def _negatives(batch: dict[str, torch.Tensor], slot: int, target: torch.Tensor) 
 
 
 def weighted_total(terms: dict[str, torch.Tensor], weights: tuple[float, float, float]) -> torch.Tensor:
+    """alpha * L_intermediate + beta * L_soft + gamma * L_hard over the terms the objective computed (general
+    distillation has no soft or hard term; --intermediate-loss none no intermediate one)."""
     alpha, beta, gamma = weights
-    intermediate = [v for k, v in terms.items() if k not in ("soft", "hard")]
-    if "soft" not in terms:  # general distillation: the intermediate loss alone
-        return alpha * intermediate[0]
-    total = beta * terms["soft"] + gamma * terms["hard"]
-    return total + alpha * intermediate[0] if intermediate else total
+    parts = [beta * terms["soft"], gamma * terms["hard"]] if "soft" in terms else []
+    parts += [alpha * v for k, v in terms.items() if k not in ("soft", "hard")]
+    return sum(parts[1:], parts[0])
 
 
 def train_step(model: Model, batch: dict[str, torch.Tensor], weights: tuple[float, float, float],
-               config: TrainConfig, regression: bool, device: torch.device) -> dict[str, torch.Tensor]:
+               config: TrainConfig, objective: Objective, device: torch.device) -> dict[str, torch.Tensor]:
     """Forward, optional gradient perturbation of the embedding output, backward. No optimizer step.
 
     Under DistributedDataParallel only the pass whose backward updates the parameters runs through the
@@ -123,7 +124,7 @@ def train_step(model: Model, batch: dict[str, torch.Tensor], weights: tuple[floa
     """
     perturb = config.perturb_eps > 0
     with autocast(device, config.precision):
-        terms, embeddings = loss_terms(model, batch, config, regression, sync=not perturb)
+        terms, embeddings = loss_terms(model, batch, config, objective, sync=not perturb)
         total = weighted_total(terms, weights)
         if perturb:
             # A non-finite term here would poison e' and every term of the second pass: name it now.
@@ -134,7 +135,7 @@ def train_step(model: Model, batch: dict[str, torch.Tensor], weights: tuple[floa
             (grad,) = torch.autograd.grad(total, embeddings)
             norm = grad.float().flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1)  # (B, 1, 1) over l x d
             delta = (config.perturb_eps * grad.float() / norm).to(embeddings.dtype).detach()  # (B, L, d)
-            terms, _ = loss_terms(model, batch, config, regression, embeddings + delta, sync=True)
+            terms, _ = loss_terms(model, batch, config, objective, embeddings + delta, sync=True)
             total = weighted_total(terms, weights)
     _check_finite(terms)
     total.backward()

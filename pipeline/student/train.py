@@ -21,7 +21,7 @@ from pipeline.core.runtime import apply_update, describe_device, predict_logits
 from pipeline.student import checkpoint, general
 from pipeline.student.batches import make_loader, to_device
 from pipeline.student.report import write_report
-from pipeline.student.run import DevSet, Run, loss_weights, resolve_init, setup_run, stage_at
+from pipeline.student.run import DevSet, Run, resolve_init, setup_run
 from pipeline.student.step import check_batch_finite, train_step
 
 log = logging.getLogger(__name__)
@@ -72,12 +72,12 @@ def _evaluate_and_keep_best(run: Run) -> None:
 
 
 def _evaluate_on_main(run: Run) -> None:
-    state, metric = run.state, run.task.main_metric if run.task else None  # a corpus cache has no dev: returns next
+    state, metric = run.state, run.objective.metric
     if run.dev is None or run.evaluated_at == state.step:  # e.g. eval_every landing on the last step
         return
     run.evaluated_at = state.step
     student = run.model.student
-    metrics = evaluate(student, run.dev, run.task, run.config, run.device, student.config.pad_token_id or 0)
+    metrics = evaluate(student, run.dev, run.objective.task, run.config, run.device, student.config.pad_token_id or 0)
     run.logger.write({"step": state.step, "epoch": state.epoch, "eval": metrics})
     # --keep last: every evaluation replaces the kept student, so the final one is kept whatever dev says
     if is_better(metrics, state.best, metric) or run.config.keep == "last":
@@ -97,8 +97,7 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
 
 def _train(config: TrainConfig, ranks: distributed.Ranks) -> dict[str, Any]:
     run = setup_run(config, ranks)
-    state, total_steps = run.state, run.total_steps
-    regression = run.task is not None and run.task.is_regression
+    state, total_steps, objective = run.state, run.total_steps, run.objective
 
     # ---- the loop: epochs of shuffled batches, resumable mid-epoch
     run.model.student.train()
@@ -109,9 +108,9 @@ def _train(config: TrainConfig, ranks: distributed.Ranks) -> dict[str, Any]:
         while state.step < total_steps:
             for batch in epoch_batches(run, state.epoch, state.batch_in_epoch):
                 batch = to_device(batch, run.device)  # int8 hidden states are dequantised on the device
-                weights = general.WEIGHTS if run.task is None else loss_weights(state.step, total_steps, config)
+                weights = objective.weights(state.step, total_steps, config)
                 try:
-                    terms = train_step(run.model, batch, weights, config, regression, run.device)
+                    terms = train_step(run.model, batch, weights, config, objective, run.device)
                 except FloatingPointError as err:
                     # Any NaN/inf the batch read from the cache makes some loss term non-finite, so the batch is
                     # inspected only then (not on every step): a damaged cache is named with its rows, else it diverged.
@@ -151,7 +150,7 @@ def _log_step(run: Run, terms: dict[str, Any], lr: float, grad_norm: float, samp
     state = run.state
     record = {k: round(float(v), 6) for k, v in distributed.mean(run.ranks, terms).items()}
     record |= {"step": state.step, "epoch": state.epoch, "lr": lr, "grad_norm": round(grad_norm, 6),
-               "stage": 1 if run.task is None else stage_at(state.step - 1, run.total_steps, run.config),
+               "stage": run.objective.stage(state.step - 1, run.total_steps, run.config),
                "samples_per_s": round(samples_per_s, 2)}
     if run.logger is not None:
         run.logger.write(record)
@@ -161,23 +160,24 @@ def _log_step(run: Run, terms: dict[str, Any], lr: float, grad_norm: float, samp
 def _finish(run: Run, summary: dict[str, Any]) -> dict[str, Any]:
     """Rank 0 leaves the final student (a task student, or a general student's encoder), its summary and report."""
     if run.ranks.is_main:
-        if run.task is None:
+        if run.objective.general:
             general.save_encoder(run.dir, run.model.student, run.tokenizer, run.model.projections, run.layer_map)
         elif run.dev is None:
             checkpoint.save_student(run.dir, run.model.student, run.tokenizer)
         checkpoint.write_summary(run.dir, summary)
         write_report(run.dir.output_dir)
     distributed.barrier(run.ranks)
-    log.info("student written to %s: %s", run.dir.output_dir, f"{run.config.keep} dev {run.state.best}" if run.task
-             else "the last student of general distillation (no dev split)")
+    log.info("student written to %s: %s", run.dir.output_dir, f"{run.config.keep} dev {run.state.best}"
+             if not run.objective.general else "the last student of general distillation (no dev split)")
     return summary
 
 
 def _summary(run: Run, seen: int, elapsed: float) -> dict[str, Any]:
-    metric, best, teacher = run.task.main_metric if run.task else None, run.state.best, run.teacher_dev
+    objective, best, teacher = run.objective, run.state.best, run.teacher_dev
+    metric = objective.metric
     return {
-        "task": run.task.name if run.task else "corpus", "main_metric": metric, "best": best, "teacher_dev": teacher,
-        "kind": "task" if run.task else "general", "kept": run.config.keep if run.task else "last",
+        "task": objective.name, "main_metric": metric, "best": best, "teacher_dev": teacher,
+        "kind": objective.kind, "kept": objective.keep(run.config),
         "percent_of_teacher": 100 * best[metric] / teacher[metric] if best and teacher and teacher[metric] else None,
         "steps": run.state.step, "epochs": run.state.epoch, "train_seconds": round(elapsed, 1),
         "samples_per_s": round(seen / max(elapsed, 1e-9), 2),

@@ -30,9 +30,6 @@ from pipeline.core.tasks import Examples, TaskSpec
 
 log = logging.getLogger(__name__)
 
-_NP_DTYPES = {"float16": np.float16, "float32": np.float32, "int8": np.int8}
-_TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}  # int8: quant.quantize
-_POOLED_NP = {"float16": np.float16, "float32": np.float32, "int8": np.float16}  # as cache._POOLED_DTYPES
 
 
 @dataclass(frozen=True)
@@ -218,11 +215,11 @@ def run_shard(
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     width, last = model.config.hidden_size, model.config.num_hidden_layers
-    dtype, quantized = _NP_DTYPES[config.hidden_dtype], config.hidden_dtype == quant.INT8
+    (dtype, pooled_dtype), quantized = cache.STORAGE[config.hidden_dtype], config.hidden_dtype == quant.INT8
     logits = np.empty((len(ids), model.config.num_labels), np.float32) if with_logits else None  # an encoder has none
     hidden = {j: np.empty((offsets[-1], width), dtype) for j in layers} if with_hidden else None
     scales = {j: np.empty(offsets[-1], np.float32) for j in layers} if with_hidden and quantized else None
-    pooled = np.empty((len(ids), width), _POOLED_NP[config.hidden_dtype]) if with_hidden else None
+    pooled = np.empty((len(ids), width), pooled_dtype) if with_hidden else None
     order = np.argsort(-lengths, kind="stable")
     # Scores for a narrower `--init teacher`, from this same forward (pipeline/cache/importance.py).
     recorder = importance.Recorder(model) if with_hidden else None
@@ -247,7 +244,7 @@ def run_shard(
                         q, s = quant.quantize(states)
                         hidden[j][dest], scales[j][dest] = q.cpu().numpy(), s.cpu().numpy()
                     else:
-                        hidden[j][dest] = states.to(_TORCH_DTYPES[config.hidden_dtype]).cpu().numpy()
+                        hidden[j][dest] = states.to(getattr(torch, config.hidden_dtype)).cpu().numpy()  # float16/32
                 top = output.hidden_states[last].float() * real.unsqueeze(-1)  # (B, L, d')
                 pooled[rows] = (top.sum(1) / real.sum(1, keepdim=True)).cpu().numpy().astype(pooled.dtype)  # (B, d')
             bar.update(len(rows))
