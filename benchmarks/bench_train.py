@@ -69,7 +69,7 @@ def training_parts(cache_dir: Path, device: torch.device, batch_size: int = 16):
     from pipeline.core.config import TrainConfig
     from pipeline.student.model import Projections, build_student, student_config
     from pipeline.student.step import Model
-    from pipeline.student.train import resolve_layer_map
+    from pipeline.student.run import resolve_layer_map
 
     cache = open_cache(cache_dir)
     config = TrainConfig(cache_dir=cache_dir, output_dir=cache_dir / "unused", device=device.type,
@@ -87,14 +87,14 @@ def training_parts(cache_dir: Path, device: torch.device, batch_size: int = 16):
     return cache, config, mapping, model, params, optimizer, scheduler
 
 
-def step(model, batch, config, params, optimizer, scheduler, device: torch.device) -> None:
+def step(model, batch, config, objective, params, optimizer, scheduler, device: torch.device) -> None:
     """One training step exactly as train-student's loop does it (stage-two weights: every term computed)."""
     from pipeline.core.runtime import apply_update
     from pipeline.student.batches import to_device
     from pipeline.student.step import train_step
 
     batch = to_device(batch, device)  # as train-student: int8 dequantised there, in-batch negatives as positions
-    train_step(model, batch, (1.0, 1.0, 3.0), config, False, device)
+    train_step(model, batch, (1.0, 1.0, 3.0), config, objective, device)
     apply_update(params, optimizer, scheduler, config.max_grad_norm)
 
 
@@ -136,10 +136,12 @@ def run_variant(variant: str, cache_dir: Path, steps: int, warmup: int, negative
                 device_name: str = "cpu", batch_size: int = 16) -> dict[str, float]:
     from pipeline.student.batches import CacheDataset, EpochBatchSampler, make_loader
     from pipeline.student.sampler import InBatchNegatives, NegativeSampler
+    from pipeline.student.objective import objective_for
 
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device(device_name)
     cache, config, mapping, model, params, optimizer, scheduler = training_parts(cache_dir, device, batch_size)
+    objective = objective_for(cache.manifest)
     layers = sorted(set(mapping))
     teacher: list = []
     if variant == "b":
@@ -157,7 +159,7 @@ def run_variant(variant: str, cache_dir: Path, steps: int, warmup: int, negative
         source = iter(make_loader(dataset, batches, workers, seed=0))
         if variant == "c":  # collate everything first: the step alone is timed
             source = iter([next(source) for _ in range(steps + warmup)])
-    run = lambda: step(model, next(source), config, params, optimizer, scheduler, device)  # noqa: E731
+    run = lambda: step(model, next(source), config, objective, params, optimizer, scheduler, device)  # noqa: E731
     for _ in range(warmup):
         run()
     synchronize(device)

@@ -31,6 +31,7 @@ from pipeline.core.runtime import apply_update, autocast, encode, pad_batch, pic
 from pipeline.core.tasks import get_task
 from pipeline.student.batches import to_device
 from pipeline.student.model import Projections, build_student, student_config
+from pipeline.student.objective import Objective
 from pipeline.student.step import Model, train_step
 from pipeline.teacher.finetune import resolve_backbone
 
@@ -126,7 +127,7 @@ def calibrate_task(plan: dict[str, Any], args: Any, shape: dict[str, int], metho
         config = replace(TrainConfig(cache_dir=Path("."), output_dir=Path("."), device=device.type,
                                      precision=args.precision, k=args.k, batch_size=args.batch_size),
                          **METHODS[method])
-        costs[f"step:{method}"] = _student_step(config, teacher_config, task_info, mapping, shape, ids, types, width,
+        costs[f"step:{method}"] = _student_step(config, teacher_config, Objective(task, task_info), mapping, shape, ids, types, width,
                                                 labels, device)
     student = build_student(student_config(teacher_config, **_shape_args(shape), task=task_info), "random", None,
                             mapping).to(device)
@@ -140,12 +141,12 @@ def _shape_args(shape: dict[str, int]) -> dict[str, int]:
     return {k: shape[k] for k in ("layers", "hidden", "heads", "intermediate")}
 
 
-def _student_step(config: TrainConfig, teacher_config: dict, task_info: dict, mapping: list[int],
+def _student_step(config: TrainConfig, teacher_config: dict, objective: Objective, mapping: list[int],
                   shape: dict[str, int], ids: list, types: list, width: int, labels: int,
                   device: torch.device) -> float:
     torch.manual_seed(0)
-    student = build_student(student_config(teacher_config, **_shape_args(shape), task=task_info), "random", None,
-                            mapping).to(device)
+    student = build_student(student_config(teacher_config, **_shape_args(shape), task=objective.head), "random",
+                            None, mapping).to(device)
     intermediate = config.intermediate_loss != "none"
     stored = sorted(set(mapping))
     projections = Projections(shape["hidden"], width, len(mapping)).to(device) if intermediate else None
@@ -174,7 +175,7 @@ def _student_step(config: TrainConfig, teacher_config: dict, task_info: dict, ma
 
     def step(i: int) -> None:
         moved = to_device(batches[i % len(batches)], device)
-        train_step(model, moved, (1.0, 1.0, 3.0), config, labels == 1, device)
+        train_step(model, moved, (1.0, 1.0, 3.0), config, objective, device)
         apply_update(params, optimizer, scheduler, config.max_grad_norm)
 
     return timed(step, device, 3, 10)

@@ -50,6 +50,8 @@ ROWS: dict[str, tuple[str | None, str]] = {
     "LRC, cut init": (CUT, "LRC"),
     "KD-only, cut init": (CUT, "KD-only"),
     "Hidden-MSE, cut init": (CUT, "Hidden-MSE"),
+    "LRC one-stage, cut init": (CUT, "LRC one-stage"),
+    "LRC w/o perturbation, cut init": (CUT, "LRC w/o perturbation"),
     "LRC, general init": ("cos_nce", "LRC"),
     "KD-only, general init": ("cos_nce", "KD-only"),
     "Hidden-MSE, general init": ("cos_nce", "Hidden-MSE"),

@@ -121,9 +121,10 @@ def online_loop(paths: dict[str, Path], demo: DemoConfig, seed: int, args: argpa
 
 def report(results: dict[str, dict[str, Any]], rows: list[str], teacher: dict[str, float], metric: str,
            args: argparse.Namespace) -> str:
+    source = args.cache or "lrc demo's"
     lines = [f"# Short budget: 4x312 students, one epoch of {args.max_train_examples} SST-2 rows, lr {args.lr}, "
              f"batch {args.batch_size}, last checkpoint", "",
-             f"Teacher ({args.cache or "lrc demo's"}): dev {metric} {teacher[metric]:.4f}. Seeds {args.seeds}.", "",
+             f"Teacher ({source}): dev {metric} {teacher[metric]:.4f}. Seeds {args.seeds}.", "",
              f"| row | dev {metric}: mean ± sd (n) | per seed | % of teacher | train s (mean) |", "|---|---|---|---|---|"]
     for row in rows:
         got = [results[f"{row}|{s}"] for s in args.seeds if f"{row}|{s}" in results]

@@ -26,6 +26,7 @@ from pipeline.student import losses
 from pipeline.student.batches import CacheDataset, collate
 from pipeline.student.model import Projections, build_student, student_config
 from pipeline.student.sampler import NegativeSampler
+from pipeline.student.objective import Objective, objective_for
 from pipeline.student.step import Model, train_step
 from pipeline.student.train import train_student
 from pipeline.teacher.extract import extract_teacher
@@ -204,6 +205,10 @@ def _batch(run: FamilyRun) -> dict[str, torch.Tensor]:
     return collate(dataset.__getitems__([0, 3, 7, 11]))
 
 
+def _objective(run: FamilyRun) -> Objective:
+    return objective_for(json.loads((run.cache / "manifest.json").read_text()))
+
+
 def _model(run: FamilyRun) -> Model:
     manifest = json.loads((run.cache / "manifest.json").read_text())
     torch.manual_seed(0)
@@ -260,7 +265,7 @@ def test_perturbation_by_hand_for_each_family(runs: Callable, family: str, tmp_p
 
     seen, calls, stop = _watch(model)
     try:
-        train_step(model, batch, weights, tiny(run, tmp_path, perturb_eps=eps), False, CPU)
+        train_step(model, batch, weights, tiny(run, tmp_path, perturb_eps=eps), _objective(run), CPU)
     finally:
         stop()
     assert len(seen) == 2 and len(calls) == 1
@@ -282,7 +287,7 @@ def test_perturbation_with_dropout_starts_from_the_same_embedding_output(runs: C
     assert any(m.p > 0 for m in model.student.base_model.embeddings.modules() if isinstance(m, torch.nn.Dropout))
     seen, calls, stop = _watch(model)
     try:
-        train_step(model, batch, (1.0, 1.0, 3.0), tiny(run, tmp_path, perturb_eps=eps), False, CPU)
+        train_step(model, batch, (1.0, 1.0, 3.0), tiny(run, tmp_path, perturb_eps=eps), _objective(run), CPU)
     finally:
         stop()
     assert len(calls) == 1 and len(seen) == 2

@@ -396,9 +396,11 @@ def test_auto_init_cuts_the_teacher_where_the_student_fits_and_says_why_not(scor
     assert resolve_init(base).init == "teacher"
     assert resolve_init(replace(base, init="random")).init == "random"  # an explicit choice stays
     with caplog.at_level(logging.INFO):
-        for larger, why in (({"hidden": 64, "heads": 4}, "hidden 64 > 32"), ({"intermediate": 80}, "intermediate 80 > 64"),
-                            ({"heads": 8}, "heads 8 > 4"), ({"hidden": 32, "heads": 2}, "head dim 16 > 8"),
-                            ({"layers": 5, "layer_map": (1, 1, 2, 3, 4)}, "layers 5 > 4")):
+        for larger, why in (({"hidden": 64, "heads": 4}, "--hidden gives 64, the teacher has 32"),
+                            ({"intermediate": 80}, "--intermediate gives 80, the teacher has 64"),
+                            ({"heads": 8}, "--heads gives 8, the teacher has 4"),
+                            ({"hidden": 32, "heads": 2}, "--hidden / --heads gives 16, the teacher has 8"),
+                            ({"layers": 5, "layer_map": (1, 1, 2, 3, 4)}, "--layers gives 5, the teacher has 4")):
             caplog.clear()
             assert resolve_init(replace(base, **larger)).init == "random", larger
             assert why in caplog.text and "random weights" in caplog.text

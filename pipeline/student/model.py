@@ -84,16 +84,30 @@ def resolve_auto_init(teacher: dict[str, Any], weights: Path | None, student: Pr
         return "random", f"--student-family {family} differs from the {own} teacher's"
     row = FAMILIES[own]
     t_config = CONFIG_MAPPING[own].from_dict({k: v for k, v in teacher.items() if k not in _NOT_INHERITED})
+    why_not = cut_refusal(t_config, student, row)
+    if why_not:
+        return "random", why_not
     t, s = _shape(t_config, row), _shape(student, row)
-    too_big = [f"{name} {b} > {a}" for name, a, b in (
-        ("layers", t_config.num_hidden_layers, student.num_hidden_layers), ("hidden", t.hidden, s.hidden),
-        ("heads", t.heads, s.heads), ("head dim", t.head_dim, s.head_dim),
-        ("intermediate", t.intermediate, s.intermediate)) if b > a]
-    if too_big:
-        return "random", f"the student is larger than the teacher ({', '.join(too_big)})"
-    if t != s and (getattr(t_config, "conv_kernel_size", 0) or 0) > 0 and getattr(t_config, "conv_groups", 1) != 1:
-        return "random", f"this {own} teacher's grouped convolution cannot be cut"
     return "teacher", f"the {own} teacher cut from {t.hidden} to {s.hidden} wide" if t != s else f"the {own} teacher"
+
+
+def cut_refusal(teacher: PretrainedConfig, student: PretrainedConfig, row: Family) -> str | None:
+    """Why the teacher cannot be cut to the student, ending in the fix, or None when it can: the one rule behind
+    both --init auto's choice and --init teacher's refusal. Every size must be at most the teacher's, and a
+    grouped convolution (which mixes channels in groups) cannot lose channels."""
+    t, s = _shape(teacher, row), _shape(student, row)
+    for what, flag, have, most in (("deeper", "--layers", student.num_hidden_layers, teacher.num_hidden_layers),
+                                   ("wider", "--hidden", s.hidden, t.hidden),
+                                   ("with more heads", "--heads", s.heads, t.heads),
+                                   ("with a larger head dim", "--hidden / --heads", s.head_dim, t.head_dim),
+                                   ("with a larger FFN", "--intermediate", s.intermediate, t.intermediate)):
+        if have > most:
+            return f"the student is {what} than the teacher ({flag} gives {have}, the teacher has {most}): pass " \
+                   f"{flag} at most {most}"
+    if t != s and (getattr(teacher, "conv_kernel_size", 0) or 0) > 0 and getattr(teacher, "conv_groups", 1) != 1:
+        return f"the teacher's grouped convolution (conv_groups {teacher.conv_groups}) mixes channels in groups: " \
+               f"pass --hidden {t.hidden}"
+    return None
 
 
 def init_shape(init: str, layers: int, hidden: int, family: str | None = None) -> tuple[int, int]:
@@ -186,13 +200,11 @@ def init_from_teacher(
     if any(not 1 <= j <= depth for j in layer_map):
         raise LrcError(f"--layer-map {layer_map} names layers outside the teacher's 1..{depth}")
     row = FAMILIES[own]
+    why_not = cut_refusal(teacher.config, config, row)
+    if why_not:
+        raise LrcError(f"--init teacher cuts the {own} teacher down to the student, and {why_not} or use --init random")
     t_shape, s_shape = _shape(teacher.config, row), _shape(config, row)
     narrower = t_shape != s_shape
-    if narrower and (getattr(teacher.config, "conv_kernel_size", 0) or 0) > 0 and \
-            getattr(teacher.config, "conv_groups", 1) != 1:
-        raise LrcError(f"--init teacher cannot cut this {own} teacher: its grouped convolution (conv_groups "
-                       f"{teacher.config.conv_groups}) mixes channels in groups; pass --hidden "
-                       f"{t_shape.hidden} or use --init random")
     if selection == "activation" and scores is None and narrower:
         log.info("the cache has no importance scores (extracted by an older lrc): the student keeps evenly spaced "
                  "channels, heads and neurons of the teacher")

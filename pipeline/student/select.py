@@ -42,17 +42,6 @@ class Selection:
     q_scale: float  # sqrt(d_head_s / d_head_t): the kept dims then give the teacher's scores
 
 
-def check_fits(teacher: Shape, student: Shape) -> None:
-    """A student is cut from the teacher only where every size is at most the teacher's."""
-    for what, flag, s, t in (("wider", "--hidden", student.hidden, teacher.hidden),
-                             ("with more heads", "--heads", student.heads, teacher.heads),
-                             ("with a larger head dim", "--hidden / --heads", student.head_dim, teacher.head_dim),
-                             ("with a larger FFN", "--intermediate", student.intermediate, teacher.intermediate)):
-        if s > t:
-            raise LrcError(f"--init teacher cuts the teacher down, and this student is {what} than it ({flag} gives "
-                           f"{s}, the teacher has {t}): pass {flag} at most {t} or use --init random")
-
-
 def evenly_spaced(n: int, k: int) -> np.ndarray:
     """k of range(n) spread evenly (all of them when k == n)."""
     return (np.arange(k) * n) // k
@@ -74,8 +63,8 @@ def choose(scores: dict[str, np.ndarray] | None, teacher: Shape, student: Shape,
 
     Residual channels rank by their summed (per-layer normalised) score over the embeddings and the mapped
     teacher layers; heads by the sum of their context dims (one set for all layers when `shared_heads`);
-    dims within a head and FFN neurons by their own score in the mapped layer."""
-    check_fits(teacher, student)
+    dims within a head and FFN neurons by their own score in the mapped layer. The student fits the teacher
+    (pipeline/student/model.py `cut_refusal`)."""
     dt, ds = teacher.head_dim, student.head_dim
 
     def pick(n: int, k: int, score: np.ndarray | None) -> np.ndarray:
