@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, BertForSequenceClassification
 
 from pipeline.core.config import DataConfig
 from pipeline.core.tasks import load_examples
-from pipeline.student.checkpoint import CHECKPOINT_DIR, STATE_FILE
+from pipeline.student.run_dir import CHECKPOINT_DIR, STATE_FILE
 
 
 def load(path: Path) -> BertForSequenceClassification:

@@ -32,7 +32,7 @@ from pipeline.core.errors import LrcError
 from pipeline.core.runtime import setup_logging
 from pipeline.core.tasks import get_task
 from pipeline.negatives.build import build_negatives
-from pipeline.student.checkpoint import previous_run
+from pipeline.student.run_dir import previous_run
 from pipeline.student.train import train_or_reuse
 from pipeline.teacher.extract import extract_teacher
 from pipeline.teacher.finetune import finetune_teacher

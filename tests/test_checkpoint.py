@@ -1,4 +1,5 @@
-"""pipeline/student/checkpoint.py: the training state round-trips exactly, and loading it can never run code."""
+"""pipeline/student/checkpoint.py, on its run_dir.py and state_file.py: the training state round-trips exactly, and
+loading it can never run code."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.student import checkpoint
-from pipeline.student.checkpoint import RunDir, TrainState
+from pipeline.student import checkpoint, run_dir, state_file
+from pipeline.student.checkpoint import TrainState
+from pipeline.student.run_dir import RunDir
 from conftest import assert_refused
 
 
@@ -44,7 +46,7 @@ def test_state_round_trips_exactly_with_rng_streams(tmp_path: Path) -> None:
     assert scheduler.state_dict() == other_sched.state_dict()
     got = (torch.rand(3), np.random.rand(3), random.random())  # every RNG continues where it was saved
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
-    assert [p.name for p in run.checkpoint_dir.iterdir()] == [checkpoint.STATE_FILE]
+    assert [p.name for p in run.checkpoint_dir.iterdir()] == [run_dir.STATE_FILE]
 
 
 class _Planted:
@@ -64,14 +66,14 @@ def test_a_planted_pickle_never_runs(tmp_path: Path) -> None:
     payload = pickle.dumps({"state": _Planted(marker)})
     model, optimizer, scheduler = _parts()
     # as the state file itself, and as the old pickle checkpoint (state.pt) a --resume used to torch.load
-    (run.checkpoint_dir / checkpoint.STATE_FILE).write_bytes(payload)
+    (run.checkpoint_dir / run_dir.STATE_FILE).write_bytes(payload)
     assert_refused(lambda: checkpoint.load(run, model, None, optimizer, scheduler), "unreadable", "--overwrite")
-    (run.checkpoint_dir / checkpoint.STATE_FILE).unlink()
-    torch.save({"state": _Planted(marker)}, run.checkpoint_dir / checkpoint.LEGACY_STATE_FILE)
+    (run.checkpoint_dir / run_dir.STATE_FILE).unlink()
+    torch.save({"state": _Planted(marker)}, run.checkpoint_dir / run_dir.LEGACY_STATE_FILE)
     from pipeline.core.config import TrainConfig
 
     config = TrainConfig(cache_dir=tmp_path / "cache", output_dir=run.output_dir, resume=True)
-    assert_refused(lambda: checkpoint.check_run_dir(config), "pickle", "never loaded", "--overwrite")
+    assert_refused(lambda: run_dir.check_run_dir(config), "pickle", "never loaded", "--overwrite")
     assert not marker.exists()
 
 
@@ -79,23 +81,23 @@ def test_a_truncated_state_file_is_one_line_and_killed_writes_leave_no_temp_file
     run = RunDir(tmp_path / "run")
     model, optimizer, scheduler = _parts()
     checkpoint.save(run, TrainState(step=3), model, None, optimizer, scheduler)
-    path = run.checkpoint_dir / checkpoint.STATE_FILE
+    path = run.checkpoint_dir / run_dir.STATE_FILE
     whole = path.read_bytes()
     for cut in (len(whole) // 2, 7):
         path.write_bytes(whole[:cut])
         assert_refused(lambda: checkpoint.load(run, model, None, optimizer, scheduler), str(path), "unreadable")
-    stale = run.checkpoint_dir / f".{checkpoint.STATE_FILE}.tmp-999999"  # what a write killed mid-way leaves
+    stale = run.checkpoint_dir / f".{run_dir.STATE_FILE}.tmp-999999"  # what a write killed mid-way leaves
     stale.write_bytes(whole[:100])
     checkpoint.save(run, TrainState(step=4), model, None, optimizer, scheduler)
-    assert sorted(p.name for p in run.checkpoint_dir.iterdir()) == [checkpoint.STATE_FILE]
+    assert sorted(p.name for p in run.checkpoint_dir.iterdir()) == [run_dir.STATE_FILE]
     assert checkpoint.load(run, model, None, optimizer, scheduler).step == 4
 
 
 def test_only_plain_data_and_tensors_are_stored(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="object"):
-        checkpoint.write_state(tmp_path / "s.safetensors", {"x": object()})
+        state_file.write_state(tmp_path / "s.safetensors", {"x": object()})
     tree = {"a": (1, 2.5, None, "s", [True]), 3: {"t": torch.arange(3), "n": np.arange(4, dtype=np.uint32)}}
-    checkpoint.write_state(tmp_path / "s.safetensors", tree)
-    back = checkpoint.read_state(tmp_path / "s.safetensors")
+    state_file.write_state(tmp_path / "s.safetensors", tree)
+    back = state_file.read_state(tmp_path / "s.safetensors")
     assert back["a"] == (1, 2.5, None, "s", [True]) and list(back) == ["a", 3]
     assert torch.equal(back[3]["t"], torch.arange(3)) and back[3]["n"].dtype == np.uint32

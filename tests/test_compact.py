@@ -14,7 +14,7 @@ from conftest import assert_refused
 from pipeline.cache import quant
 from pipeline.cache.reader import RowReader, describe, open_cache
 from pipeline.core.config import DataConfig, ExtractConfig, TrainConfig
-from pipeline.student import checkpoint, gather, losses
+from pipeline.student import gather, losses, run_dir, state_file
 from pipeline.student.batches import CacheDataset, EpochBatchSampler, make_loader, to_device
 from pipeline.student.sampler import InBatchNegatives
 from pipeline.student.train import train_student
@@ -281,8 +281,8 @@ def test_an_int8_cache_with_in_batch_negatives_trains_and_resumes_exactly(int8_c
         train_student(_tiny(int8_cache, tmp_path / "run"))
     monkeypatch.setattr(train_module, "train_step", step)
     resumed = train_student(_tiny(int8_cache, tmp_path / "run", resume=True))
-    a = checkpoint.read_state(tmp_path / "run" / checkpoint.CHECKPOINT_DIR / checkpoint.STATE_FILE)
-    b = checkpoint.read_state(tmp_path / "ref" / checkpoint.CHECKPOINT_DIR / checkpoint.STATE_FILE)
+    a = state_file.read_state(tmp_path / "run" / run_dir.CHECKPOINT_DIR / run_dir.STATE_FILE)
+    b = state_file.read_state(tmp_path / "ref" / run_dir.CHECKPOINT_DIR / run_dir.STATE_FILE)
     assert a["state"] == b["state"] and resumed["best"] == reference["best"]
     for part in ("student", "projections"):
         for key in b[part]:

@@ -67,7 +67,7 @@ def tiny(cache: Path, out: Path, **kwargs):
 
 
 def final_state(out: Path) -> dict[str, torch.Tensor]:
-    from pipeline.student.checkpoint import read_state
+    from pipeline.student.state_file import read_state
 
     state = read_state(out / "checkpoint" / "state.safetensors")
     return {**{f"student.{k}": v for k, v in state["student"].items()},

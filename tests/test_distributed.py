@@ -27,7 +27,7 @@ from pipeline.core import distributed
 from pipeline.core.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig
 from pipeline.core.errors import LrcError
 from pipeline.negatives.build import build_negatives
-from pipeline.student.checkpoint import read_state
+from pipeline.student.state_file import read_state
 from pipeline.student.step import Trainable, train_step
 from pipeline.student.objective import loss_weights
 from pipeline.student.run import setup_run

@@ -17,7 +17,8 @@ from pipeline.core.config import NegativesConfig, TrainConfig
 from pipeline.core.reuse import MISSING
 from pipeline.negatives.build import build_negatives
 from pipeline.student import train as train_module
-from pipeline.student.checkpoint import STATE_FILE, read_state
+from pipeline.student.run_dir import STATE_FILE
+from pipeline.student.state_file import read_state
 from pipeline.student.general import PROJECTIONS_FILE
 from pipeline.student.model import build_student, student_config
 from pipeline.student.run import resolve_init, setup_run
@@ -165,7 +166,7 @@ def test_keep_last_on_a_task_cache(task_cache: Path, tmp_path: Path) -> None:
                                state["bert.encoder.layer.1.output.dense.weight"], rtol=0, atol=0)
     assert_refused(lambda: TrainConfig(cache_dir=task_cache, output_dir=out, keep="first"), "--keep", "best, last")
     # runs recorded before --keep existed (no "keep" in train_config.json) still match a default config: reused
-    from pipeline.student.checkpoint import RUN_CONFIG, previous_run
+    from pipeline.student.run_dir import RUN_CONFIG, previous_run
 
     fingerprint = open_cache(task_cache).fingerprint
 

@@ -21,7 +21,7 @@ from conftest import assert_refused
 from pipeline.core import options
 from pipeline.core.config import TrainConfig
 from pipeline.core.options import option
-from pipeline.student.checkpoint import RUN_CONFIG, comparable_settings, previous_run
+from pipeline.student.run_dir import RUN_CONFIG, comparable_settings, previous_run
 
 C, O = Path("cache"), Path("out")
 

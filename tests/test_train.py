@@ -24,7 +24,7 @@ from pipeline.core.config import DataConfig, ExtractConfig, NegativesConfig, Tra
 from pipeline.core.errors import LrcError
 from pipeline.core.tasks import get_task
 from pipeline.negatives.build import build_negatives
-from pipeline.student import checkpoint, losses
+from pipeline.student import checkpoint, losses, run_dir, state_file
 from pipeline.student.batches import CacheDataset, collate
 from pipeline.student.model import Projections, student_config
 from pipeline.student.sampler import NegativeSampler
@@ -419,14 +419,14 @@ def uninterrupted(neg_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def final_state(out: Path) -> dict:
-    return checkpoint.read_state(out / checkpoint.CHECKPOINT_DIR / checkpoint.STATE_FILE)
+    return state_file.read_state(out / run_dir.CHECKPOINT_DIR / run_dir.STATE_FILE)
 
 
 def past_a_checkpoint(out: Path) -> bool:
     """A checkpoint exists and the log already holds a step after it (odd steps are never checkpointed)."""
     try:
         lines = (out / "train_log.jsonl").read_text().splitlines()
-        return (out / checkpoint.CHECKPOINT_DIR / checkpoint.STATE_FILE).is_file() and json.loads(lines[-1])["step"] % 2 == 1
+        return (out / run_dir.CHECKPOINT_DIR / run_dir.STATE_FILE).is_file() and json.loads(lines[-1])["step"] % 2 == 1
     except (FileNotFoundError, IndexError, json.JSONDecodeError):  # not yet written, or caught mid-line
         return False
 
@@ -720,7 +720,7 @@ def test_resume_refuses_a_re_extracted_cache_or_rebuilt_negatives(neg_cache: Pat
     with_negatives, without = tmp_path / "run-k2", tmp_path / "run-k0"
     _killed_at_step_3(tiny(c, with_negatives, max_steps=4), monkeypatch)
     _killed_at_step_3(tiny(c, without, max_steps=4, k=0), monkeypatch)
-    recorded = checkpoint.recorded_inputs(with_negatives / "checkpoint" / checkpoint.STATE_FILE)
+    recorded = checkpoint.recorded_inputs(with_negatives / "checkpoint" / run_dir.STATE_FILE)
     assert recorded["cache_fingerprint"] == open_cache(c).fingerprint and len(recorded["negatives_sha256"]) == 64
 
     build_negatives(NegativesConfig(cache_dir=c, k=2, seed=1, overwrite=True))  # rebuilt in place: other candidates
@@ -755,10 +755,10 @@ def test_a_checkpoint_without_recorded_inputs_keeps_the_path_rule(neg_cache: Pat
     c, out = tmp_path / "cache", tmp_path / "run"
     shutil.copytree(neg_cache, c)
     _killed_at_step_3(tiny(c, out, max_steps=4), monkeypatch)
-    path = out / "checkpoint" / checkpoint.STATE_FILE
-    payload = checkpoint.read_state(path)
+    path = out / "checkpoint" / run_dir.STATE_FILE
+    payload = state_file.read_state(path)
     del payload["inputs"]
-    checkpoint.write_state(path, payload)
+    state_file.write_state(path, payload)
     assert checkpoint.recorded_inputs(path) is None
     moved = tmp_path / "cache-copy"
     shutil.copytree(c, moved)

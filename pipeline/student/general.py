@@ -17,6 +17,8 @@ import torch
 from pipeline.core.config import TrainConfig
 from pipeline.core.errors import LrcError
 from pipeline.student import checkpoint
+from pipeline.student.run_dir import RunDir
+from pipeline.student.state_file import read_state, write_state
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ def check_config(config: TrainConfig, cache_dir: Path) -> None:
              "and saved as an encoder for `train-student --init`", cache_dir, config.intermediate_loss)
 
 
-def save_encoder(run_dir: checkpoint.RunDir, student: torch.nn.Module, tokenizer: Any,
+def save_encoder(run_dir: RunDir, student: torch.nn.Module, tokenizer: Any,
                  projections: torch.nn.Module, layer_map: list[int]) -> None:
     """The student's encoder without its unused head, in the base model's format (e.g. BertModel), and
     its W_i (`PROJECTIONS_FILE`, with the teacher layers they map), which a task run started from it keeps."""
@@ -51,7 +53,7 @@ def save_encoder(run_dir: checkpoint.RunDir, student: torch.nn.Module, tokenizer
     encoder.config.id2label = {0: "LABEL_0", 1: "LABEL_1"}
     encoder.config.label2id = {"LABEL_0": 0, "LABEL_1": 1}
     checkpoint.save_student(run_dir, encoder, tokenizer)
-    checkpoint.write_state(run_dir.output_dir / PROJECTIONS_FILE,
+    write_state(run_dir.output_dir / PROJECTIONS_FILE,
                            {"projections": projections.state_dict(), "layer_map": list(layer_map)})
     log.info("general student (encoder, config, tokenizer) written to %s: start task distillation with "
              "`lrc train-student --init %s`", run_dir.output_dir, run_dir.output_dir)
@@ -64,7 +66,7 @@ def load_projections(init: str, projections: torch.nn.Module, layer_map: list[in
     path = Path(init) / PROJECTIONS_FILE
     if not path.is_file():  # random, teacher, or a general student saved before W_i were
         return
-    saved = checkpoint.read_state(path)
+    saved = read_state(path)
     weights, own = saved["projections"], projections.state_dict()
     if saved["layer_map"] != layer_map or weights.keys() != own.keys() or any(weights[k].shape != v.shape
                                                                               for k, v in own.items()):

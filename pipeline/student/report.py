@@ -15,7 +15,7 @@ from typing import Any
 from pipeline.core import options
 from pipeline.core.config import TrainConfig
 from pipeline.core.errors import LrcError
-from pipeline.student.checkpoint import METRICS_LOG, SUMMARY
+from pipeline.student.run_dir import METRICS_LOG, SUMMARY
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from pipeline.student.objective import Objective, objective_for, steps_in
 from pipeline.student.model import (
     Projections, build_student, init_from_teacher, init_shape, resolve_auto_init, student_config,
 )
+from pipeline.student.run_dir import RunDir, check_run_dir, start_run_dir
 from pipeline.student.sampler import InBatchNegatives, NegativeSampler
 from pipeline.student.step import Model, Trainable
 
@@ -105,7 +106,7 @@ class Run:
     config: TrainConfig
     cache: Cache
     objective: Objective
-    dir: checkpoint.RunDir
+    dir: RunDir
     layer_map: list[int]  # teacher layer per student layer
     model: Model
     params: list[torch.nn.Parameter]
@@ -148,7 +149,7 @@ def setup_run(config: TrainConfig, ranks: distributed.Ranks = distributed.SINGLE
     torchrun every rank runs the checks; rank 0 alone then creates the run dir and its log."""
     config = resolve_init(config)  # before the run dir is compared with it
     rank_batch = distributed.per_rank_batch(ranks, config.batch_size)
-    run_dir = checkpoint.check_run_dir(config)
+    run_dir = check_run_dir(config)
     cache = open_cache(config.cache_dir, config.verify_cache)
     objective = objective_for(cache.manifest)
     depth, width, mapping = check_against_cache(config, cache)
@@ -191,7 +192,7 @@ def setup_run(config: TrainConfig, ranks: distributed.Ranks = distributed.SINGLE
     distributed.barrier(ranks)  # every rank has read the run dir (for --resume) before rank 0 replaces it
     logger = None
     if ranks.is_main:
-        checkpoint.start_run_dir(config)
+        start_run_dir(config)
         logger = checkpoint.MetricsLog(run_dir, keep_until=state.step if config.resume else None)
     distributed.barrier(ranks)
     return Run(config=config, cache=cache, objective=objective, dir=run_dir, layer_map=mapping, model=model, params=params,

@@ -18,7 +18,7 @@ from pipeline.core.errors import LrcError
 from pipeline.core.families import reads_segments
 from pipeline.core.metrics import compute_metrics
 from pipeline.core.runtime import apply_update, describe_device, predict_logits
-from pipeline.student import checkpoint, general
+from pipeline.student import checkpoint, general, run_dir
 from pipeline.student.batches import make_loader, to_device
 from pipeline.student.report import write_report
 from pipeline.student.run import DevSet, Run, resolve_init, setup_run
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def _diverged(run: Run, err: FloatingPointError) -> str:
     """The one-line error of a non-finite loss on finite data: the optimisation diverged."""
-    state, saved = run.state, run.dir.checkpoint_dir / checkpoint.STATE_FILE
+    state, saved = run.state, run.dir.checkpoint_dir / run_dir.STATE_FILE
     where = (f"the last good checkpoint is in {run.dir.checkpoint_dir}" if saved.is_file() else
              f"no checkpoint was written before it (--checkpoint-every {run.config.checkpoint_every})")
     return (f"{err} at step {state.step} (epoch {state.epoch}) with finite inputs: training diverged and stopped; "
@@ -199,8 +199,8 @@ def train_or_reuse(config: TrainConfig) -> tuple[dict[str, Any], str]:
     "reused" or "done".
     """
     config = resolve_init(config)
-    previous = checkpoint.previous_run(config, read_manifest(config.cache_dir)["fingerprint"])
-    decision = checkpoint.decide(config, previous)
+    previous = run_dir.previous_run(config, read_manifest(config.cache_dir)["fingerprint"])
+    decision = run_dir.decide(config, previous)
     if decision == reuse.REUSE:
         log.info("%s already holds this run, finished: reusing it", config.output_dir)
         return previous.summary, "reused"
