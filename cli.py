@@ -486,7 +486,8 @@ def sweep(
     """Rerun train-student over a grid on one cache and negatives file; writes a results table (CSV + markdown)."""
     from dataclasses import replace
 
-    from pipeline.student.sweep import parse_grid, parse_shard, run_sweep
+    from pipeline.student.sweep import parse_shard, run_sweep
+    from pipeline.student.sweep_grid import parse_grid
 
     # A base file is a grid with one value per key: the same names, checks and type coercion.
     shared = {key: values[0] for key, values in parse_grid([], base)} if base is not None else {}

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import cli
 import pipeline.core.config
 import pipeline.student.report
-import pipeline.student.sweep
+import pipeline.student.sweep_grid
 import pipeline.student.train
 from conftest import assert_refused
 from pipeline.core import options
@@ -35,7 +35,7 @@ def extended(monkeypatch: pytest.MonkeyPatch):
                                      help="Shape of the warmup: linear or cosine.")),
         ("progress_bar", bool, option(False, run_only=True, sweepable=False, help="Draw a progress bar.")),
     ], bases=(TrainConfig,), frozen=True)
-    for module in (pipeline.core.config, pipeline.student.sweep, pipeline.student.report):
+    for module in (pipeline.core.config, pipeline.student.sweep_grid, pipeline.student.report):
         monkeypatch.setattr(module, "TrainConfig", new)
     yield new, importlib.reload(cli)
     monkeypatch.undo()
@@ -84,10 +84,10 @@ def test_a_new_option_reaches_help_flags_and_config_files(extended, monkeypatch:
 
 def test_a_new_option_reaches_the_sweep(extended) -> None:
     new, _ = extended
-    assert pipeline.student.sweep.sweep_keys()["warmup_shape"] is str
-    assert pipeline.student.sweep.parse_grid(["warmup-shape=linear,cosine"], None) == (
+    assert pipeline.student.sweep_grid.sweep_keys()["warmup_shape"] is str
+    assert pipeline.student.sweep_grid.parse_grid(["warmup-shape=linear,cosine"], None) == (
         ("warmup_shape", ("linear", "cosine")),)
-    assert_refused(lambda: pipeline.student.sweep.parse_grid(["progress_bar=true"], None),
+    assert_refused(lambda: pipeline.student.sweep_grid.parse_grid(["progress_bar=true"], None),
                    "a sweep cannot vary 'progress_bar'")
 
 

@@ -17,8 +17,9 @@ from pipeline.cache.reader import open_cache
 from pipeline.core.config import DataConfig, ExtractConfig, NegativesConfig, SweepConfig, TrainConfig
 from pipeline.core.errors import LrcError
 from pipeline.negatives.build import build_negatives
-from pipeline.student import sweep, train
-from pipeline.student.sweep import grid_points, parse_grid, run_sweep
+from pipeline.student import sweep, sweep_grid, train
+from pipeline.student.sweep import run_sweep
+from pipeline.student.sweep_grid import grid_points, parse_grid
 from pipeline.teacher.extract import extract_teacher
 
 LR_GRID = (("learning_rate", (1e-4, 3e-4)),)
@@ -111,7 +112,7 @@ def test_points_are_the_product_in_grid_order() -> None:
     grid = (("k", (2, 4)), ("learning_rate", (1e-4, 3e-4, 5e-4)))
     points = grid_points(grid)
     assert points == [{"k": k, "learning_rate": lr} for k in (2, 4) for lr in (1e-4, 3e-4, 5e-4)]
-    assert sweep.run_name(3, points[3]) == "run-003-k=4_learning_rate=0.0001"
+    assert sweep_grid.run_name(3, points[3]) == "run-003-k=4_learning_rate=0.0001"
     assert sweep.parse_shard("1/4") == (1, 4)
     with pytest.raises(LrcError, match="is not I/N"):
         sweep.parse_shard("1of4")

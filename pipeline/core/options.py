@@ -3,7 +3,7 @@
 `option(...)` declares a field with everything the rest of lrc needs to know about it: its default, its flag and
 help text on the command line, whether a run dir may be reused or resumed with another value of it, the value that
 stands for it in runs recorded before it existed, its row in report.md and whether a sweep may vary it. cli.py,
-checkpoint.py, report.py and sweep.py derive their option lists from these fields (the functions below), so a new
+run_dir.py, report.py and sweep_grid.py derive their option lists from these fields (the functions below), so a new
 option is one field and its check (docs/DESIGN.md §4), and none of them can silently miss it.
 """
 
