@@ -37,7 +37,8 @@ from pipeline.apps.export import export_model  # noqa: E402
 from pipeline.apps.onnx_model import MODEL_FILE, parameter_count, session  # noqa: E402
 from pipeline.core.config import BUNDLED_MPNET, DataConfig, EvaluateConfig, ExportConfig  # noqa: E402
 from pipeline.core.runtime import setup_logging  # noqa: E402
-from pipeline.core.tasks import get_task, load_examples  # noqa: E402
+from pipeline.core.task_data import load_examples  # noqa: E402
+from pipeline.core.tasks import get_task  # noqa: E402
 from pipeline.teacher.finetune import resolve_backbone  # noqa: E402
 
 log = logging.getLogger("bench_export")

@@ -24,7 +24,7 @@ from transformers import AutoTokenizer, BertForSequenceClassification
 
 from pipeline.core.config import DataConfig, ExtractConfig
 from pipeline.core.runtime import encode, pad_batch
-from pipeline.core.tasks import load_examples
+from pipeline.core.task_data import load_examples
 from pipeline.teacher.extract import extract_teacher
 from pipeline.teacher.finetune import resolve_backbone
 from common import gemm_probe

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoTokenizer, BertForSequenceClassification
 
 from pipeline.core.config import DataConfig
-from pipeline.core.tasks import load_examples
+from pipeline.core.task_data import load_examples
 from pipeline.student.run_dir import CHECKPOINT_DIR, STATE_FILE
 
 

@@ -40,7 +40,8 @@ from glue_results import METHODS, _usable_negatives  # noqa: E402
 from pipeline.apps.evaluate import evaluate  # noqa: E402
 from pipeline.core.config import BUNDLED_MPNET, DataConfig, EvaluateConfig, ExtractConfig, FinetuneConfig, NegativesConfig, TrainConfig  # noqa: E402
 from pipeline.core.runtime import setup_logging  # noqa: E402
-from pipeline.core.tasks import get_task, load_examples  # noqa: E402
+from pipeline.core.task_data import load_examples  # noqa: E402
+from pipeline.core.tasks import get_task  # noqa: E402
 from pipeline.negatives.build import build_negatives  # noqa: E402
 from pipeline.student.train import train_or_reuse  # noqa: E402
 from pipeline.teacher.extract import extract_teacher  # noqa: E402

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from pipeline.cache import format as cache
-from pipeline.cache.reader import open_cache
 from pipeline.cache.quant import scale_column
+from pipeline.cache.reader import open_cache
 from pipeline.core.config import HIDDEN_DTYPES, DataConfig, ExtractConfig, layer_map
 from pipeline.core.errors import LrcError
-from pipeline.core.tasks import load_examples
+from pipeline.core.task_data import load_examples
 from pipeline.teacher.extract import extract_teacher
 from conftest import assert_refused, sst2_lines, write_tsv
 

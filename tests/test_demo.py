@@ -17,7 +17,8 @@ from pipeline.core.config import DataConfig, DemoConfig, EvaluateConfig
 from pipeline.core.errors import LrcError
 from pipeline.core.metrics import compute_metrics
 from pipeline.core.runtime import encode, pick_device, predict_logits
-from pipeline.core.tasks import get_task, load_examples
+from pipeline.core.task_data import load_examples
+from pipeline.core.tasks import get_task
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,5 @@
-"""pipeline/core/tasks.py: the task table, the real glue_data/ readers, explicit files, errors."""
+"""pipeline/core/tasks.py, task_data.py and data_files.py: the task table, the real glue_data/ readers, explicit
+files, errors."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 
 from pipeline.core.config import DataConfig
 from pipeline.core.errors import LrcError
-from pipeline.core.tasks import TASKS, Examples, get_task, load_examples
+from pipeline.core.task_data import Examples, load_examples
+from pipeline.core.tasks import TASKS, get_task
 
 
 def _glue_root() -> Path:

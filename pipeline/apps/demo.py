@@ -30,7 +30,8 @@ from pipeline.core.config import (
 )
 from pipeline.core.errors import LrcError
 from pipeline.core.runtime import from_pretrained
-from pipeline.core.tasks import get_task, load_examples
+from pipeline.core.task_data import load_examples
+from pipeline.core.tasks import get_task
 from pipeline.negatives.build import build_negatives
 from pipeline.student.train import train_or_reuse
 from pipeline.teacher.corpus import glue_sentences

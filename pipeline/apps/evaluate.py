@@ -20,7 +20,8 @@ from pipeline.core.config import EvaluateConfig
 from pipeline.core.errors import LrcError
 from pipeline.core.metrics import compute_metrics
 from pipeline.core.runtime import autocast, encode, pick_device, predict_logits
-from pipeline.core.tasks import TaskSpec, get_task, load_examples
+from pipeline.core.task_data import load_examples
+from pipeline.core.tasks import TaskSpec, get_task
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline.cache import format as cache
 from pipeline.core.config import CorpusConfig, DataConfig, ExtractConfig
+from pipeline.core.data_files import read_table, readable
 from pipeline.core.errors import LrcError
 from pipeline.core.runtime import check_vocabulary, from_pretrained, require_tokenizer
-from pipeline.core.tasks import read_table, readable
 from pipeline.teacher.teacher_pass import hash_tokenizer, hash_weights, resolve_layers, write_cache
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def _read_dataset(config: CorpusConfig) -> list[Any]:
 def glue_sentences(data_dir: Path) -> list[str]:
     """Every sentence of the GLUE train splits in data_dir (both sides of pairs) and of QNLI test, deduplicated
     in first-seen order. Labels are ignored and no dev split is read: dev is what students are scored on."""
-    from pipeline.core.tasks import load_examples
+    from pipeline.core.task_data import load_examples
 
     texts: list[str] = []
     for task in GLUE_TRAIN_TASKS:

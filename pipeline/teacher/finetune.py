@@ -26,7 +26,8 @@ from pipeline.core.runtime import (
     apply_update, autocast, check_finite_weights, check_max_length, check_vocabulary, encode, from_pretrained, pad_batch, pick_device,
     predict_logits, require_tokenizer, seed_everything,
 )
-from pipeline.core.tasks import get_task, load_examples
+from pipeline.core.task_data import load_examples
+from pipeline.core.tasks import get_task
 
 log = logging.getLogger(__name__)
 

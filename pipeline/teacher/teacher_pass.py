@@ -26,7 +26,8 @@ from pipeline.core.config import ExtractConfig, layer_map
 from pipeline.core.errors import LrcError
 from pipeline.core.families import require_layer_outputs
 from pipeline.core.runtime import all_finite, autocast, pad_batch
-from pipeline.core.tasks import Examples, TaskSpec
+from pipeline.core.task_data import Examples
+from pipeline.core.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 
