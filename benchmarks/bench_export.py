@@ -35,7 +35,8 @@ from common import gemm_probe  # noqa: E402
 from pipeline.apps.evaluate import Loaded, load_model, measure_speeds, score, size_on_disk  # noqa: E402
 from pipeline.apps.export import export_model  # noqa: E402
 from pipeline.apps.onnx_model import MODEL_FILE, parameter_count, session  # noqa: E402
-from pipeline.core.config import BUNDLED_MPNET, DataConfig, EvaluateConfig, ExportConfig  # noqa: E402
+from pipeline.core.apps_config import EvaluateConfig, ExportConfig  # noqa: E402
+from pipeline.core.config import BUNDLED_MPNET, DataConfig  # noqa: E402
 from pipeline.core.runtime import setup_logging  # noqa: E402
 from pipeline.core.task_data import load_examples  # noqa: E402
 from pipeline.core.tasks import get_task  # noqa: E402

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, BertForSequenceClassification
 
-from pipeline.core.config import DataConfig, ExtractConfig
+from pipeline.core.config import DataConfig
 from pipeline.core.runtime import encode, pad_batch
 from pipeline.core.task_data import load_examples
+from pipeline.core.teacher_config import ExtractConfig
 from pipeline.teacher.extract import extract_teacher
 from pipeline.teacher.finetune import resolve_backbone
 from common import gemm_probe

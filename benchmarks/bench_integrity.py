@@ -90,7 +90,8 @@ def time_open(out: Path, check: str, cold: bool) -> float:
 
 
 def finite_costs(shard_rows: int) -> dict[str, float]:
-    from pipeline.core.config import DataConfig, ExtractConfig
+    from pipeline.core.config import DataConfig
+    from pipeline.core.teacher_config import ExtractConfig
     from pipeline.student.step import check_batch_finite
     from pipeline.teacher.teacher_pass import check_finite_outputs
 

@@ -22,7 +22,7 @@ import faiss
 import numpy as np
 
 from pipeline.cache.negatives_file import write_negatives
-from pipeline.core.config import NegativesConfig
+from pipeline.core.negatives_config import NegativesConfig
 from pipeline.negatives.build import find_candidates
 
 # (rows, width, strategy, index): random needs no index; hard compares HNSW and IVF side by side at 100k

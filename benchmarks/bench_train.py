@@ -43,7 +43,9 @@ def prepare(work: Path, kind: str, rows: int, data_dir: Path, hidden_dtype: str 
     """Teacher dir -> cache (layers for a 4-layer student) -> negatives (K=4, random)."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from pipeline.core.config import DataConfig, ExtractConfig, NegativesConfig
+    from pipeline.core.config import DataConfig
+    from pipeline.core.negatives_config import NegativesConfig
+    from pipeline.core.teacher_config import ExtractConfig
     from pipeline.negatives.build import build_negatives
     from pipeline.teacher.extract import extract_teacher
     from pipeline.teacher.finetune import resolve_backbone
@@ -66,7 +68,7 @@ def prepare(work: Path, kind: str, rows: int, data_dir: Path, hidden_dtype: str 
 
 def training_parts(cache_dir: Path, device: torch.device, batch_size: int = 16):
     from pipeline.cache.reader import open_cache
-    from pipeline.core.config import TrainConfig
+    from pipeline.core.train_config import TrainConfig
     from pipeline.student.model import Projections, build_student, student_config
     from pipeline.student.step import Model
     from pipeline.student.run import resolve_layer_map

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
 
-from pipeline.core.config import BUNDLED_BACKBONE, TrainConfig, layer_map
+from pipeline.core.config import BUNDLED_BACKBONE, layer_map
 from pipeline.core.runtime import apply_update, autocast, encode, pad_batch, pick_device, predict_logits
 from pipeline.core.tasks import get_task
+from pipeline.core.train_config import TrainConfig
 from pipeline.student.batches import to_device
 from pipeline.student.model import Projections, build_student, student_config
 from pipeline.student.objective import Objective

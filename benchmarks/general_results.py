@@ -31,9 +31,11 @@ from typing import Any
 
 import glue_results
 from make_corpus import write_corpus
-from pipeline.core.config import CorpusConfig, ExtractConfig, NegativesConfig, TrainConfig
+from pipeline.core.negatives_config import NegativesConfig
 from pipeline.core.runtime import setup_logging
 from pipeline.core.tasks import get_task
+from pipeline.core.teacher_config import CorpusConfig, ExtractConfig
+from pipeline.core.train_config import TrainConfig
 from pipeline.negatives.build import build_negatives
 from pipeline.student.train import train_or_reuse
 from pipeline.teacher.extract import extract_teacher

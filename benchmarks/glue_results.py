@@ -27,10 +27,13 @@ from typing import Any
 
 from pipeline.cache.format import read_manifest
 from pipeline.cache.negatives_file import read_negatives
-from pipeline.core.config import DataConfig, ExtractConfig, FinetuneConfig, NegativesConfig, TrainConfig
+from pipeline.core.config import DataConfig
 from pipeline.core.errors import LrcError
+from pipeline.core.negatives_config import NegativesConfig
 from pipeline.core.runtime import setup_logging
 from pipeline.core.tasks import get_task
+from pipeline.core.teacher_config import ExtractConfig, FinetuneConfig
+from pipeline.core.train_config import TrainConfig
 from pipeline.negatives.build import build_negatives
 from pipeline.student.run_dir import previous_run
 from pipeline.student.train import train_or_reuse

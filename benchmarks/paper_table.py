@@ -38,10 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from glue_results import METHODS, _usable_negatives  # noqa: E402
 
 from pipeline.apps.evaluate import evaluate  # noqa: E402
-from pipeline.core.config import BUNDLED_MPNET, DataConfig, EvaluateConfig, ExtractConfig, FinetuneConfig, NegativesConfig, TrainConfig  # noqa: E402
+from pipeline.core.apps_config import EvaluateConfig  # noqa: E402
+from pipeline.core.config import BUNDLED_MPNET, DataConfig  # noqa: E402
+from pipeline.core.negatives_config import NegativesConfig  # noqa: E402
 from pipeline.core.runtime import setup_logging  # noqa: E402
 from pipeline.core.task_data import load_examples  # noqa: E402
 from pipeline.core.tasks import get_task  # noqa: E402
+from pipeline.core.teacher_config import ExtractConfig, FinetuneConfig  # noqa: E402
+from pipeline.core.train_config import TrainConfig  # noqa: E402
 from pipeline.negatives.build import build_negatives  # noqa: E402
 from pipeline.student.train import train_or_reuse  # noqa: E402
 from pipeline.teacher.extract import extract_teacher  # noqa: E402

@@ -34,11 +34,13 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.apps.demo import plan, task_stages
 from pipeline.cache.reader import open_cache
-from pipeline.core.config import DataConfig, DemoConfig, TrainConfig, layer_map
+from pipeline.core.apps_config import DemoConfig
+from pipeline.core.config import DataConfig, layer_map
 from pipeline.core.metrics import compute_metrics
 from pipeline.core.runtime import encode, pad_batch, predict_logits, seed_everything, setup_logging
 from pipeline.core.task_data import load_examples
 from pipeline.core.tasks import get_task
+from pipeline.core.train_config import TrainConfig
 from pipeline.student import losses
 from pipeline.student.model import Projections, build_student, student_config
 from pipeline.student.train import train_or_reuse

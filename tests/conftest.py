@@ -66,7 +66,7 @@ def assert_refused(call: Callable[[], Any], *needles: str) -> str:
 def tiny_config(cache: Path, out: Path, **kwargs: Any) -> Any:
     """The suite's one small training config: a 2 x 16 student on a tiny cache, a few steps in about a
     second, checkpointed every 2 steps and logged every step, on the CPU. Tests pass what they vary."""
-    from pipeline.core.config import TrainConfig
+    from pipeline.core.train_config import TrainConfig
 
     settings = dict(layers=2, hidden=16, heads=2, intermediate=32, k=2, max_steps=3, num_workers=0, device="cpu",
                     checkpoint_every=2, log_every=1)
@@ -112,7 +112,8 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: Path, glue_dir: Path) -> Path:
     """A real cache: the tiny teacher over 200 real SST-2 train rows (shards of 64) and the dev split."""
-    from pipeline.core.config import DataConfig, ExtractConfig
+    from pipeline.core.config import DataConfig
+    from pipeline.core.teacher_config import ExtractConfig
     from pipeline.teacher.extract import extract_teacher
 
     out = tmp_path_factory.mktemp("cache") / "sst2"
@@ -156,7 +157,7 @@ def neg_cache(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     M = 16); one copy per test module, so a module may change it without touching another's."""
     import shutil
 
-    from pipeline.core.config import NegativesConfig
+    from pipeline.core.negatives_config import NegativesConfig
     from pipeline.negatives.build import build_negatives
 
     out = tmp_path_factory.mktemp("neg-cache") / "sst2"
@@ -198,7 +199,7 @@ def encoder(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def corpus_cache(tmp_path_factory: pytest.TempPathFactory, encoder: Path, glue_dir: Path) -> Path:
     """A corpus cache (general distillation) of the tiny encoder over real SST-2 sentences."""
-    from pipeline.core.config import CorpusConfig, ExtractConfig
+    from pipeline.core.teacher_config import CorpusConfig, ExtractConfig
     from pipeline.teacher.extract import extract_teacher
 
     work = tmp_path_factory.mktemp("corpus")

@@ -125,7 +125,7 @@ def test_negatives_are_the_sampled_rows_hidden_states(tiny_cache: Path, train_sp
 
 
 def test_real_negative_sampler_feeds_the_dataset(tiny_cache: Path, train_split, tmp_path: Path) -> None:
-    from pipeline.core.config import NegativesConfig
+    from pipeline.core.negatives_config import NegativesConfig
     from pipeline.negatives.build import build_negatives
     from pipeline.student.sampler import NegativeSampler
 

@@ -15,9 +15,10 @@ import torch
 from pipeline.cache import format as cache
 from pipeline.cache.quant import scale_column
 from pipeline.cache.reader import open_cache
-from pipeline.core.config import HIDDEN_DTYPES, DataConfig, ExtractConfig, layer_map
+from pipeline.core.config import DataConfig, layer_map
 from pipeline.core.errors import LrcError
 from pipeline.core.task_data import load_examples
+from pipeline.core.teacher_config import HIDDEN_DTYPES, ExtractConfig
 from pipeline.teacher.extract import extract_teacher
 from conftest import assert_refused, sst2_lines, write_tsv
 

@@ -70,7 +70,7 @@ def test_a_planted_pickle_never_runs(tmp_path: Path) -> None:
     assert_refused(lambda: checkpoint.load(run, model, None, optimizer, scheduler), "unreadable", "--overwrite")
     (run.checkpoint_dir / run_dir.STATE_FILE).unlink()
     torch.save({"state": _Planted(marker)}, run.checkpoint_dir / run_dir.LEGACY_STATE_FILE)
-    from pipeline.core.config import TrainConfig
+    from pipeline.core.train_config import TrainConfig
 
     config = TrainConfig(cache_dir=tmp_path / "cache", output_dir=run.output_dir, resume=True)
     assert_refused(lambda: run_dir.check_run_dir(config), "pickle", "never loaded", "--overwrite")

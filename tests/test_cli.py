@@ -216,16 +216,18 @@ def _as_field_value(value, default):
 
 
 def test_help_defaults_are_the_config_defaults() -> None:
-    """A default changed in pipeline/core/config.py reaches --help, and no command restates one of its own."""
+    """A default changed in a config dataclass (pipeline/core/*config.py) reaches --help, and no command restates one
+    of its own."""
     import typer.main
     from dataclasses import MISSING, fields
 
-    import pipeline.core.config as config_module
+    from pipeline.core import apps_config, config, negatives_config, teacher_config, train_config
 
     group = typer.main.get_command(app)
+    modules = (config, teacher_config, negatives_config, train_config, apps_config)
     checked = 0
     for command, class_names in CONFIGS.items():
-        classes = [getattr(config_module, name) for name in class_names]
+        classes = [next(getattr(m, name) for m in modules if hasattr(m, name)) for name in class_names]
         for param in group.commands[command].params:
             if param.name in CLI_ONLY or param.required:
                 continue

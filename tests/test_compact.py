@@ -13,7 +13,9 @@ import torch
 from conftest import assert_refused
 from pipeline.cache import quant
 from pipeline.cache.reader import RowReader, describe, open_cache
-from pipeline.core.config import DataConfig, ExtractConfig, TrainConfig
+from pipeline.core.config import DataConfig
+from pipeline.core.teacher_config import ExtractConfig
+from pipeline.core.train_config import TrainConfig
 from pipeline.student import gather, losses, run_dir, state_file
 from pipeline.student.batches import CacheDataset, EpochBatchSampler, make_loader, to_device
 from pipeline.student.sampler import InBatchNegatives

@@ -1,4 +1,4 @@
-"""Every numeric option is checked for finiteness and range when its config is built (pipeline/core/config.py),
+"""Every numeric option is checked for finiteness and range when its config is built (pipeline/core/*config.py),
 so a bad value is refused in one line before any stage starts work."""
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_refused
-from pipeline.core.config import (
-    CorpusConfig, DataConfig, DemoConfig, EvaluateConfig, ExtractConfig, FinetuneConfig, NegativesConfig, SweepConfig,
-    TrainConfig,
-)
+from pipeline.core.apps_config import DemoConfig, EvaluateConfig
+from pipeline.core.config import DataConfig
+from pipeline.core.negatives_config import NegativesConfig
+from pipeline.core.teacher_config import CorpusConfig, ExtractConfig, FinetuneConfig
+from pipeline.core.train_config import SweepConfig, TrainConfig
 
 NAN, INF = math.nan, math.inf
 C, O = Path("cache"), Path("out")

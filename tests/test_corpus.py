@@ -16,7 +16,9 @@ from transformers import AutoTokenizer, BertModel
 from conftest import CORPUS_MAX_LENGTH as MAX_LENGTH, assert_refused, corpus_lines
 from pipeline.cache.format import read_manifest
 from pipeline.cache.reader import Cache, open_cache
-from pipeline.core.config import CorpusConfig, ExtractConfig, NegativesConfig, SweepConfig, TrainConfig
+from pipeline.core.negatives_config import NegativesConfig
+from pipeline.core.teacher_config import CorpusConfig, ExtractConfig
+from pipeline.core.train_config import SweepConfig, TrainConfig
 from pipeline.negatives.build import build_negatives
 from pipeline.student.sampler import NegativeSampler
 from pipeline.teacher.corpus import cache_kind, glue_sentences, read_passages

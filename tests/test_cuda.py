@@ -37,7 +37,9 @@ def work(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path, glue_dir: P
     """A dropout-free tiny teacher (so CPU and GPU runs can agree), 96 SST-2 train and 32 dev rows, extracted on
     the CPU as float16 and int8 caches, each with random negatives (K = 2); and a float16 cache of a teacher
     with dropout 0.1 (its students use the RNG)."""
-    from pipeline.core.config import DataConfig, ExtractConfig, NegativesConfig
+    from pipeline.core.config import DataConfig
+    from pipeline.core.negatives_config import NegativesConfig
+    from pipeline.core.teacher_config import ExtractConfig
     from pipeline.negatives.build import build_negatives
     from pipeline.teacher.extract import extract_teacher
 
@@ -86,7 +88,8 @@ def losses_of(out: Path) -> list[dict[str, float]]:
 def test_a_cache_extracted_on_cuda_matches_the_cpu_cache(work: dict[str, Path]) -> None:
     """Catches: hidden states or logits taken from the wrong layer, left on the device, or cast wrongly on the
     way off the GPU; a row order that depends on the device."""
-    from pipeline.core.config import DataConfig, ExtractConfig
+    from pipeline.core.config import DataConfig
+    from pipeline.core.teacher_config import ExtractConfig
     from pipeline.teacher.extract import extract_teacher
 
     out = work["root"] / "cache-cuda"

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from cli import app
 from pipeline.apps.demo import run_demo
 from pipeline.apps.evaluate import evaluate, load_for_evaluation
-from pipeline.core.config import DataConfig, DemoConfig, EvaluateConfig
+from pipeline.core.apps_config import DemoConfig, EvaluateConfig
+from pipeline.core.config import DataConfig
 from pipeline.core.errors import LrcError
 from pipeline.core.metrics import compute_metrics
 from pipeline.core.runtime import encode, pick_device, predict_logits

@@ -24,13 +24,16 @@ import torch.distributed as dist
 from conftest import REPO, ArrowRows, make_tiny_teacher, sst2_lines, write_tsv
 from pipeline.cache.reader import open_cache
 from pipeline.core import distributed
-from pipeline.core.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig
+from pipeline.core.config import DataConfig
 from pipeline.core.errors import LrcError
+from pipeline.core.negatives_config import NegativesConfig
+from pipeline.core.teacher_config import ExtractConfig
+from pipeline.core.train_config import TrainConfig
 from pipeline.negatives.build import build_negatives
-from pipeline.student.state_file import read_state
-from pipeline.student.step import Trainable, train_step
 from pipeline.student.objective import loss_weights
 from pipeline.student.run import setup_run
+from pipeline.student.state_file import read_state
+from pipeline.student.step import Trainable, train_step
 from pipeline.student.train import epoch_batches, train_student
 from pipeline.teacher.extract import extract_teacher
 
@@ -44,8 +47,8 @@ LAUNCH_TIMEOUT = 240  # a hang shows up as a timeout, not as a stuck test run
 ENTRY = '''
 import os, sys
 import pipeline.cache.format as cache
-import pipeline.student.train as train
 from pipeline.core.errors import LrcError
+import pipeline.student.train as train
 assemble = cache.assemble_manifest
 def recorded(*args, **kwargs):
     with open(os.environ["MANIFEST_WRITERS"], "a") as f:

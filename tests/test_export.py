@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from conftest import assert_refused, sst2_lines
 from pipeline.core import outdir
-from pipeline.core.config import ExportConfig
+from pipeline.core.apps_config import ExportConfig
 from pipeline.core.families import FAMILIES, reads_segments
 from pipeline.core.runtime import encode, predict_logits
 
@@ -210,7 +210,8 @@ def test_cli_export_then_evaluate_the_exported_dir_against_its_source(tmp_path: 
 def test_without_the_onnx_extra_both_commands_say_what_to_install(tmp_path: Path, minilm_dir: Path, glue_dir: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.apps.evaluate import evaluate
-    from pipeline.core.config import DataConfig, EvaluateConfig
+    from pipeline.core.apps_config import EvaluateConfig
+    from pipeline.core.config import DataConfig
 
     student = make_student(tmp_path / "student", "bert", minilm_dir)
     export_model(ExportConfig(source=student, output_dir=tmp_path / "out"))

@@ -15,8 +15,9 @@ import torch
 
 from conftest import REPO, assert_refused, make_tiny_teacher, sst2_lines, write_tsv
 from pipeline.cache.reader import open_cache
-from pipeline.core.config import DataConfig, ExtractConfig
+from pipeline.core.config import DataConfig
 from pipeline.core.errors import LrcError
+from pipeline.core.teacher_config import ExtractConfig
 from pipeline.teacher.extract import extract_teacher
 
 

@@ -19,14 +19,18 @@ from transformers import (
 
 from conftest import assert_refused, sst2_lines, write_tsv, tiny_config
 from pipeline.apps.evaluate import evaluate
-from pipeline.core.config import DataConfig, EvaluateConfig, ExtractConfig, FinetuneConfig, NegativesConfig, TrainConfig, layer_map
+from pipeline.core.apps_config import EvaluateConfig
+from pipeline.core.config import DataConfig, layer_map
 from pipeline.core.families import FAMILIES, check_loading_report, get_module, model_inputs
+from pipeline.core.negatives_config import NegativesConfig
+from pipeline.core.teacher_config import ExtractConfig, FinetuneConfig
+from pipeline.core.train_config import TrainConfig
 from pipeline.negatives.build import build_negatives
 from pipeline.student import losses
 from pipeline.student.batches import CacheDataset, collate
 from pipeline.student.model import Projections, build_student, student_config
-from pipeline.student.sampler import NegativeSampler
 from pipeline.student.objective import Objective, objective_for
+from pipeline.student.sampler import NegativeSampler
 from pipeline.student.step import Model, train_step
 from pipeline.student.train import train_student
 from pipeline.teacher.extract import extract_teacher

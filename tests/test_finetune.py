@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from pipeline.cache.reader import open_cache
-from pipeline.core.config import DataConfig, ExtractConfig, FinetuneConfig
+from pipeline.core.config import DataConfig
 from pipeline.core.errors import LrcError
+from pipeline.core.teacher_config import ExtractConfig, FinetuneConfig
 from pipeline.teacher.extract import extract_teacher
 from pipeline.teacher.finetune import TEACHER_INFO, finetune_teacher
 from conftest import assert_refused

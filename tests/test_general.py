@@ -13,15 +13,16 @@ from safetensors.torch import load_file, save_file
 
 from conftest import assert_refused, tiny_config
 from pipeline.cache.reader import open_cache
-from pipeline.core.config import NegativesConfig, TrainConfig
+from pipeline.core.negatives_config import NegativesConfig
 from pipeline.core.reuse import MISSING
+from pipeline.core.train_config import TrainConfig
 from pipeline.negatives.build import build_negatives
 from pipeline.student import train as train_module
-from pipeline.student.run_dir import STATE_FILE
-from pipeline.student.state_file import read_state
 from pipeline.student.general import PROJECTIONS_FILE
 from pipeline.student.model import build_student, student_config
 from pipeline.student.run import resolve_init, setup_run
+from pipeline.student.run_dir import STATE_FILE
+from pipeline.student.state_file import read_state
 from pipeline.student.train import train_student
 
 
@@ -117,7 +118,8 @@ def test_refusals_between_task_and_corpus(corpus_with_negatives: Path, task_cach
     assert_refused(lambda: train_student(tiny(corpus_with_negatives, tmp_path / "a", intermediate_loss="none", k=0)),
                    "corpus cache", "--intermediate-loss none", "cos_nce or hidden_mse")
     from pipeline.apps.evaluate import evaluate
-    from pipeline.core.config import DataConfig, EvaluateConfig
+    from pipeline.core.apps_config import EvaluateConfig
+    from pipeline.core.config import DataConfig
 
     # a general student has no classification head: evaluating it on a task is refused, not scored at random
     general = tmp_path / "general"
@@ -184,7 +186,7 @@ def test_keep_last_on_a_task_cache(task_cache: Path, tmp_path: Path) -> None:
 def test_demo_general_runs_the_whole_recipe_and_reuses_it(tmp_path: Path, glue_dir: Path, minilm_dir: Path) -> None:
     """`lrc demo --general` with the real MiniLM on 200 unlabeled GLUE sentences and 160 SST-2 rows, tiny students."""
     from pipeline.apps.demo import run_demo
-    from pipeline.core.config import DemoConfig
+    from pipeline.core.apps_config import DemoConfig
 
     config = DemoConfig(task="sst2", data_dir=glue_dir, work_dir=tmp_path / "demo", max_train_examples=160,
                         max_length=32, teacher_epochs=1, student_epochs=1, student_layers=2, student_hidden=64,

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.core.config import GRANULARITIES, TrainConfig, default_of
 from pipeline.core.errors import LrcError
+from pipeline.core.options import default_of
+from pipeline.core.train_config import GRANULARITIES, TrainConfig
 from pipeline.student.losses import cos_nce, hard_loss, hidden_mse, soft_loss
 
 # ---------------------------------------------------------------- helpers

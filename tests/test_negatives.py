@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from pipeline.cache.negatives_file import FORMAT_VERSION, manifest_path, write_negatives
-from pipeline.core.config import NegativesConfig
 from pipeline.core.errors import LrcError
+from pipeline.core.negatives_config import NegativesConfig
 from pipeline.negatives import build as negatives
 from pipeline.negatives.build import build_negatives, find_candidates
 from pipeline.student.sampler import NegativeSampler

@@ -13,14 +13,14 @@ import pytest
 from typer.testing import CliRunner
 
 import cli
-import pipeline.core.config
+import pipeline.core.train_config
 import pipeline.student.report
 import pipeline.student.sweep_grid
 import pipeline.student.train
 from conftest import assert_refused
 from pipeline.core import options
-from pipeline.core.config import TrainConfig
 from pipeline.core.options import option
+from pipeline.core.train_config import TrainConfig
 from pipeline.student.run_dir import RUN_CONFIG, comparable_settings, previous_run
 
 C, O = Path("cache"), Path("out")
@@ -35,7 +35,7 @@ def extended(monkeypatch: pytest.MonkeyPatch):
                                      help="Shape of the warmup: linear or cosine.")),
         ("progress_bar", bool, option(False, run_only=True, sweepable=False, help="Draw a progress bar.")),
     ], bases=(TrainConfig,), frozen=True)
-    for module in (pipeline.core.config, pipeline.student.sweep_grid, pipeline.student.report):
+    for module in (pipeline.core.train_config, pipeline.student.sweep_grid, pipeline.student.report):
         monkeypatch.setattr(module, "TrainConfig", new)
     yield new, importlib.reload(cli)
     monkeypatch.undo()

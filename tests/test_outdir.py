@@ -15,7 +15,10 @@ import pytest
 
 from conftest import REPO, assert_refused
 from pipeline.core import outdir
-from pipeline.core.config import DataConfig, EvaluateConfig, ExtractConfig, SweepConfig, TrainConfig
+from pipeline.core.apps_config import EvaluateConfig
+from pipeline.core.config import DataConfig
+from pipeline.core.teacher_config import ExtractConfig
+from pipeline.core.train_config import SweepConfig, TrainConfig
 
 
 def user_folder(path: Path, signature: str) -> Path:

@@ -20,7 +20,9 @@ import pytest
 import torch
 
 from pipeline.apps.evaluate import evaluate
-from pipeline.core.config import DataConfig, EvaluateConfig, ExtractConfig
+from pipeline.core.apps_config import EvaluateConfig
+from pipeline.core.config import DataConfig
+from pipeline.core.teacher_config import ExtractConfig
 from pipeline.teacher.extract import extract_teacher
 from conftest import REPO, assert_refused, make_tiny_teacher, sst2_lines, write_tsv
 
@@ -141,7 +143,7 @@ def test_non_finite_hidden_states_are_refused_by_row_and_layer(tmp_path: Path, m
     """A corpus cache (no logits, so the hidden states are what is checked) of a teacher that gives NaN on known rows.
     Catches: the int8 check reading the int8 values (always finite) instead of the scales, which then blames
     the pooled vectors and names no layer."""
-    from pipeline.core.config import CorpusConfig
+    from pipeline.core.teacher_config import CorpusConfig
 
     teacher = _nan_on_banana(tmp_path / "teacher", minilm_dir)
     corpus = tmp_path / "corpus.txt"
@@ -308,7 +310,7 @@ def test_a_tokenizer_larger_than_the_embeddings_is_one_line(tmp_path: Path, mini
     end in an IndexError traceback ("index out of range in self") mid-extraction."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from pipeline.core.config import FinetuneConfig
+    from pipeline.core.teacher_config import FinetuneConfig
     from pipeline.teacher.finetune import finetune_teacher
 
     small = tmp_path / "small-vocab"

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core.config import NegativesConfig, TrainConfig
 from pipeline.core.errors import LrcError
+from pipeline.core.negatives_config import NegativesConfig
+from pipeline.core.train_config import TrainConfig
 from pipeline.negatives.build import build_negatives
 from pipeline.student.report import (
     DEV_PLOT, LOSS_PLOT, epoch_ends, loss_names, plot_dev, plot_losses, read_log, stage_boundary, write_report,

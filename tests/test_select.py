@@ -22,7 +22,10 @@ from conftest import assert_refused
 from pipeline.cache import importance
 from pipeline.cache.format import manifest_fingerprint, read_manifest, sha256_file
 from pipeline.cache.reader import describe, open_cache
-from pipeline.core.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig, layer_map
+from pipeline.core.config import DataConfig, layer_map
+from pipeline.core.negatives_config import NegativesConfig
+from pipeline.core.teacher_config import ExtractConfig
+from pipeline.core.train_config import TrainConfig
 from pipeline.negatives.build import build_negatives
 from pipeline.student import select
 from pipeline.student.model import init_from_teacher, resolve_auto_init, student_config

@@ -14,8 +14,11 @@ import torch
 
 from conftest import assert_refused, make_tiny_teacher
 from pipeline.cache.reader import open_cache
-from pipeline.core.config import DataConfig, ExtractConfig, NegativesConfig, SweepConfig, TrainConfig
+from pipeline.core.config import DataConfig
 from pipeline.core.errors import LrcError
+from pipeline.core.negatives_config import NegativesConfig
+from pipeline.core.teacher_config import ExtractConfig
+from pipeline.core.train_config import SweepConfig, TrainConfig
 from pipeline.negatives.build import build_negatives
 from pipeline.student import sweep, sweep_grid, train
 from pipeline.student.sweep import run_sweep

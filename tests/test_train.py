@@ -20,17 +20,20 @@ from transformers import BertForSequenceClassification
 
 from conftest import REPO, assert_refused, make_tiny_teacher, tiny_config
 from pipeline.cache.reader import open_cache
-from pipeline.core.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig
+from pipeline.core.config import DataConfig
 from pipeline.core.errors import LrcError
+from pipeline.core.negatives_config import NegativesConfig
 from pipeline.core.tasks import get_task
+from pipeline.core.teacher_config import ExtractConfig
+from pipeline.core.train_config import TrainConfig
 from pipeline.negatives.build import build_negatives
 from pipeline.student import checkpoint, losses, run_dir, state_file
 from pipeline.student.batches import CacheDataset, collate
 from pipeline.student.model import Projections, student_config
-from pipeline.student.sampler import NegativeSampler
-from pipeline.student.step import Model, loss_terms, train_step, weighted_total
 from pipeline.student.objective import Objective, loss_weights, objective_for, stage_at
 from pipeline.student.run import lr_at, resolve_layer_map, setup_run
+from pipeline.student.sampler import NegativeSampler
+from pipeline.student.step import Model, loss_terms, train_step, weighted_total
 from pipeline.student.train import train_student
 from pipeline.teacher.extract import extract_teacher
 
@@ -578,7 +581,7 @@ def test_student_beats_the_majority_class_on_sst2(tmp_path: Path, minilm_dir: Pa
     About 2.5 minutes on 2 busy cores. The student is 3 of the teacher's 6 layers (3, 5, 6), trained
     one-stage: in a run this short the default two stages leave the classifier only ~10 steps.
     """
-    from pipeline.core.config import FinetuneConfig
+    from pipeline.core.teacher_config import FinetuneConfig
     from pipeline.teacher.finetune import finetune_teacher
 
     started = time.perf_counter()

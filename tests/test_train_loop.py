@@ -13,13 +13,15 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from conftest import assert_refused, make_tiny_teacher, tiny_config
 from pipeline.cache.reader import open_cache
-from pipeline.core.config import DataConfig, ExtractConfig, TrainConfig
+from pipeline.core.config import DataConfig
 from pipeline.core.metrics import compute_metrics
 from pipeline.core.runtime import apply_update, predict_logits
 from pipeline.core.tasks import get_task
+from pipeline.core.teacher_config import ExtractConfig
+from pipeline.core.train_config import TrainConfig
 from pipeline.student import losses
-from pipeline.student.step import loss_terms
 from pipeline.student.run import DevSet, setup_run
+from pipeline.student.step import loss_terms
 from pipeline.student.train import epoch_batches, evaluate, train_or_reuse, train_student
 from pipeline.teacher.extract import extract_teacher
 from transformers import AutoModelForSequenceClassification

@@ -25,13 +25,15 @@ from transformers import AutoConfig
 
 from pipeline.apps.evaluate import evaluate, format_table
 from pipeline.core import atomic, outdir
-from pipeline.core.config import (
-    BUNDLED_BACKBONE, CorpusConfig, DataConfig, DemoConfig, EvaluateConfig, ExtractConfig, FinetuneConfig, NegativesConfig, TrainConfig,
-)
+from pipeline.core.apps_config import DemoConfig, EvaluateConfig
+from pipeline.core.config import BUNDLED_BACKBONE, DataConfig
 from pipeline.core.errors import LrcError
+from pipeline.core.negatives_config import NegativesConfig
 from pipeline.core.runtime import from_pretrained
 from pipeline.core.task_data import load_examples
 from pipeline.core.tasks import get_task
+from pipeline.core.teacher_config import CorpusConfig, ExtractConfig, FinetuneConfig
+from pipeline.core.train_config import TrainConfig
 from pipeline.negatives.build import build_negatives
 from pipeline.student.train import train_or_reuse
 from pipeline.teacher.corpus import glue_sentences

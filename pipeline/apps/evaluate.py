@@ -16,7 +16,7 @@ import torch
 
 from pipeline.apps.onnx_model import is_exported, parameter_count
 from pipeline.core import atomic, runtime
-from pipeline.core.config import EvaluateConfig
+from pipeline.core.apps_config import EvaluateConfig
 from pipeline.core.errors import LrcError
 from pipeline.core.metrics import compute_metrics
 from pipeline.core.runtime import autocast, encode, pick_device, predict_logits

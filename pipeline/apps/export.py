@@ -32,7 +32,7 @@ from pipeline import __version__
 from pipeline.apps.onnx_model import EXPORT_INFO, INSTALL_HINT, MODEL_FILE, OnnxClassifier, require_onnxruntime
 from pipeline.cache.format import sha256_file
 from pipeline.core import atomic, outdir, reuse
-from pipeline.core.config import ExportConfig
+from pipeline.core.apps_config import ExportConfig
 from pipeline.core.errors import LrcError
 from pipeline.core.families import FAMILIES, reads_segments
 from pipeline.core.runtime import check_finite_weights, from_pretrained, recorded_task, require_tokenizer

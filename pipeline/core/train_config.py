@@ -1,6 +1,6 @@
 """`train-student`'s config and the sweep's over it. Each TrainConfig field is an `option`: its default, its flag
 and help, and what a run dir, report.md and a sweep make of it are written here once (pipeline/core/options.py).
-pipeline/core/config.py re-exports both classes, the one import for every stage's config."""
+The other stages' configs and what they all share are the other pipeline/core/*config.py modules."""
 
 from __future__ import annotations
 

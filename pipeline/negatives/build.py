@@ -25,8 +25,8 @@ from pipeline.cache.negatives_file import (
 )
 from pipeline.cache.reader import open_cache
 from pipeline.core import atomic, outdir, reuse
-from pipeline.core.config import NegativesConfig
 from pipeline.core.errors import LrcError
+from pipeline.core.negatives_config import NegativesConfig
 
 if TYPE_CHECKING:
     import faiss

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from pipeline.core.config import TrainConfig
 from pipeline.core.errors import LrcError
+from pipeline.core.train_config import TrainConfig
 from pipeline.student import checkpoint
 from pipeline.student.run_dir import RunDir
 from pipeline.student.state_file import read_state, write_state

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.core.config import GRANULARITIES
 from pipeline.core.errors import LrcError
+from pipeline.core.train_config import GRANULARITIES
 
 EPS = 1e-8  # smallest norm a cosine divides by: a zero vector gets cosine 0, not NaN
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.config import TrainConfig
 from pipeline.core.tasks import TaskSpec, get_task
+from pipeline.core.train_config import TrainConfig
 from pipeline.student import general
 
 

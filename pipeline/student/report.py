@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core import options
-from pipeline.core.config import TrainConfig
 from pipeline.core.errors import LrcError
+from pipeline.core.train_config import TrainConfig
 from pipeline.student.run_dir import METRICS_LOG, SUMMARY
 
 log = logging.getLogger(__name__)

@@ -16,17 +16,18 @@ from pipeline.cache import importance
 from pipeline.cache.format import TEACHER_WEIGHTS_DIR, read_manifest
 from pipeline.cache.reader import Cache, open_cache
 from pipeline.core import distributed
-from pipeline.core.config import TrainConfig, layer_map
+from pipeline.core.config import layer_map
 from pipeline.core.errors import LrcError
 from pipeline.core.families import reads_segments
 from pipeline.core.metrics import compute_metrics
 from pipeline.core.runtime import check_finite_weights, from_pretrained, seed_everything
+from pipeline.core.train_config import TrainConfig
 from pipeline.student import checkpoint, general
 from pipeline.student.batches import CacheDataset, EpochBatchSampler
-from pipeline.student.objective import Objective, objective_for, steps_in
 from pipeline.student.model import (
     Projections, build_student, init_from_teacher, init_shape, resolve_auto_init, student_config,
 )
+from pipeline.student.objective import Objective, objective_for, steps_in
 from pipeline.student.run_dir import RunDir, check_run_dir, start_run_dir
 from pipeline.student.sampler import InBatchNegatives, NegativeSampler
 from pipeline.student.step import Model, Trainable

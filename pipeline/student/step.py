@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.core.config import TrainConfig
 from pipeline.core.errors import LrcError
 from pipeline.core.families import embedding_output, model_inputs
 from pipeline.core.runtime import all_finite, autocast
+from pipeline.core.train_config import TrainConfig
 from pipeline.student import losses
 from pipeline.student.model import Projections
 from pipeline.student.objective import Objective

@@ -37,9 +37,9 @@ import torch
 
 from pipeline.cache.reader import open_cache
 from pipeline.core import atomic, distributed, outdir
-from pipeline.core.config import SweepConfig, TrainConfig
 from pipeline.core.errors import LrcError
 from pipeline.core.tasks import get_task
+from pipeline.core.train_config import SweepConfig, TrainConfig
 from pipeline.student.run import check_against_cache
 from pipeline.student.sweep_grid import format_value, grid_points, run_name
 from pipeline.student.train import train_or_reuse

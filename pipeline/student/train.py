@@ -13,11 +13,11 @@ from tqdm.auto import tqdm
 
 from pipeline.cache.format import read_manifest
 from pipeline.core import distributed, outdir, reuse
-from pipeline.core.config import TrainConfig
 from pipeline.core.errors import LrcError
 from pipeline.core.families import reads_segments
 from pipeline.core.metrics import compute_metrics
 from pipeline.core.runtime import apply_update, describe_device, predict_logits
+from pipeline.core.train_config import TrainConfig
 from pipeline.student import checkpoint, general, run_dir
 from pipeline.student.batches import make_loader, to_device
 from pipeline.student.report import write_report

@@ -18,10 +18,11 @@ import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline.cache import format as cache
-from pipeline.core.config import CorpusConfig, DataConfig, ExtractConfig
+from pipeline.core.config import DataConfig
 from pipeline.core.data_files import read_table, readable
 from pipeline.core.errors import LrcError
 from pipeline.core.runtime import check_vocabulary, from_pretrained, require_tokenizer
+from pipeline.core.teacher_config import CorpusConfig, ExtractConfig
 from pipeline.teacher.teacher_pass import hash_tokenizer, hash_weights, resolve_layers, write_cache
 
 log = logging.getLogger(__name__)

@@ -14,10 +14,10 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.cache import format as cache
 from pipeline.core import distributed, outdir
-from pipeline.core.config import ExtractConfig
 from pipeline.core.runtime import encode, load_classifier
 from pipeline.core.task_data import Examples, load_examples
 from pipeline.core.tasks import TaskSpec, get_task
+from pipeline.core.teacher_config import ExtractConfig
 from pipeline.teacher.teacher_pass import hash_tokenizer, hash_weights, resolve_layers, write_cache
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
 from pipeline.core import atomic, backbones, outdir, reuse
-from pipeline.core.config import BUNDLED_BACKBONE, BUNDLED_MPNET, FinetuneConfig
+from pipeline.core.config import BUNDLED_BACKBONE, BUNDLED_MPNET
 from pipeline.core.errors import LrcError
 from pipeline.core.families import check_loading_report, require_classifier_family
 from pipeline.core.metrics import compute_metrics
@@ -28,6 +28,7 @@ from pipeline.core.runtime import (
 )
 from pipeline.core.task_data import load_examples
 from pipeline.core.tasks import get_task
+from pipeline.core.teacher_config import FinetuneConfig
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,13 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.cache import format as cache, importance, quant
 from pipeline.core import atomic, distributed, outdir, reuse
-from pipeline.core.config import ExtractConfig, layer_map
+from pipeline.core.config import layer_map
 from pipeline.core.errors import LrcError
 from pipeline.core.families import require_layer_outputs
 from pipeline.core.runtime import all_finite, autocast, pad_batch
 from pipeline.core.task_data import Examples
 from pipeline.core.tasks import TaskSpec
+from pipeline.core.teacher_config import ExtractConfig
 
 log = logging.getLogger(__name__)
 
