@@ -2,7 +2,7 @@
 
 How much of a cache is checked when it is opened (`open_cache(check=...)`; numbers in docs/RELIABILITY.md). The
 same levels apply to the shards and to every other file the manifest records (`files`: tokenizer, teacher
-weights); the manifest itself is checked against its fingerprint whenever it is read (`cache.read_manifest`):
+weights); the manifest itself is checked against its fingerprint whenever it is read (`manifest.read_manifest`):
 - `size`: every shard exists with its recorded byte size (a stat per shard).
 - `quick`: also the sha256 of each shard's size, first and last 64 KiB and 16 sampled blocks, against
   the manifest: catches truncation, a damaged header or footer and large-scale damage, in a few reads
@@ -26,9 +26,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.cache.format import (
-    CONTENT_PATHS, TEACHER_WEIGHTS_DIR, TOKENIZER_DIR, content_files, content_path, hidden_column, read_manifest,
-    sample_sha256, sha256_file, shard_path,
+    CONTENT_PATHS, TEACHER_WEIGHTS_DIR, TOKENIZER_DIR, hidden_column, sample_sha256, sha256_file,
 )
+from pipeline.cache.manifest import content_files, content_path, read_manifest, shard_path
 from pipeline.cache.quant import scale_column
 from pipeline.core.errors import LrcError
 

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import __version__
-from pipeline.cache.format import read_manifest
+from pipeline.cache.manifest import read_manifest
 from pipeline.cache.negatives_file import (
     FORMAT, FORMAT_VERSION, is_negatives_file, manifest_path, read_negatives, write_negatives,
 )
