@@ -393,7 +393,7 @@ def _synthetic_cache(out: Path, rows: int, tokens: int, width: int) -> Path:
 
 
 def test_quick_check_samples_a_large_shard_and_full_reads_it_all(tmp_path: Path) -> None:
-    from pipeline.cache.reader import resolve_check
+    from pipeline.cache.verify import resolve_check
 
     shard = _synthetic_cache(tmp_path / "c", rows=64, tokens=32, width=256)  # ~1 MB
     assert shard.stat().st_size > 1 << 20

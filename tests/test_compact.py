@@ -12,7 +12,8 @@ import torch
 
 from conftest import assert_refused
 from pipeline.cache import quant
-from pipeline.cache.reader import RowReader, describe, open_cache
+from pipeline.cache.describe import describe
+from pipeline.cache.reader import RowReader, open_cache
 from pipeline.core.config import DataConfig, ExtractConfig, TrainConfig
 from pipeline.student import checkpoint, gather, losses
 from pipeline.student.batches import CacheDataset, EpochBatchSampler, make_loader, to_device

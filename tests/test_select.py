@@ -20,9 +20,10 @@ from typer.testing import CliRunner
 from cli import app
 from conftest import assert_refused
 from pipeline.cache import importance
+from pipeline.cache.describe import describe
 from pipeline.cache.format import sha256_file
 from pipeline.cache.manifest import manifest_fingerprint, read_manifest
-from pipeline.cache.reader import describe, open_cache
+from pipeline.cache.reader import open_cache
 from pipeline.core.config import DataConfig, ExtractConfig, NegativesConfig, TrainConfig, layer_map
 from pipeline.negatives.build import build_negatives
 from pipeline.student import select

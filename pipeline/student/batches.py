@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.cache import quant
 from pipeline.cache.manifest import read_manifest
-from pipeline.cache.reader import RowReader, verify_shards
+from pipeline.cache.reader import RowReader
+from pipeline.cache.verify import verify_shards
 from pipeline.core.errors import LrcError
 from pipeline.student import gather
 
