@@ -1,4 +1,5 @@
-"""pipeline/cache/format.py + extract: what the cache holds equals the teacher's own outputs (docs/DESIGN.md §3)."""
+"""pipeline/cache/format.py, manifest.py, verify.py + extract: what the cache holds equals the teacher's own outputs
+(docs/DESIGN.md §3)."""
 
 from __future__ import annotations
 
