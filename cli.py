@@ -314,7 +314,8 @@ def inspect_cache(
     config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
 ) -> None:
     """Print what a cache holds (teacher, task, rows, layers, sizes); --verify checks every checksum."""
-    from pipeline.cache.reader import describe, open_cache
+    from pipeline.cache.describe import describe
+    from pipeline.cache.reader import open_cache
 
     cache = open_cache(cache_dir, check="full" if verify else "quick")
     typer.echo(describe(cache))

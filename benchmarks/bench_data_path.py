@@ -73,8 +73,9 @@ def baseline_module():
     source = subprocess.run(["git", "show", f"{BASELINE_COMMIT}:pipeline/batches.py"], capture_output=True, text=True,
                             check=True, cwd=Path(__file__).resolve().parents[1]).stdout
     # its imports name the flat pipeline/ of that commit; the same functions now live in pipeline/cache and core
-    for old, new in {"pipeline.cache import": "pipeline.cache.format import",
-                     "pipeline.cache_read import": "pipeline.cache.reader import",
+    for old, new in {"pipeline.cache import": "pipeline.cache.manifest import",
+                     "pipeline.cache_read import RowReader, verify_shards":
+                         "pipeline.cache.reader import RowReader\nfrom pipeline.cache.verify import verify_shards",
                      "pipeline.errors import": "pipeline.core.errors import"}.items():
         source = source.replace(f"from {old}", f"from {new}")
     module = types.ModuleType("baseline_batches")

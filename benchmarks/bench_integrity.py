@@ -29,6 +29,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.cache import format as cache
+from pipeline.cache.manifest import assemble_manifest
 from pipeline.cache.reader import open_cache
 from common import gemm_probe
 
@@ -76,7 +77,7 @@ def build(root: Path, gigabytes: float, shard_rows: int) -> tuple[Path, dict[str
     settings = {"splits": {"train": {"rows": shards * shard_rows, "hidden": True}}, "layers": list(range(1, LAYERS + 1)),
                 "hidden_size": WIDTH, "hidden_dtype": "float16", "max_length": 128, "task": None,
                 "teacher": {"config": {}, "weights_sha256": "", "num_layers": LAYERS, "hidden_size": WIDTH}}
-    cache.assemble_manifest(out, settings, {})
+    assemble_manifest(out, settings, {})
     return out, times
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.cache.negatives_file import write_negatives
 from pipeline.core.negatives_config import NegativesConfig
-from pipeline.negatives.build import find_candidates
+from pipeline.negatives.candidates import find_candidates
 
 # (rows, width, strategy, index): random needs no index; hard compares HNSW and IVF side by side at 100k
 # and exact search with IVF at 50k, where `auto` switches

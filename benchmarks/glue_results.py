@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache.format import read_manifest
+from pipeline.cache.manifest import read_manifest
 from pipeline.cache.negatives_file import read_negatives
 from pipeline.core.config import DataConfig
 from pipeline.core.errors import LrcError

@@ -1,4 +1,5 @@
-"""pipeline/cache/format.py + extract: what the cache holds equals the teacher's own outputs (docs/DESIGN.md §3)."""
+"""pipeline/cache/format.py, manifest.py, verify.py + extract: what the cache holds equals the teacher's own outputs
+(docs/DESIGN.md §3)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import pytest
 import torch
 
 from pipeline.cache import format as cache
-from pipeline.cache.quant import scale_column
+from pipeline.cache.manifest import assemble_manifest, manifest_fingerprint
 from pipeline.cache.reader import open_cache
+from pipeline.cache.quant import scale_column
 from pipeline.core.config import DataConfig, layer_map
 from pipeline.core.errors import LrcError
 from pipeline.core.task_data import load_examples
@@ -388,12 +390,12 @@ def _synthetic_cache(out: Path, rows: int, tokens: int, width: int) -> Path:
     settings = {"splits": {"train": {"rows": rows, "hidden": True}}, "layers": [1], "hidden_size": width,
                 "hidden_dtype": "float16", "max_length": tokens, "task": None,
                 "teacher": {"config": {}, "weights_sha256": "", "num_layers": 1, "hidden_size": width}}
-    cache.assemble_manifest(out, settings, {})
+    assemble_manifest(out, settings, {})
     return out / "shards" / cache.shard_name("train", 0, rows)
 
 
 def test_quick_check_samples_a_large_shard_and_full_reads_it_all(tmp_path: Path) -> None:
-    from pipeline.cache.reader import resolve_check
+    from pipeline.cache.verify import resolve_check
 
     shard = _synthetic_cache(tmp_path / "c", rows=64, tokens=32, width=256)  # ~1 MB
     assert shard.stat().st_size > 1 << 20
@@ -424,7 +426,7 @@ def test_a_hand_edited_manifest_is_caught_by_its_fingerprint(small_cache: Path, 
     was changed from sst2 to cola opened and trained as cola."""
     c = _copy(small_cache, tmp_path / "c")
     manifest = json.loads((c / "manifest.json").read_text())
-    assert manifest["fingerprint"] == cache.manifest_fingerprint(manifest) and manifest["files"]
+    assert manifest["fingerprint"] == manifest_fingerprint(manifest) and manifest["files"]
     _edit_manifest(c, lambda m: m["task"].update(name="cola", metric="mcc"))
     assert_refused(lambda: open_cache(c, check="size"), "manifest.json does not match its fingerprint", "re-extract")
     _edit_manifest(c, lambda m: m["task"].update(name="sst2", metric="accuracy"))
@@ -475,7 +477,7 @@ def test_a_manifest_with_missing_keys_or_wrong_types_is_one_line(small_cache: Pa
                             "'../../etc/passwd' as a cache file")]:
         edited = json.loads(json.dumps(original))
         change(edited)
-        edited["fingerprint"] = cache.manifest_fingerprint(edited)
+        edited["fingerprint"] = manifest_fingerprint(edited)
         (c / "manifest.json").write_text(json.dumps(edited))
         assert_refused(lambda: open_cache(c, check="size"), needle)
 

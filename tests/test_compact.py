@@ -12,7 +12,8 @@ import torch
 
 from conftest import assert_refused
 from pipeline.cache import quant
-from pipeline.cache.reader import RowReader, describe, open_cache
+from pipeline.cache.describe import describe
+from pipeline.cache.reader import RowReader, open_cache
 from pipeline.core.config import DataConfig
 from pipeline.core.teacher_config import ExtractConfig
 from pipeline.core.train_config import TrainConfig
@@ -335,6 +336,7 @@ def test_negative_or_non_finite_int8_scales_are_refused_by_row(int8_cache: Path,
     import pyarrow as pa
 
     from pipeline.cache import format as cache_mod
+    from pipeline.cache.manifest import assemble_manifest
 
     for bad in (-0.5, float("inf")):
         c = tmp_path / f"cache-{bad}"
@@ -352,7 +354,7 @@ def test_negative_or_non_finite_int8_scales_are_refused_by_row(int8_cache: Path,
         table = table.set_column(index, table.schema.field(index), pa.ListArray.from_arrays(column.offsets, pa.array(values)))
         cache_mod.write_shard(c, "train", entry["start"], entry["stop"], table.to_batches()[0])  # checksums match
         extra = {k: manifest[k] for k in ("teacher_path", "kind")}
-        cache_mod.assemble_manifest(c, json.loads((c / "settings.json").read_text()), extra)
+        assemble_manifest(c, json.loads((c / "settings.json").read_text()), extra)
         out = tmp_path / f"run-{bad}"
         assert_refused(lambda: train_student(_tiny(c, out, max_steps=13, negatives_source="file", k=0)),
                        "negative or non-finite int8 scales", f"train row(s) {entry['start'] + row}", "re-extract")

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoTokenizer, BertModel
 
 from conftest import CORPUS_MAX_LENGTH as MAX_LENGTH, assert_refused, corpus_lines
-from pipeline.cache.format import read_manifest
+from pipeline.cache.manifest import read_manifest
 from pipeline.cache.reader import Cache, open_cache
 from pipeline.core.negatives_config import NegativesConfig
 from pipeline.core.teacher_config import CorpusConfig, ExtractConfig

@@ -46,16 +46,16 @@ LAUNCH_TIMEOUT = 240  # a hang shows up as a timeout, not as a stuck test run
 # of its torch generator state after setup to RNG_AT_START.<rank>.
 ENTRY = '''
 import os, sys
-import pipeline.cache.format as cache
-from pipeline.core.errors import LrcError
+import pipeline.cache.manifest as cache_manifest
 import pipeline.student.train as train
-assemble = cache.assemble_manifest
+from pipeline.core.errors import LrcError
+assemble = cache_manifest.assemble_manifest
 def recorded(*args, **kwargs):
     with open(os.environ["MANIFEST_WRITERS"], "a") as f:
         f.write(os.environ["RANK"] + " ")
     return assemble(*args, **kwargs)
 if "MANIFEST_WRITERS" in os.environ:
-    cache.assemble_manifest = recorded
+    cache_manifest.assemble_manifest = recorded
 real, calls = train.apply_update, [0]
 def failing(*args, **kwargs):
     calls[0] += 1

@@ -12,8 +12,9 @@ import pytest
 from pipeline.cache.negatives_file import FORMAT_VERSION, manifest_path, write_negatives
 from pipeline.core.errors import LrcError
 from pipeline.core.negatives_config import NegativesConfig
-from pipeline.negatives import build as negatives
-from pipeline.negatives.build import build_negatives, find_candidates
+from pipeline.negatives import search
+from pipeline.negatives.build import build_negatives
+from pipeline.negatives.candidates import find_candidates
 from pipeline.student.sampler import NegativeSampler
 
 UNUSED = Path("unused-cache")
@@ -78,8 +79,8 @@ def test_regression_widening_and_brute_force_fallback(index: str, monkeypatch: p
     direction = np.random.default_rng(11).standard_normal(32)
     y = (10 * unit @ (direction / np.linalg.norm(direction))).astype(np.float32)
     brute_forced: list[int] = []
-    exact_top = negatives._exact_top
-    monkeypatch.setattr(negatives, "_exact_top", lambda *a: brute_forced.append(len(a[3])) or exact_top(*a))
+    exact_top = search._exact_top
+    monkeypatch.setattr(search, "_exact_top", lambda *a: brute_forced.append(len(a[3])) or exact_top(*a))
     cfg = config(k=4, candidates=8, hard_pool=8, strategy="hard", index=index, regression_margin=4.0,
                  recall_sample=100)
     ids, _, _ = find_candidates(x, y, np.arange(800), True, cfg)

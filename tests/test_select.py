@@ -20,8 +20,10 @@ from typer.testing import CliRunner
 from cli import app
 from conftest import assert_refused
 from pipeline.cache import importance
-from pipeline.cache.format import manifest_fingerprint, read_manifest, sha256_file
-from pipeline.cache.reader import describe, open_cache
+from pipeline.cache.describe import describe
+from pipeline.cache.format import sha256_file
+from pipeline.cache.manifest import manifest_fingerprint, read_manifest
+from pipeline.cache.reader import open_cache
 from pipeline.core.config import DataConfig, layer_map
 from pipeline.core.negatives_config import NegativesConfig
 from pipeline.core.teacher_config import ExtractConfig

@@ -653,6 +653,7 @@ def _poison_shard(c: Path, layer: int) -> tuple[int, int]:
     import pyarrow as pa
 
     from pipeline.cache import format as cache_mod
+    from pipeline.cache.manifest import assemble_manifest
 
     manifest = json.loads((c / "manifest.json").read_text())
     entry = manifest["splits"]["train"]["shards"][1]
@@ -667,7 +668,7 @@ def _poison_shard(c: Path, layer: int) -> tuple[int, int]:
     table = table.set_column(index, table.schema.field(index), poisoned)
     cache_mod.write_shard(c, "train", entry["start"], entry["stop"], table.to_batches()[0])
     settings = json.loads((c / "settings.json").read_text())
-    cache_mod.assemble_manifest(c, settings, {"teacher_path": manifest["teacher_path"]})
+    assemble_manifest(c, settings, {"teacher_path": manifest["teacher_path"]})
     return entry["start"], entry["stop"]
 
 
@@ -775,6 +776,7 @@ def test_a_label_outside_the_tasks_classes_in_the_cache_is_one_line(neg_cache: P
     import pyarrow as pa
 
     from pipeline.cache import format as cache_mod
+    from pipeline.cache.manifest import assemble_manifest
 
     c = tmp_path / "cache"
     shutil.copytree(neg_cache, c)
@@ -787,7 +789,7 @@ def test_a_label_outside_the_tasks_classes_in_the_cache_is_one_line(neg_cache: P
     index = table.schema.get_field_index("label")
     table = table.set_column(index, table.schema.field(index), pa.array(labels))
     cache_mod.write_shard(c, "train", entry["start"], entry["stop"], table.to_batches()[0])
-    cache_mod.assemble_manifest(c, json.loads((c / "settings.json").read_text()),
-                                {k: manifest[k] for k in ("teacher_path", "kind")})
+    assemble_manifest(c, json.loads((c / "settings.json").read_text()),
+                      {k: manifest[k] for k in ("teacher_path", "kind")})
     refused(tiny(c, tmp_path / "run", k=0, max_steps=13, batch_size=16), "labels outside 0..1", "train row(s) 3",
             "re-extract")

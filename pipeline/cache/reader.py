@@ -1,23 +1,14 @@
 """Reading a complete cache (docs/DESIGN.md §3): open and check it, whole columns, and the one row reader.
 
-How much of a cache is checked when it is opened (`open_cache(check=...)`; numbers in docs/RELIABILITY.md). The
-same levels apply to the shards and to every other file the manifest records (`files`: tokenizer, teacher
-weights); the manifest itself is checked against its fingerprint whenever it is read (`cache.read_manifest`):
-- `size`: every shard exists with its recorded byte size (a stat per shard).
-- `quick`: also the sha256 of each shard's size, first and last 64 KiB and 16 sampled blocks, against
-  the manifest: catches truncation, a damaged header or footer and large-scale damage, in a few reads
-  per shard whatever its size.
-- `full`: the sha256 of every byte against the manifest: catches any changed byte.
-- `auto`: `full` when the cache fits in half the RAM (an epoch reads every byte anyway, and the hash
-  leaves them in the page cache for it), else `quick` (hashing would cost one more pass over the disk).
+How much of a cache is checked when it is opened (`open_cache(check=...)`): the levels and the checks are in
+`pipeline/cache/verify.py`; the manifest itself is checked against its fingerprint whenever it is read
+(`manifest.read_manifest`). The manifest in human terms, for `lrc inspect-cache`: `pipeline/cache/describe.py`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import mmap
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,80 +16,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.cache.format import (
-    CONTENT_PATHS, TEACHER_WEIGHTS_DIR, TOKENIZER_DIR, content_files, content_path, hidden_column, read_manifest,
-    sample_sha256, sha256_file, shard_path,
-)
+from pipeline.cache.format import TEACHER_WEIGHTS_DIR, TOKENIZER_DIR, hidden_column
+from pipeline.cache.manifest import read_manifest, shard_path
 from pipeline.cache.quant import scale_column
+from pipeline.cache.verify import REEXTRACT, half_the_ram, verify_shards
 from pipeline.core.errors import LrcError
-
-log = logging.getLogger(__name__)
-
-CHECKS = ("size", "quick", "full", "auto")
-_REEXTRACT = "re-extract with `lrc extract-teacher --overwrite`"
-
-
-def _half_the_ram() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-
-
-def resolve_check(check: str, total_bytes: int) -> str:
-    """`auto` -> `full` for a cache that fits in half the RAM, else `quick`; other levels unchanged."""
-    if check not in CHECKS:
-        raise LrcError(f"unknown cache check {check!r}: choose one of {', '.join(CHECKS)}")
-    if check != "auto":
-        return check
-    return "full" if total_bytes <= _half_the_ram() else "quick"
-
-
-def verify_shards(cache_dir: Path, manifest: dict[str, Any], check: str) -> None:
-    """Every shard and every other recorded file exists with its recorded size, and (`quick`, `full`) its
-    recorded hash; no file the manifest does not record sits among the tokenizer or teacher weights."""
-    total = sum(info["bytes"] for info in manifest["splits"].values()) + \
-        sum(entry["bytes"] for entry in manifest["files"].values())
-    check = resolve_check(check, total)
-    verify_files(cache_dir, manifest, check)
-    unsampled = 0
-    for split, info in manifest["splits"].items():
-        for entry in info["shards"]:
-            path = shard_path(cache_dir, split, entry)
-            if not path.is_file():
-                raise LrcError(f"cache {cache_dir} is missing shard {entry['file']}: {_REEXTRACT}")
-            if path.stat().st_size != entry["bytes"]:
-                raise LrcError(f"shard {path} has {path.stat().st_size} bytes, manifest says {entry['bytes']}: {_REEXTRACT}")
-            if check == "full" and sha256_file(path) != entry["sha256"]:
-                raise LrcError(f"shard {path} does not match its checksum in the manifest (corrupted or changed): "
-                               f"{_REEXTRACT}")
-            if check == "quick" and "sample_sha256" not in entry:
-                unsampled += 1
-            elif check == "quick" and sample_sha256(path) != entry["sample_sha256"]:
-                raise LrcError(f"shard {path} does not match its sampled checksum in the manifest (corrupted or "
-                               f"changed): {_REEXTRACT}")
-    if unsampled:  # written by an lrc before sampled checksums: sizes only, unless asked for `full`
-        log.warning("%d shard(s) of %s have no sampled checksum (an older cache): only their sizes were checked; "
-                    "`lrc inspect-cache --verify` checks every byte", unsampled, cache_dir)
-    log.debug("cache %s: %s check of %.1f MB passed", cache_dir, check, total / 1e6)
-
-
-def verify_files(cache_dir: Path, manifest: dict[str, Any], check: str) -> None:
-    """The files besides the shards (CONTENT_PATHS) at a resolved check level. A file added by hand (e.g. an
-    added_tokens.json that changes what the tokenizer does) is refused too: the loaders read whatever is there."""
-    recorded = manifest["files"]
-    extra = sorted(set(content_files(cache_dir)) - set(recorded))
-    if extra:
-        raise LrcError(f"cache {cache_dir} holds {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''} in "
-                       f"{' or '.join(CONTENT_PATHS)}, which its manifest does not record (added or changed by hand "
-                       f"since extraction): {_REEXTRACT}")
-    for rel, entry in recorded.items():
-        path = content_path(cache_dir, rel)
-        if not path.is_file():
-            raise LrcError(f"cache {cache_dir} is missing {rel}: {_REEXTRACT}")
-        if path.stat().st_size != entry["bytes"]:
-            raise LrcError(f"{path} has {path.stat().st_size} bytes, manifest says {entry['bytes']}: {_REEXTRACT}")
-        if (check == "full" and sha256_file(path) != entry["sha256"]) or \
-                (check == "quick" and sample_sha256(path) != entry["sample_sha256"]):
-            raise LrcError(f"{path} does not match its {'sampled ' if check == 'quick' else ''}checksum in the "
-                           f"manifest (changed since extraction): {_REEXTRACT}")
 
 
 def _open_table(path: Path, random_access: bool = False) -> pa.Table:
@@ -115,7 +37,7 @@ def _open_table(path: Path, random_access: bool = False) -> pa.Table:
         return pa.ipc.open_stream(pa.BufferReader(pa.py_buffer(mapped))).read_all()
     except (pa.ArrowException, OSError, ValueError) as err:  # ArrowInvalid, "Invalid flatbuffers message" ...
         reason = " ".join(str(err).split())[:200]
-        raise LrcError(f"shard {path} is not a readable Arrow stream ({reason}): {_REEXTRACT}") from None
+        raise LrcError(f"shard {path} is not a readable Arrow stream ({reason}): {REEXTRACT}") from None
 
 
 # --------------------------------------------------------------------------- whole columns
@@ -207,7 +129,7 @@ class RowReader:
         self.num_rows: int = info["rows"]
         self.layers = list(layers)
         if random_access is None:
-            random_access = info["bytes"] > _half_the_ram()
+            random_access = info["bytes"] > half_the_ram()
         self.random_access = random_access
         with_pooled = pooled and info["hidden"]
         self._shards = [
@@ -348,55 +270,3 @@ def open_cache(cache_dir: Path, check: str = "quick") -> Cache:
     manifest = read_manifest(cache_dir)
     verify_shards(cache_dir, manifest, check)
     return Cache(cache_dir, manifest)
-
-
-def describe(cache: Cache) -> str:
-    """The manifest in human terms, for `lrc inspect-cache`."""
-    m = cache.manifest
-    teacher, task, corpus = m["teacher"], m["task"], m.get("corpus")
-    if task is not None:
-        labels = f"{task['num_labels']} labels: {', '.join(task['labels'])}" if task["labels"] else "regression"
-        what = f"task         {task['name']} ({labels}; metric {task['metric']})"
-    else:  # a corpus cache for general distillation
-        what = (f"corpus       {corpus['source']}: {corpus['passages']} passages in {corpus['windows']} windows "
-                "(no labels, no logits: general distillation)")
-    width, layers = m["hidden_size"], m["layers"]
-    lines = [
-        f"cache        {cache.path}",
-        f"format       {m['format']} v{m['format_version']} (written by lrc {m['lrc_version']})",
-        f"teacher      {m.get('teacher_path', '?')} ({teacher['config'].get('model_type', '?')}, "
-        f"{teacher['num_layers']} layers x {teacher['hidden_size']}, weights sha256 {teacher['weights_sha256'][:12]})",
-        what,
-        f"layers       {layers} of {teacher['num_layers']}, stored as {m['hidden_dtype']}, width {width}",
-        f"max length   {m['max_length']} tokens",
-    ]
-    bytes_per_value = np.dtype(m["hidden_dtype"]).itemsize
-    if m.get("hidden_quant"):  # int8: name the scheme, and compare the size with what float16 would take
-        q = m["hidden_quant"]
-        lines.append(f"quantised    {q['scheme']}: {q['scale']} ({q['scale_dtype']} column {q['scale_column']}); "
-                     f"pooled vectors {q['pooled_dtype']}")
-        bytes_per_value = 2
-    for name, info in m["splits"].items():
-        split = cache.split(name)
-        tokens = int(np.sum(split.column("input_ids").combine_chunks().value_lengths().to_numpy()))
-        rows = max(info["rows"], 1)
-        line = (f"{name:<5} {info['rows']} rows in {len(info['shards'])} shard(s), {info['bytes'] / 1e6:.1f} MB, "
-                f"{info['bytes'] / rows / 1e3:.1f} KB/example, {tokens / rows:.1f} tokens/example")
-        lines.append(("splits       " if name == next(iter(m["splits"])) else "             ") + line)
-        if info["hidden"]:
-            ideal = tokens * len(layers) * width * bytes_per_value
-            what = " (float16)" if m.get("hidden_quant") else ""
-            lines.append(f"             size vs tokens x layers x d' x {bytes_per_value}{what}: "
-                         f"{info['bytes'] / max(ideal, 1):.3f}x")
-    files = m["files"]
-    if files:  # the tokenizer and teacher weights, checksummed like the shards
-        tops = sorted({rel.split("/")[0] for rel in files})
-        lines.append(f"files        {len(files)} in {', '.join(tops)}, "
-                     f"{sum(e['bytes'] for e in files.values()) / 1e6:.1f} MB")
-    scores = m.get("importance")
-    lines.append(f"importance   {scores['file']}: channel, head and neuron scores over {scores['tokens']} train tokens, "
-                 f"{scores['bytes'] / 1e3:.1f} KB, sha256 {scores['sha256'][:12]}" if scores else
-                 "importance   none (an older lrc's cache): a narrower --init teacher keeps evenly spaced channels")
-    total = sum(info["bytes"] for info in m["splits"].values())
-    lines += [f"total        {total / 1e6:.1f} MB", f"fingerprint  {cache.fingerprint}"]
-    return "\n".join(lines)

@@ -18,7 +18,7 @@ from pipeline.core.errors import LrcError
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
-CACHE_CHECKS = ("auto", "quick", "full")  # how much of a cache is hashed at open (pipeline/cache/reader.py)
+CACHE_CHECKS = ("auto", "quick", "full")  # how much of a cache is hashed at open (pipeline/cache/verify.py)
 
 _KEY = "lrc.option"
 

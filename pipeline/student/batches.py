@@ -19,8 +19,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.cache import quant
-from pipeline.cache.format import read_manifest
-from pipeline.cache.reader import RowReader, verify_shards
+from pipeline.cache.manifest import read_manifest
+from pipeline.cache.reader import RowReader
+from pipeline.cache.verify import verify_shards
 from pipeline.core.errors import LrcError
 from pipeline.student import gather
 

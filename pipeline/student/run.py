@@ -13,7 +13,8 @@ import torch
 from transformers import AutoTokenizer
 
 from pipeline.cache import importance
-from pipeline.cache.format import TEACHER_WEIGHTS_DIR, read_manifest
+from pipeline.cache.format import TEACHER_WEIGHTS_DIR
+from pipeline.cache.manifest import read_manifest
 from pipeline.cache.reader import Cache, open_cache
 from pipeline.core import distributed
 from pipeline.core.config import layer_map

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.cache.format import read_manifest
+from pipeline.cache.manifest import read_manifest
 from pipeline.core import distributed, outdir, reuse
 from pipeline.core.errors import LrcError
 from pipeline.core.families import reads_segments

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.cache import format as cache, importance, quant
+from pipeline.cache import format as cache, importance, manifest as cache_manifest, quant
 from pipeline.core import atomic, distributed, outdir, reuse
 from pipeline.core.config import layer_map
 from pipeline.core.errors import LrcError
@@ -65,7 +65,7 @@ def write_cache(
         save_teacher_weights(model, out)
     distributed.barrier(ranks)
     if (out / cache.MANIFEST).is_file():
-        return cache.read_manifest(out), None
+        return cache_manifest.read_manifest(out), None
 
     device = distributed.device_for(ranks, config.device)
     model.to(device).eval()
@@ -80,9 +80,9 @@ def write_cache(
     if ranks.is_main:
         hidden = [split for split, info in settings["splits"].items() if info["hidden"]]
         scores = importance.assemble(out, [p for split in hidden for _, _, p in cache.present_shards(out, split)])
-        manifest = cache.assemble_manifest(out, settings, extra, scores)
+        manifest = cache_manifest.assemble_manifest(out, settings, extra, scores)
     distributed.barrier(ranks)
-    return manifest or cache.read_manifest(out), (rows_done, time.perf_counter() - started)
+    return manifest or cache_manifest.read_manifest(out), (rows_done, time.perf_counter() - started)
 
 
 def resolve_layers(config: ExtractConfig, num_layers: int) -> list[int]:
