@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import errno
 import functools
-import inspect
 import json
-import os
-import re
 import sys
-import types
-from dataclasses import MISSING
 from pathlib import Path
-from typing import Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Optional
 
 import typer
 
+from pipeline.apps.command_line import (
+    CONFIG_PARAM, VERBOSE_PARAM, ConfigOpt, TextFields, VerboseOpt, build_config, config_options, friendly, say,
+    signature,
+)
 from pipeline.core import options
 from pipeline.core.apps_config import EXPORT_FORMATS, QUANTIZE, DemoConfig, EvaluateConfig, ExportConfig
-from pipeline.core.config import DATA_DIR_ENV, DataConfig, load_config_file
+from pipeline.core.config import DATA_DIR_ENV, DataConfig
 from pipeline.core.errors import LrcError
 from pipeline.core.negatives_config import NegativesConfig
 from pipeline.core.options import default_of
@@ -26,7 +24,7 @@ from pipeline.core.teacher_config import CorpusConfig, ExtractConfig, FinetuneCo
 from pipeline.core.train_config import SweepConfig, TrainConfig
 
 # Every default below is read from the config dataclasses (one source): F("epochs") is FinetuneConfig's. The
-# options of train-student and build-negatives are generated from their configs' fields (`_config_options`).
+# options of train-student and build-negatives are generated from their configs' fields (`config_options`).
 F, X, T, E, D, O = (functools.partial(default_of, c) for c in (FinetuneConfig, ExtractConfig, TrainConfig,
                                                                EvaluateConfig, DemoConfig, ExportConfig))
 
@@ -38,9 +36,6 @@ app = typer.Typer(
 )
 
 
-# A full disk, a quota, a file-size limit, a read-only file system or folder: the user's to fix, not a bug.
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
-
 TrustRemoteCodeOpt = typer.Option(
     default_of(ExtractConfig, "trust_remote_code"), "--trust-remote-code",
     help="Run Python code shipped inside the model dir (its config's auto_map). It runs with your permissions: "
@@ -51,78 +46,6 @@ AllowTaskMismatchOpt = typer.Option(
     help="Use a model whose teacher_info.json / training_summary.json records another task (a deliberate transfer).",
 )
 
-
-def _say(text: str) -> None:
-    """A command's result line: once, from rank 0, when torchrun runs several processes."""
-    from pipeline.core.distributed import from_env
-
-    if from_env().is_main:
-        typer.echo(text)
-
-
-def _disk_errno(err: BaseException) -> int | None:
-    """The errno of a disk error: an OSError's, or the one pyarrow and safetensors (Rust) put in their text."""
-    code = err.errno if isinstance(err, OSError) else None
-    if code is None:
-        match = re.search(r"(?:errno|os error) (\d+)", str(err), re.IGNORECASE)
-        code = int(match.group(1)) if match else None
-    return code if code in _DISK_ERRNOS else None
-
-
-def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Bad input ends in one line on stderr and exit code 1, never a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from pipeline.core.distributed import StoppedByPeer
-        from pipeline.core.runtime import setup_logging
-
-        setup_logging(bool(kwargs.get("verbose")))
-        try:
-            return command(*args, **kwargs)
-        except LrcError as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(1) from None
-        except StoppedByPeer as err:  # under torchrun: the rank that failed first printed the one error line
-            typer.echo(f"stopped: {err}", err=True)
-            raise typer.Exit(1) from None
-        except Exception as err:  # noqa: BLE001 - only disk errors are handled, the rest re-raised
-            code = _disk_errno(err)
-            if code is None:
-                raise
-            # The writers clean their temp files up on the way out, so nothing half-written is left to trust.
-            where = f" {err.filename}" if getattr(err, "filename", None) else ""
-            typer.echo(f"error: cannot write{where}: {os.strerror(code)}: free disk space or choose a writable "
-                       "output location, then rerun (finished shards, checkpoints and files are kept)", err=True)
-            raise typer.Exit(1) from None
-
-    return wrapper
-
-
-def _load_config(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]) -> Optional[Path]:
-    """`--config FILE`: its values become the defaults, so flags on the command line override them."""
-    if value is None:
-        return None
-    try:
-        values = load_config_file(value)
-    except LrcError as err:
-        raise typer.BadParameter(str(err)) from None
-    # A key may be the flag (`cache`, `lr`, `set`) or the parameter behind it (`cache_dir`, `learning_rate`).
-    flags = {opt.lstrip("-").replace("-", "_"): param.name for param in ctx.command.params
-             for opt in param.opts if opt.startswith("--") and param.name not in ("config", "verbose")}
-    known = flags | {name: name for name in flags.values()}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        valid = sorted(flags)
-        raise typer.BadParameter(f"{value} sets unknown option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
-    ctx.default_map = {**(ctx.default_map or {}), **{known[k]: v for k, v in values.items()}}
-    return value
-
-
-ConfigOpt = typer.Option(
-    None, "--config", is_eager=True, callback=_load_config,
-    help="TOML or YAML file of option values (names as the flags, - or _); flags given here override it.",
-)
 
 # Options shared by every command that reads task data.
 TaskOpt = typer.Option(..., "--task", help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, wnli.")
@@ -140,61 +63,6 @@ SubsampleSeedOpt = typer.Option(default_of(DataConfig, "subsample_seed"), help="
 # every command's --device and --precision say what train-student's say
 DeviceOpt = typer.Option(T("device"), help=options.help_of(TrainConfig, "device"))
 PrecisionOpt = typer.Option(T("precision"), help=options.help_of(TrainConfig, "precision"))
-VerboseOpt = typer.Option(False, "--verbose", "-v", help="Debug logging.")
-
-
-# --------------------------------------------------------------------------- options generated from a config
-
-
-def _keyword(name: str, annotation: Any, default: Any) -> inspect.Parameter:
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
-
-
-def _cli_type(kind: Any) -> Any:
-    """The annotation typer reads for a field's type: Optional[X] for the dataclasses' `X | None`."""
-    if get_origin(kind) in (Union, types.UnionType):
-        return Optional[next(a for a in get_args(kind) if a is not type(None))]
-    return kind
-
-
-def _config_options(config_class: type, text: dict[str, tuple[Optional[str], Callable[[Any], Any]]],
-                    last: tuple[str, ...] = ()) -> list[inspect.Parameter]:
-    """One keyword parameter per command-line field of config_class, with the flags, help and default its `option`
-    declares (pipeline/core/options.py): a new field reaches --help, --config files and the config without an edit here.
-    The order is the fields' (--help lists them so), with `last` moved to the end, where every command has its
-    --device and --precision. Fields in `text` are typed as text and parsed by `_config`."""
-    hints, params = get_type_hints(config_class), []
-    for f, spec in options.command_line(config_class):
-        if f.name in text:
-            default = text[f.name][0]
-            kind = str if default is not None else Optional[str]
-        else:
-            required = f.default is MISSING and f.default_factory is MISSING
-            default, kind = ... if required else default_of(config_class, f.name), hints[f.name]
-        params.append(_keyword(f.name, _cli_type(kind), typer.Option(default, *spec.flags, help=spec.help)))
-    return sorted(params, key=lambda p: p.name in last)  # a stable sort: field order within each part
-
-
-def _config(config_class: type, values: dict[str, Any], text: dict[str, tuple[Optional[str], Callable[[Any], Any]]]) -> Any:
-    """A command's values as its config: the text fields parsed (in their order, so the first bad one is named)."""
-    given = {k: v for k, v in values.items() if k not in ("config", "verbose")}
-    for name, (_, parse) in text.items():
-        given[name] = parse(given[name])
-    return config_class(**given)
-
-
-def _signature(*parameters: inspect.Parameter) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Declare a `**values` command's parameters: typer reads a command's options from inspect.signature."""
-
-    def declare(command: Callable[..., Any]) -> Callable[..., Any]:
-        command.__signature__ = inspect.Signature(list(parameters))  # type: ignore[attr-defined]
-        command.__annotations__ = {p.name: p.annotation for p in parameters}
-        return command
-
-    return declare
-
-
-_CONFIG, _VERBOSE = _keyword("config", Optional[Path], ConfigOpt), _keyword("verbose", bool, VerboseOpt)
 
 
 def _data(task: str, data_dir: Optional[Path], train_file: Optional[Path], dev_file: Optional[Path],
@@ -208,7 +76,7 @@ def _data(task: str, data_dir: Optional[Path], train_file: Optional[Path], dev_f
 
 
 @app.command("finetune-teacher")
-@_friendly
+@friendly
 def finetune_teacher(
     task: str = TaskOpt,
     output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where the teacher (HF format) is written."),
@@ -255,7 +123,7 @@ def _parse_layers(value: Optional[str]) -> tuple[Optional[tuple[int, ...]], bool
 
 
 @app.command("extract-teacher")
-@_friendly
+@friendly
 def extract_teacher(
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="Fine-tuned teacher dir (HF format, with a classification head); with --corpus any encoder dir (default: the bundled all-MiniLM-L6-v2)."),
     task: Optional[str] = typer.Option(None, "--task", help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, wnli (or --corpus)."),
@@ -302,12 +170,12 @@ def extract_teacher(
         hidden_dtype=hidden_dtype, device=device, precision=precision, overwrite=overwrite,
         allow_task_mismatch=allow_task_mismatch, trust_remote_code=trust_remote_code, corpus=source,
     ))
-    _say(f"cache: {output_dir}  layers {manifest['layers']}  rows "
+    say(f"cache: {output_dir}  layers {manifest['layers']}  rows "
                + ", ".join(f"{s}={v['rows']}" for s, v in manifest["splits"].items()))
 
 
 @app.command("inspect-cache")
-@_friendly
+@friendly
 def inspect_cache(
     cache_dir: Path = typer.Argument(..., help="A cache dir written by `lrc extract-teacher`."),
     verify: bool = typer.Option(False, "--verify", help="Also check the sha256 of every shard and every other file the manifest records (reads every byte)."),
@@ -325,13 +193,13 @@ def inspect_cache(
 
 
 @app.command("build-negatives")
-@_friendly
-@_signature(*_config_options(NegativesConfig, {}), _CONFIG, _VERBOSE)
+@friendly
+@signature(*config_options(NegativesConfig, {}), CONFIG_PARAM, VERBOSE_PARAM)
 def build_negatives(**values: Any) -> None:
     """Sample M candidate negatives per training row with FAISS over the cached pooled teacher vectors."""
     from pipeline.negatives.build import build_negatives as run
 
-    typer.echo(f"negatives: {run(_config(NegativesConfig, values, {}))}")
+    typer.echo(f"negatives: {run(build_config(NegativesConfig, values, {}))}")
 
 
 def _weights_text(weights: tuple[float, ...]) -> str:
@@ -348,8 +216,8 @@ def _parse_weights(value: str, name: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
-# Typed as text on the command line and parsed here: field -> (its text default, parse(text) -> the field's value).
-_TRAIN_TEXT: dict[str, tuple[Optional[str], Callable[[Any], Any]]] = {
+# Typed as text on the command line and parsed here (pipeline/apps/command_line.py `build_config`).
+_TRAIN_TEXT: TextFields = {
     "layer_map": (None, lambda text: _parse_layers(text)[0] if text else None),
     "stage1_weights": (_weights_text(T("stage1_weights")), lambda text: _parse_weights(text, "--stage1-weights")),
     "stage2_weights": (_weights_text(T("stage2_weights")), lambda text: _parse_weights(text, "--stage2-weights")),
@@ -357,23 +225,23 @@ _TRAIN_TEXT: dict[str, tuple[Optional[str], Callable[[Any], Any]]] = {
 
 
 @app.command("train-student")
-@_friendly
-@_signature(*_config_options(TrainConfig, _TRAIN_TEXT, last=("device", "precision")), _CONFIG, _VERBOSE)
+@friendly
+@signature(*config_options(TrainConfig, _TRAIN_TEXT, last=("device", "precision")), CONFIG_PARAM, VERBOSE_PARAM)
 def train_student(**values: Any) -> None:
     """Train a student from the cache with LRC-BERT (COS-NCE + soft + hard, two stages, perturbation); no teacher."""
     from pipeline.student.train import train_student as run
 
     output_dir = values["output_dir"]
-    summary = run(_config(TrainConfig, values, _TRAIN_TEXT))
+    summary = run(build_config(TrainConfig, values, _TRAIN_TEXT))
     if summary.get("kind") == "general":
-        _say(f"general student: {output_dir}  (the last of {summary['steps']} steps; start task distillation "
+        say(f"general student: {output_dir}  (the last of {summary['steps']} steps; start task distillation "
                    f"with --init {output_dir})")
         return
-    _say(f"student: {output_dir}  {summary['kept']} dev {json.dumps(summary['best'])}  teacher dev {json.dumps(summary['teacher_dev'])}")
+    say(f"student: {output_dir}  {summary['kept']} dev {json.dumps(summary['best'])}  teacher dev {json.dumps(summary['teacher_dev'])}")
 
 
 @app.command("evaluate")
-@_friendly
+@friendly
 def evaluate(
     model_dir: Path = typer.Argument(..., help="A teacher or student dir (HF format, with a classification head), or an `lrc export` dir."),
     task: str = TaskOpt,
@@ -412,7 +280,7 @@ def _parse_batch_sizes(value: str) -> tuple[int, ...]:
 
 
 @app.command("export")
-@_friendly
+@friendly
 def export(
     source: Path = typer.Argument(..., help="A train-student output dir (or a teacher dir) with a classification head."),
     output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where the exported model dir is written."),
@@ -440,7 +308,7 @@ def export(
 
 
 @app.command("demo")
-@_friendly
+@friendly
 def demo(
     task: str = typer.Option(D("task"), "--task", help="GLUE task to run the demo on."),
     work_dir: Path = typer.Option(D("work_dir"), help="Where the teacher, cache, negatives and student go."),
@@ -475,7 +343,7 @@ def demo(
 
 
 @app.command("sweep")
-@_friendly
+@friendly
 def sweep(
     cache_dir: Path = typer.Option(..., "--cache", help="The cache every run trains from (the teacher is never opened)."),
     output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where run-NNN-*/ dirs and results.csv/.md go."),
@@ -498,11 +366,11 @@ def sweep(
     index, count = parse_shard(shard)
     table = run_sweep(SweepConfig(base=base_config, grid=parse_grid(set_, grid), output_dir=output_dir,
                                   shard_index=index, shard_count=count))
-    _say(f"results: {table}")
+    say(f"results: {table}")
 
 
 @app.command("report")
-@_friendly
+@friendly
 def report(
     run_dir: Path = typer.Argument(..., help="A train-student output dir."),
     verbose: bool = VerboseOpt,
