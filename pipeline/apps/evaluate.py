@@ -3,7 +3,6 @@ from `lrc export`)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 
 from pipeline.apps.onnx_model import is_exported, parameter_count
-from pipeline.core import atomic, runtime
+from pipeline.core import atomic, outdir, runtime
 from pipeline.core.apps_config import EvaluateConfig
 from pipeline.core.errors import LrcError
 from pipeline.core.metrics import compute_metrics
@@ -64,13 +63,8 @@ def check_output_file(output: Path, models: list[Path | None]) -> None:
     for model in models:
         if model is not None and Path(model).resolve() in output.resolve().parents:
             raise LrcError(f"--output {output} is inside the model dir {model}: write the results outside it")
-    if output.exists():
-        try:
-            ours = json.loads(output.read_text(encoding="utf-8")).get("written_by") == WRITTEN_BY
-        except (OSError, ValueError, AttributeError):
-            ours = False
-        if not ours:
-            raise LrcError(f"--output {output} exists and was not written by lrc evaluate: name a new file")
+    if output.exists() and not outdir.json_says(output, "written_by", WRITTEN_BY):
+        raise LrcError(f"--output {output} exists and was not written by lrc evaluate: name a new file")
 
 
 @dataclass

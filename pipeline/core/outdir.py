@@ -139,6 +139,15 @@ def mark(path: Path, kind: str) -> None:
         atomic.write_text(marker, json.dumps({"kind": kind, "lrc_version": __version__}) + "\n")
 
 
+def json_says(path: Path, key: str, value: object) -> bool:
+    """Whether the JSON file at `path` records `key: value`: how a single file lrc writes (evaluate's results, the
+    negatives file's metadata) is told apart from a user's file of the same name before it is replaced."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get(key) == value
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def refuse_nested(output: Path, inputs: dict[str, Path | None], option: str = "--output-dir") -> None:
     """An output inside an input artifact, or an input inside the output, is refused: replacing one would
     delete the other."""

@@ -46,13 +46,8 @@ def check_outputs(out: Path) -> None:
         raise LrcError(f"--output {out} is a directory: {fix}")
     if out.exists() and not is_negatives_file(out):
         raise LrcError(f"--output {out} exists and is not a negatives file written by lrc: {fix}")
-    if meta.exists():
-        try:
-            ours = json.loads(meta.read_text(encoding="utf-8")).get("format") == FORMAT
-        except (ValueError, AttributeError, OSError):
-            ours = False
-        if not ours:
-            raise LrcError(f"--output {out} would replace {meta}, which build-negatives did not write: {fix}")
+    if meta.exists() and not outdir.json_says(meta, "format", FORMAT):
+        raise LrcError(f"--output {out} would replace {meta}, which build-negatives did not write: {fix}")
 
 
 def build_negatives(config: NegativesConfig) -> Path:
