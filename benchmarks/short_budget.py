@@ -67,6 +67,7 @@ ROWS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "KD-only, selected init (uniform)": ("teacher", {**BASELINE, "init_selection": "uniform"}),
     "Hidden-MSE, selected init (activation)": ("teacher", {**BASELINE, "intermediate_loss": "hidden_mse",
                                                           "init_selection": "activation"}),
+    "LRC one-stage, selected init (activation)": ("teacher", {"init_selection": "activation", "one_stage": True}),
 }
 
 
