@@ -68,6 +68,8 @@ ROWS: dict[str, tuple[str, dict[str, Any] | None]] = {
     "Hidden-MSE, selected init (activation)": ("teacher", {**BASELINE, "intermediate_loss": "hidden_mse",
                                                           "init_selection": "activation"}),
     "LRC one-stage, selected init (activation)": ("teacher", {"init_selection": "activation", "one_stage": True}),
+    "LRC w/o perturbation, selected init (activation)": ("teacher", {"init_selection": "activation",
+                                                                    "perturb_eps": 0.0}),
 }
 
 
