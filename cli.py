@@ -75,40 +75,21 @@ def _data(task: str, data_dir: Optional[Path], train_file: Optional[Path], dev_f
     )
 
 
+# The data options (DataConfig's, but --task) and the shared ones end every command that has them, as --help
+# has always listed them.
+DATA_OPTIONS = tuple(f.name for f, _ in options.command_line(DataConfig) if f.name != "task")
+SHARED_LAST = ("device", "precision", "allow_task_mismatch", "trust_remote_code")
+
+
 @app.command("finetune-teacher")
 @friendly
-def finetune_teacher(
-    task: str = TaskOpt,
-    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where the teacher (HF format) is written."),
-    backbone: str = typer.Option(F("backbone"), help="Local model dir or hub name; default: the bundled all-MiniLM-L6-v2."),
-    max_length: int = typer.Option(F("max_length"), help="Truncate inputs to this many tokens."),
-    epochs: float = typer.Option(F("epochs"), help="Training epochs (fractions allowed)."),
-    batch_size: int = typer.Option(F("batch_size"), help="Training batch size."),
-    lr: float = typer.Option(F("learning_rate"), "--lr", help="Peak learning rate of AdamW."),
-    weight_decay: float = typer.Option(F("weight_decay"), help="AdamW weight decay (not on biases and LayerNorm)."),
-    max_grad_norm: float = typer.Option(F("max_grad_norm"), help="Clip the global gradient norm to this before each step; 0 = no clipping."),
-    warmup_ratio: float = typer.Option(F("warmup_ratio"), help="Fraction of steps with linear warmup."),
-    seed: int = typer.Option(F("seed"), help="Random seed (data order, head initialisation)."),
-    overwrite: bool = typer.Option(F("overwrite"), help="Replace a teacher already in --output-dir."),
-    data_dir: Optional[Path] = DataDirOpt, train_file: Optional[Path] = TrainFileOpt, dev_file: Optional[Path] = DevFileOpt,
-    text_column: Optional[str] = TextColOpt, text_pair_column: Optional[str] = PairColOpt,
-    label_column: Optional[str] = LabelColOpt, max_train_examples: Optional[int] = MaxTrainOpt,
-    subsample_seed: int = SubsampleSeedOpt, device: str = DeviceOpt, precision: str = PrecisionOpt,
-    trust_remote_code: bool = TrustRemoteCodeOpt,
-    config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
-) -> None:
+@signature(*config_options(FinetuneConfig, {}, last=DATA_OPTIONS + SHARED_LAST), CONFIG_PARAM, VERBOSE_PARAM)
+def finetune_teacher(**values: Any) -> None:
     """Fine-tune a backbone on a task: writes a teacher dir with a classification head and its dev metric."""
     from pipeline.teacher.finetune import finetune_teacher as run
 
-    data = _data(task, data_dir, train_file, dev_file, text_column, text_pair_column, label_column,
-                 max_train_examples, subsample_seed)
-    info = run(FinetuneConfig(
-        data=data, output_dir=output_dir, backbone=backbone, max_length=max_length, epochs=epochs,
-        batch_size=batch_size, learning_rate=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-        warmup_ratio=warmup_ratio, seed=seed, device=device, precision=precision, overwrite=overwrite,
-        trust_remote_code=trust_remote_code,
-    ))
-    typer.echo(f"teacher: {output_dir}  dev {json.dumps(info['dev_metrics'])}")
+    info = run(build_config(FinetuneConfig, values, {}))
+    typer.echo(f"teacher: {values['output_dir']}  dev {json.dumps(info['dev_metrics'])}")
 
 
 def _parse_layers(value: Optional[str]) -> tuple[Optional[tuple[int, ...]], bool]:

@@ -7,7 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.config import BUNDLED_BACKBONE, DataConfig
-from pipeline.core.options import DEVICES, PRECISIONS, check_optimisation, check_whole, require
+from pipeline.core.options import (
+    DEVICES, PRECISIONS, allow_task_mismatch_option, check_optimisation, check_whole, device_option, nested, option,
+    precision_option, require, trust_remote_code_option,
+)
 
 HIDDEN_DTYPES = ("float16", "float32", "int8")  # Arrow has no bfloat16; int8: pipeline/cache/quant.py
 
@@ -16,22 +19,24 @@ HIDDEN_DTYPES = ("float16", "float32", "int8")  # Arrow has no bfloat16; int8: p
 class FinetuneConfig:
     """`lrc finetune-teacher`: backbone + task -> teacher dir with a classification head."""
 
-    data: DataConfig
-    output_dir: Path
-    backbone: str = BUNDLED_BACKBONE
-    max_length: int = 128
-    epochs: float = 3.0
-    batch_size: int = 32
+    data: DataConfig = nested(DataConfig)
+    output_dir: Path = option(flags=("--output-dir", "-o"), help="Where the teacher (HF format) is written.")
+    backbone: str = option(BUNDLED_BACKBONE, help=(
+        "Local model dir or hub name; default: the bundled all-MiniLM-L6-v2."))
+    max_length: int = option(128, help="Truncate inputs to this many tokens.")
+    epochs: float = option(3.0, help="Training epochs (fractions allowed).")
+    batch_size: int = option(32, help="Training batch size.")
     eval_batch_size: int = 128
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0  # clip the global gradient norm before each step; 0 = off
-    warmup_ratio: float = 0.1
-    seed: int = 42
-    device: str = "auto"
-    precision: str = "fp32"
-    overwrite: bool = False
-    trust_remote_code: bool = False  # run Python shipped in the backbone dir: only for code you have read
+    learning_rate: float = option(5e-5, flags=("--lr",), help="Peak learning rate of AdamW.")
+    weight_decay: float = option(0.01, help="AdamW weight decay (not on biases and LayerNorm).")
+    max_grad_norm: float = option(1.0, help=(
+        "Clip the global gradient norm to this before each step; 0 = no clipping."))
+    warmup_ratio: float = option(0.1, help="Fraction of steps with linear warmup.")
+    seed: int = option(42, help="Random seed (data order, head initialisation).")
+    device: str = device_option()
+    precision: str = precision_option()
+    overwrite: bool = option(False, help="Replace a teacher already in --output-dir.")
+    trust_remote_code: bool = trust_remote_code_option()
 
     def __post_init__(self) -> None:
         check_whole("--max-length", self.max_length, 8)
