@@ -103,56 +103,29 @@ def _parse_layers(value: Optional[str]) -> tuple[Optional[tuple[int, ...]], bool
         raise LrcError(f"--layers must be 'all' or comma-separated layer numbers like 2,3,5,6; got {value!r}") from None
 
 
+# --layers is text: all or 2,3,5,6 (`_parse_layers`; `all` sets all_layers instead).
+_EXTRACT_TEXT: TextFields = {"layers": (None, lambda text: _parse_layers(text)[0])}
+
+
 @app.command("extract-teacher")
 @friendly
-def extract_teacher(
-    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Fine-tuned teacher dir (HF format, with a classification head); with --corpus any encoder dir (default: the bundled all-MiniLM-L6-v2)."),
-    task: Optional[str] = typer.Option(None, "--task", help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, wnli (or --corpus)."),
-    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Cache dir to create (or resume)."),
-    corpus: Optional[str] = typer.Option(X("corpus"), "--corpus", help="Unlabeled text instead of --task, for general distillation: a .txt file (one passage per line), a .jsonl/.csv/.tsv/.parquet file (--text-column, default text) or a Hugging Face dataset name (online)."),
-    corpus_config: Optional[str] = typer.Option(default_of(CorpusConfig, "dataset_config"), help="--corpus dataset's config name, e.g. 20231101.en for wikimedia/wikipedia."),
-    corpus_split: str = typer.Option(default_of(CorpusConfig, "dataset_split"), help="--corpus dataset's split."),
-    max_passages: Optional[int] = typer.Option(default_of(CorpusConfig, "max_passages"), help="Read only the first N passages of --corpus (a dataset is then streamed)."),
-    student_layers: int = typer.Option(X("student_layers"), help="Store the teacher layers a student of this depth maps to."),
-    layers: Optional[str] = typer.Option(None, help="Explicit teacher layers, e.g. 2,3,5,6, or 'all'; overrides --student-layers."),
-    max_length: int = typer.Option(X("max_length"), help="Truncate inputs to this many tokens."),
-    batch_size: int = typer.Option(X("batch_size"), help="Teacher batch size."),
-    shard_rows: int = typer.Option(X("shard_rows"), help="Rows per Arrow shard (the unit of resumption)."),
-    hidden_dtype: str = typer.Option(X("hidden_dtype"), help="Storage dtype of hidden states: float16, float32 or int8 (one scale per token per layer: half float16's bytes)."),
-    overwrite: bool = typer.Option(X("overwrite"), help="Replace a cache already in --output-dir."),
-    data_dir: Optional[Path] = DataDirOpt, train_file: Optional[Path] = TrainFileOpt, dev_file: Optional[Path] = DevFileOpt,
-    text_column: Optional[str] = TextColOpt, text_pair_column: Optional[str] = PairColOpt,
-    label_column: Optional[str] = LabelColOpt, max_train_examples: Optional[int] = MaxTrainOpt,
-    subsample_seed: int = SubsampleSeedOpt, device: str = DeviceOpt, precision: str = PrecisionOpt,
-    allow_task_mismatch: bool = AllowTaskMismatchOpt, trust_remote_code: bool = TrustRemoteCodeOpt,
-    config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
-) -> None:
+@signature(*config_options(ExtractConfig, _EXTRACT_TEXT, last=DATA_OPTIONS + SHARED_LAST), CONFIG_PARAM, VERBOSE_PARAM)
+def extract_teacher(**values: Any) -> None:
     """Run the teacher once over a task and write hidden states, logits and pooled vectors to an Arrow cache."""
     from pipeline.teacher.extract import extract_teacher as run
 
-    explicit, all_layers = _parse_layers(layers)
-    if (task is None) == (corpus is None):
+    all_layers = _parse_layers(values["layers"])[1]
+    if (values["task"] is None) == (values["source"] is None):  # source: --corpus
         raise LrcError("pass --task (a task cache from a fine-tuned teacher) or --corpus (unlabeled text for general "
                        "distillation), exactly one of them")
-    task_only = {"--train-file": train_file, "--dev-file": dev_file, "--text-pair-column": text_pair_column,
-                 "--label-column": label_column, "--max-train-examples": max_train_examples}
-    if corpus is not None and any(v is not None for v in task_only.values()):
-        raise LrcError(f"{', '.join(k for k, v in task_only.items() if v is not None)} belong(s) to task caches: with "
-                       "--corpus use --text-column and --max-passages")
-    data = _data(task, data_dir, train_file, dev_file, text_column, text_pair_column, label_column,
-                 max_train_examples, subsample_seed) if task is not None else None
-    source = CorpusConfig(
-        source=corpus, text_column=text_column or default_of(CorpusConfig, "text_column"), dataset_config=corpus_config,
-        dataset_split=corpus_split, max_passages=max_passages,
-    ) if corpus is not None else None
-    manifest = run(ExtractConfig(
-        teacher=teacher, data=data, output_dir=output_dir, student_layers=student_layers, layers=explicit,
-        all_layers=all_layers, max_length=max_length, batch_size=batch_size, shard_rows=shard_rows,
-        hidden_dtype=hidden_dtype, device=device, precision=precision, overwrite=overwrite,
-        allow_task_mismatch=allow_task_mismatch, trust_remote_code=trust_remote_code, corpus=source,
-    ))
-    say(f"cache: {output_dir}  layers {manifest['layers']}  rows "
-               + ", ".join(f"{s}={v['rows']}" for s, v in manifest["splits"].items()))
+    task_only = {"--train-file": "train_file", "--dev-file": "dev_file", "--text-pair-column": "text_pair_column",
+                 "--label-column": "label_column", "--max-train-examples": "max_train_examples"}
+    given = [flag for flag, name in task_only.items() if values[name] is not None]
+    if values["source"] is not None and given:
+        raise LrcError(f"{', '.join(given)} belong(s) to task caches: with --corpus use --text-column and --max-passages")
+    manifest = run(build_config(ExtractConfig, {**values, "all_layers": all_layers}, _EXTRACT_TEXT))
+    say(f"cache: {values['output_dir']}  layers {manifest['layers']}  rows "
+        + ", ".join(f"{s}={v['rows']}" for s, v in manifest["splits"].items()))
 
 
 @app.command("inspect-cache")
