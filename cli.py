@@ -15,18 +15,17 @@ from pipeline.apps.command_line import (
     signature,
 )
 from pipeline.core import options
-from pipeline.core.apps_config import EXPORT_FORMATS, QUANTIZE, DemoConfig, EvaluateConfig, ExportConfig
-from pipeline.core.config import DATA_DIR_ENV, DataConfig
+from pipeline.core.apps_config import DemoConfig, EvaluateConfig, ExportConfig
+from pipeline.core.config import DataConfig
 from pipeline.core.errors import LrcError
 from pipeline.core.negatives_config import NegativesConfig
 from pipeline.core.options import default_of
-from pipeline.core.teacher_config import CorpusConfig, ExtractConfig, FinetuneConfig
+from pipeline.core.teacher_config import ExtractConfig, FinetuneConfig
 from pipeline.core.train_config import SweepConfig, TrainConfig
 
-# Every default below is read from the config dataclasses (one source): F("epochs") is FinetuneConfig's. The
-# options of train-student and build-negatives are generated from their configs' fields (`config_options`).
-F, X, T, E, D, O = (functools.partial(default_of, c) for c in (FinetuneConfig, ExtractConfig, TrainConfig,
-                                                               EvaluateConfig, DemoConfig, ExportConfig))
+# Each command's options are generated from its config's fields (`config_options`; docs/DESIGN.md §4): a new option
+# is its field's `option(...)`. What is left here is how a command's text is parsed and checks across its options.
+T, E, O = (functools.partial(default_of, c) for c in (TrainConfig, EvaluateConfig, ExportConfig))
 
 app = typer.Typer(
     help="LRC-BERT distillation as an offline pipeline: run the teacher once, cache its features, "
@@ -34,45 +33,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-
-
-TrustRemoteCodeOpt = typer.Option(
-    default_of(ExtractConfig, "trust_remote_code"), "--trust-remote-code",
-    help="Run Python code shipped inside the model dir (its config's auto_map). It runs with your permissions: "
-    "pass this only for a model whose code you have read.",
-)
-AllowTaskMismatchOpt = typer.Option(
-    default_of(ExtractConfig, "allow_task_mismatch"), "--allow-task-mismatch",
-    help="Use a model whose teacher_info.json / training_summary.json records another task (a deliberate transfer).",
-)
-
-
-# Options shared by every command that reads task data.
-TaskOpt = typer.Option(..., "--task", help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, wnli.")
-DataDirOpt = typer.Option(
-    None, "--data-dir", envvar=DATA_DIR_ENV,
-    help=f"A glue_data/ folder in the standard GLUE layout (or set ${DATA_DIR_ENV}). Unset: load from the Hugging Face hub.",
-)
-TrainFileOpt = typer.Option(None, help="Your own train file (.csv, .tsv, .jsonl, .parquet) instead of GLUE's.")
-DevFileOpt = typer.Option(None, help="Your own dev file (same formats) instead of GLUE's.")
-TextColOpt = typer.Option(None, help="Column of the first text in --train-file/--dev-file (default: the task's).")
-PairColOpt = typer.Option(None, help="Column of the second text, for pair tasks (default: the task's).")
-LabelColOpt = typer.Option(None, help="Label column in --train-file/--dev-file (default: label).")
-MaxTrainOpt = typer.Option(None, help="Use a seeded random subset of this many train examples (default: all).")
-SubsampleSeedOpt = typer.Option(default_of(DataConfig, "subsample_seed"), help="Seed of the --max-train-examples subset.")
-# every command's --device and --precision say what train-student's say
-DeviceOpt = typer.Option(T("device"), help=options.help_of(TrainConfig, "device"))
-PrecisionOpt = typer.Option(T("precision"), help=options.help_of(TrainConfig, "precision"))
-
-
-def _data(task: str, data_dir: Optional[Path], train_file: Optional[Path], dev_file: Optional[Path],
-          text_column: Optional[str], text_pair_column: Optional[str], label_column: Optional[str],
-          max_train_examples: Optional[int], subsample_seed: int) -> DataConfig:
-    return DataConfig(
-        task=task, data_dir=data_dir, train_file=train_file, dev_file=dev_file, text_column=text_column,
-        text_pair_column=text_pair_column, label_column=label_column,
-        max_train_examples=max_train_examples, subsample_seed=subsample_seed,
-    )
 
 
 # The data options (DataConfig's, but --task) and the shared ones end every command that has them, as --help
@@ -194,38 +154,6 @@ def train_student(**values: Any) -> None:
     say(f"student: {output_dir}  {summary['kept']} dev {json.dumps(summary['best'])}  teacher dev {json.dumps(summary['teacher_dev'])}")
 
 
-@app.command("evaluate")
-@friendly
-def evaluate(
-    model_dir: Path = typer.Argument(..., help="A teacher or student dir (HF format, with a classification head), or an `lrc export` dir."),
-    task: str = TaskOpt,
-    compare: Optional[Path] = typer.Option(None, help="A second model dir (e.g. the teacher) to put side by side, with ratios; latencies are timed interleaved on the same inputs."),
-    max_length: int = typer.Option(E("max_length"), help="Truncate dev inputs to this many tokens."),
-    batch_size: int = typer.Option(E("batch_size"), help="Batch size of the latency/throughput measurement."),
-    also_batch_sizes: str = typer.Option(",".join(map(str, E("also_batch_sizes"))), help="Also time the latency at these batch sizes (comma-separated; empty: none)."),
-    seq_length: int = typer.Option(E("seq_length"), help="Sequence length of the latency/throughput measurement."),
-    timing_batches: int = typer.Option(E("timing_batches"), help="Timed batches per batch size (after 2 warm-up batches); the median is reported."),
-    output: Optional[Path] = typer.Option(None, help="Also write the results as JSON to this file."),
-    data_dir: Optional[Path] = DataDirOpt,
-    dev_file: Optional[Path] = typer.Option(None, help="Evaluate on this file (.csv, .tsv, .jsonl, .parquet) instead of the dev split."),
-    text_column: Optional[str] = TextColOpt, text_pair_column: Optional[str] = PairColOpt,
-    label_column: Optional[str] = LabelColOpt, device: str = DeviceOpt, precision: str = PrecisionOpt,
-    allow_task_mismatch: bool = AllowTaskMismatchOpt, trust_remote_code: bool = TrustRemoteCodeOpt,
-    config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
-) -> None:
-    """Dev metric, parameters, size on disk and measured latency/throughput; --compare puts two models side by side."""
-    from pipeline.apps.evaluate import evaluate as run, format_table
-
-    data = _data(task, data_dir, None, dev_file, text_column, text_pair_column, label_column, None, 0)
-    results = run(EvaluateConfig(
-        model_dir=model_dir, data=data, compare=compare, max_length=max_length, batch_size=batch_size,
-        also_batch_sizes=_parse_batch_sizes(also_batch_sizes),
-        seq_length=seq_length, timing_batches=timing_batches, device=device, precision=precision, output=output,
-        allow_task_mismatch=allow_task_mismatch, trust_remote_code=trust_remote_code,
-    ))
-    typer.echo(format_table(results))
-
-
 def _parse_batch_sizes(value: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in value.split(",") if x.strip())
@@ -233,67 +161,46 @@ def _parse_batch_sizes(value: str) -> tuple[int, ...]:
         raise LrcError(f"--also-batch-sizes must be comma-separated integers like 1 or 1,8; got {value!r}") from None
 
 
+_EVALUATE_TEXT: TextFields = {"also_batch_sizes": (",".join(map(str, E("also_batch_sizes"))), _parse_batch_sizes)}
+
+
+@app.command("evaluate")
+@friendly
+@signature(*config_options(EvaluateConfig, _EVALUATE_TEXT, last=DATA_OPTIONS + SHARED_LAST), CONFIG_PARAM, VERBOSE_PARAM)
+def evaluate(**values: Any) -> None:
+    """Dev metric, parameters, size on disk and measured latency/throughput; --compare puts two models side by side."""
+    from pipeline.apps.evaluate import evaluate as run, format_table
+
+    typer.echo(format_table(run(build_config(EvaluateConfig, values, _EVALUATE_TEXT))))
+
+
+_EXPORT_TEXT: TextFields = {"quantize_ops": (",".join(O("quantize_ops")),
+                                             lambda text: tuple(x.strip() for x in text.split(",") if x.strip()))}
+
+
 @app.command("export")
 @friendly
-def export(
-    source: Path = typer.Argument(..., help="A train-student output dir (or a teacher dir) with a classification head."),
-    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where the exported model dir is written."),
-    fmt: str = typer.Option(O("format"), "--format", help=f"Export format: {', '.join(EXPORT_FORMATS)}."),
-    quantize: str = typer.Option(O("quantize"), help=f"{' or '.join(QUANTIZE)}: int8 = dynamic int8 weights "
-                                 "(onnxruntime) of the --quantize-ops, activations quantised per batch."),
-    quantize_ops: str = typer.Option(",".join(O("quantize_ops")), help="With --quantize int8: the op types whose "
-                                     "weights become int8 (comma-separated; add Gather to store the embeddings as "
-                                     "int8 too: a third of the bytes)."),
-    opset: int = typer.Option(O("opset"), help="ONNX opset of the graph."),
-    tolerance: float = typer.Option(O("tolerance"), help="Largest |logit difference| to PyTorch the float32 graph "
-                                    "may show on a check batch; a larger one refuses the export."),
-    overwrite: bool = typer.Option(O("overwrite"), help="Replace an export already in --output-dir."),
-    config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
-) -> None:
+@signature(*config_options(ExportConfig, _EXPORT_TEXT), CONFIG_PARAM, VERBOSE_PARAM)
+def export(**values: Any) -> None:
     """Export a student to ONNX (needs onnx and onnxruntime: pip install "lrc\\[onnx]"); `lrc evaluate` then takes the output dir."""
     from pipeline.apps.export import export_model
 
-    ops = tuple(x.strip() for x in quantize_ops.split(",") if x.strip())
-    info = export_model(ExportConfig(source=source, output_dir=output_dir, format=fmt, quantize=quantize,
-                                     quantize_ops=ops, opset=opset, tolerance=tolerance, overwrite=overwrite))
-    typer.echo(f"export: {output_dir}  {info['quantize']}  {info['model_bytes'] / 1e6:.1f} MB (source "
+    info = export_model(build_config(ExportConfig, values, _EXPORT_TEXT))
+    typer.echo(f"export: {values['output_dir']}  {info['quantize']}  {info['model_bytes'] / 1e6:.1f} MB (source "
                f"{info['source_bytes'] / 1e6:.1f} MB)  max logit diff {info['max_abs_logit_diff']:.2g}  "
                f"{info['export_seconds']} s")
 
 
 @app.command("demo")
 @friendly
-def demo(
-    task: str = typer.Option(D("task"), "--task", help="GLUE task to run the demo on."),
-    work_dir: Path = typer.Option(D("work_dir"), help="Where the teacher, cache, negatives and student go."),
-    max_train_examples: int = typer.Option(D("max_train_examples"), help="Subsample the train split to this many rows so the demo fits in minutes on 2 CPU cores; 0 = all rows."),
-    max_length: int = typer.Option(D("max_length"), help="Truncate inputs to this many tokens."),
-    teacher_epochs: float = typer.Option(D("teacher_epochs"), help="Epochs of teacher fine-tuning."),
-    teacher_lr: float = typer.Option(D("teacher_lr"), help="Peak learning rate of teacher fine-tuning."),
-    student_epochs: float = typer.Option(D("student_epochs"), help="Epochs of student training."),
-    student_lr: float = typer.Option(D("student_lr"), help="Peak learning rate of the student."),
-    k: int = typer.Option(D("k"), "--k", help="Negatives per example."),
-    seed: int = typer.Option(D("seed"), help="Random seed of every stage."),
-    overwrite: bool = typer.Option(D("overwrite"), help="Redo every stage, replacing what --work-dir holds (without it: artifacts made with the same settings are reused, others refused)."),
-    general: bool = typer.Option(D("general"), "--general/--no-general", help="First distil the bundled backbone on unlabeled text (general distillation), then start the task student from it (the paper's recipe, about 10 more minutes on 2 CPU cores). Off by default: the task student then starts from the fine-tuned teacher cut to its shape, which measured better (docs/RESULTS.md)."),
-    corpus: Optional[Path] = typer.Option(D("corpus"), help="--general: unlabeled text file (one passage per line); default: the GLUE train sentences in --data-dir and QNLI test."),
-    general_max_passages: int = typer.Option(D("general_max_passages"), help="--general: passages of the corpus to use (a seeded subset of the GLUE sentences, or the first N of --corpus); 0 = all."),
-    general_epochs: float = typer.Option(D("general_epochs"), help="--general: epochs of general distillation."),
-    general_lr: float = typer.Option(D("general_lr"), help="--general: peak learning rate of general distillation."),
-    data_dir: Optional[Path] = DataDirOpt, device: str = DeviceOpt, precision: str = PrecisionOpt,
-    config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
-) -> None:
+@signature(*config_options(DemoConfig, {}, last=("data_dir", "device", "precision")), CONFIG_PARAM, VERBOSE_PARAM)
+def demo(**values: Any) -> None:
     """Run the whole pipeline on a real GLUE task with the bundled all-MiniLM-L6-v2 and compare teacher and student."""
     from pipeline.apps.demo import render, run_demo
 
-    outcome = run_demo(DemoConfig(
-        task=task, data_dir=data_dir, work_dir=work_dir, max_train_examples=max_train_examples or None,
-        max_length=max_length, teacher_epochs=teacher_epochs, teacher_lr=teacher_lr, student_epochs=student_epochs,
-        student_lr=student_lr,
-        k=k, seed=seed, overwrite=overwrite, device=device, precision=precision, general=general, corpus=corpus,
-        general_max_passages=general_max_passages or None, general_epochs=general_epochs, general_lr=general_lr,
-    ))
-    typer.echo(render(outcome))
+    # 0 on the command line: the whole train split / corpus (None in DemoConfig)
+    zero_is_all = {name: values[name] or None for name in ("max_train_examples", "general_max_passages")}
+    typer.echo(render(run_demo(build_config(DemoConfig, {**values, **zero_is_all}, {}))))
 
 
 @app.command("sweep")

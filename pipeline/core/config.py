@@ -31,6 +31,12 @@ def layer_map(teacher_layers: int, student_layers: int) -> list[int]:
     return [(2 * i * n + m) // (2 * m) for i in range(1, m + 1)]
 
 
+def data_dir_option() -> Any:
+    """--data-dir, declared once for DataConfig and the demo: $LRC_DATA_DIR when not given."""
+    return option(default_factory=default_data_dir, flags=("--data-dir",), envvar=DATA_DIR_ENV, help=(
+        f"A glue_data/ folder in the standard GLUE layout (or set ${DATA_DIR_ENV}). Unset: load from the Hugging Face hub."))
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where a task's examples come from: a glue_data/ root, the hub, or explicit files."""
@@ -38,8 +44,7 @@ class DataConfig:
     # Declared once for every command that reads task data (finetune-teacher, extract-teacher, evaluate nest it).
     task: str = option(flags=("--task",), help=(
         "GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, wnli."))
-    data_dir: Path | None = option(default_factory=default_data_dir, flags=("--data-dir",), envvar=DATA_DIR_ENV, help=(
-        f"A glue_data/ folder in the standard GLUE layout (or set ${DATA_DIR_ENV}). Unset: load from the Hugging Face hub."))
+    data_dir: Path | None = data_dir_option()
     train_file: Path | None = option(None, help="Your own train file (.csv, .tsv, .jsonl, .parquet) instead of GLUE's.")
     dev_file: Path | None = option(None, help="Your own dev file (same formats) instead of GLUE's.")
     text_column: str | None = option(None, help=(
