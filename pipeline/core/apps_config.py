@@ -1,4 +1,5 @@
-"""The configs of the tools over the whole pipeline (pipeline/apps/): `lrc evaluate`, `lrc export` and `lrc demo`."""
+"""The configs of the tools over the whole pipeline (pipeline/apps/): `lrc evaluate`, `lrc export` and `lrc demo`.
+Their fields are `option`s: cli.py generates each command's options from them (docs/DESIGN.md §4)."""
 
 from __future__ import annotations
 

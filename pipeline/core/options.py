@@ -2,7 +2,8 @@
 
 `option(...)` declares a field with everything the rest of lrc needs to know about it: its default, its flag and
 help text on the command line, whether a run dir may be reused or resumed with another value of it, the value that
-stands for it in runs recorded before it existed, its row in report.md and whether a sweep may vary it. cli.py,
+stands for it in runs recorded before it existed, its row in report.md and whether a sweep may vary it (`nested`
+declares a field holding another config, whose options then belong to the holder's command too). cli.py,
 run_dir.py, report.py and sweep_grid.py derive their option lists from these fields (the functions below), so a new
 option is one field and its check (docs/DESIGN.md §4), and none of them can silently miss it.
 """
@@ -83,7 +84,7 @@ def spec_of(f: Field) -> OptionSpec:
 
 
 def default_of(config_class: type, name: str) -> Any:
-    """The default of one config field. cli.py takes every default from here, so it lives in one place."""
+    """The default of one config field: the command line's (pipeline/apps/command_line.py) and any other reader's."""
     for f in fields(config_class):
         if f.name == name:
             if f.default is not MISSING:

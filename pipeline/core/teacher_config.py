@@ -1,5 +1,6 @@
 """The teacher stages' configs: `lrc finetune-teacher` (FinetuneConfig) and `lrc extract-teacher` (ExtractConfig, with
-CorpusConfig for a corpus cache)."""
+CorpusConfig for a corpus cache). Their fields are `option`s, so cli.py generates the commands' options from them;
+`nested` fields bring DataConfig's and CorpusConfig's options with them (docs/DESIGN.md §4)."""
 
 from __future__ import annotations
 
