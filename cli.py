@@ -15,18 +15,17 @@ from pipeline.apps.command_line import (
     signature,
 )
 from pipeline.core import options
-from pipeline.core.apps_config import EXPORT_FORMATS, QUANTIZE, DemoConfig, EvaluateConfig, ExportConfig
-from pipeline.core.config import DATA_DIR_ENV, DataConfig
+from pipeline.core.apps_config import DemoConfig, EvaluateConfig, ExportConfig
+from pipeline.core.config import DataConfig
 from pipeline.core.errors import LrcError
 from pipeline.core.negatives_config import NegativesConfig
 from pipeline.core.options import default_of
-from pipeline.core.teacher_config import CorpusConfig, ExtractConfig, FinetuneConfig
+from pipeline.core.teacher_config import ExtractConfig, FinetuneConfig
 from pipeline.core.train_config import SweepConfig, TrainConfig
 
-# Every default below is read from the config dataclasses (one source): F("epochs") is FinetuneConfig's. The
-# options of train-student and build-negatives are generated from their configs' fields (`config_options`).
-F, X, T, E, D, O = (functools.partial(default_of, c) for c in (FinetuneConfig, ExtractConfig, TrainConfig,
-                                                               EvaluateConfig, DemoConfig, ExportConfig))
+# Each command's options are generated from its config's fields (`config_options`; docs/DESIGN.md §4): a new option
+# is its field's `option(...)`. What is left here is how a command's text is parsed and checks across its options.
+T, E, O = (functools.partial(default_of, c) for c in (TrainConfig, EvaluateConfig, ExportConfig))
 
 app = typer.Typer(
     help="LRC-BERT distillation as an offline pipeline: run the teacher once, cache its features, "
@@ -36,79 +35,21 @@ app = typer.Typer(
 )
 
 
-TrustRemoteCodeOpt = typer.Option(
-    default_of(ExtractConfig, "trust_remote_code"), "--trust-remote-code",
-    help="Run Python code shipped inside the model dir (its config's auto_map). It runs with your permissions: "
-    "pass this only for a model whose code you have read.",
-)
-AllowTaskMismatchOpt = typer.Option(
-    default_of(ExtractConfig, "allow_task_mismatch"), "--allow-task-mismatch",
-    help="Use a model whose teacher_info.json / training_summary.json records another task (a deliberate transfer).",
-)
-
-
-# Options shared by every command that reads task data.
-TaskOpt = typer.Option(..., "--task", help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, wnli.")
-DataDirOpt = typer.Option(
-    None, "--data-dir", envvar=DATA_DIR_ENV,
-    help=f"A glue_data/ folder in the standard GLUE layout (or set ${DATA_DIR_ENV}). Unset: load from the Hugging Face hub.",
-)
-TrainFileOpt = typer.Option(None, help="Your own train file (.csv, .tsv, .jsonl, .parquet) instead of GLUE's.")
-DevFileOpt = typer.Option(None, help="Your own dev file (same formats) instead of GLUE's.")
-TextColOpt = typer.Option(None, help="Column of the first text in --train-file/--dev-file (default: the task's).")
-PairColOpt = typer.Option(None, help="Column of the second text, for pair tasks (default: the task's).")
-LabelColOpt = typer.Option(None, help="Label column in --train-file/--dev-file (default: label).")
-MaxTrainOpt = typer.Option(None, help="Use a seeded random subset of this many train examples (default: all).")
-SubsampleSeedOpt = typer.Option(default_of(DataConfig, "subsample_seed"), help="Seed of the --max-train-examples subset.")
-# every command's --device and --precision say what train-student's say
-DeviceOpt = typer.Option(T("device"), help=options.help_of(TrainConfig, "device"))
-PrecisionOpt = typer.Option(T("precision"), help=options.help_of(TrainConfig, "precision"))
-
-
-def _data(task: str, data_dir: Optional[Path], train_file: Optional[Path], dev_file: Optional[Path],
-          text_column: Optional[str], text_pair_column: Optional[str], label_column: Optional[str],
-          max_train_examples: Optional[int], subsample_seed: int) -> DataConfig:
-    return DataConfig(
-        task=task, data_dir=data_dir, train_file=train_file, dev_file=dev_file, text_column=text_column,
-        text_pair_column=text_pair_column, label_column=label_column,
-        max_train_examples=max_train_examples, subsample_seed=subsample_seed,
-    )
+# The data options (DataConfig's, but --task) and the shared ones end every command that has them, as --help
+# has always listed them.
+DATA_OPTIONS = tuple(f.name for f, _ in options.command_line(DataConfig) if f.name != "task")
+SHARED_LAST = ("device", "precision", "allow_task_mismatch", "trust_remote_code")
 
 
 @app.command("finetune-teacher")
 @friendly
-def finetune_teacher(
-    task: str = TaskOpt,
-    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where the teacher (HF format) is written."),
-    backbone: str = typer.Option(F("backbone"), help="Local model dir or hub name; default: the bundled all-MiniLM-L6-v2."),
-    max_length: int = typer.Option(F("max_length"), help="Truncate inputs to this many tokens."),
-    epochs: float = typer.Option(F("epochs"), help="Training epochs (fractions allowed)."),
-    batch_size: int = typer.Option(F("batch_size"), help="Training batch size."),
-    lr: float = typer.Option(F("learning_rate"), "--lr", help="Peak learning rate of AdamW."),
-    weight_decay: float = typer.Option(F("weight_decay"), help="AdamW weight decay (not on biases and LayerNorm)."),
-    max_grad_norm: float = typer.Option(F("max_grad_norm"), help="Clip the global gradient norm to this before each step; 0 = no clipping."),
-    warmup_ratio: float = typer.Option(F("warmup_ratio"), help="Fraction of steps with linear warmup."),
-    seed: int = typer.Option(F("seed"), help="Random seed (data order, head initialisation)."),
-    overwrite: bool = typer.Option(F("overwrite"), help="Replace a teacher already in --output-dir."),
-    data_dir: Optional[Path] = DataDirOpt, train_file: Optional[Path] = TrainFileOpt, dev_file: Optional[Path] = DevFileOpt,
-    text_column: Optional[str] = TextColOpt, text_pair_column: Optional[str] = PairColOpt,
-    label_column: Optional[str] = LabelColOpt, max_train_examples: Optional[int] = MaxTrainOpt,
-    subsample_seed: int = SubsampleSeedOpt, device: str = DeviceOpt, precision: str = PrecisionOpt,
-    trust_remote_code: bool = TrustRemoteCodeOpt,
-    config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
-) -> None:
+@signature(*config_options(FinetuneConfig, {}, last=DATA_OPTIONS + SHARED_LAST), CONFIG_PARAM, VERBOSE_PARAM)
+def finetune_teacher(**values: Any) -> None:
     """Fine-tune a backbone on a task: writes a teacher dir with a classification head and its dev metric."""
     from pipeline.teacher.finetune import finetune_teacher as run
 
-    data = _data(task, data_dir, train_file, dev_file, text_column, text_pair_column, label_column,
-                 max_train_examples, subsample_seed)
-    info = run(FinetuneConfig(
-        data=data, output_dir=output_dir, backbone=backbone, max_length=max_length, epochs=epochs,
-        batch_size=batch_size, learning_rate=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-        warmup_ratio=warmup_ratio, seed=seed, device=device, precision=precision, overwrite=overwrite,
-        trust_remote_code=trust_remote_code,
-    ))
-    typer.echo(f"teacher: {output_dir}  dev {json.dumps(info['dev_metrics'])}")
+    info = run(build_config(FinetuneConfig, values, {}))
+    typer.echo(f"teacher: {values['output_dir']}  dev {json.dumps(info['dev_metrics'])}")
 
 
 def _parse_layers(value: Optional[str]) -> tuple[Optional[tuple[int, ...]], bool]:
@@ -122,56 +63,29 @@ def _parse_layers(value: Optional[str]) -> tuple[Optional[tuple[int, ...]], bool
         raise LrcError(f"--layers must be 'all' or comma-separated layer numbers like 2,3,5,6; got {value!r}") from None
 
 
+# --layers is text: all or 2,3,5,6 (`_parse_layers`; `all` sets all_layers instead).
+_EXTRACT_TEXT: TextFields = {"layers": (None, lambda text: _parse_layers(text)[0])}
+
+
 @app.command("extract-teacher")
 @friendly
-def extract_teacher(
-    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Fine-tuned teacher dir (HF format, with a classification head); with --corpus any encoder dir (default: the bundled all-MiniLM-L6-v2)."),
-    task: Optional[str] = typer.Option(None, "--task", help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, wnli (or --corpus)."),
-    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Cache dir to create (or resume)."),
-    corpus: Optional[str] = typer.Option(X("corpus"), "--corpus", help="Unlabeled text instead of --task, for general distillation: a .txt file (one passage per line), a .jsonl/.csv/.tsv/.parquet file (--text-column, default text) or a Hugging Face dataset name (online)."),
-    corpus_config: Optional[str] = typer.Option(default_of(CorpusConfig, "dataset_config"), help="--corpus dataset's config name, e.g. 20231101.en for wikimedia/wikipedia."),
-    corpus_split: str = typer.Option(default_of(CorpusConfig, "dataset_split"), help="--corpus dataset's split."),
-    max_passages: Optional[int] = typer.Option(default_of(CorpusConfig, "max_passages"), help="Read only the first N passages of --corpus (a dataset is then streamed)."),
-    student_layers: int = typer.Option(X("student_layers"), help="Store the teacher layers a student of this depth maps to."),
-    layers: Optional[str] = typer.Option(None, help="Explicit teacher layers, e.g. 2,3,5,6, or 'all'; overrides --student-layers."),
-    max_length: int = typer.Option(X("max_length"), help="Truncate inputs to this many tokens."),
-    batch_size: int = typer.Option(X("batch_size"), help="Teacher batch size."),
-    shard_rows: int = typer.Option(X("shard_rows"), help="Rows per Arrow shard (the unit of resumption)."),
-    hidden_dtype: str = typer.Option(X("hidden_dtype"), help="Storage dtype of hidden states: float16, float32 or int8 (one scale per token per layer: half float16's bytes)."),
-    overwrite: bool = typer.Option(X("overwrite"), help="Replace a cache already in --output-dir."),
-    data_dir: Optional[Path] = DataDirOpt, train_file: Optional[Path] = TrainFileOpt, dev_file: Optional[Path] = DevFileOpt,
-    text_column: Optional[str] = TextColOpt, text_pair_column: Optional[str] = PairColOpt,
-    label_column: Optional[str] = LabelColOpt, max_train_examples: Optional[int] = MaxTrainOpt,
-    subsample_seed: int = SubsampleSeedOpt, device: str = DeviceOpt, precision: str = PrecisionOpt,
-    allow_task_mismatch: bool = AllowTaskMismatchOpt, trust_remote_code: bool = TrustRemoteCodeOpt,
-    config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
-) -> None:
+@signature(*config_options(ExtractConfig, _EXTRACT_TEXT, last=DATA_OPTIONS + SHARED_LAST), CONFIG_PARAM, VERBOSE_PARAM)
+def extract_teacher(**values: Any) -> None:
     """Run the teacher once over a task and write hidden states, logits and pooled vectors to an Arrow cache."""
     from pipeline.teacher.extract import extract_teacher as run
 
-    explicit, all_layers = _parse_layers(layers)
-    if (task is None) == (corpus is None):
+    all_layers = _parse_layers(values["layers"])[1]
+    if (values["task"] is None) == (values["source"] is None):  # source: --corpus
         raise LrcError("pass --task (a task cache from a fine-tuned teacher) or --corpus (unlabeled text for general "
                        "distillation), exactly one of them")
-    task_only = {"--train-file": train_file, "--dev-file": dev_file, "--text-pair-column": text_pair_column,
-                 "--label-column": label_column, "--max-train-examples": max_train_examples}
-    if corpus is not None and any(v is not None for v in task_only.values()):
-        raise LrcError(f"{', '.join(k for k, v in task_only.items() if v is not None)} belong(s) to task caches: with "
-                       "--corpus use --text-column and --max-passages")
-    data = _data(task, data_dir, train_file, dev_file, text_column, text_pair_column, label_column,
-                 max_train_examples, subsample_seed) if task is not None else None
-    source = CorpusConfig(
-        source=corpus, text_column=text_column or default_of(CorpusConfig, "text_column"), dataset_config=corpus_config,
-        dataset_split=corpus_split, max_passages=max_passages,
-    ) if corpus is not None else None
-    manifest = run(ExtractConfig(
-        teacher=teacher, data=data, output_dir=output_dir, student_layers=student_layers, layers=explicit,
-        all_layers=all_layers, max_length=max_length, batch_size=batch_size, shard_rows=shard_rows,
-        hidden_dtype=hidden_dtype, device=device, precision=precision, overwrite=overwrite,
-        allow_task_mismatch=allow_task_mismatch, trust_remote_code=trust_remote_code, corpus=source,
-    ))
-    say(f"cache: {output_dir}  layers {manifest['layers']}  rows "
-               + ", ".join(f"{s}={v['rows']}" for s, v in manifest["splits"].items()))
+    task_only = {"--train-file": "train_file", "--dev-file": "dev_file", "--text-pair-column": "text_pair_column",
+                 "--label-column": "label_column", "--max-train-examples": "max_train_examples"}
+    given = [flag for flag, name in task_only.items() if values[name] is not None]
+    if values["source"] is not None and given:
+        raise LrcError(f"{', '.join(given)} belong(s) to task caches: with --corpus use --text-column and --max-passages")
+    manifest = run(build_config(ExtractConfig, {**values, "all_layers": all_layers}, _EXTRACT_TEXT))
+    say(f"cache: {values['output_dir']}  layers {manifest['layers']}  rows "
+        + ", ".join(f"{s}={v['rows']}" for s, v in manifest["splits"].items()))
 
 
 @app.command("inspect-cache")
@@ -240,38 +154,6 @@ def train_student(**values: Any) -> None:
     say(f"student: {output_dir}  {summary['kept']} dev {json.dumps(summary['best'])}  teacher dev {json.dumps(summary['teacher_dev'])}")
 
 
-@app.command("evaluate")
-@friendly
-def evaluate(
-    model_dir: Path = typer.Argument(..., help="A teacher or student dir (HF format, with a classification head), or an `lrc export` dir."),
-    task: str = TaskOpt,
-    compare: Optional[Path] = typer.Option(None, help="A second model dir (e.g. the teacher) to put side by side, with ratios; latencies are timed interleaved on the same inputs."),
-    max_length: int = typer.Option(E("max_length"), help="Truncate dev inputs to this many tokens."),
-    batch_size: int = typer.Option(E("batch_size"), help="Batch size of the latency/throughput measurement."),
-    also_batch_sizes: str = typer.Option(",".join(map(str, E("also_batch_sizes"))), help="Also time the latency at these batch sizes (comma-separated; empty: none)."),
-    seq_length: int = typer.Option(E("seq_length"), help="Sequence length of the latency/throughput measurement."),
-    timing_batches: int = typer.Option(E("timing_batches"), help="Timed batches per batch size (after 2 warm-up batches); the median is reported."),
-    output: Optional[Path] = typer.Option(None, help="Also write the results as JSON to this file."),
-    data_dir: Optional[Path] = DataDirOpt,
-    dev_file: Optional[Path] = typer.Option(None, help="Evaluate on this file (.csv, .tsv, .jsonl, .parquet) instead of the dev split."),
-    text_column: Optional[str] = TextColOpt, text_pair_column: Optional[str] = PairColOpt,
-    label_column: Optional[str] = LabelColOpt, device: str = DeviceOpt, precision: str = PrecisionOpt,
-    allow_task_mismatch: bool = AllowTaskMismatchOpt, trust_remote_code: bool = TrustRemoteCodeOpt,
-    config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
-) -> None:
-    """Dev metric, parameters, size on disk and measured latency/throughput; --compare puts two models side by side."""
-    from pipeline.apps.evaluate import evaluate as run, format_table
-
-    data = _data(task, data_dir, None, dev_file, text_column, text_pair_column, label_column, None, 0)
-    results = run(EvaluateConfig(
-        model_dir=model_dir, data=data, compare=compare, max_length=max_length, batch_size=batch_size,
-        also_batch_sizes=_parse_batch_sizes(also_batch_sizes),
-        seq_length=seq_length, timing_batches=timing_batches, device=device, precision=precision, output=output,
-        allow_task_mismatch=allow_task_mismatch, trust_remote_code=trust_remote_code,
-    ))
-    typer.echo(format_table(results))
-
-
 def _parse_batch_sizes(value: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in value.split(",") if x.strip())
@@ -279,67 +161,46 @@ def _parse_batch_sizes(value: str) -> tuple[int, ...]:
         raise LrcError(f"--also-batch-sizes must be comma-separated integers like 1 or 1,8; got {value!r}") from None
 
 
+_EVALUATE_TEXT: TextFields = {"also_batch_sizes": (",".join(map(str, E("also_batch_sizes"))), _parse_batch_sizes)}
+
+
+@app.command("evaluate")
+@friendly
+@signature(*config_options(EvaluateConfig, _EVALUATE_TEXT, last=DATA_OPTIONS + SHARED_LAST), CONFIG_PARAM, VERBOSE_PARAM)
+def evaluate(**values: Any) -> None:
+    """Dev metric, parameters, size on disk and measured latency/throughput; --compare puts two models side by side."""
+    from pipeline.apps.evaluate import evaluate as run, format_table
+
+    typer.echo(format_table(run(build_config(EvaluateConfig, values, _EVALUATE_TEXT))))
+
+
+_EXPORT_TEXT: TextFields = {"quantize_ops": (",".join(O("quantize_ops")),
+                                             lambda text: tuple(x.strip() for x in text.split(",") if x.strip()))}
+
+
 @app.command("export")
 @friendly
-def export(
-    source: Path = typer.Argument(..., help="A train-student output dir (or a teacher dir) with a classification head."),
-    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where the exported model dir is written."),
-    fmt: str = typer.Option(O("format"), "--format", help=f"Export format: {', '.join(EXPORT_FORMATS)}."),
-    quantize: str = typer.Option(O("quantize"), help=f"{' or '.join(QUANTIZE)}: int8 = dynamic int8 weights "
-                                 "(onnxruntime) of the --quantize-ops, activations quantised per batch."),
-    quantize_ops: str = typer.Option(",".join(O("quantize_ops")), help="With --quantize int8: the op types whose "
-                                     "weights become int8 (comma-separated; add Gather to store the embeddings as "
-                                     "int8 too: a third of the bytes)."),
-    opset: int = typer.Option(O("opset"), help="ONNX opset of the graph."),
-    tolerance: float = typer.Option(O("tolerance"), help="Largest |logit difference| to PyTorch the float32 graph "
-                                    "may show on a check batch; a larger one refuses the export."),
-    overwrite: bool = typer.Option(O("overwrite"), help="Replace an export already in --output-dir."),
-    config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
-) -> None:
+@signature(*config_options(ExportConfig, _EXPORT_TEXT), CONFIG_PARAM, VERBOSE_PARAM)
+def export(**values: Any) -> None:
     """Export a student to ONNX (needs onnx and onnxruntime: pip install "lrc\\[onnx]"); `lrc evaluate` then takes the output dir."""
     from pipeline.apps.export import export_model
 
-    ops = tuple(x.strip() for x in quantize_ops.split(",") if x.strip())
-    info = export_model(ExportConfig(source=source, output_dir=output_dir, format=fmt, quantize=quantize,
-                                     quantize_ops=ops, opset=opset, tolerance=tolerance, overwrite=overwrite))
-    typer.echo(f"export: {output_dir}  {info['quantize']}  {info['model_bytes'] / 1e6:.1f} MB (source "
+    info = export_model(build_config(ExportConfig, values, _EXPORT_TEXT))
+    typer.echo(f"export: {values['output_dir']}  {info['quantize']}  {info['model_bytes'] / 1e6:.1f} MB (source "
                f"{info['source_bytes'] / 1e6:.1f} MB)  max logit diff {info['max_abs_logit_diff']:.2g}  "
                f"{info['export_seconds']} s")
 
 
 @app.command("demo")
 @friendly
-def demo(
-    task: str = typer.Option(D("task"), "--task", help="GLUE task to run the demo on."),
-    work_dir: Path = typer.Option(D("work_dir"), help="Where the teacher, cache, negatives and student go."),
-    max_train_examples: int = typer.Option(D("max_train_examples"), help="Subsample the train split to this many rows so the demo fits in minutes on 2 CPU cores; 0 = all rows."),
-    max_length: int = typer.Option(D("max_length"), help="Truncate inputs to this many tokens."),
-    teacher_epochs: float = typer.Option(D("teacher_epochs"), help="Epochs of teacher fine-tuning."),
-    teacher_lr: float = typer.Option(D("teacher_lr"), help="Peak learning rate of teacher fine-tuning."),
-    student_epochs: float = typer.Option(D("student_epochs"), help="Epochs of student training."),
-    student_lr: float = typer.Option(D("student_lr"), help="Peak learning rate of the student."),
-    k: int = typer.Option(D("k"), "--k", help="Negatives per example."),
-    seed: int = typer.Option(D("seed"), help="Random seed of every stage."),
-    overwrite: bool = typer.Option(D("overwrite"), help="Redo every stage, replacing what --work-dir holds (without it: artifacts made with the same settings are reused, others refused)."),
-    general: bool = typer.Option(D("general"), "--general/--no-general", help="First distil the bundled backbone on unlabeled text (general distillation), then start the task student from it (the paper's recipe, about 10 more minutes on 2 CPU cores). Off by default: the task student then starts from the fine-tuned teacher cut to its shape, which measured better (docs/RESULTS.md)."),
-    corpus: Optional[Path] = typer.Option(D("corpus"), help="--general: unlabeled text file (one passage per line); default: the GLUE train sentences in --data-dir and QNLI test."),
-    general_max_passages: int = typer.Option(D("general_max_passages"), help="--general: passages of the corpus to use (a seeded subset of the GLUE sentences, or the first N of --corpus); 0 = all."),
-    general_epochs: float = typer.Option(D("general_epochs"), help="--general: epochs of general distillation."),
-    general_lr: float = typer.Option(D("general_lr"), help="--general: peak learning rate of general distillation."),
-    data_dir: Optional[Path] = DataDirOpt, device: str = DeviceOpt, precision: str = PrecisionOpt,
-    config: Optional[Path] = ConfigOpt, verbose: bool = VerboseOpt,
-) -> None:
+@signature(*config_options(DemoConfig, {}, last=("data_dir", "device", "precision")), CONFIG_PARAM, VERBOSE_PARAM)
+def demo(**values: Any) -> None:
     """Run the whole pipeline on a real GLUE task with the bundled all-MiniLM-L6-v2 and compare teacher and student."""
     from pipeline.apps.demo import render, run_demo
 
-    outcome = run_demo(DemoConfig(
-        task=task, data_dir=data_dir, work_dir=work_dir, max_train_examples=max_train_examples or None,
-        max_length=max_length, teacher_epochs=teacher_epochs, teacher_lr=teacher_lr, student_epochs=student_epochs,
-        student_lr=student_lr,
-        k=k, seed=seed, overwrite=overwrite, device=device, precision=precision, general=general, corpus=corpus,
-        general_max_passages=general_max_passages or None, general_epochs=general_epochs, general_lr=general_lr,
-    ))
-    typer.echo(render(outcome))
+    # 0 on the command line: the whole train split / corpus (None in DemoConfig)
+    zero_is_all = {name: values[name] or None for name in ("max_train_examples", "general_max_passages")}
+    typer.echo(render(run_demo(build_config(DemoConfig, {**values, **zero_is_all}, {}))))
 
 
 @app.command("sweep")

@@ -203,8 +203,6 @@ CONFIGS = {
     "evaluate": ("EvaluateConfig", "DataConfig"), "demo": ("DemoConfig",), "sweep": ("TrainConfig",),
     "export": ("ExportConfig",),
 }
-OPTION_FIELDS = {"lr": "learning_rate", "corpus_config": "dataset_config", "corpus_split": "dataset_split",
-                 "fmt": "format"}
 CLI_ONLY = {"config", "verbose", "verify", "grid", "set_", "shard", "base", "data_dir"}  # data_dir: $LRC_DATA_DIR
 
 
@@ -231,7 +229,7 @@ def test_help_defaults_are_the_config_defaults() -> None:
         for param in group.commands[command].params:
             if param.name in CLI_ONLY or param.required:
                 continue
-            name = OPTION_FIELDS.get(param.name, param.name)
+            name = param.name  # generated options are named as their fields
             owner = next((c for c in classes if name in {f.name for f in fields(c)}), None)
             assert owner is not None, f"{command} --{param.name} has a default but no config field holds it"
             field = next(f for f in fields(owner) if f.name == name)

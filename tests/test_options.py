@@ -13,13 +13,18 @@ import pytest
 from typer.testing import CliRunner
 
 import cli
+import pipeline.core.teacher_config
 import pipeline.core.train_config
 import pipeline.student.report
 import pipeline.student.sweep_grid
 import pipeline.student.train
+import pipeline.teacher.extract
+import pipeline.teacher.finetune
 from conftest import assert_refused
 from pipeline.core import options
-from pipeline.core.options import option
+from pipeline.core.config import DataConfig
+from pipeline.core.options import nested, option
+from pipeline.core.teacher_config import CorpusConfig, ExtractConfig, FinetuneConfig
 from pipeline.core.train_config import TrainConfig
 from pipeline.student.run_dir import RUN_CONFIG, comparable_settings, previous_run
 
@@ -115,3 +120,64 @@ def test_a_new_option_reaches_the_report(extended) -> None:
     text = pipeline.student.report.render_markdown(summary, "run")
     assert text.index("| seed | `42` |") < text.index("| warmup_shape | `cosine` |")
     assert "progress_bar" not in text
+
+
+# ------------------------------------------------ the other commands: their configs, and the configs they nest
+
+
+@pytest.fixture()
+def extended_teacher(monkeypatch: pytest.MonkeyPatch):
+    """FinetuneConfig, ExtractConfig and the configs they nest (DataConfig, CorpusConfig) each plus one option, cli.py
+    rebuilt from them: a field's `option(...)` alone must reach the command (options.nested flattens the nested ones)."""
+    data = dataclasses.make_dataclass("DataConfig", [
+        ("min_words", int, option(0, help="Drop examples with fewer words."))], bases=(DataConfig,), frozen=True)
+    corpus = dataclasses.make_dataclass("CorpusConfig", [
+        ("min_chars", int, option(0, help="Skip passages shorter than this."))], bases=(CorpusConfig,), frozen=True)
+    finetune = dataclasses.make_dataclass("FinetuneConfig", [
+        ("data", DataConfig, nested(data)),
+        ("label_smoothing", float, option(0.0, help="Label smoothing of the cross-entropy."))],
+        bases=(FinetuneConfig,), frozen=True)
+    extract = dataclasses.make_dataclass("ExtractConfig", [
+        ("data", DataConfig, nested(data, when="task")), ("corpus", CorpusConfig, nested(corpus, None, when="source")),
+        ("pool_every", int, option(1, help="Store the pooled vector of every Nth row."))],
+        bases=(ExtractConfig,), frozen=True)
+    monkeypatch.setattr(pipeline.core.teacher_config, "FinetuneConfig", finetune)
+    monkeypatch.setattr(pipeline.core.teacher_config, "ExtractConfig", extract)
+    yield finetune, extract, importlib.reload(cli)
+    monkeypatch.undo()
+    importlib.reload(cli)
+
+
+def test_a_new_option_of_a_teacher_command_or_its_nested_config_reaches_help_and_config(
+        extended_teacher, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    finetune, extract, cli_module = extended_teacher
+    runner = CliRunner()
+    for command, texts in (("finetune-teacher", ("--label-smoothing", "Label smoothing of the cross-entropy.",
+                                                 "--min-words", "Drop examples with fewer words.")),
+                           ("extract-teacher", ("--pool-every", "Store the pooled vector of every Nth row.",
+                                                "--min-words", "--min-chars", "Skip passages shorter than this."))):
+        result = runner.invoke(cli_module.app, [command, "--help"], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        for text in texts:
+            assert text in result.stdout, (command, text)
+
+    seen = []
+    monkeypatch.setattr(pipeline.teacher.finetune, "finetune_teacher", lambda c: seen.append(c) or {"dev_metrics": {}})
+    monkeypatch.setattr(pipeline.teacher.extract, "extract_teacher",
+                        lambda c: seen.append(c) or {"layers": [1], "splits": {}})
+    out = ["-o", str(tmp_path / "o")]
+    result = runner.invoke(cli_module.app, ["finetune-teacher", "--task", "sst2", *out, "--label-smoothing", "0.1",
+                                            "--min-words", "3", "--lr", "1e-4"])
+    assert result.exit_code == 0, result.output
+    assert type(seen[-1]) is finetune and seen[-1].label_smoothing == 0.1 and seen[-1].learning_rate == 1e-4
+    assert seen[-1].data.min_words == 3 and seen[-1].data.task == "sst2"
+    settings = tmp_path / "extract.toml"
+    settings.write_text('pool-every = 4\nmin_words = 2\n')  # a flag's name or the field's
+    result = runner.invoke(cli_module.app, ["extract-teacher", "--teacher", "t", "--task", "sst2", *out,
+                                            "--config", str(settings)])
+    assert result.exit_code == 0, result.output
+    assert type(seen[-1]) is extract and seen[-1].pool_every == 4 and seen[-1].data.min_words == 2
+    assert seen[-1].corpus is None
+    result = runner.invoke(cli_module.app, ["extract-teacher", "--corpus", "c.txt", *out, "--min-chars", "20"])
+    assert result.exit_code == 0, result.output
+    assert seen[-1].data is None and seen[-1].corpus.min_chars == 20 and seen[-1].corpus.text_column == "text"

@@ -10,7 +10,7 @@ import inspect
 import os
 import re
 import types
-from dataclasses import MISSING
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
 
@@ -117,22 +117,69 @@ def cli_type(kind: Any) -> Any:
     return kind
 
 
+def _flat(config_class: type) -> list[tuple[Any, options.OptionSpec, type, bool]]:
+    """The command-line fields of config_class and of the configs it nests (`options.nested`), in field order, as
+    (field, spec, class declaring it, None allowed though required). A name two nested configs share (extract-teacher's
+    --text-column) is one option: the first declaration's."""
+    found: dict[str, tuple[Any, options.OptionSpec, type, bool]] = {}
+    for f in fields(config_class):
+        inner = options.nested_of(f)
+        if inner is None:
+            if options.spec_of(f).help is not None:
+                found.setdefault(f.name, (f, options.spec_of(f), config_class, False))
+            continue
+        helps = dict(inner.helps)
+        for g, spec, owner, _ in _flat(inner.config_class):
+            if g.name not in inner.exclude:
+                spec = replace(spec, help=helps.get(g.name, spec.help))
+                found.setdefault(g.name, (g, spec, owner, g.name == inner.when))
+    return list(found.values())
+
+
 def config_options(config_class: type, text: TextFields,
                     last: tuple[str, ...] = ()) -> list[inspect.Parameter]:
-    """One keyword parameter per command-line field of config_class, with the flags, help and default its `option`
-    declares (pipeline/core/options.py): a new field reaches --help, --config files and the config without an edit here.
-    The order is the fields' (--help lists them so), with `last` moved to the end, where every command has its
-    --device and --precision. Fields in `text` are typed as text and parsed by `build_config`."""
-    hints, params = get_type_hints(config_class), []
-    for f, spec in options.command_line(config_class):
+    """One keyword parameter per command-line field of config_class (and of the configs it nests), with the flags,
+    help and default its `option` declares (pipeline/core/options.py): a new field reaches --help, --config files and
+    the config without an edit here. The order is the fields' (--help lists them so), with `last` moved to the end in
+    the order `last` names them (every command ends with its shared options, --device and --precision among them).
+    Fields in `text` are typed as text and parsed by `build_config`."""
+    params = []
+    for f, spec, owner, unset in _flat(config_class):
+        kind = get_type_hints(owner)[f.name]
         if f.name in text:
             default = text[f.name][0]
             kind = str if default is not None else Optional[str]
+        elif spec.envvar is not None or unset:
+            default, kind = None, Optional[cli_type(kind)]  # the environment's value, or None: not given
+        elif f.default is MISSING and f.default_factory is MISSING:
+            admits_none = type(None) in get_args(kind)
+            default = None if admits_none else ...  # a required `X | None` is optional on the command line
         else:
-            required = f.default is MISSING and f.default_factory is MISSING
-            default, kind = ... if required else default_of(config_class, f.name), hints[f.name]
-        params.append(keyword(f.name, cli_type(kind), typer.Option(default, *spec.flags, help=spec.help)))
-    return sorted(params, key=lambda p: p.name in last)  # a stable sort: field order within each part
+            default = default_of(owner, f.name)
+        make = typer.Argument if spec.argument else functools.partial(typer.Option, envvar=spec.envvar)
+        params.append(keyword(f.name, cli_type(kind), make(default, *spec.flags, help=spec.help)))
+    order = {name: i for i, name in enumerate(last)}
+    return sorted(params, key=lambda p: order.get(p.name, -1))  # a stable sort: field order within each part
+
+
+def _assemble(config_class: type, given: dict[str, Any]) -> Any:
+    """config_class from flat values: each nested config rebuilt from its fields' values (None for a field with
+    another default: not given, so the nested default holds), or None when its `when` option is unset."""
+    top = dict(given)
+    for f in fields(config_class):
+        inner = options.nested_of(f)
+        if inner is None:
+            continue
+        names = [g.name for g, *_ in _flat(inner.config_class) if g.name not in inner.exclude]
+        for name in names:
+            top.pop(name, None)
+        if inner.when is not None and given.get(inner.when) is None:
+            top[f.name] = None
+            continue
+        defaults = {g.name: g.default for g in fields(inner.config_class)}
+        top[f.name] = _assemble(inner.config_class, {
+            n: given[n] for n in names if given[n] is not None or defaults.get(n) is None})
+    return config_class(**top)
 
 
 def build_config(config_class: type, values: dict[str, Any], text: TextFields) -> Any:
@@ -140,7 +187,7 @@ def build_config(config_class: type, values: dict[str, Any], text: TextFields) -
     given = {k: v for k, v in values.items() if k not in ("config", "verbose")}
     for name, (_, parse) in text.items():
         given[name] = parse(given[name])
-    return config_class(**given)
+    return _assemble(config_class, given)
 
 
 def signature(*parameters: inspect.Parameter) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

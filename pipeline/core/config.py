@@ -7,12 +7,12 @@ demo)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import LrcError
-from pipeline.core.options import check_seed, check_whole, require
+from pipeline.core.options import check_seed, check_whole, option, require
 
 DATA_DIR_ENV = "LRC_DATA_DIR"
 BUNDLED_BACKBONE = "bundled:all-MiniLM-L6-v2"
@@ -31,19 +31,30 @@ def layer_map(teacher_layers: int, student_layers: int) -> list[int]:
     return [(2 * i * n + m) // (2 * m) for i in range(1, m + 1)]
 
 
+def data_dir_option() -> Any:
+    """--data-dir, declared once for DataConfig and the demo: $LRC_DATA_DIR when not given."""
+    return option(default_factory=default_data_dir, flags=("--data-dir",), envvar=DATA_DIR_ENV, help=(
+        f"A glue_data/ folder in the standard GLUE layout (or set ${DATA_DIR_ENV}). Unset: load from the Hugging Face hub."))
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where a task's examples come from: a glue_data/ root, the hub, or explicit files."""
 
-    task: str
-    data_dir: Path | None = field(default_factory=default_data_dir)
-    train_file: Path | None = None
-    dev_file: Path | None = None
-    text_column: str | None = None
-    text_pair_column: str | None = None
-    label_column: str | None = None
-    max_train_examples: int | None = None  # a seeded random subset of train, None = all
-    subsample_seed: int = 0
+    # Declared once for every command that reads task data (finetune-teacher, extract-teacher, evaluate nest it).
+    task: str = option(flags=("--task",), help=(
+        "GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, wnli."))
+    data_dir: Path | None = data_dir_option()
+    train_file: Path | None = option(None, help="Your own train file (.csv, .tsv, .jsonl, .parquet) instead of GLUE's.")
+    dev_file: Path | None = option(None, help="Your own dev file (same formats) instead of GLUE's.")
+    text_column: str | None = option(None, help=(
+        "Column of the first text in --train-file/--dev-file (default: the task's)."))
+    text_pair_column: str | None = option(None, help="Column of the second text, for pair tasks (default: the task's).")
+    label_column: str | None = option(None, help="Label column in --train-file/--dev-file (default: label).")
+    # a seeded random subset of train, None = all
+    max_train_examples: int | None = option(None, help=(
+        "Use a seeded random subset of this many train examples (default: all)."))
+    subsample_seed: int = option(0, help="Seed of the --max-train-examples subset.")
 
     def __post_init__(self) -> None:
         require(bool(self.task), "no task given: pass --task (e.g. --task sst2)")

@@ -2,7 +2,8 @@
 
 `option(...)` declares a field with everything the rest of lrc needs to know about it: its default, its flag and
 help text on the command line, whether a run dir may be reused or resumed with another value of it, the value that
-stands for it in runs recorded before it existed, its row in report.md and whether a sweep may vary it. cli.py,
+stands for it in runs recorded before it existed, its row in report.md and whether a sweep may vary it (`nested`
+declares a field holding another config, whose options then belong to the holder's command too). cli.py,
 run_dir.py, report.py and sweep_grid.py derive their option lists from these fields (the functions below), so a new
 option is one field and its check (docs/DESIGN.md §4), and none of them can silently miss it.
 """
@@ -21,6 +22,7 @@ PRECISIONS = ("fp32", "bf16")
 CACHE_CHECKS = ("auto", "quick", "full")  # how much of a cache is hashed at open (pipeline/cache/verify.py)
 
 _KEY = "lrc.option"
+_NESTED = "lrc.nested"
 
 
 class _Always:
@@ -41,13 +43,39 @@ class OptionSpec:
     added_at: Any = ALWAYS  # the value that reproduces runs recorded before the option existed
     report: int | None = None  # its row in report.md's key settings (ascending); None: not listed
     sweepable: bool = True  # False: the same for every point of a sweep (where it reads and writes, how runs start)
+    argument: bool = False  # a positional argument of its command, not a --flag
+    envvar: str | None = None  # read from this environment variable when not given (the command line shows no default)
 
 
-def option(default: Any = MISSING, *, help: str | None = None, flags: tuple[str, ...] = (), run_only: bool = False,
-           added_at: Any = ALWAYS, report: int | None = None, sweepable: bool = True) -> Any:
+def option(default: Any = MISSING, *, default_factory: Any = MISSING, help: str | None = None,
+           flags: tuple[str, ...] = (), run_only: bool = False, added_at: Any = ALWAYS, report: int | None = None,
+           sweepable: bool = True, argument: bool = False, envvar: str | None = None) -> Any:
     """A dataclass field (no default: a required one) carrying its OptionSpec."""
-    spec = OptionSpec(help=help, flags=flags, run_only=run_only, added_at=added_at, report=report, sweepable=sweepable)
-    return field(default=default, metadata={_KEY: spec})
+    spec = OptionSpec(help=help, flags=flags, run_only=run_only, added_at=added_at, report=report, sweepable=sweepable,
+                      argument=argument, envvar=envvar)
+    return field(default=default, default_factory=default_factory, metadata={_KEY: spec})
+
+
+@dataclass(frozen=True)
+class NestedSpec:
+    """A field holding another config whose command-line fields are its command's options too (docs/DESIGN.md §4)."""
+
+    config_class: type
+    when: str | None = None  # this nested option unset (None): the field is None (the nested config is not built)
+    exclude: tuple[str, ...] = ()  # nested fields this command does not offer (they keep their defaults)
+    helps: tuple[tuple[str, str], ...] = ()  # nested field -> the help text this command gives it instead
+
+
+def nested(config_class: type, default: Any = MISSING, *, when: str | None = None, exclude: tuple[str, ...] = (),
+           helps: dict[str, str] | None = None) -> Any:
+    """A field holding a `config_class`: its options are declared once there and flattened into every command
+    whose config nests it (pipeline/apps/command_line.py), which rebuilds the nested config from them."""
+    spec = NestedSpec(config_class, when, exclude, tuple((helps or {}).items()))
+    return field(default=default, metadata={_NESTED: spec})
+
+
+def nested_of(f: Field) -> NestedSpec | None:
+    return f.metadata.get(_NESTED)
 
 
 def spec_of(f: Field) -> OptionSpec:
@@ -56,7 +84,7 @@ def spec_of(f: Field) -> OptionSpec:
 
 
 def default_of(config_class: type, name: str) -> Any:
-    """The default of one config field. cli.py takes every default from here, so it lives in one place."""
+    """The default of one config field: the command line's (pipeline/apps/command_line.py) and any other reader's."""
     for f in fields(config_class):
         if f.name == name:
             if f.default is not MISSING:
@@ -65,6 +93,33 @@ def default_of(config_class: type, name: str) -> Any:
                 return f.default_factory()
             raise ValueError(f"{config_class.__name__}.{name} has no default")
     raise ValueError(f"{config_class.__name__} has no field {name!r}")
+
+
+# Options several commands share, declared once: every command's --device and --precision say what train-student's
+# say, and every command that loads a model dir offers the same two safety switches.
+DEVICE_HELP = "auto (CUDA when present, else CPU), cpu or cuda."
+PRECISION_HELP = "fp32, or bf16 autocast (faster on recent CPUs and GPUs)."
+
+
+def device_option(**spec: Any) -> Any:
+    return option("auto", help=DEVICE_HELP, **spec)
+
+
+def precision_option(**spec: Any) -> Any:
+    return option("fp32", help=PRECISION_HELP, **spec)
+
+
+def trust_remote_code_option() -> Any:
+    """Run Python shipped in a model dir: only for code the user has read."""
+    return option(False, flags=("--trust-remote-code",), help=(
+        "Run Python code shipped inside the model dir (its config's auto_map). It runs with your permissions: pass "
+        "this only for a model whose code you have read."))
+
+
+def allow_task_mismatch_option() -> Any:
+    """Accept a model whose teacher_info.json / training_summary.json records another task."""
+    return option(False, flags=("--allow-task-mismatch",), help=(
+        "Use a model whose teacher_info.json / training_summary.json records another task (a deliberate transfer)."))
 
 
 def help_of(config_class: type, name: str) -> str:

@@ -1,5 +1,6 @@
 """The teacher stages' configs: `lrc finetune-teacher` (FinetuneConfig) and `lrc extract-teacher` (ExtractConfig, with
-CorpusConfig for a corpus cache)."""
+CorpusConfig for a corpus cache). Their fields are `option`s, so cli.py generates the commands' options from them;
+`nested` fields bring DataConfig's and CorpusConfig's options with them (docs/DESIGN.md §4)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.config import BUNDLED_BACKBONE, DataConfig
-from pipeline.core.options import DEVICES, PRECISIONS, check_optimisation, check_whole, require
+from pipeline.core.options import (
+    DEVICES, PRECISIONS, allow_task_mismatch_option, check_optimisation, check_whole, device_option, nested, option,
+    precision_option, require, trust_remote_code_option,
+)
 
 HIDDEN_DTYPES = ("float16", "float32", "int8")  # Arrow has no bfloat16; int8: pipeline/cache/quant.py
 
@@ -16,22 +20,24 @@ HIDDEN_DTYPES = ("float16", "float32", "int8")  # Arrow has no bfloat16; int8: p
 class FinetuneConfig:
     """`lrc finetune-teacher`: backbone + task -> teacher dir with a classification head."""
 
-    data: DataConfig
-    output_dir: Path
-    backbone: str = BUNDLED_BACKBONE
-    max_length: int = 128
-    epochs: float = 3.0
-    batch_size: int = 32
+    data: DataConfig = nested(DataConfig)
+    output_dir: Path = option(flags=("--output-dir", "-o"), help="Where the teacher (HF format) is written.")
+    backbone: str = option(BUNDLED_BACKBONE, help=(
+        "Local model dir or hub name; default: the bundled all-MiniLM-L6-v2."))
+    max_length: int = option(128, help="Truncate inputs to this many tokens.")
+    epochs: float = option(3.0, help="Training epochs (fractions allowed).")
+    batch_size: int = option(32, help="Training batch size.")
     eval_batch_size: int = 128
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0  # clip the global gradient norm before each step; 0 = off
-    warmup_ratio: float = 0.1
-    seed: int = 42
-    device: str = "auto"
-    precision: str = "fp32"
-    overwrite: bool = False
-    trust_remote_code: bool = False  # run Python shipped in the backbone dir: only for code you have read
+    learning_rate: float = option(5e-5, flags=("--lr",), help="Peak learning rate of AdamW.")
+    weight_decay: float = option(0.01, help="AdamW weight decay (not on biases and LayerNorm).")
+    max_grad_norm: float = option(1.0, help=(
+        "Clip the global gradient norm to this before each step; 0 = no clipping."))
+    warmup_ratio: float = option(0.1, help="Fraction of steps with linear warmup.")
+    seed: int = option(42, help="Random seed (data order, head initialisation).")
+    device: str = device_option()
+    precision: str = precision_option()
+    overwrite: bool = option(False, help="Replace a teacher already in --output-dir.")
+    trust_remote_code: bool = trust_remote_code_option()
 
     def __post_init__(self) -> None:
         check_whole("--max-length", self.max_length, 8)
@@ -49,11 +55,17 @@ class CorpusConfig:
     name (`dataset_config`, `dataset_split`; needs network access).
     """
 
-    source: str
-    text_column: str = "text"
-    dataset_config: str | None = None  # e.g. "20231101.en" for wikimedia/wikipedia
-    dataset_split: str = "train"
-    max_passages: int | None = None  # the first N passages (a dataset is then streamed, not downloaded whole)
+    source: str = option(flags=("--corpus",), help=(
+        "Unlabeled text instead of --task, for general distillation: a .txt file (one passage per line), a "
+        ".jsonl/.csv/.tsv/.parquet file (--text-column, default text) or a Hugging Face dataset name (online)."))
+    # extract-teacher has one --text-column for task files and corpora: DataConfig's, listed first
+    text_column: str = option("text", help="Column of the passages in a --corpus file or dataset.")
+    dataset_config: str | None = option(None, flags=("--corpus-config",), help=(  # e.g. 20231101.en for wikimedia/wikipedia
+        "--corpus dataset's config name, e.g. 20231101.en for wikimedia/wikipedia."))
+    dataset_split: str = option("train", flags=("--corpus-split",), help="--corpus dataset's split.")
+    # the first N passages (a dataset is then streamed, not downloaded whole)
+    max_passages: int | None = option(None, help=(
+        "Read only the first N passages of --corpus (a dataset is then streamed)."))
 
     def __post_init__(self) -> None:
         require(bool(str(self.source).strip()), "--corpus is empty: pass a text file or a dataset name")
@@ -72,22 +84,28 @@ class ExtractConfig:
     layers that a student of depth `student_layers` maps to; `all_layers` stores 1..N.
     """
 
-    teacher: Path | None
-    data: DataConfig | None
-    output_dir: Path
-    student_layers: int = 4
-    layers: tuple[int, ...] | None = None
+    teacher: Path | None = option(flags=("--teacher",), help=(
+        "Fine-tuned teacher dir (HF format, with a classification head); with --corpus any encoder dir (default: the "
+        "bundled all-MiniLM-L6-v2)."))
+    data: DataConfig | None = nested(DataConfig, when="task", helps={"task": (
+        "GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, wnli (or --corpus).")})
+    output_dir: Path = option(flags=("--output-dir", "-o"), help="Cache dir to create (or resume).")
+    corpus: CorpusConfig | None = nested(CorpusConfig, None, when="source")
+    student_layers: int = option(4, help="Store the teacher layers a student of this depth maps to.")
+    # --layers all|2,3,5,6 on the command line (cli.py parses it into these two fields)
+    layers: tuple[int, ...] | None = option(None, help=(
+        "Explicit teacher layers, e.g. 2,3,5,6, or 'all'; overrides --student-layers."))
     all_layers: bool = False
-    max_length: int = 128
-    batch_size: int = 64
-    shard_rows: int = 4096
-    hidden_dtype: str = "float16"
-    device: str = "auto"
-    precision: str = "fp32"
-    overwrite: bool = False
-    allow_task_mismatch: bool = False  # accept a teacher whose teacher_info.json records another task
-    trust_remote_code: bool = False  # run Python shipped in the teacher dir: only for code you have read
-    corpus: CorpusConfig | None = None
+    max_length: int = option(128, help="Truncate inputs to this many tokens.")
+    batch_size: int = option(64, help="Teacher batch size.")
+    shard_rows: int = option(4096, help="Rows per Arrow shard (the unit of resumption).")
+    hidden_dtype: str = option("float16", help=(
+        "Storage dtype of hidden states: float16, float32 or int8 (one scale per token per layer: half float16's bytes)."))
+    device: str = device_option()
+    precision: str = precision_option()
+    overwrite: bool = option(False, help="Replace a cache already in --output-dir.")
+    allow_task_mismatch: bool = allow_task_mismatch_option()
+    trust_remote_code: bool = trust_remote_code_option()
 
     def __post_init__(self) -> None:
         require((self.data is None) != (self.corpus is None),

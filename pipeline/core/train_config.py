@@ -11,7 +11,8 @@ from typing import Any
 
 from pipeline.core.errors import LrcError
 from pipeline.core.options import (
-    CACHE_CHECKS, DEVICES, PRECISIONS, check_optimisation, check_real, check_seed, check_weights, check_whole, option, require,
+    CACHE_CHECKS, DEVICES, PRECISIONS, check_optimisation, check_real, check_seed, check_weights, check_whole, device_option, option,
+    precision_option, require,
 )
 
 GRANULARITIES = ("flat", "token", "cls")
@@ -113,9 +114,8 @@ class TrainConfig:
     # None = 0 on CPU (the step owns the cores), 2 on CUDA
     num_workers: int | None = option(None, run_only=True, help=(
         "DataLoader worker processes reading the cache; default 0 on CPU, 2 on CUDA."))
-    # every command's --device and --precision (cli.py's DeviceOpt, PrecisionOpt) read their help from here
-    device: str = option("auto", run_only=True, help="auto (CUDA when present, else CPU), cpu or cuda.")
-    precision: str = option("fp32", help="fp32, or bf16 autocast (faster on recent CPUs and GPUs).")
+    device: str = device_option(run_only=True)  # every command's --device and --precision (options.py)
+    precision: str = precision_option()
     resume: bool = option(False, flags=("--resume",), run_only=True, sweepable=False,
                           help="Continue the run in --output-dir from its last checkpoint.")
     overwrite: bool = option(False, run_only=True, sweepable=False, help="Replace a run already in --output-dir.")
