@@ -85,7 +85,7 @@ def general_stage(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, 
         config = TrainConfig(
             cache_dir=cache_dir, output_dir=work / f"general-{loss}", **STUDENT, intermediate_loss=loss, k=args.k,
             epochs=args.general_epochs, max_steps=args.general_steps, learning_rate=args.general_lr,
-            seed=args.general_seed, num_workers=0, checkpoint_every=500)
+            seed=args.general_seed, num_workers=0, checkpoint_every=500, perturb_eps=glue_results.PAPER_EPS)
         summary, _ = train_or_reuse(config)  # a corpus cache: general distillation
         records = [r for r in _log(config.output_dir) if loss in r]
         points = records[:: max(1, len(records) // 10)] + records[-1:]  # about ten points and the last

@@ -42,7 +42,9 @@ from pipeline.teacher.finetune import finetune_teacher
 
 log = logging.getLogger("glue_results")
 
-# name -> TrainConfig overrides. The baselines get no perturbation: that is part of LRC.
+# name -> TrainConfig overrides. "LRC" is the paper's method, perturbation on (train-student's default is off);
+# the baselines get no perturbation: that is part of LRC.
+PAPER_EPS = 1.0
 METHODS: dict[str, dict[str, Any]] = {
     "LRC": {},
     "KD-only": {"intermediate_loss": "none", "perturb_eps": 0.0},
@@ -100,7 +102,7 @@ def run_config(paths: dict[str, Path], shape: str, method: str, seed: int, args:
     slug = f"{shape}-{method}-seed{seed}".replace(" ", "_").replace("/", "")
     base = TrainConfig(cache_dir=paths["cache"], output_dir=paths["cache"].parent / "runs" / slug, negatives=negatives,
                        k=args.k, epochs=args.student_epochs, learning_rate=args.student_lr, seed=seed,
-                       num_workers=0, checkpoint_every=500)
+                       num_workers=0, checkpoint_every=500, perturb_eps=PAPER_EPS)
     return replace(base, **SHAPES[shape], **overrides)
 
 

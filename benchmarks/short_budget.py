@@ -48,6 +48,7 @@ from pipeline.student.train import train_or_reuse
 log = logging.getLogger("short_budget")
 
 BASELINE = {"intermediate_loss": "none", "perturb_eps": 0.0}  # as benchmarks/glue_results.py: no perturbation
+PAPER_EPS = 1.0  # the LRC rows are the paper's method, perturbation on (train-student's default is now off)
 # row -> (init: "random", "general" or "teacher", TrainConfig overrides); "online" rows run online_loop instead.
 # "teacher": the 4x312 student cut from the 6x384 teacher (pipeline/student/select.py), with --init-selection as given.
 ROWS: dict[str, tuple[str, dict[str, Any] | None]] = {
@@ -78,7 +79,8 @@ def lrc_run(paths: dict[str, Path], row: str, seed: int, args: argparse.Namespac
     slug = f"{row}-seed{seed}".replace(" ", "_").replace(",", "").replace("(", "").replace(")", "").replace("+", "")
     config = TrainConfig(cache_dir=paths["cache"], output_dir=args.work_dir / "runs" / slug,
                          init=init if init in ("random", "teacher") else str(args.general_student), epochs=1.0,
-                         learning_rate=args.lr, batch_size=args.batch_size, seed=seed, keep="last", num_workers=0)
+                         learning_rate=args.lr, batch_size=args.batch_size, seed=seed, keep="last", num_workers=0,
+                         perturb_eps=PAPER_EPS)
     summary, _ = train_or_reuse(replace(config, **overrides))
     return {"dev": summary["best"], "train_seconds": summary["train_seconds"]}
 

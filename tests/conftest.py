@@ -65,11 +65,13 @@ def assert_refused(call: Callable[[], Any], *needles: str) -> str:
 
 def tiny_config(cache: Path, out: Path, **kwargs: Any) -> Any:
     """The suite's one small training config: a 2 x 16 student on a tiny cache, a few steps in about a
-    second, checkpointed every 2 steps and logged every step, on the CPU. Tests pass what they vary."""
+    second, checkpointed every 2 steps and logged every step, on the CPU, with the paper's gradient
+    perturbation on (the default is off) so that every loop test also runs the two-pass step. Tests pass what
+    they vary."""
     from pipeline.core.train_config import TrainConfig
 
     settings = dict(layers=2, hidden=16, heads=2, intermediate=32, k=2, max_steps=3, num_workers=0, device="cpu",
-                    checkpoint_every=2, log_every=1)
+                    checkpoint_every=2, log_every=1, perturb_eps=1.0)
     return TrainConfig(cache_dir=cache, output_dir=out, **{**settings, **kwargs})
 
 

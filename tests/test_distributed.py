@@ -116,8 +116,9 @@ def work(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path, glue_dir: P
 
 
 def student_args(cache: Path, out: Path) -> list[str]:
-    # Perturbation on (the default eps 1.0), COS-NCE with K = 2 negatives, both stages (6 steps: 4 + 2).
+    # Perturbation on (the paper's eps 1.0; the default is off), COS-NCE with K = 2 negatives, both stages (4 + 2).
     return ["train-student", "--cache", str(cache), "-o", str(out), "--layers", "2", "--hidden", "16", "--heads", "2",
+            "--perturb-eps", "1.0",
             "--intermediate", "32", "--k", "2", "--max-steps", "6", "--batch-size", "8", "--device", "cpu",
             "--checkpoint-every", "2", "--log-every", "1", "--keep", "last", "--warmup-ratio", "0"]
 
@@ -181,8 +182,8 @@ def test_two_ranks_of_half_batches_train_as_one_rank_of_the_whole(work: dict[str
     args = student_args(work["cache"], one)[1:]
     config = TrainConfig(cache_dir=work["cache"], output_dir=one, layers=2, hidden=16, heads=2, intermediate=32, k=2,
                          max_steps=6, batch_size=8, device="cpu", checkpoint_every=2, log_every=1, keep="last",
-                         warmup_ratio=0.0)
-    assert "--batch-size" in args and config.perturb_eps > 0
+                         warmup_ratio=0.0, perturb_eps=1.0)
+    assert "--batch-size" in args and "--perturb-eps" in args
     train_student(config)
     a, b = final_state(one), final_state(two_rank_run)
     assert a.keys() == b.keys()

@@ -53,7 +53,7 @@ def test_report_of_a_real_run(run_dir: Path) -> None:
     assert "| student | 2 layers x 32 hidden, 2 heads, 64 intermediate;" in text
     assert f"{summary['parameters']:,} parameters" in text
     assert "| 4 steps," in text.replace("training | ", "| ")
-    for setting in ("intermediate_loss | `cos_nce`", "granularity | `flat`", "| k | `2`", "perturb_eps | `1.0`",
+    for setting in ("intermediate_loss | `cos_nce`", "granularity | `flat`", "| k | `2`", "perturb_eps | `0.0`",
                     "stage1_fraction | `0.8`", "one_stage | `false`", "learning_rate | `0.0003`",
                     "batch_size | `16`", "init | `random`"):
         assert setting in text, setting
