@@ -70,7 +70,7 @@ def tiny_backbone(path: Path) -> Path:
 
 
 def calibrate_task(plan: dict[str, Any], args: Any, shape: dict[str, int], methods: tuple[str, ...]) -> dict[str, float]:
-    from glue_results import METHODS
+    from glue_results import METHODS, PAPER_EPS
 
     device = pick_device(args.device)
     task = get_task(plan["task"])
@@ -126,7 +126,8 @@ def calibrate_task(plan: dict[str, Any], args: Any, shape: dict[str, int], metho
     mapping = layer_map(depth, shape["layers"])
     for method in methods:
         config = replace(TrainConfig(cache_dir=Path("."), output_dir=Path("."), device=device.type,
-                                     precision=args.precision, k=args.k, batch_size=args.batch_size),
+                                     precision=args.precision, k=args.k, batch_size=args.batch_size,
+                                     perturb_eps=PAPER_EPS),
                          **METHODS[method])
         costs[f"step:{method}"] = _student_step(config, teacher_config, Objective(task, task_info), mapping, shape, ids, types, width,
                                                 labels, device)

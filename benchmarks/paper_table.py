@@ -35,7 +35,7 @@ from typing import Any
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from glue_results import METHODS, _usable_negatives  # noqa: E402
+from glue_results import METHODS, PAPER_EPS, _usable_negatives  # noqa: E402
 
 from pipeline.apps.evaluate import evaluate  # noqa: E402
 from pipeline.core.apps_config import EvaluateConfig  # noqa: E402
@@ -127,7 +127,7 @@ def student_config(paths: dict[str, Path], method: str, budget: float, plan: dic
                        negatives=paths["negatives"], k=args.k, batch_size=args.batch_size,
                        epochs=budget * plan["paper_epochs"], learning_rate=args.student_lr, seed=args.seed,
                        keep="last", checkpoint_every=args.checkpoint_every, log_every=100, device=args.device,
-                       precision=args.precision, init=args.init, **STUDENT)
+                       precision=args.precision, init=args.init, perturb_eps=PAPER_EPS, **STUDENT)
     return replace(base, **METHODS[method])
 
 
