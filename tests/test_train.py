@@ -408,9 +408,10 @@ def test_log_reports_stage_lr_and_total_of_each_step(neg_cache: Path, tmp_path: 
 
 
 def cli_args(cache: Path, out: Path, *extra: str) -> list[str]:
+    """tiny_config's run (perturbation on) as train-student's command line."""
     return ["train-student", "--cache", str(cache), "--output-dir", str(out), "--layers", "2", "--hidden", "16",
             "--heads", "2", "--intermediate", "32", "--k", "2", "--max-steps", "30", "--checkpoint-every", "2",
-            "--log-every", "1", "--device", "cpu", *extra]
+            "--log-every", "1", "--device", "cpu", "--perturb-eps", "1.0", *extra]
 
 
 @pytest.fixture(scope="module")
