@@ -142,7 +142,7 @@ _TRAIN_TEXT: TextFields = {
 @friendly
 @signature(*config_options(TrainConfig, _TRAIN_TEXT, last=("device", "precision")), CONFIG_PARAM, VERBOSE_PARAM)
 def train_student(**values: Any) -> None:
-    """Train a student from the cache with LRC-BERT (COS-NCE + soft + hard, two stages, perturbation); no teacher."""
+    """Train a student from the cache with LRC-BERT (COS-NCE + soft + hard, two stages; --perturb-eps 1 adds the paper's perturbation); no teacher."""
     from pipeline.student.train import train_student as run
 
     output_dir = values["output_dir"]
