@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from glue_results import PAPER_EPS  # the LRC rows are the paper's method, perturbation on
 from pipeline.apps.demo import plan, task_stages
 from pipeline.cache.reader import open_cache
 from pipeline.core.apps_config import DemoConfig
@@ -48,7 +49,6 @@ from pipeline.student.train import train_or_reuse
 log = logging.getLogger("short_budget")
 
 BASELINE = {"intermediate_loss": "none", "perturb_eps": 0.0}  # as benchmarks/glue_results.py: no perturbation
-PAPER_EPS = 1.0  # the LRC rows are the paper's method, perturbation on (train-student's default is now off)
 # row -> (init: "random", "general" or "teacher", TrainConfig overrides); "online" rows run online_loop instead.
 # "teacher": the 4x312 student cut from the 6x384 teacher (pipeline/student/select.py), with --init-selection as given.
 ROWS: dict[str, tuple[str, dict[str, Any] | None]] = {

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline.core.config import DataConfig, data_dir_option
 from pipeline.core.options import (
-    DEVICES, PRECISIONS, allow_task_mismatch_option, check_real, check_seed, check_whole, default_of, device_option,
+    allow_task_mismatch_option, check_device_precision, check_real, check_seed, check_whole, default_of, device_option,
     nested, option, precision_option, require, trust_remote_code_option,
 )
 from pipeline.core.train_config import TrainConfig
@@ -50,8 +50,7 @@ class EvaluateConfig:
         check_whole("--timing-batches", self.timing_batches)
         for size in self.also_batch_sizes:
             check_whole("--also-batch-sizes", size)
-        require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
-        require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_device_precision(self)
 
 
 EXPORT_FORMATS = ("onnx",)
@@ -164,5 +163,4 @@ class DemoConfig:
             check_real(flag, value)
         check_whole("--k", self.k, 0)  # 0 = no negatives (no build-negatives stage)
         check_seed("--seed", self.seed)
-        require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
-        require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_device_precision(self)

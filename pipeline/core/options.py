@@ -109,6 +109,12 @@ def precision_option(**spec: Any) -> Any:
     return option("fp32", help=PRECISION_HELP, **spec)
 
 
+def check_device_precision(config: Any) -> None:
+    """The check every config with `device_option` and `precision_option` fields runs on them."""
+    require(config.device in DEVICES, f"--device must be one of {DEVICES}, got {config.device!r}")
+    require(config.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {config.precision!r}")
+
+
 def trust_remote_code_option() -> Any:
     """Run Python shipped in a model dir: only for code the user has read."""
     return option(False, flags=("--trust-remote-code",), help=(

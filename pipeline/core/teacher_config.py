@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.core.config import BUNDLED_BACKBONE, DataConfig
 from pipeline.core.options import (
-    DEVICES, PRECISIONS, allow_task_mismatch_option, check_optimisation, check_whole, device_option, nested, option,
+    allow_task_mismatch_option, check_device_precision, check_optimisation, check_whole, device_option, nested, option,
     precision_option, require, trust_remote_code_option,
 )
 
@@ -42,8 +42,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         check_whole("--max-length", self.max_length, 8)
         check_optimisation(self)
-        require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
-        require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_device_precision(self)
 
 
 @dataclass(frozen=True)
@@ -128,8 +127,7 @@ class ExtractConfig:
             self.hidden_dtype in HIDDEN_DTYPES,
             f"--hidden-dtype must be one of {HIDDEN_DTYPES}, got {self.hidden_dtype!r}",
         )
-        require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
-        require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_device_precision(self)
 
     @property
     def teacher_source(self) -> str:

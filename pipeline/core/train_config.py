@@ -11,8 +11,8 @@ from typing import Any
 
 from pipeline.core.errors import LrcError
 from pipeline.core.options import (
-    CACHE_CHECKS, DEVICES, PRECISIONS, check_optimisation, check_real, check_seed, check_weights, check_whole, device_option, option,
-    precision_option, require,
+    CACHE_CHECKS, check_device_precision, check_optimisation, check_real, check_weights, check_whole, device_option,
+    option, precision_option, require,
 )
 
 GRANULARITIES = ("flat", "token", "cls")
@@ -167,8 +167,7 @@ class TrainConfig:
         check_whole("--log-every", self.log_every)
         if self.num_workers is not None:
             check_whole("--num-workers", self.num_workers, 0)
-        require(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
-        require(self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        check_device_precision(self)
         require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other: pick one")
         require(self.verify_cache in CACHE_CHECKS, f"--verify-cache must be one of {CACHE_CHECKS}, got {self.verify_cache!r}")
 
